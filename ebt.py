@@ -311,6 +311,7 @@ def think(energy_fn, y, steps, step_size, *, create_graph=False, detach=True, tr
 # 4a. The autoregressive text EBT
 
 class TextEBT(nn.Module):
+    thinks = True  # forward takes steps= and generator= (see evaluate)
     """Scores, for every position i, a candidate distribution over the next token.
 
     Two streams share one set of blocks: the context tokens (ordinary causal
@@ -350,7 +351,11 @@ class TextEBT(nn.Module):
         return self.energy_head(self.norm(x)).squeeze(-1)
 
     def initial_logits(self, B, P, device, generator=None):
-        return self.config.init_std * torch.randn(B, P, self.config.vocab_size, device=device, generator=generator)
+        """Random starting logits (B, P, V); a generator (on the CPU) makes them repeatable."""
+        shape = (B, P, self.config.vocab_size)
+        if generator is None:
+            return self.config.init_std * torch.randn(shape, device=device)
+        return self.config.init_std * torch.randn(shape, generator=generator).to(device)
 
     def predict(self, idx, steps=None, step_size=None, y0=None, context=None, tolerance=None, langevin_std=0.0):
         """Think from random logits at every position of idx: (B, T). Returns a Trajectory
@@ -370,9 +375,9 @@ class TextEBT(nn.Module):
                      random_step_size=cfg.random_step_size if train else 1.0,
                      tolerance=tolerance)
 
-    def forward(self, idx, targets, steps=None, y0=None):
+    def forward(self, idx, targets, steps=None, generator=None):
         """Loss = mean over thinking steps of the cross-entropy after each step."""
-        traj = self.predict(idx, steps, y0=y0)
+        traj = self.predict(idx, steps, y0=self.initial_logits(*idx.shape, idx.device, generator))
         losses = torch.stack([F.cross_entropy(y.flatten(0, 1), targets.flatten()) for y in traj.ys[1:]])
         loss = losses.mean()
         metrics = {"loss": loss.item(), "loss_first": losses[0].item(), "loss_last": losses[-1].item(),
@@ -528,7 +533,7 @@ class TextData:
             raise UsageError(f"{source} has {len(ids)} tokens: too short for block size {block_size} "
                              f"(needs at least {2 * (block_size + 1)}); use more text or a smaller --block_size")
         self.split = {"train": ids[:-n_val], "val": ids[-n_val:]}
-        self.block_size = block_size
+        self.block_size = self.tokens_per_sample = block_size
         self.generator = torch.Generator().manual_seed(seed)
 
     def batch(self, split, batch_size, generator=None):
@@ -649,20 +654,18 @@ def model_from_checkpoint(ckpt, device="cpu"):
 @torch.no_grad()
 def evaluate(model, data, tc, device):
     """Mean validation metrics over fixed batches and fixed starting noise, so evaluations
-    at different times are comparable. For the EBT: loss after each thinking step."""
+    at different times are comparable. Models that think (model.thinks) are given the
+    number of evaluation steps and the generator for their starting point."""
     model.eval()
     g = torch.Generator().manual_seed(tc.seed + 1)
-    steps = tc.eval_steps or 2 * model.config.think_steps if isinstance(model, TextEBT) else None
+    thinking = {}
+    if getattr(model, "thinks", False):
+        thinking = {"steps": tc.eval_steps or 2 * model.config.think_steps, "generator": g}
     totals = {}
     for _ in range(tc.eval_batches):
         x, y = data.batch("val", tc.batch_size, generator=g)
-        x, y = x.to(device), y.to(device)
         with autocast(device):
-            if steps is None:
-                _, m = model(x, y)
-            else:
-                y0 = model.initial_logits(*x.shape, "cpu", generator=g).to(device)
-                _, m = model(x, y, steps=steps, y0=y0)
+            _, m = model(x.to(device), y.to(device), **thinking)
         for k, v in m.items():
             totals[k] = totals.get(k, 0) + torch.tensor(v, dtype=torch.float64)
     model.train()
@@ -709,7 +712,8 @@ def train(model, data, tc, meta=None, resume=False, log=print):
     """The training loop shared by the text and image drivers.
 
     model(x, y) -> (loss, metrics dict); model.param_groups(weight_decay) -> AdamW groups.
-    data.batch(split, batch_size) -> (x, y); data.state_dict() / load_state_dict().
+    data.batch(split, batch_size, generator=None) -> (x, y); data.tokens_per_sample (for
+    throughput); data.state_dict() / load_state_dict() (the data position).
     meta: extra entries stored in the checkpoint (e.g. the tokenizer).
     Writes out_dir/ckpt.pt, out_dir/metrics.jsonl and out_dir/loss.png.
     """
@@ -751,8 +755,8 @@ def train(model, data, tc, meta=None, resume=False, log=print):
 
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{model.config.model}: {n_params / 1e6:.2f}M parameters, device {device}, "
-        f"{tc.batch_size * tc.grad_accum} x {data.block_size} tokens per step")
-    tokens_per_step = tc.batch_size * tc.grad_accum * data.block_size
+        f"{tc.batch_size * tc.grad_accum} x {data.tokens_per_sample} tokens per step")
+    tokens_per_step = tc.batch_size * tc.grad_accum * data.tokens_per_sample
     t0, t_last, start_step = time.time(), time.time(), step
     stop = None
     try:
