@@ -301,7 +301,7 @@ def think(energy_fn, y, steps, step_size, *, create_graph=False, detach=True, tr
                 grad = grad * active.reshape(active.shape + (1,) * (grad.dim() - active.dim()))
             y = y - step_size * grad
             energies.append(energy if keep_graph else energy.detach())
-            ys.append(y if create_graph else y.detach())
+            ys.append(y)  # without create_graph, y still depends on a learnable step size
     with torch.no_grad():
         energies.append(energy_fn(y.detach(), steps))
     return Trajectory(ys, energies, steps_used)
@@ -352,10 +352,10 @@ class TextEBT(nn.Module):
 
     def initial_logits(self, B, P, device, generator=None):
         """Random starting logits (B, P, V); a generator (on the CPU) makes them repeatable."""
-        shape = (B, P, self.config.vocab_size)
+        shape, dtype = (B, P, self.config.vocab_size), self.pred_emb.weight.dtype
         if generator is None:
-            return self.config.init_std * torch.randn(shape, device=device)
-        return self.config.init_std * torch.randn(shape, generator=generator).to(device)
+            return self.config.init_std * torch.randn(shape, device=device, dtype=dtype)
+        return self.config.init_std * torch.randn(shape, generator=generator, dtype=dtype).to(device)
 
     def predict(self, idx, steps=None, step_size=None, y0=None, context=None, tolerance=None, langevin_std=0.0):
         """Think from random logits at every position of idx: (B, T). Returns a Trajectory
@@ -368,8 +368,9 @@ class TextEBT(nn.Module):
             steps = cfg.think_steps
             if train and cfg.random_steps:
                 steps += int(torch.randint(cfg.random_steps + 1, ()))
-        return think(lambda y, k: self.energy(y, context, k), y0, steps,
-                     self.step_size() if step_size is None else step_size,
+        if step_size is None:
+            step_size = self.step_size() if train else self.step_size().detach()
+        return think(lambda y, k: self.energy(y, context, k), y0, steps, step_size,
                      create_graph=train, detach=cfg.detach, truncate=cfg.truncate,
                      langevin_std=cfg.langevin_std if train else langevin_std,
                      random_step_size=cfg.random_step_size if train else 1.0,

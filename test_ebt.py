@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import ebt
 
 HERE = Path(__file__).resolve().parent
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(1)  # tiny models: threads cost more than they give
 
 WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "far", "away"]
 
@@ -23,6 +23,9 @@ def synthetic_text(n_words=6000, seed=0):
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(len(WORDS), (n_words,), generator=g).tolist()
     return " ".join(WORDS[i] for i in idx) + "\n"
+
+
+VOCAB = len(set(synthetic_text()))
 
 
 def unigram_entropy(text):
@@ -45,5 +48,373 @@ def text_file(tmp_path):
 
 
 def run_script(*args, cwd=HERE):
-    env = dict(os.environ, OMP_NUM_THREADS="2")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def tiny_train_config(tmp_path, **kw):
+    base = dict(max_steps=6, batch_size=8, lr=3e-3, warmup_steps=2, eval_interval=3, eval_batches=2,
+                log_interval=1, out_dir=str(tmp_path / "out"), device="cpu", seed=0)
+    base.update(kw)
+    return ebt.TrainConfig(**base)
+
+
+def words_data(block_size=16, seed=0):
+    tok = ebt.CharTokenizer.fit(synthetic_text())
+    return tok, ebt.TextData(tok.encode(synthetic_text()), block_size, seed=seed)
+
+
+# --- Configuration
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(n_embd=30, n_head=4), "n_embd"),
+    (dict(think_steps=0), "think_steps"),
+    (dict(step_size=0.0), "step_size"),
+    (dict(step_size=-1.0), "step_size"),
+    (dict(model="rnn"), "model"),
+    (dict(random_step_size=0.5), "random_step_size"),
+])
+def test_config_rejects_impossible_values(kw, field):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**kw)
+
+
+def test_config_rejects_unknown_options():
+    with pytest.raises(ValueError, match="no_such_option"):
+        ebt.ModelConfig.from_dict({**vars(tiny_config()), "no_such_option": 1})
+
+
+# --- The two-stream attention
+
+def tiny_ebt(seed=0, **kw):
+    torch.manual_seed(seed)
+    model = ebt.TextEBT(tiny_config(**kw)).double()
+    with torch.no_grad():  # larger weights than init so every path matters numerically
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.3)
+    return model
+
+
+def energies(model, idx, logits, step=0):
+    return model.energy(logits, model.context(idx), step)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_energy_of_prediction_ignores_future_context_and_other_predictions(training):
+    model = tiny_ebt().train(training)
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(13, (2, 16), generator=g)
+    logits = torch.randn(2, 16, 13, generator=g, dtype=torch.float64)
+    base = energies(model, idx, logits)
+    for i in (0, 5, 15):
+        later = idx.clone()
+        later[:, i + 1:] = torch.randint(13, later[:, i + 1:].shape, generator=g)
+        others = logits.clone()
+        others[:, torch.arange(16) != i] = torch.randn(2, 15, 13, generator=g, dtype=torch.float64)
+        torch.testing.assert_close(energies(model, later, logits)[:, :i + 1], base[:, :i + 1], rtol=0, atol=1e-12)
+        torch.testing.assert_close(energies(model, idx, others)[:, i], base[:, i], rtol=0, atol=1e-12)
+    # and the test can fail: earlier context and the prediction itself do matter
+    changed = idx.clone()
+    changed[:, 0] = (changed[:, 0] + 1) % 13
+    assert (energies(model, changed, logits) - base).abs().min() > 1e-9
+    assert (energies(model, idx, logits.flip(-1)) - base).abs().min() > 1e-9
+
+
+def full_attention_energy(model, idx, logits, step=0):
+    """Reference: both streams (2S tokens) through every block in one attention with an
+    explicit 2S x 2S mask, rotary applied by hand. No cache, no split attention."""
+    B, S = idx.shape
+    H = model.config.n_head
+    x = torch.cat([model.trunk.tok_emb(idx), model.pred_emb(logits.softmax(-1)) + model.step_emb.weight[step]], 1)
+    i = torch.arange(S)
+    sees = i[None, :] <= i[:, None]
+    mask = torch.zeros(2 * S, 2 * S, dtype=torch.bool)
+    mask[:S, :S] = sees                  # context: causal
+    mask[S:, :S] = sees                  # prediction i: context 0..i
+    mask[S:, S:] = torch.eye(S, dtype=torch.bool)  # ... and itself
+    pos = torch.cat([i, i + 1])          # prediction i stands for token i+1
+    cos, sin = model.trunk.rotary.cos[pos], model.trunk.rotary.sin[pos]
+
+    def rotate(t):
+        a, b = t.chunk(2, -1)
+        return torch.cat([a * cos - b * sin, a * sin + b * cos], -1)
+
+    for block in model.trunk.blocks:
+        q, k, v = block.attn.qkv(block.attn_norm(x)).view(B, 2 * S, 3, H, -1).permute(2, 0, 3, 1, 4)
+        q, k = rotate(q), rotate(k)
+        att = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).masked_fill(~mask, float("-inf")).softmax(-1)
+        x = x + block.attn.proj((att @ v).transpose(1, 2).reshape(B, 2 * S, -1))
+        x = x + block.mlp(block.mlp_norm(x))
+    return model.energy_head(model.norm(x[:, S:])).squeeze(-1)
+
+
+@pytest.mark.parametrize("training", [True, False])  # explicit attention / fused kernel
+def test_cached_context_matches_full_two_stream_attention(training):
+    model = tiny_ebt().train(training)
+    g = torch.Generator().manual_seed(2)
+    idx = torch.randint(13, (3, 16), generator=g)
+    logits = torch.randn(3, 16, 13, generator=g, dtype=torch.float64, requires_grad=True)
+    for step in (0, 1):
+        e_cached = energies(model, idx, logits, step)
+        e_full = full_attention_energy(model, idx, logits, step)
+        torch.testing.assert_close(e_cached, e_full, rtol=1e-10, atol=1e-10)
+        (g_cached,) = torch.autograd.grad(e_cached.sum(), logits)
+        (g_full,) = torch.autograd.grad(e_full.sum(), logits)
+        torch.testing.assert_close(g_cached, g_full, rtol=1e-10, atol=1e-12)
+        assert g_full.abs().max() > 1e-6
+
+
+# --- Training through the descent
+
+def descent_loss(model, idx, targets, create_graph):
+    context = model.context(idx)
+    y0 = torch.randn(*idx.shape, 13, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    traj = ebt.think(lambda y, k: model.energy(y, context, k), y0, 2, model.step_size(), create_graph=create_graph)
+    return sum(F.cross_entropy(y.flatten(0, 1), targets.flatten()) for y in traj.ys[1:]) / 2
+
+
+def test_training_backpropagates_through_the_descent():
+    model = tiny_ebt(n_layer=2)
+    g = torch.Generator().manual_seed(4)
+    idx, targets = torch.randint(13, (2, 16), generator=g), torch.randint(13, (2, 16), generator=g)
+    loss, _ = model(idx, targets)
+    loss.backward()
+    assert model.raw_step_size.grad is not None and model.raw_step_size.grad.abs() > 0
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
+
+    # the second-order term is really there: without create_graph the energy model gets nothing
+    grads = {}
+    for create_graph in (True, False):
+        model.zero_grad(set_to_none=True)
+        descent_loss(model, idx, targets, create_graph).backward()
+        grads[create_graph] = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+    block_params = [n for n in grads[True] if n.startswith("trunk.blocks")]
+    assert all(grads[True][n] is not None and grads[True][n].abs().sum() > 0 for n in block_params)
+    assert all(grads[False][n] is None or grads[False][n].abs().sum() == 0 for n in block_params)
+    # with detached steps the step size's gradient is first order either way
+    torch.testing.assert_close(grads[True]["raw_step_size"], grads[False]["raw_step_size"])
+
+
+def test_system2_options_run_and_train():
+    for kw in (dict(langevin_std=0.5), dict(random_step_size=2.0), dict(random_steps=2), dict(truncate=True),
+               dict(detach=False)):
+        model = tiny_ebt(**kw)
+        idx = torch.randint(13, (2, 16), generator=torch.Generator().manual_seed(5))
+        loss, m = model(idx, idx)
+        loss.backward()
+        assert math.isfinite(m["loss"]), kw
+        assert model.trunk.blocks[0].attn.qkv.weight.grad.abs().sum() > 0, kw
+
+
+def test_step_size_has_own_learning_rate_and_no_weight_decay():
+    model = ebt.TextEBT(tiny_config())
+    groups = model.param_groups(0.1)
+    (alpha_group,) = [g for g in groups if any(p is model.raw_step_size for p in g["params"])]
+    assert alpha_group["weight_decay"] == 0 and alpha_group["lr_mult"] == model.config.step_size_lr_mult
+    assert len(alpha_group["params"]) == 1
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+# --- Learning
+
+@pytest.fixture(scope="module")
+def trained_models(tmp_path_factory):
+    """A tiny EBT and a tiny Transformer++ trained on the synthetic words, same budget."""
+    out = {}
+    for kind in ("ebt", "transformer"):
+        tok, data = words_data()
+        tmp = tmp_path_factory.mktemp(kind)
+        tc = tiny_train_config(tmp, max_steps=300, batch_size=16, lr=3e-3, warmup_steps=20, eval_interval=300,
+                               eval_batches=4, log_interval=100)
+        model = ebt.build_model(tiny_config(model=kind, vocab_size=tok.vocab_size, step_size=20.0))
+        records = ebt.train(model, data, tc, log=lambda *a: None)
+        out[kind] = (model, data, records, tc)
+    return out
+
+
+def test_ebt_and_transformer_learn_well_below_unigram_entropy(trained_models):
+    floor = unigram_entropy(synthetic_text())
+    for kind, (model, data, records, tc) in trained_models.items():
+        val = [r for r in records if r["kind"] == "eval"][-1]
+        loss = val["loss_per_step"][model.config.think_steps - 1] if kind == "ebt" else val["loss"]
+        assert loss < 0.6 * floor, (kind, loss, floor)
+
+
+def test_more_thinking_lowers_the_loss(trained_models):
+    model, data, records, tc = trained_models["ebt"]
+    per_step = ebt.evaluate(model, data, tc, "cpu")["loss_per_step"]
+    assert per_step[-1] < per_step[0] - 0.02, per_step
+
+
+# --- Checkpoints and resume
+
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
+    tok, data = words_data()
+    tc = tiny_train_config(tmp_path, max_steps=3)
+    model = ebt.build_model(tiny_config(vocab_size=tok.vocab_size))
+    ebt.train(model, data, tc, meta={"tokenizer": tok.state()}, log=lambda *a: None)
+    ckpt = ebt.load_checkpoint(tmp_path / "out" / "ckpt.pt")
+    assert ckpt["step"] == 3 and ckpt["tokenizer"] == tok.state()
+    loaded = ebt.model_from_checkpoint(ckpt).eval()
+    model.eval()
+    x, y = data.batch("val", 4, generator=torch.Generator().manual_seed(0))
+    for m in (model, loaded):
+        torch.manual_seed(7)
+        traj = m.predict(x, steps=3)
+        m.out = torch.stack(traj.ys[1:]), torch.stack(traj.energies)
+    assert torch.equal(model.out[0], loaded.out[0]) and torch.equal(model.out[1], loaded.out[1])
+    for f in ("metrics.jsonl", "loss.png"):
+        assert (tmp_path / "out" / f).stat().st_size > 0
+
+
+class InterruptAt:
+    """Wraps TextData; raises KeyboardInterrupt (Ctrl-C) at the n-th training batch."""
+
+    def __init__(self, data, n):
+        self.data, self.n, self.tokens_per_sample = data, n, data.tokens_per_sample
+
+    def batch(self, split, batch_size, generator=None):
+        if split == "train":
+            self.n -= 1
+            if self.n < 0:
+                raise KeyboardInterrupt
+        return self.data.batch(split, batch_size, generator)
+
+    def state_dict(self):
+        return self.data.state_dict()
+
+    def load_state_dict(self, s):
+        self.data.load_state_dict(s)
+
+
+def test_interrupt_then_resume_continues_exactly(tmp_path):
+    def run(tc, data, resume=False):
+        torch.manual_seed(123)  # different from tc.seed: resume must restore, not re-seed
+        model = ebt.build_model(tiny_config(vocab_size=VOCAB, random_step_size=2.0, langevin_std=0.1))
+        return model, ebt.train(model, data, tc, resume=resume, log=lambda *a: None)
+
+    straight, _ = run(tiny_train_config(tmp_path / "a"), words_data()[1])
+    tc = tiny_train_config(tmp_path / "b")
+    run(tc, InterruptAt(words_data()[1], 4))  # Ctrl-C during step 5
+    assert ebt.load_checkpoint(tmp_path / "b" / "out" / "ckpt.pt")["step"] == 4
+    resumed, records = run(tc, words_data()[1], resume=True)
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    for (n, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=n)
+
+
+class NaNAfter(torch.nn.Module):
+    """A model whose loss turns NaN after some steps."""
+
+    def __init__(self, model, n):
+        super().__init__()
+        self.model, self.n, self.config = model, n, model.config
+
+    def forward(self, x, y, **kw):
+        loss, m = self.model(x, y, **kw)
+        self.n -= self.training
+        return (loss * float("nan"), m) if self.n < 0 else (loss, m)
+
+    def param_groups(self, wd):
+        return self.model.param_groups(wd)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    tok, data = words_data()
+    model = NaNAfter(ebt.build_model(tiny_config(vocab_size=VOCAB, model="transformer")), 4)
+    with pytest.raises(ebt.UsageError, match="not finite|nan"):
+        ebt.train(model, data, tiny_train_config(tmp_path, eval_interval=3), log=lambda *a: None)
+    assert ebt.load_checkpoint(tmp_path / "out" / "ckpt.pt")["step"] == 3
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    ebt.save_checkpoint(path, {"model": {}, "model_config": {"model": "ebt"}, "step": 1})
+
+    def crash(obj, f):
+        Path(f).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        ebt.save_checkpoint(path, {"model": {}, "model_config": {"model": "ebt"}, "step": 2})
+    monkeypatch.undo()
+    assert ebt.load_checkpoint(path)["step"] == 1
+
+
+# --- The driver: end to end and bad input
+
+def test_train_text_runs_end_to_end_and_resumes(text_file, tmp_path):
+    common = ["train_text.py", "--preset", "cpu", "--data", str(text_file), "--n_layer", "1", "--n_embd", "16",
+              "--n_head", "2", "--block_size", "16", "--batch_size", "4", "--eval_interval", "2",
+              "--eval_batches", "1", "--log_interval", "1", "--out_dir", str(tmp_path / "o"), "--device", "cpu"]
+    r = run_script(*common, "--max_steps", "2")
+    assert r.returncode == 0, r.stderr
+    assert "val loss after 1..4 thinking steps" in r.stdout
+    r = run_script(*common, "--max_steps", "4", "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stdout and "step 3/4" in r.stdout and "step 1/" not in r.stdout
+    for f in ("ckpt.pt", "metrics.jsonl", "loss.png"):
+        assert (tmp_path / "o" / f).stat().st_size > 0
+
+
+def bad_inputs(tmp_path, text_file):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "ckpt.pt").write_bytes(b"not a checkpoint")
+    other = tmp_path / "other"  # a transformer checkpoint, resumed as an EBT
+    tiny = ["--n_layer", "1", "--n_embd", "16", "--n_head", "2", "--block_size", "16", "--batch_size", "2",
+            "--max_steps", "1", "--eval_batches", "1", "--device", "cpu"]
+    r = run_script("train_text.py", "--data", str(text_file), "--model", "transformer", "--out_dir", str(other), *tiny)
+    assert r.returncode == 0, r.stderr
+    d = ["--data", str(text_file)]
+    return {
+        "missing data": (["--data", str(tmp_path / "nope.txt")], "does not exist"),
+        "empty data": (["--data", str(empty)], "empty"),
+        "text shorter than a block": (["--data", str(short)], "too short"),
+        "width not divisible by heads": (d + ["--n_embd", "30", "--n_head", "4"], "n_embd"),
+        "negative lr": (d + ["--lr", "-1"], "lr"),
+        "zero thinking steps": (d + ["--think_steps", "0"], "think_steps"),
+        "resume missing checkpoint": (d + ["--resume", "--out_dir", str(tmp_path / "none")], "does not exist"),
+        "resume corrupt checkpoint": (d + ["--resume", "--out_dir", str(corrupt)], "corrupt"),
+        "resume other model kind": (d + ["--resume", "--out_dir", str(other)], "transformer"),
+        "unavailable device": (d + ["--device", "cuda:7"] if not torch.cuda.is_available() else d + ["--device", "tpu"],
+                               "device"),
+    }
+
+
+def test_bad_input_gives_one_line_error_and_exit_2(tmp_path, text_file):
+    for name, (args, expect) in bad_inputs(tmp_path, text_file).items():
+        r = run_script("train_text.py", *args, "--max_steps", "1", "--device", "cpu"
+                       if "--device" not in args else args[args.index("--device") + 1])
+        assert r.returncode == 2, (name, r.stderr)
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, (name, r.stderr)
+        assert expect in r.stderr, (name, r.stderr)
+
+
+def test_offline_download_names_the_data_flag(tmp_path, monkeypatch):
+    def offline(*a, **k):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(ebt.urllib.request, "urlopen", offline)
+    with pytest.raises(ebt.UsageError, match="--data"):
+        ebt.download(ebt.SHAKESPEARE_URL, tmp_path / "ts.txt", ebt.SHAKESPEARE_SHA256)
+    assert not (tmp_path / "ts.txt").exists()
+
+
+def test_gpt2_tokenizer_round_trip():
+    try:
+        tok = ebt.GPT2Tokenizer()
+    except ebt.UsageError as e:
+        pytest.skip(f"tiktoken cannot load the gpt2 files here: {e}")
+    text = "To be, or not to be: that is the question."
+    assert tok.vocab_size == 50257 and tok.decode(tok.encode(text)) == text
+    model = ebt.TextEBT(tiny_config(vocab_size=tok.vocab_size, n_embd=16))
+    idx = torch.tensor([tok.encode(text)[:8]])
+    loss, m = model(idx, idx)
+    assert math.isfinite(m["loss"])
