@@ -22,6 +22,7 @@ Paper: "Energy-Based Transformers are Scalable Learners and Thinkers",
 Gladstone et al., 2025 (arXiv 2507.02092).
 """
 
+import contextlib
 import hashlib
 import json
 import math
@@ -106,8 +107,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+    def forward(self, x):  # the fused op has a double backward too
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 class Rotary(nn.Module):
@@ -259,12 +260,12 @@ class Trajectory:
     """What one round of thinking went through; everything needed for a plot.
     ys[k] is the prediction after k steps (ys[0] is the start), energies[k] its energy."""
     ys: list
-    energies: list
+    energies: list  # without final_energy, one shorter: the last prediction is not scored
     steps_used: torch.Tensor = None  # per position, when stopping adaptively
 
 
 def think(energy_fn, y, steps, step_size, *, create_graph=False, detach=True, truncate=False,
-          langevin_std=0.0, random_step_size=1.0, tolerance=None):
+          langevin_std=0.0, random_step_size=1.0, tolerance=None, final_energy=True):
     """Minimise energy_fn(y, step) -> (B, ...) energies by gradient descent on y.
 
     create_graph: keep the graph of each gradient so a loss on the ys trains the
@@ -274,6 +275,7 @@ def think(energy_fn, y, steps, step_size, *, create_graph=False, detach=True, tr
     langevin_std: Gaussian noise added to y before each step.
     random_step_size: s > 1 draws each sample's step size from [alpha/s, alpha*s].
     tolerance: stop a position once its energy falls by less than this (inference).
+    final_energy: also score the final prediction (one more forward; training skips it).
     """
     shape = (y.shape[0],) + (1,) * (y.dim() - 1)  # broadcasts per sample
     if random_step_size > 1:
@@ -302,8 +304,9 @@ def think(energy_fn, y, steps, step_size, *, create_graph=False, detach=True, tr
             y = y - step_size * grad
             energies.append(energy if keep_graph else energy.detach())
             ys.append(y)  # without create_graph, y still depends on a learnable step size
-    with torch.no_grad():
-        energies.append(energy_fn(y.detach(), steps))
+    if final_energy:
+        with torch.no_grad():
+            energies.append(energy_fn(y.detach(), steps))
     return Trajectory(ys, energies, steps_used)
 
 
@@ -374,7 +377,7 @@ class TextEBT(nn.Module):
                      create_graph=train, detach=cfg.detach, truncate=cfg.truncate,
                      langevin_std=cfg.langevin_std if train else langevin_std,
                      random_step_size=cfg.random_step_size if train else 1.0,
-                     tolerance=tolerance)
+                     tolerance=tolerance, final_energy=not train)
 
     def forward(self, idx, targets, steps=None, generator=None):
         """Loss = mean over thinking steps of the cross-entropy after each step."""
@@ -524,10 +527,9 @@ def tokenizer_from_state(state):
 
 
 class TextData:
-    """A token stream split 90/10 into train and validation. Batches are random windows
-    drawn from a generator whose state is saved in checkpoints (the data position)."""
+    """A token stream split 90/10 into train and validation; batches are random windows."""
 
-    def __init__(self, ids, block_size, seed=0, source="text"):
+    def __init__(self, ids, block_size, source="text"):
         ids = torch.tensor(ids, dtype=torch.long)
         n_val = max(len(ids) // 10, block_size + 1)
         if len(ids) - n_val < block_size + 1:
@@ -535,21 +537,13 @@ class TextData:
                              f"(needs at least {2 * (block_size + 1)}); use more text or a smaller --block_size")
         self.split = {"train": ids[:-n_val], "val": ids[-n_val:]}
         self.block_size = self.tokens_per_sample = block_size
-        self.generator = torch.Generator().manual_seed(seed)
 
-    def batch(self, split, batch_size, generator=None):
+    def batch(self, split, batch_size, generator):
         data = self.split[split]
-        g = self.generator if generator is None else generator
-        start = torch.randint(len(data) - self.block_size, (batch_size,), generator=g)
+        start = torch.randint(len(data) - self.block_size, (batch_size,), generator=generator)
         offsets = start[:, None] + torch.arange(self.block_size + 1)
         chunk = data[offsets]
         return chunk[:, :-1], chunk[:, 1:]  # inputs, next-token targets
-
-    def state_dict(self):
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state):
-        self.generator.set_state(state["generator"])
 
 
 # -----------------------------------------------------------------------------
@@ -709,79 +703,115 @@ class NonFiniteError(Exception):
     pass
 
 
+def distributed_setup(device):
+    """Under torchrun (RANK/WORLD_SIZE set) join the process group: nccl on GPUs, gloo
+    on CPU. Returns (rank, world_size, device for this rank)."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def batch_seed(seed, step, micro_step):
+    """Training randomness is a function of (seed, step): a resumed run replays exactly
+    what an uninterrupted one would have drawn, and the step is the data position."""
+    return seed + 1_000_003 * step + 7919 * micro_step
+
+
 def train(model, data, tc, meta=None, resume=False, log=print):
-    """The training loop shared by the text and image drivers.
+    """The training loop shared by the text and image drivers; runs as it is under
+    torchrun (DistributedDataParallel, one process per device).
 
     model(x, y) -> (loss, metrics dict); model.param_groups(weight_decay) -> AdamW groups.
-    data.batch(split, batch_size, generator=None) -> (x, y); data.tokens_per_sample (for
-    throughput); data.state_dict() / load_state_dict() (the data position).
+    data.batch(split, batch_size, generator) -> (x, y); data.tokens_per_sample.
+    tc.batch_size is per process: each of N processes takes its slice of a global batch
+    of N x batch_size drawn from the same generator, so the run matches one process with
+    N times the batch.
     meta: extra entries stored in the checkpoint (e.g. the tokenizer).
-    Writes out_dir/ckpt.pt, out_dir/metrics.jsonl and out_dir/loss.png.
+    Rank 0 writes out_dir/ckpt.pt, out_dir/metrics.jsonl and out_dir/loss.png.
     """
+    rank, world, device = distributed_setup(pick_device(tc.device))
+    master = rank == 0
+    log = log if master else (lambda *a: None)
     out = Path(tc.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path = out / "ckpt.pt", out / "metrics.jsonl"
-    device = pick_device(tc.device)
-    torch.manual_seed(tc.seed)
     model.to(device)
-    optimizer = torch.optim.AdamW(model.param_groups(tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95),
+    raw_model = model
+    optimizer = torch.optim.AdamW(raw_model.param_groups(tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95),
                                   fused=device.startswith("cuda"))
     step, records = 0, []
     if resume:
         ckpt = load_checkpoint(ckpt_path, device)
         try:
-            model.load_state_dict(ckpt["model"])
+            raw_model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise UsageError(f"checkpoint {ckpt_path} does not fit this model ({str(e).splitlines()[0]})") from None
-        data.load_state_dict(ckpt["data"])
-        torch.set_rng_state(ckpt["rng"].cpu())
         step = ckpt["step"]
         if log_path.exists():
             records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
             records = [r for r in records if r["step"] <= step]
         log(f"resumed from {ckpt_path} at step {step}")
-    log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model)
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
     def checkpoint():
-        save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "model_config": asdict(model.config), "train_config": asdict(tc),
-            "step": step, "data": data.state_dict(), "rng": torch.get_rng_state(), **(meta or {})})
+        if master:
+            save_checkpoint(ckpt_path, {
+                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                "model_config": asdict(raw_model.config), "train_config": asdict(tc),
+                "step": step,  # also the data position: batches are a function of (seed, step)
+                **(meta or {})})
 
     def record(r):
         records.append(r)
         with open(log_path, "a") as f:
             f.write(json.dumps(r) + "\n")
 
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"{model.config.model}: {n_params / 1e6:.2f}M parameters, device {device}, "
-        f"{tc.batch_size * tc.grad_accum} x {data.tokens_per_sample} tokens per step")
-    tokens_per_step = tc.batch_size * tc.grad_accum * data.tokens_per_sample
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    tokens_per_step = tc.batch_size * tc.grad_accum * world * data.tokens_per_sample
+    log(f"{raw_model.config.model}: {n_params / 1e6:.2f}M parameters, device {device} x {world}, "
+        f"{tc.batch_size * tc.grad_accum * world} x {data.tokens_per_sample} tokens per step")
     t0, t_last, start_step = time.time(), time.time(), step
-    stop = None
     try:
         while step < tc.max_steps:
             lr = lr_at(step, tc)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_mult"]
-            metrics = {}
-            for _ in range(tc.grad_accum):
-                x, y = data.batch("train", tc.batch_size)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with autocast(device):
-                    loss, metrics = model(x, y)
-                if not torch.isfinite(loss):
-                    raise NonFiniteError(f"loss is {loss.item()} at step {step}")
-                (loss / tc.grad_accum).backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
+            for micro in range(tc.grad_accum):
+                g = torch.Generator().manual_seed(batch_seed(tc.seed, step, micro))
+                x, y = data.batch("train", tc.batch_size * world, g)
+                x, y = x.chunk(world)[rank].to(device), y.chunk(world)[rank].to(device)
+                torch.manual_seed(batch_seed(tc.seed, step, micro) + rank)  # thinking noise
+                last_micro = micro == tc.grad_accum - 1
+                # all-reduce gradients only once per optimizer step
+                with model.no_sync() if world > 1 and not last_micro else contextlib.nullcontext():
+                    with autocast(device):
+                        loss, metrics = model(x, y)
+                    if not torch.isfinite(loss):
+                        raise NonFiniteError(f"loss is {loss.item()} at step {step}")
+                    (loss / tc.grad_accum).backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tc.grad_clip or float("inf"))
             if not torch.isfinite(grad_norm):
                 raise NonFiniteError(f"gradient norm is {grad_norm.item()} at step {step}")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
 
-            if step % tc.log_interval == 0 or step == tc.max_steps:
+            logging = step % tc.log_interval == 0 or step == tc.max_steps
+            if logging and world > 1:  # report the loss over the global batch
+                mean_loss = loss.detach().clone()
+                torch.distributed.all_reduce(mean_loss)
+                metrics["loss"] = mean_loss.item() / world
+            if master and logging:
                 now = time.time()
                 tok_s = tokens_per_step * (step - max(start_step, step - tc.log_interval)) / max(now - t_last, 1e-9)
                 t_last = now
@@ -794,8 +824,8 @@ def train(model, data, tc, meta=None, resume=False, log=print):
                              f" | E {metrics['energy_start']:.2f}->{metrics['energy_end']:.2f}"
                              f" | alpha {metrics['step_size']:.1f}")
                 log(line + f" | ppl {metrics['ppl']:.2f} | {tok_s / 1e3:.1f}k tok/s | ETA {format_time(eta)}")
-            if step % tc.eval_interval == 0 or step == tc.max_steps:
-                m = evaluate(model, data, tc, device)
+            if master and (step % tc.eval_interval == 0 or step == tc.max_steps):
+                m = evaluate(raw_model, data, tc, device)
                 record({"kind": "eval", "step": step, **m})
                 if "loss_per_step" in m:
                     log(f"eval step {step} | val loss after 1..{len(m['loss_per_step'])} thinking steps: "
@@ -806,14 +836,16 @@ def train(model, data, tc, meta=None, resume=False, log=print):
                 plot_metrics(records, out / "loss.png")
                 t_last = time.time()  # throughput counts training only
     except KeyboardInterrupt:
-        stop = "interrupted"
+        checkpoint()
+        if master:
+            plot_metrics(records, out / "loss.png")
+        log(f"interrupted at step {step}; saved {ckpt_path} (continue with --resume)")
     except NonFiniteError as e:
         raise UsageError(f"training stopped: {e}; the last good checkpoint is {ckpt_path}; "
                          "try a lower --lr or --step_size") from None
-    if stop:
-        checkpoint()
-        plot_metrics(records, out / "loss.png")
-        log(f"interrupted at step {step}; saved {ckpt_path} (continue with --resume)")
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
     return records
 
 

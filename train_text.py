@@ -78,7 +78,7 @@ def main(argv=None):
             step_size_lr_mult=args.step_size_lr_mult, init_std=args.init_std, langevin_std=args.langevin_std,
             random_step_size=args.random_step_size, random_steps=args.random_steps, truncate=args.truncate,
             detach=not args.no_detach)
-    data = ebt.TextData(tokenizer.encode(text), cfg.block_size, seed=args.seed, source=args.data or "Tiny Shakespeare")
+    data = ebt.TextData(tokenizer.encode(text), cfg.block_size, source=args.data or "Tiny Shakespeare")
     ebt.train(ebt.build_model(cfg), data, tc, meta={"tokenizer": tokenizer.state()}, resume=bool(ckpt))
 
 
