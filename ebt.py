@@ -65,6 +65,7 @@ class ModelConfig:
     step_size: float = 500.0      # initial value of the learnable step size alpha
     step_size_lr_mult: float = 1500.0  # alpha's lr = base lr x this (about 3x its initial value)
     init_std: float = 1.0         # std of the random starting logits
+    random_init_std: bool = False  # training: each sequence's start std drawn from U[0, init_std]
     # "System 2" training options from the paper, all off by default
     langevin_std: float = 0.0     # std of Gaussian noise added to y before each step
     random_step_size: float = 1.0  # s > 1: per-sample alpha drawn from [alpha/s, alpha*s]
@@ -381,7 +382,10 @@ class TextEBT(nn.Module):
 
     def forward(self, idx, targets, steps=None, generator=None):
         """Loss = mean over thinking steps of the cross-entropy after each step."""
-        traj = self.predict(idx, steps, y0=self.initial_logits(*idx.shape, idx.device, generator))
+        y0 = self.initial_logits(*idx.shape, idx.device, generator)
+        if self.training and self.config.random_init_std:
+            y0 = y0 * torch.rand(idx.shape[0], 1, 1, device=idx.device)
+        traj = self.predict(idx, steps, y0=y0)
         losses = torch.stack([F.cross_entropy(y.flatten(0, 1), targets.flatten()) for y in traj.ys[1:]])
         loss = losses.mean()
         metrics = {"loss": loss.item(), "loss_first": losses[0].item(), "loss_last": losses[-1].item(),
@@ -565,6 +569,7 @@ class TrainConfig:
     out_dir: str = "out"
     device: str = "auto"
     seed: int = 1337
+    compile: bool = False         # torch.compile what needs no double backward (see compile_model)
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval"):
@@ -598,6 +603,15 @@ def autocast(device):
     if str(device).startswith("cuda"):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
+
+
+def compile_model(model):
+    """torch.compile has no double backward, so an EBT compiles only its context stream
+    (first-order backward); the Transformer++ compiles whole. Compiling bound methods keeps
+    the parameter names, so checkpoints stay interchangeable."""
+    target = model.trunk if getattr(model, "thinks", False) else model
+    target.forward = torch.compile(target.forward)
+    return model
 
 
 def lr_at(step, tc):
@@ -742,6 +756,8 @@ def train(model, data, tc, meta=None, resume=False, log=print):
     ckpt_path, log_path = out / "ckpt.pt", out / "metrics.jsonl"
     model.to(device)
     raw_model = model
+    if tc.compile:
+        compile_model(model)
     optimizer = torch.optim.AdamW(raw_model.param_groups(tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95),
                                   fused=device.startswith("cuda"))
     step, records = 0, []

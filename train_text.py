@@ -38,6 +38,7 @@ def parse_args(argv=None):
     g.add_argument("--step_size", type=float, default=m.step_size, help="initial step size alpha (default: %(default)s)")
     g.add_argument("--step_size_lr_mult", type=float, default=m.step_size_lr_mult, help="alpha's lr / base lr (default: %(default)s)")
     g.add_argument("--init_std", type=float, default=m.init_std, help="std of the starting logits (default: %(default)s)")
+    g.add_argument("--random_init_std", action="store_true", help="draw each training sequence's start std from U[0, init_std]")
     g.add_argument("--eval_steps", type=int, default=t.eval_steps, help="thinking steps at evaluation, 0 = 2x think_steps (default: %(default)s)")
     g.add_argument("--langevin_std", type=float, default=m.langevin_std, help="System 2: noise added before each step (default: %(default)s)")
     g.add_argument("--random_step_size", type=float, default=m.random_step_size, help="System 2: per-sample alpha in [alpha/s, alpha*s], 1 = off (default: %(default)s)")
@@ -50,6 +51,8 @@ def parse_args(argv=None):
     s("--resume", action="store_true", help="continue from out_dir/ckpt.pt")
     s("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps (default: %(default)s)")
     s("--seed", type=int, default=t.seed, help="(default: %(default)s)")
+    s("--compile", action="store_true", help="torch.compile the Transformer++, or the EBT's context stream "
+      "(torch.compile has no double backward, so the prediction stream stays eager)")
     args = p.parse_args(argv)
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
@@ -63,7 +66,7 @@ def main(argv=None):
                          lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
                          grad_clip=args.grad_clip, eval_interval=args.eval_interval, eval_batches=args.eval_batches,
                          eval_steps=args.eval_steps, log_interval=args.log_interval, out_dir=args.out_dir,
-                         device=args.device, seed=args.seed)
+                         device=args.device, seed=args.seed, compile=args.compile)
     ckpt = ebt.resume_checkpoint(args.out_dir, args.model) if args.resume else None
     if ckpt:
         tokenizer = ebt.tokenizer_from_state(ckpt["tokenizer"])
@@ -75,7 +78,8 @@ def main(argv=None):
         cfg = ebt.ModelConfig(
             model=args.model, vocab_size=tokenizer.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
             n_head=args.n_head, n_embd=args.n_embd, think_steps=args.think_steps, step_size=args.step_size,
-            step_size_lr_mult=args.step_size_lr_mult, init_std=args.init_std, langevin_std=args.langevin_std,
+            step_size_lr_mult=args.step_size_lr_mult, init_std=args.init_std,
+            random_init_std=args.random_init_std, langevin_std=args.langevin_std,
             random_step_size=args.random_step_size, random_steps=args.random_steps, truncate=args.truncate,
             detach=not args.no_detach)
     data = ebt.TextData(tokenizer.encode(text), cfg.block_size, source=args.data or "Tiny Shakespeare")
