@@ -1001,7 +1001,7 @@ def in_vocabulary(text, tokenizer):
 
 
 @torch.no_grad()
-def thinking_curves(model, ids, steps=(1, 2, 4, 8), candidates=(1, 2, 4, 8), windows=8, seed=0):
+def thinking_curves(model, ids, steps=(1, 2, 4, 8), candidates=(1, 2, 4, 8), windows=16, seed=0):
     """Perplexity on fixed windows of a 1-D token tensor, after each number of thinking steps
     (one candidate), and with each number of candidates (at the trained number of steps,
     keeping the lowest final energy). One descent covers every step count, and the
@@ -1049,8 +1049,9 @@ def plot_thinking_curves(results, trained_steps, title="perplexity vs thinking")
     by_steps.axvline(trained_steps, color="gray", ls=":", label="trained steps")
     by_steps.set(xlabel="thinking steps (1 candidate)", ylabel="perplexity")
     by_candidates.set(xlabel=f"candidates N ({trained_steps} steps, lowest energy kept)", xscale="log", ylabel="perplexity")
-    by_candidates.set_xticks(list(next(iter(results.values()))["candidates"]), labels=None)
-    by_candidates.xaxis.set_major_formatter("{x:.0f}")
+    counts = list(next(iter(results.values()))["candidates"])
+    by_candidates.set_xticks(counts, [str(n) for n in counts])
+    by_candidates.minorticks_off()
     for ax in (by_steps, by_candidates):
         ax.grid(alpha=0.3)
     by_steps.legend(fontsize=8)
