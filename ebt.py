@@ -17,6 +17,8 @@ Reading order:
   4. the autoregressive text EBT, and the Transformer++ baseline
   5. text data and tokenizers
   6. the training loop, checkpoints and command-line helpers
+  7. thinking at inference: KV-cached generation, self-verification, evaluation
+  8. plots of thinking (each takes a model and a text, returns a Figure)
 
 Paper: "Energy-Based Transformers are Scalable Learners and Thinkers",
 Gladstone et al., 2025 (arXiv 2507.02092).
@@ -1006,6 +1008,8 @@ def thinking_curves(model, ids, steps=(1, 2, 4, 8), candidates=(1, 2, 4, 8), win
     (one candidate), and with each number of candidates (at the trained number of steps,
     keeping the lowest final energy). One descent covers every step count, and the
     candidates for N are the first N of max(candidates). Flat for the Transformer."""
+    if len(ids) <= model.config.block_size:
+        raise UsageError(f"{len(ids)} tokens are too few to evaluate on: need more than block_size={model.config.block_size}")
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
     x, y = random_windows(ids, model.config.block_size, windows, g)

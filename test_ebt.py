@@ -63,10 +63,10 @@ def test_cached_generation_matches_full_recompute(kind):
     model = tiny_model(model=kind)
     prompt = torch.randint(13, (2, 5), generator=torch.Generator().manual_seed(1))
     thinking = {"candidates": 2, "steps": 3} if kind == "ebt" else {}
-    run = lambda use_cache: ebt.generate(model, prompt, 30, generator=torch.Generator().manual_seed(2),
+    run = lambda use_cache: ebt.generate(model, prompt, 22, generator=torch.Generator().manual_seed(2),
                                          use_cache=use_cache, **thinking)
     cached, full = run(True), run(False)
-    assert cached.idx.shape == (2, 35)
+    assert cached.idx.shape == (2, 27)  # windows re-filled at lengths 17 and 25
     assert torch.equal(cached.idx, full.idx)
     torch.testing.assert_close(cached.logits, full.logits, rtol=0, atol=1e-9)
     if kind == "ebt":
