@@ -1009,7 +1009,8 @@ def thinking_curves(model, ids, steps=(1, 2, 4, 8), candidates=(1, 2, 4, 8), win
     keeping the lowest final energy). One descent covers every step count, and the
     candidates for N are the first N of max(candidates). Flat for the Transformer."""
     if len(ids) <= model.config.block_size:
-        raise UsageError(f"{len(ids)} tokens are too few to evaluate on: need more than block_size={model.config.block_size}")
+        raise UsageError(f"{len(ids)} tokens are too few to evaluate on: "
+                         f"need more than block_size={model.config.block_size}")
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
     x, y = random_windows(ids, model.config.block_size, windows, g)
@@ -1107,7 +1108,8 @@ def plot_energy_per_step(model, tokenizer, text, steps=None, seed=0):
     for e, c in zip(energies, colors):
         ax.plot(e.numpy(), color=c, alpha=0.35, lw=1)
     ax.plot(energies.mean(0).numpy(), color="black", lw=2, label="mean over tokens")
-    ax.set(xlabel="thinking step", ylabel="energy", title=f"energy while thinking, {len(energies)} tokens (colour = position)")
+    ax.set(xlabel="thinking step", ylabel="energy",
+           title=f"energy while thinking, {len(energies)} tokens (colour = position)")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend()
     ax.grid(alpha=0.3)
@@ -1190,6 +1192,7 @@ def plot_distribution_sharpening(model, tokenizer, text, position=-1, steps=None
                     color="white" if probs[k, i] > 0.6 * probs[:, shown].max() else "black")
     ax.set_yticks(range(len(shown)), labels, family="monospace")
     ax.set_xticks(range(len(probs)), [f"{k}\nH={h:.2f}" for k, h in enumerate(entropy.tolist())], fontsize=7)
-    ax.set(xlabel="thinking step (H = entropy, nats)", title=f"distribution sharpening at position {position % len(thought.labels)}")
+    ax.set(xlabel="thinking step (H = entropy, nats)",
+           title=f"distribution sharpening at position {position % len(thought.labels)}")
     fig.colorbar(image, ax=ax, label="probability")
     return fig, probs

@@ -47,7 +47,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def evaluate(model, tokenizer, args):
+def evaluate_thinking(model, tokenizer, args):
     data_text = ebt.read_text(args.data or ebt.download(ebt.SHAKESPEARE_URL, ebt.CACHE_DIR / "tinyshakespeare.txt",
                                                         ebt.SHAKESPEARE_SHA256))
     val = ebt.TextData(tokenizer.encode(data_text), model.config.block_size).split["val"]
@@ -82,7 +82,7 @@ def main(argv=None):
         return
     model, tokenizer = ebt.text_model_from_checkpoint(ckpt, device)
     if args.eval:
-        return evaluate(model, tokenizer, args)
+        return evaluate_thinking(model, tokenizer, args)
     if args.plots:
         ebt.require_ebt(model, "--plots")
     idx = torch.tensor([tokenizer.encode(args.prompt)], device=device)
