@@ -17,6 +17,8 @@ Reading order:
   4. the autoregressive text EBT, and the Transformer++ baseline
   5. text data and tokenizers
   6. the training loop, checkpoints and command-line helpers
+  7. thinking at inference: KV-cached generation, self-verification, evaluation
+  8. plots of thinking (each takes a model and a text, returns a Figure)
 
 Paper: "Energy-Based Transformers are Scalable Learners and Thinkers",
 Gladstone et al., 2025 (arXiv 2507.02092).
@@ -275,13 +277,13 @@ def think(energy_fn, y, steps, step_size, *, create_graph=False, detach=True, tr
     truncate: only the last step keeps create_graph.
     langevin_std: Gaussian noise added to y before each step.
     random_step_size: s > 1 draws each sample's step size from [alpha/s, alpha*s].
-    tolerance: stop a position once its energy falls by less than this (inference).
+    tolerance: stop a position once its energy falls by less than this (inference);
+        once every position has stopped, the loop ends early.
     final_energy: also score the final prediction (one more forward; training skips it).
     """
     shape = (y.shape[0],) + (1,) * (y.dim() - 1)  # broadcasts per sample
     if random_step_size > 1:
-        log_s = math.log(random_step_size)
-        step_size = step_size * torch.empty(shape, device=y.device).uniform_(-log_s, log_s).exp()
+        step_size = step_size * torch.empty(shape, device=y.device).uniform_(1 / random_step_size, random_step_size)
     ys, energies = [y], []
     active = None
     steps_used = None
@@ -300,14 +302,17 @@ def think(energy_fn, y, steps, step_size, *, create_graph=False, detach=True, tr
                     steps_used = torch.zeros_like(energy, dtype=torch.long)
                 else:  # freeze positions whose energy stopped falling
                     active = active & (energies[-1] - energy.detach() > tolerance)
+                if not active.any():
+                    break  # every position has settled: the remaining steps would change nothing
                 steps_used = steps_used + active.long()
                 grad = grad * active.reshape(active.shape + (1,) * (grad.dim() - active.dim()))
-            y = y - step_size * grad
+            # without create_graph, y_{k+1} still depends on a learnable step size
+            y = (y if create_graph else y.detach()) - step_size * grad
             energies.append(energy if keep_graph else energy.detach())
-            ys.append(y)  # without create_graph, y still depends on a learnable step size
+            ys.append(y)
     if final_energy:
         with torch.no_grad():
-            energies.append(energy_fn(y.detach(), steps))
+            energies.append(energy_fn(y.detach(), len(ys) - 1))
     return Trajectory(ys, energies, steps_used)
 
 
@@ -363,7 +368,8 @@ class TextEBT(nn.Module):
 
     def predict(self, idx, steps=None, step_size=None, y0=None, context=None, tolerance=None, langevin_std=0.0):
         """Think from random logits at every position of idx: (B, T). Returns a Trajectory
-        whose ys are (B, T, V) logits and energies (B, T)."""
+        whose ys are (B, T, V) logits and energies (B, T). idx may be None when context and
+        y0 are given."""
         cfg = self.config
         context = self.context(idx) if context is None else context
         y0 = self.initial_logits(*idx.shape, idx.device) if y0 is None else y0
@@ -379,6 +385,40 @@ class TextEBT(nn.Module):
                      langevin_std=cfg.langevin_std if train else langevin_std,
                      random_step_size=cfg.random_step_size if train else 1.0,
                      tolerance=tolerance, final_energy=not train)
+
+    def think_candidates(self, context, P, candidates=1, generator=None, *, steps=None, step_size=None,
+                         langevin_std=0.0, tolerance=None):
+        """Think from `candidates` random starts about each of the last P positions of a
+        context, all sharing its (k, v): only the prediction tokens are run. Returns a
+        Trajectory with ys (B, N, P, V), energies (B, N, P) and, when stopping adaptively,
+        steps_used (B, N, P)."""
+        k0 = context[0][0]
+        B, N = k0.shape[0], candidates
+        if N > 1:
+            context = [(k.repeat_interleave(N, 0), v.repeat_interleave(N, 0)) for k, v in context]  # (B*N, H, T, Dh)
+        y0 = self.initial_logits(B * N, P, k0.device, generator)
+        traj = self.predict(None, steps, step_size, y0=y0, context=context, tolerance=tolerance,
+                            langevin_std=langevin_std)
+        per_candidate = lambda t: None if t is None else t.unflatten(0, (B, N))
+        return Trajectory([per_candidate(y) for y in traj.ys], [per_candidate(e) for e in traj.energies],
+                          per_candidate(traj.steps_used))
+
+    def next_token(self, idx, cache, generator=None, candidates=1, **knobs):
+        """One step of generation: extend the context cache with idx (B, T_new), then think about
+        the token after it with one prediction token per candidate against the cached keys,
+        keeping the candidate with the lowest final energy (self-verification).
+        knobs: steps, step_size, langevin_std, tolerance (see think).
+        Returns the kept logits (B, V), the cache and per-token diagnostics."""
+        cache = self.context(idx, cache)
+        traj = self.think_candidates(cache, 1, candidates, generator, **knobs)
+        final = traj.energies[-1]  # (B, N, 1)
+        steps_used = traj.steps_used if traj.steps_used is not None else torch.full_like(
+            final, len(traj.ys) - 1, dtype=torch.long)
+        diagnostics = {"energy": keep_lowest(final, final)[:, 0],                            # (B,)
+                       "candidate_energy": final[..., 0],                                    # (B, N)
+                       "steps_used": keep_lowest(steps_used, final)[:, 0],                   # (B,)
+                       "trajectory": keep_lowest(torch.stack(traj.energies, -1), final)[:, 0]}  # (B, K+1)
+        return keep_lowest(traj.ys[-1], final)[:, 0], cache, diagnostics
 
     def forward(self, idx, targets, steps=None, generator=None):
         """Loss = mean over thinking steps of the cross-entropy after each step."""
@@ -403,6 +443,13 @@ class TextEBT(nn.Module):
             {"params": [self.raw_step_size], "weight_decay": 0.0, "lr_mult": self.config.step_size_lr_mult}]
 
 
+def keep_lowest(x, final_energy):
+    """Self-verification: from x (B, N, P, ...) keep, at every position, the candidate whose
+    final energy (B, N, P) is lowest. Returns (B, P, ...)."""
+    best = final_energy.argmin(1, keepdim=True)  # (B, 1, P)
+    return torch.take_along_dim(x, best.reshape(best.shape + (1,) * (x.dim() - 3)), dim=1).squeeze(1)
+
+
 def decay_groups(params, weight_decay):
     params = [p for p in params if p.requires_grad]
     return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, "lr_mult": 1.0},
@@ -425,6 +472,12 @@ class Transformer(nn.Module):
     def logits(self, idx, cache=None):
         h, kvs = self.trunk(idx, cache)
         return self.lm_head(self.norm(h)), kvs  # (B, T, V)
+
+    def next_token(self, idx, cache, generator=None):
+        """One step of generation: logits (B, V) for the token after idx (B, T_new), given the
+        cache of earlier tokens. Nothing is drawn at random here, and there is nothing to report."""
+        logits, cache = self.logits(idx, cache)
+        return logits[:, -1], cache, {}
 
     def forward(self, idx, targets):
         logits, _ = self.logits(idx)
@@ -530,6 +583,13 @@ def tokenizer_from_state(state):
     return CharTokenizer(state["chars"]) if state["kind"] == "char" else GPT2Tokenizer()
 
 
+def random_windows(ids, length, count, generator):
+    """count random windows of a 1-D token tensor: inputs (count, length) and next-token targets."""
+    start = torch.randint(len(ids) - length, (count,), generator=generator)
+    chunk = ids[start[:, None] + torch.arange(length + 1)]
+    return chunk[:, :-1], chunk[:, 1:]
+
+
 class TextData:
     """A token stream split 90/10 into train and validation; batches are random windows."""
 
@@ -543,11 +603,7 @@ class TextData:
         self.block_size = self.tokens_per_sample = block_size
 
     def batch(self, split, batch_size, generator):
-        data = self.split[split]
-        start = torch.randint(len(data) - self.block_size, (batch_size,), generator=generator)
-        offsets = start[:, None] + torch.arange(self.block_size + 1)
-        chunk = data[offsets]
-        return chunk[:, :-1], chunk[:, 1:]  # inputs, next-token targets
+        return random_windows(self.split[split], self.block_size, batch_size, generator)
 
 
 # -----------------------------------------------------------------------------
@@ -654,8 +710,9 @@ def resume_checkpoint(out_dir, model_kind):
     return ckpt
 
 
-def model_from_checkpoint(ckpt, device="cpu"):
-    model = build_model(ModelConfig.from_dict(ckpt["model_config"]))
+def model_from_checkpoint(ckpt, device="cpu", **overrides):
+    """overrides: config fields to change, e.g. a longer block_size (weights do not depend on it)."""
+    model = build_model(ModelConfig.from_dict({**ckpt["model_config"], **overrides}))
     model.load_state_dict(ckpt["model"])
     return model.to(device)
 
@@ -872,3 +929,319 @@ def run_cli(main):
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+# -----------------------------------------------------------------------------
+# 7. Thinking at inference: generation, self-verification, evaluation
+
+def text_model_from_checkpoint(path, device="cpu", **overrides):
+    """(model in eval mode, tokenizer) from a text checkpoint; bad files give one-line UsageErrors."""
+    ckpt = load_checkpoint(path, device)
+    if "tokenizer" not in ckpt:
+        raise UsageError(f"checkpoint {path} holds no tokenizer: it is not a text model")
+    try:
+        model = model_from_checkpoint(ckpt, device, **overrides)
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise UsageError(f"checkpoint {path} does not fit its own config ({str(e).splitlines()[0]})") from None
+    return model.eval(), tokenizer_from_state(ckpt["tokenizer"])
+
+
+def require_ebt(model, what):
+    if not getattr(model, "thinks", False):
+        raise UsageError(f"{what} needs an EBT; this checkpoint holds a {model.config.model!r} model")
+
+
+@dataclass
+class Generation:
+    """What generate() produced. Per new token: the logits it was sampled from and, for an
+    EBT, what thinking went through (None for the Transformer)."""
+    idx: torch.Tensor                      # (B, T0 + n) the prompt followed by the n new tokens
+    logits: torch.Tensor                   # (B, n, V) the refined logits each token was sampled from
+    energy: torch.Tensor = None            # (B, n) final energy of the kept candidate: low = confident
+    candidate_energy: torch.Tensor = None  # (B, n, N) final energy of every candidate
+    steps_used: torch.Tensor = None        # (B, n) descent steps the kept candidate took
+    trajectory: list = None                # n tensors (B, K+1): the kept candidate's energy after each step
+
+
+def sample_next(logits, temperature=1.0, top_k=None, generator=None):
+    """Next token ids (B, 1) drawn from softmax(logits / temperature) over the top_k tokens;
+    temperature 0 takes the most likely one."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1).cpu()  # drawn on the CPU, so a CPU generator makes it repeatable
+    return torch.multinomial(probs, 1, generator=generator).to(logits.device)
+
+
+@torch.no_grad()
+def generate(model, idx, num_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True, **thinking):
+    """Sample num_tokens tokens after the prompt idx (B, T0) with either model (in eval mode).
+
+    A KV cache of the context stream makes each new token cost one token through the trunk
+    plus, for an EBT, the thinking steps of one prediction token (per candidate) against the
+    cached keys. The window holds at most block_size tokens; when it would overflow it restarts
+    from the last block_size // 2, so the cache is re-filled once per block_size // 2 new tokens.
+    use_cache=False recomputes the whole window for every token: same windows, same result.
+    thinking (EBT only): candidates, steps, step_size, langevin_std, tolerance (see next_token).
+    """
+    if thinking and not getattr(model, "thinks", False):
+        require_ebt(model, "thinking options (" + ", ".join(sorted(thinking)) + ")")
+    if idx.shape[1] < 1:
+        raise UsageError("the prompt is empty; give at least one token")
+    if temperature < 0 or (top_k is not None and top_k < 1) or num_tokens < 0:
+        raise UsageError(f"need temperature >= 0, top_k >= 1 and num_tokens >= 0 "
+                         f"(got {temperature}, {top_k}, {num_tokens})")
+    if thinking.get("candidates", 1) < 1 or thinking.get("steps", 1) < 1:
+        raise UsageError("need at least 1 candidate and 1 thinking step")
+    block, keep = model.config.block_size, max(1, model.config.block_size // 2)
+    start, cache, per_token = max(0, idx.shape[1] - block), None, []  # the window is idx[:, start:]
+    for _ in range(num_tokens):
+        if idx.shape[1] - start > block:
+            start, cache = idx.shape[1] - keep, None
+        if not use_cache:
+            cache = None
+        seen = 0 if cache is None else cache[0][0].shape[-2]
+        logits, cache, diagnostics = model.next_token(idx[:, start + seen:], cache, generator, **thinking)
+        per_token.append((logits, diagnostics))
+        idx = torch.cat([idx, sample_next(logits, temperature, top_k, generator)], dim=1)
+    out = Generation(idx, torch.stack([l for l, _ in per_token], 1) if per_token else None)
+    if per_token and per_token[0][1]:
+        stack = lambda name: torch.stack([d[name] for _, d in per_token], 1)
+        out.energy, out.candidate_energy, out.steps_used = stack("energy"), stack("candidate_energy"), stack("steps_used")
+        out.trajectory = [d["trajectory"] for _, d in per_token]
+    return out
+
+
+def benchmark_generation(model, context_lengths=(64, 256), num_tokens=16, seed=0, **thinking):
+    """Tokens per second of generate() with the KV cache and recomputing the window per token.
+    For context C the prompt has C - num_tokens tokens, so the window grows to exactly C."""
+    g = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    rows = []
+    for C in context_lengths:
+        if not num_tokens < C <= model.config.block_size:
+            raise UsageError(f"context {C} must be in ({num_tokens}, block_size={model.config.block_size}]")
+        prompt = torch.randint(model.config.vocab_size, (1, C - num_tokens), generator=g).to(device)
+        speed = {}
+        for use_cache in (True, False):
+            generate(model, prompt, 2, generator=g, use_cache=use_cache, **thinking)  # warm-up
+            t0 = time.perf_counter()
+            generate(model, prompt, num_tokens, generator=g, use_cache=use_cache, **thinking)
+            speed[use_cache] = num_tokens / (time.perf_counter() - t0)
+        rows.append({"context": C, "cached_tok_s": speed[True], "recompute_tok_s": speed[False]})
+    return rows
+
+
+def pydoc_topics_text():
+    """The English documentation Python ships (pydoc_data.topics): out-of-distribution text
+    for a model trained on Shakespeare, on every machine, no download."""
+    from pydoc_data.topics import topics
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def in_vocabulary(text, tokenizer):
+    """The text without the characters a char tokenizer lacks (GPT-2 BPE covers everything),
+    and how many were dropped."""
+    if not isinstance(tokenizer, CharTokenizer):
+        return text, 0
+    kept = "".join(c for c in text if c in tokenizer.index)
+    return kept, len(text) - len(kept)
+
+
+@torch.no_grad()
+def thinking_curves(model, ids, steps=(1, 2, 4, 8), candidates=(1, 2, 4, 8), windows=16, seed=0):
+    """Perplexity on fixed windows of a 1-D token tensor, after each number of thinking steps
+    (one candidate), and with each number of candidates (at the trained number of steps,
+    keeping the lowest final energy). One descent covers every step count, and the
+    candidates for N are the first N of max(candidates). Flat for the Transformer."""
+    if len(ids) <= model.config.block_size:
+        raise UsageError(f"{len(ids)} tokens are too few to evaluate on: "
+                         f"need more than block_size={model.config.block_size}")
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    x, y = random_windows(ids, model.config.block_size, windows, g)
+    x, y = x.to(device), y.to(device)
+    ppl = lambda logits: math.exp(F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()).item())
+    if not getattr(model, "thinks", False):
+        flat = ppl(model.logits(x)[0])
+        return {"steps": {k: flat for k in steps}, "candidates": {n: flat for n in candidates}}
+    context = model.context(x)
+    traj = model.think_candidates(context, x.shape[1], 1, g, steps=max(steps))
+    by_steps = {k: ppl(traj.ys[k][:, 0]) for k in steps}
+    traj = model.think_candidates(context, x.shape[1], max(candidates), g)
+    final = traj.energies[-1]  # (W, N, S)
+    by_candidates = {n: ppl(keep_lowest(traj.ys[-1][:, :n], final[:, :n])) for n in candidates}
+    return {"steps": by_steps, "candidates": by_candidates}
+
+
+def thinking_table(results, trained_steps):
+    """results: {source name: thinking_curves(...)} -> a table to read at a glance."""
+    names = list(results)
+    width = max(12, *(len(n) for n in names))
+    head = lambda first: f"{first:<26}" + "".join(f"{n:>{width + 2}}" for n in names)
+    lines = ["perplexity (lower is better)", head("thinking steps (N=1)")]
+    for k in next(iter(results.values()))["steps"]:
+        mark = "  <- trained" if k == trained_steps else ""
+        lines.append(f"{k:<26}" + "".join(f"{results[n]['steps'][k]:>{width + 2}.3f}" for n in names) + mark)
+    lines.append(head(f"candidates ({trained_steps} steps)"))
+    for c in next(iter(results.values()))["candidates"]:
+        lines.append(f"{c:<26}" + "".join(f"{results[n]['candidates'][c]:>{width + 2}.3f}" for n in names))
+    return "\n".join(lines)
+
+
+def plot_thinking_curves(results, trained_steps, title="perplexity vs thinking"):
+    """results: {label: thinking_curves(...)} -> a Figure: perplexity against steps and candidates."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(8, 3.4), layout="constrained")
+    by_steps, by_candidates = fig.subplots(1, 2)
+    for label, r in results.items():
+        by_steps.plot(list(r["steps"]), list(r["steps"].values()), marker="o", label=label)
+        by_candidates.plot(list(r["candidates"]), list(r["candidates"].values()), marker="o", label=label)
+    by_steps.axvline(trained_steps, color="gray", ls=":", label="trained steps")
+    by_steps.set(xlabel="thinking steps (1 candidate)", ylabel="perplexity")
+    by_candidates.set(xlabel=f"candidates N ({trained_steps} steps, lowest energy kept)", xscale="log", ylabel="perplexity")
+    counts = list(next(iter(results.values()))["candidates"])
+    by_candidates.set_xticks(counts, [str(n) for n in counts])
+    by_candidates.minorticks_off()
+    for ax in (by_steps, by_candidates):
+        ax.grid(alpha=0.3)
+    by_steps.legend(fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
+# -----------------------------------------------------------------------------
+# 8. Plots of thinking: each takes a model (eval mode) and a text, returns (Figure, numbers)
+
+@dataclass
+class TextThinking:
+    """An EBT thinking at every position of a text at once (teacher-forced)."""
+    ids: torch.Tensor   # (T + 1,) the text's tokens; position i sees ids[:i+1] and predicts ids[i+1]
+    labels: list        # T readable labels of the predicted tokens ids[1:]
+    traj: Trajectory    # ys: K+1 tensors (1, T, V); energies: K+1 tensors (1, T)
+    context: list       # per-layer (k, v) of ids[:-1], each (1, H, T, Dh)
+
+    def energies(self):
+        return torch.stack(self.traj.energies)[:, 0].T.float().cpu()  # (T, K+1)
+
+
+def token_label(tokenizer, i):
+    return tokenizer.decode([i]).replace("\n", "\\n").replace(" ", "␣")
+
+
+@torch.no_grad()
+def think_on_text(model, tokenizer, text, steps=None, seed=0):
+    """Think about every next token of a text (its last block_size + 1 tokens) from fixed random starts."""
+    require_ebt(model, "plotting the energy")
+    ids = torch.tensor(tokenizer.encode(text)[-(model.config.block_size + 1):])
+    if len(ids) < 2:
+        raise UsageError(f"the text {text!r} is too short to plot: it needs at least 2 tokens")
+    device = next(model.parameters()).device
+    context = model.context(ids[None, :-1].to(device))
+    traj = model.think_candidates(context, len(ids) - 1, 1, torch.Generator().manual_seed(seed), steps=steps)
+    traj = Trajectory([y[:, 0] for y in traj.ys], [e[:, 0] for e in traj.energies])
+    return TextThinking(ids, [token_label(tokenizer, i) for i in ids[1:].tolist()], traj, context)
+
+
+def plot_energy_per_step(model, tokenizer, text, steps=None, seed=0):
+    """Energy against thinking step, one line per token of the text. Returns (Figure, energies (T, K+1))."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+    energies = think_on_text(model, tokenizer, text, steps, seed).energies()
+    fig = Figure(figsize=(6, 3.4), layout="constrained")
+    ax = fig.subplots()
+    colors = colormaps["viridis"](torch.linspace(0, 1, len(energies)).numpy())
+    for e, c in zip(energies, colors):
+        ax.plot(e.numpy(), color=c, alpha=0.35, lw=1)
+    ax.plot(energies.mean(0).numpy(), color="black", lw=2, label="mean over tokens")
+    ax.set(xlabel="thinking step", ylabel="energy",
+           title=f"energy while thinking, {len(energies)} tokens (colour = position)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return fig, energies
+
+
+def plot_energy_heatmap(model, tokenizer, text, steps=None, seed=0):
+    """Per-token energy over thinking steps, tokens labelled: hard tokens stay high.
+    Returns (Figure, energies (T, K+1))."""
+    from matplotlib.figure import Figure
+    thought = think_on_text(model, tokenizer, text, steps, seed)
+    energies = thought.energies()
+    fig = Figure(figsize=(max(5, 0.16 * len(energies) + 1.5), 2.6), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(energies.T.numpy(), aspect="auto", cmap="magma", interpolation="nearest")
+    ax.set_xticks(range(len(thought.labels)), thought.labels, fontsize=7, family="monospace")
+    ax.set(xlabel="predicted token", ylabel="thinking step", title="energy per token and step (bright = high = unsure)")
+    fig.colorbar(image, ax=ax, label="energy")
+    return fig, energies
+
+
+def plot_energy_landscape(model, tokenizer, text, position=-1, steps=None, seed=0, grid=31):
+    """The energy around one token's prediction on the plane through the start, middle and
+    end of its descent path, with the path drawn (points off the plane are projected).
+    Energies use the last step's embedding. Returns (Figure, energies (grid, grid))."""
+    from matplotlib.figure import Figure
+    thought = think_on_text(model, tokenizer, text, steps, seed)
+    path = torch.stack([y[0, position] for y in thought.traj.ys])  # (K+1, V)
+    origin, middle, end = path[0], path[len(path) // 2], path[-1]
+    u = (end - origin) / (end - origin).norm().clamp(min=1e-12)
+    v = middle - origin - (middle - origin) @ u * u
+    if v.norm() < 1e-6 * (end - origin).norm():  # a straight path spans no plane: take a random direction
+        r = torch.randn(path.shape[-1], generator=torch.Generator().manual_seed(seed)).to(path)
+        v = r - r @ u * u
+    v = v / v.norm()
+    path_xy = torch.stack([(path - origin) @ u, (path - origin) @ v], -1).cpu()  # (K+1, 2)
+    lo, hi = path_xy.min(0).values, path_xy.max(0).values
+    pad = 0.3 * (hi - lo).max().clamp(min=1e-3)
+    a, b = (torch.linspace(lo[i] - pad, hi[i] + pad, grid) for i in (0, 1))
+    A, Bv = torch.meshgrid(a, b, indexing="xy")  # (grid, grid): rows follow b, columns a
+    points = origin + A.reshape(-1, 1).to(path) * u + Bv.reshape(-1, 1).to(path) * v  # (grid^2, V)
+    T = len(thought.labels)
+    p = position % T
+    context = [(k[..., :p + 1, :], w[..., :p + 1, :]) for k, w in thought.context]  # what position p sees
+    with torch.no_grad():
+        energies = torch.cat([
+            model.energy(chunk[:, None], [(k.expand(len(chunk), -1, -1, -1), w.expand(len(chunk), -1, -1, -1))
+                                          for k, w in context], len(path) - 1)[:, 0]
+            for chunk in points.split(64)]).reshape(grid, grid).float().cpu()
+    fig = Figure(figsize=(5, 4), layout="constrained")
+    ax = fig.subplots()
+    filled = ax.contourf(a.numpy(), b.numpy(), energies.numpy(), levels=20, cmap="viridis")
+    fig.colorbar(filled, ax=ax, label="energy")
+    ax.plot(path_xy[:, 0].numpy(), path_xy[:, 1].numpy(), "w.-", lw=1.5, ms=8, label="descent path")
+    ax.plot(*path_xy[0].numpy(), "wo", ms=9, mfc="none", label="start")
+    ax.plot(*path_xy[-1].numpy(), "r*", ms=12, label="end")
+    ax.set(xlabel="direction start -> end", ylabel="direction to the middle",
+           title=f"energy landscape predicting {thought.labels[p]!r} (position {p})")
+    ax.legend(fontsize=8, loc="best")
+    return fig, energies
+
+
+def plot_distribution_sharpening(model, tokenizer, text, position=-1, steps=None, seed=0, top=4):
+    """The predicted distribution at one position after each thinking step: the tokens that
+    are in the top `top` at any step. Returns (Figure, probabilities (K+1, V))."""
+    from matplotlib.figure import Figure
+    thought = think_on_text(model, tokenizer, text, steps, seed)
+    probs = torch.stack([y[0, position] for y in thought.traj.ys]).float().softmax(-1).cpu()  # (K+1, V)
+    shown = list(dict.fromkeys(probs.topk(min(top, probs.shape[-1]), -1).indices.flatten().tolist()))
+    shown.sort(key=lambda i: -probs[-1, i])
+    entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1)
+    target = thought.ids[1:][position].item()
+    labels = [token_label(tokenizer, i) + (" (true)" if i == target else "") for i in shown]
+    fig = Figure(figsize=(5, 0.3 * len(shown) + 1.6), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(probs[:, shown].T.numpy(), aspect="auto", cmap="Blues", vmin=0, interpolation="nearest")
+    for k in range(len(probs)):
+        for r, i in enumerate(shown):
+            ax.text(k, r, f"{probs[k, i]:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if probs[k, i] > 0.6 * probs[:, shown].max() else "black")
+    ax.set_yticks(range(len(shown)), labels, family="monospace")
+    ax.set_xticks(range(len(probs)), [f"{k}\nH={h:.2f}" for k, h in enumerate(entropy.tolist())], fontsize=7)
+    ax.set(xlabel="thinking step (H = entropy, nats)",
+           title=f"distribution sharpening at position {position % len(thought.labels)}")
+    fig.colorbar(image, ax=ax, label="probability")
+    return fig, probs

@@ -1,0 +1,108 @@
+"""
+Generate text with a trained text EBT (or the Transformer++ baseline) and watch it think.
+
+    python sample.py --out_dir out-text --prompt "ROMEO:" --num_tokens 300
+    python sample.py --steps 8 --candidates 4 --top_k 10    # think longer, keep the lowest-energy candidate
+    python sample.py --steps 16 --tolerance 1e-3            # adaptive: stop a token once its energy settles
+    python sample.py --plots plots/                         # 4 PNGs of the thinking behind the text
+    python sample.py --eval --plots plots/                  # perplexity vs steps and candidates, val and OOD
+    python sample.py --bench                                # tokens/s with and without the KV cache
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import ebt
+
+PLOTS = {"energy_per_step": ebt.plot_energy_per_step, "energy_heatmap": ebt.plot_energy_heatmap,
+         "energy_landscape": ebt.plot_energy_landscape, "distribution_sharpening": ebt.plot_distribution_sharpening}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s = p.add_argument
+    s("--out_dir", default="out-text", help="directory holding ckpt.pt (default: %(default)s)")
+    s("--ckpt", help="checkpoint file (default: OUT_DIR/ckpt.pt)")
+    s("--prompt", default="\n", help="text to continue (default: a newline)")
+    s("--num_tokens", type=int, default=300, help="(default: %(default)s)")
+    s("--temperature", type=float, default=1.0, help="0 = most likely token (default: %(default)s)")
+    s("--top_k", type=int, help="sample among the k most likely tokens only")
+    s("--seed", type=int, default=1337, help="(default: %(default)s)")
+    s("--device", default="auto", help="auto, cpu, cuda or mps (default: %(default)s)")
+    s("--plots", help="save the thinking plots (or, with --eval, the evaluation plot) as PNGs in this directory")
+    g = p.add_argument_group("thinking (EBT)")
+    g.add_argument("--steps", type=int, help="thinking steps per token, may exceed training (default: as trained)")
+    g.add_argument("--step_size", type=float, help="override the learned step size alpha")
+    g.add_argument("--candidates", type=int, help="self-verification: think from N starts, keep the lowest energy")
+    g.add_argument("--langevin_std", type=float, help="noise added to the logits before each step")
+    g.add_argument("--tolerance", type=float, help="adaptive: stop a token once its energy falls by less than this")
+    m = p.add_argument_group("other modes")
+    m.add_argument("--eval", action="store_true", help="perplexity vs thinking steps and candidates on val and OOD text")
+    m.add_argument("--data", help="--eval: the training text, whose last 10%% is the validation split (default: Tiny Shakespeare)")
+    m.add_argument("--ood", help="--eval: out-of-distribution text file (default: Python's pydoc_data.topics)")
+    m.add_argument("--bench", action="store_true", help="tokens/s with the KV cache vs recomputing, at context 64 and 256")
+    return p.parse_args(argv)
+
+
+def evaluate_thinking(model, tokenizer, args):
+    data_text = ebt.read_text(args.data or ebt.download(ebt.SHAKESPEARE_URL, ebt.CACHE_DIR / "tinyshakespeare.txt",
+                                                        ebt.SHAKESPEARE_SHA256))
+    val = ebt.TextData(tokenizer.encode(data_text), model.config.block_size).split["val"]
+    ood_text, dropped = ebt.in_vocabulary(ebt.read_text(args.ood) if args.ood else ebt.pydoc_topics_text(), tokenizer)
+    ood_name = Path(args.ood).name if args.ood else "pydoc_data.topics"
+    print(f"OOD text {ood_name}: {len(ood_text)} characters kept, {dropped} outside the vocabulary dropped")
+    trained = model.config.think_steps
+    steps = sorted({1, 2, 3, trained, 2 * trained, 3 * trained, 4 * trained})
+    sources = {"val": val, f"OOD: {ood_name}": torch.tensor(tokenizer.encode(ood_text))}
+    results = {name: ebt.thinking_curves(model, ids, steps) for name, ids in sources.items()}
+    print(ebt.thinking_table(results, trained))
+    if args.plots:
+        path = Path(args.plots) / "thinking_curves.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ebt.plot_thinking_curves(results, trained).savefig(path, dpi=90)
+        print(f"saved {path}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = ebt.pick_device(args.device)
+    torch.manual_seed(args.seed)
+    ckpt = args.ckpt or Path(args.out_dir) / "ckpt.pt"
+    thinking = {k: getattr(args, k) for k in ("steps", "step_size", "candidates", "langevin_std", "tolerance")
+                if getattr(args, k) is not None}
+    if args.bench:  # timing only: a longer rotary table lets the trained weights run at context 256
+        model, _ = ebt.text_model_from_checkpoint(ckpt, device, block_size=256)
+        print(f"{model.config.model}, {torch.get_num_threads()} threads, {device}; prompt of C-16 tokens, 16 new")
+        for r in ebt.benchmark_generation(model, (64, 256), 16, args.seed, **thinking):
+            print(f"context {r['context']:>3}: cached {r['cached_tok_s']:7.1f} tok/s | recompute "
+                  f"{r['recompute_tok_s']:7.1f} tok/s | x{r['cached_tok_s'] / r['recompute_tok_s']:.2f}")
+        return
+    model, tokenizer = ebt.text_model_from_checkpoint(ckpt, device)
+    if args.eval:
+        return evaluate_thinking(model, tokenizer, args)
+    if args.plots:
+        ebt.require_ebt(model, "--plots")
+    idx = torch.tensor([tokenizer.encode(args.prompt)], device=device)
+    t0 = time.time()
+    out = ebt.generate(model, idx, args.num_tokens, args.temperature, args.top_k,
+                       torch.Generator().manual_seed(args.seed), **thinking)
+    text = tokenizer.decode(out.idx[0].tolist())
+    print(text)
+    summary = f"{args.num_tokens} tokens in {time.time() - t0:.1f}s"
+    if out.energy is not None and args.num_tokens:
+        summary += (f" | final energy mean {out.energy.mean():.3f} (max {out.energy.max():.3f})"
+                    f" | steps used mean {out.steps_used.float().mean():.2f} (max {out.steps_used.max()})")
+    print(summary, file=sys.stderr)
+    if args.plots:
+        Path(args.plots).mkdir(parents=True, exist_ok=True)
+        for name, plot in PLOTS.items():  # the last 64 characters: readable labels
+            fig, _ = plot(model, tokenizer, text[-65:], steps=args.steps, seed=args.seed)
+            fig.savefig(Path(args.plots) / f"{name}.png", dpi=90)
+        print(f"saved {len(PLOTS)} plots in {args.plots}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    ebt.run_cli(main)
