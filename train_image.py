@@ -168,12 +168,13 @@ def plot_grid(columns, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     n_rows, n_cols = next(iter(columns.values())).shape[0], len(columns)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.1 * n_cols, 1.1 * n_rows + 0.3), squeeze=False)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(0.8 * n_cols, 0.8 * n_rows + 0.3), squeeze=False)
     for c, (name, images) in enumerate(columns.items()):
         axes[0, c].set_title(name, fontsize=7)
         for r in range(n_rows):
             img = images[r].detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
-            axes[r, c].imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
+            axes[r, c].imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1,
+                             interpolation="nearest")
             axes[r, c].axis("off")
     fig.tight_layout(pad=0.2)
     fig.savefig(path, dpi=80)
