@@ -19,6 +19,7 @@ Reading order:
   6. the training loop, checkpoints and command-line helpers
   7. thinking at inference: KV-cached generation, self-verification, evaluation
   8. plots of thinking (each takes a model and a text, returns a Figure)
+  9. images: the denoising EBT, its one-pass baseline, image data
 
 Paper: "Energy-Based Transformers are Scalable Learners and Thinkers",
 Gladstone et al., 2025 (arXiv 2507.02092).
@@ -51,12 +52,14 @@ class ConfigError(UsageError, ValueError):
 # -----------------------------------------------------------------------------
 # 1. Configuration
 
-MODEL_KINDS = ("ebt", "transformer")
+TEXT_KINDS = ("ebt", "transformer")
+IMAGE_KINDS = ("image_ebt", "image_baseline")
+MODEL_KINDS = TEXT_KINDS + IMAGE_KINDS
 
 
 @dataclass
 class ModelConfig:
-    model: str = "ebt"            # "ebt" or "transformer" (the Transformer++ baseline)
+    model: str = "ebt"            # one of MODEL_KINDS ("transformer" is the Transformer++ baseline)
     vocab_size: int = 65
     block_size: int = 256         # context length
     n_layer: int = 6
@@ -74,16 +77,22 @@ class ModelConfig:
     random_steps: int = 0         # train with think_steps + U{0..random_steps} steps
     truncate: bool = False        # only the last step keeps the second-order graph
     detach: bool = True           # cut the graph between steps (False: backprop the whole path)
+    # images (image_ebt, image_baseline): square crops cut into square patches
+    channels: int = 3
+    image_size: int = 32
+    patch_size: int = 4
 
     def __post_init__(self):
         def check(ok, name, why):
             if not ok:
                 raise ConfigError(f"ModelConfig.{name}={getattr(self, name)!r}: {why}")
         check(self.model in MODEL_KINDS, "model", f"must be one of {MODEL_KINDS}")
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "channels", "image_size", "patch_size"):
             check(getattr(self, name) >= 1, name, "must be >= 1")
         check(self.n_embd % self.n_head == 0, "n_embd", f"must be divisible by n_head={self.n_head}")
-        check((self.n_embd // self.n_head) % 2 == 0, "n_embd", "head size n_embd/n_head must be even for rotary")
+        if self.model in TEXT_KINDS:
+            check((self.n_embd // self.n_head) % 2 == 0, "n_embd", "head size n_embd/n_head must be even for rotary")
+        check(self.image_size % self.patch_size == 0, "image_size", f"must be a multiple of patch_size={self.patch_size}")
         check(self.think_steps >= 1, "think_steps", "must be >= 1")
         check(self.step_size > 0, "step_size", "must be > 0")
         check(self.step_size_lr_mult > 0, "step_size_lr_mult", "must be > 0")
@@ -147,10 +156,13 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
-    def heads(self, x, rotary, start):
+    def heads(self, x, rotary=None, start=0):
+        """Queries, keys, values, each (B, H, T, Dh); rotary=None: positions are already in x."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
-        return rotary(q, start), rotary(k, start), v  # each (B, H, T, Dh)
+        if rotary is None:
+            return q, k, v
+        return rotary(q, start), rotary(k, start), v
 
     def merge(self, y):
         B, H, T, Dh = y.shape
@@ -195,6 +207,17 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=torch.cat([visible, only_self], dim=1))
         return self.merge(y)
 
+    def attend_all(self, x, double_backward):
+        """Bidirectional attention: every token sees every token (image patches).
+        x: (B, T, D) with positions already added."""
+        q, k, v = self.heads(x)
+        if double_backward:  # explicit softmax: the fused kernels have no second derivative
+            att = ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(dim=-1)  # (B, H, T, T)
+            y = att @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v)
+        return self.merge(y)
+
 
 class MLP(nn.Module):
     """SwiGLU feed-forward."""
@@ -225,6 +248,10 @@ class Block(nn.Module):
 
     def forward_predictions(self, x, rotary, context, double_backward):
         x = x + self.attn.attend_predictions(self.attn_norm(x), rotary, context, double_backward)
+        return x + self.mlp(self.mlp_norm(x))
+
+    def forward_bidirectional(self, x, double_backward):
+        x = x + self.attn.attend_all(self.attn_norm(x), double_backward)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -316,11 +343,48 @@ def think(energy_fn, y, steps, step_size, *, create_graph=False, detach=True, tr
     return Trajectory(ys, energies, steps_used)
 
 
+class Thinker:
+    """What every EBT (text or image) shares: a learnable step size alpha, trained with its
+    own learning rate and no weight decay, and the config's thinking options passed to think().
+    The model defines self.config and self.raw_step_size."""
+    thinks = True  # forward takes steps= and generator= (see evaluate)
+
+    def step_size(self):
+        return self.raw_step_size.clamp(min=1e-3)  # stays positive whatever the optimizer does
+
+    def descend(self, energy_fn, y0, steps=None, step_size=None, tolerance=None, langevin_std=0.0):
+        """think() with this model's options; training adds the System 2 randomness and the
+        second-order graph."""
+        cfg, train = self.config, self.training
+        if steps is None:
+            steps = cfg.think_steps
+            if train and cfg.random_steps:
+                steps += int(torch.randint(cfg.random_steps + 1, ()))
+        if step_size is None:  # at inference nothing is learned: no graph to alpha
+            step_size = self.step_size() if train else self.step_size().detach()
+        return think(energy_fn, y0, steps, step_size,
+                     create_graph=train, detach=cfg.detach, truncate=cfg.truncate,
+                     langevin_std=cfg.langevin_std if train else langevin_std,
+                     random_step_size=cfg.random_step_size if train else 1.0,
+                     tolerance=tolerance, final_energy=not train)
+
+    def param_groups(self, weight_decay):
+        """AdamW groups: decay matrices, not gains; the step size has its own lr, no decay."""
+        others = [p for n, p in self.named_parameters() if n != "raw_step_size"]
+        return decay_groups(others, weight_decay) + [
+            {"params": [self.raw_step_size], "weight_decay": 0.0, "lr_mult": self.config.step_size_lr_mult}]
+
+
+def decay_groups(params, weight_decay):
+    params = [p for p in params if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, "lr_mult": 1.0},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_mult": 1.0}]
+
+
 # -----------------------------------------------------------------------------
 # 4a. The autoregressive text EBT
 
-class TextEBT(nn.Module):
-    thinks = True  # forward takes steps= and generator= (see evaluate)
+class TextEBT(Thinker, nn.Module):
     """Scores, for every position i, a candidate distribution over the next token.
 
     Two streams share one set of blocks: the context tokens (ordinary causal
@@ -340,9 +404,6 @@ class TextEBT(nn.Module):
         self.energy_head = nn.Linear(cfg.n_embd, 1, bias=False)
         self.apply(init_weights)
         self.raw_step_size = nn.Parameter(torch.tensor(float(cfg.step_size)))
-
-    def step_size(self):
-        return self.raw_step_size.clamp(min=1e-3)  # stays positive whatever the optimizer does
 
     def context(self, idx, cache=None):
         """Per-layer (k, v) of the context stream, each (B, H, T, Dh)."""
@@ -370,21 +431,9 @@ class TextEBT(nn.Module):
         """Think from random logits at every position of idx: (B, T). Returns a Trajectory
         whose ys are (B, T, V) logits and energies (B, T). idx may be None when context and
         y0 are given."""
-        cfg = self.config
         context = self.context(idx) if context is None else context
         y0 = self.initial_logits(*idx.shape, idx.device) if y0 is None else y0
-        train = self.training
-        if steps is None:
-            steps = cfg.think_steps
-            if train and cfg.random_steps:
-                steps += int(torch.randint(cfg.random_steps + 1, ()))
-        if step_size is None:
-            step_size = self.step_size() if train else self.step_size().detach()
-        return think(lambda y, k: self.energy(y, context, k), y0, steps, step_size,
-                     create_graph=train, detach=cfg.detach, truncate=cfg.truncate,
-                     langevin_std=cfg.langevin_std if train else langevin_std,
-                     random_step_size=cfg.random_step_size if train else 1.0,
-                     tolerance=tolerance, final_energy=not train)
+        return self.descend(lambda y, k: self.energy(y, context, k), y0, steps, step_size, tolerance, langevin_std)
 
     def think_candidates(self, context, P, candidates=1, generator=None, *, steps=None, step_size=None,
                          langevin_std=0.0, tolerance=None):
@@ -436,24 +485,12 @@ class TextEBT(nn.Module):
             metrics["loss_per_step"] = [l.item() for l in losses]
         return loss, metrics
 
-    def param_groups(self, weight_decay):
-        """AdamW groups: decay matrices, not gains; the step size has its own lr, no decay."""
-        others = [p for n, p in self.named_parameters() if n != "raw_step_size"]
-        return decay_groups(others, weight_decay) + [
-            {"params": [self.raw_step_size], "weight_decay": 0.0, "lr_mult": self.config.step_size_lr_mult}]
-
-
 def keep_lowest(x, final_energy):
     """Self-verification: from x (B, N, P, ...) keep, at every position, the candidate whose
     final energy (B, N, P) is lowest. Returns (B, P, ...)."""
     best = final_energy.argmin(1, keepdim=True)  # (B, 1, P)
     return torch.take_along_dim(x, best.reshape(best.shape + (1,) * (x.dim() - 3)), dim=1).squeeze(1)
 
-
-def decay_groups(params, weight_decay):
-    params = [p for p in params if p.requires_grad]
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, "lr_mult": 1.0},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_mult": 1.0}]
 
 
 # -----------------------------------------------------------------------------
@@ -489,7 +526,8 @@ class Transformer(nn.Module):
 
 
 def build_model(cfg):
-    return {"ebt": TextEBT, "transformer": Transformer}[cfg.model](cfg)
+    kinds = {"ebt": TextEBT, "transformer": Transformer, "image_ebt": ImageEBT, "image_baseline": ImageBaseline}
+    return kinds[cfg.model](cfg)
 
 
 # -----------------------------------------------------------------------------
@@ -500,8 +538,9 @@ SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2d
 CACHE_DIR = Path(os.environ.get("NANOEBT_CACHE", Path.home() / ".cache" / "nanoebt"))
 
 
-def download(url, path, sha256=None):
-    """Fetch url into path once (atomically); later calls reuse the cached file."""
+def download(url, path, sha256=None, hint="pass a local copy with --data PATH"):
+    """Fetch url into path once (atomically); later calls reuse the cached file.
+    hint: what the user can do instead, appended to the error."""
     path = Path(path)
     if path.exists():
         return path
@@ -511,9 +550,9 @@ def download(url, path, sha256=None):
         with urllib.request.urlopen(url, timeout=30) as r:
             data = r.read()
     except OSError as e:
-        raise UsageError(f"could not download {url} ({e}); pass a local copy with --data PATH") from None
+        raise UsageError(f"could not download {url} ({e}); {hint}") from None
     if sha256 and hashlib.sha256(data).hexdigest() != sha256:
-        raise UsageError(f"{url} downloaded with an unexpected checksum; pass a local copy with --data PATH")
+        raise UsageError(f"{url} downloaded with an unexpected checksum; {hint}")
     tmp.write_bytes(data)
     os.replace(tmp, path)
     return path
@@ -762,7 +801,7 @@ def plot_metrics(records, path):
         else:
             ax.plot([r["step"] for r in val], [r["loss"] for r in val], marker="o", label="val loss")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats)")
+    ax.set_ylabel("loss")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -896,13 +935,17 @@ def train(model, data, tc, meta=None, resume=False, log=print):
                     line += (f" (step1 {metrics['loss_first']:.3f}, last {metrics['loss_last']:.3f})"
                              f" | E {metrics['energy_start']:.2f}->{metrics['energy_end']:.2f}"
                              f" | alpha {metrics['step_size']:.1f}")
-                log(line + f" | ppl {metrics['ppl']:.2f} | {tok_s / 1e3:.1f}k tok/s | ETA {format_time(eta)}")
+                quality = "".join(f" | {k} {metrics[k]:.2f}" for k in ("ppl", "psnr") if k in metrics)
+                log(line + f"{quality} | {tok_s / 1e3:.1f}k tok/s | ETA {format_time(eta)}")
             if master and (step % tc.eval_interval == 0 or step == tc.max_steps):
                 m = evaluate(raw_model, data, tc, device)
                 record({"kind": "eval", "step": step, **m})
                 if "loss_per_step" in m:
-                    log(f"eval step {step} | val loss after 1..{len(m['loss_per_step'])} thinking steps: "
-                        + " ".join(f"{l:.4f}" for l in m["loss_per_step"]))
+                    line = (f"eval step {step} | val loss after 1..{len(m['loss_per_step'])} thinking steps: "
+                            + " ".join(f"{l:.4f}" for l in m["loss_per_step"]))
+                    if "psnr_per_step" in m:
+                        line += " | PSNR " + " ".join(f"{p:.2f}" for p in m["psnr_per_step"])
+                    log(line)
                 else:
                     log(f"eval step {step} | val loss {m['loss']:.4f}")
                 checkpoint()
@@ -1245,3 +1288,249 @@ def plot_distribution_sharpening(model, tokenizer, text, position=-1, steps=None
            title=f"distribution sharpening at position {position % len(thought.labels)}")
     fig.colorbar(image, ax=ax, label="probability")
     return fig, probs
+
+
+# -----------------------------------------------------------------------------
+# 9. Images: the denoising EBT
+#
+# y is an image. The energy model is a bidirectional transformer over patches of y;
+# thinking starts from the noisy image and descends the energy toward a clean one.
+
+def patchify(img, p):
+    """(B, C, H, W) -> (B, H/p * W/p, C*p*p), patches in row-major order."""
+    B, C, H, W = img.shape
+    x = img.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(B, (H // p) * (W // p), C * p * p)
+
+
+def unpatchify(x, p, C):
+    """(B, N, C*p*p) -> (B, C, H, W) for a square grid of N patches."""
+    B, N, _ = x.shape
+    n = math.isqrt(N)
+    return x.reshape(B, n, n, C, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, C, n * p, n * p)
+
+
+def psnr(pred, clean):
+    """Peak signal-to-noise ratio in dB of each image in [0, 1] (pred is clipped first): (B,)."""
+    mse = (pred.clamp(0, 1) - clean).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1 / mse.clamp(min=1e-10))
+
+
+class PatchTransformer(nn.Module):
+    """ViT-style body shared by the image EBT and its baseline: linear patch embedding plus a
+    learned position per patch, the shared blocks without causal masking, final RMSNorm."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.patch_size = cfg.patch_size
+        self.patch_emb = nn.Linear(cfg.channels * cfg.patch_size ** 2, cfg.n_embd, bias=False)
+        self.pos_emb = nn.Embedding((cfg.image_size // cfg.patch_size) ** 2, cfg.n_embd)  # one per (row, col)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.norm = RMSNorm(cfg.n_embd)
+
+    def forward(self, img, cond=0.0, double_backward=False):
+        """img: (B, C, S, S); cond: a (D,) vector added to every token. Returns (B, N, D)."""
+        x = self.patch_emb(patchify(img, self.patch_size)) + self.pos_emb.weight + cond
+        for block in self.blocks:
+            x = block.forward_bidirectional(x, double_backward)
+        return self.norm(x)
+
+
+class ImageEBT(Thinker, nn.Module):
+    """Energy of a candidate clean image: the mean over patch tokens of a scalar head.
+    Denoising = thinking from the noisy image, y <- y - alpha * dE/dy."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        assert cfg.model == "image_ebt"
+        self.config = cfg
+        self.body = PatchTransformer(cfg)
+        self.step_emb = nn.Embedding(cfg.think_steps + cfg.random_steps, cfg.n_embd)
+        self.energy_head = nn.Linear(cfg.n_embd, 1, bias=False)
+        self.apply(init_weights)
+        self.raw_step_size = nn.Parameter(torch.tensor(float(cfg.step_size)))
+
+    def energy(self, img, step):
+        """img: (B, C, S, S) candidates. Returns energies (B,)."""
+        cond = self.step_emb.weight[min(step, self.step_emb.num_embeddings - 1)]
+        # second derivatives are needed only when training through the descent
+        double_backward = self.training and torch.is_grad_enabled()
+        return self.energy_head(self.body(img, cond, double_backward)).squeeze(-1).mean(1)
+
+    def predict(self, noisy, steps=None, step_size=None):
+        """Think from the noisy image (B, C, S, S). Returns a Trajectory of images and energies (B,)."""
+        return self.descend(self.energy, noisy, steps, step_size)
+
+    def forward(self, noisy, clean, steps=None, generator=None):
+        """Loss = mean over thinking steps of the smooth-L1 distance to the clean image.
+        generator is accepted for evaluate() and unused: the starting point is not random."""
+        traj = self.predict(noisy, steps)
+        losses = torch.stack([F.smooth_l1_loss(y, clean) for y in traj.ys[1:]])
+        loss = losses.mean()
+        metrics = {"loss": loss.item(), "loss_first": losses[0].item(), "loss_last": losses[-1].item(),
+                   "psnr": psnr(traj.ys[-1].detach(), clean).mean().item(),
+                   "energy_start": traj.energies[0].mean().item(), "energy_end": traj.energies[-1].mean().item(),
+                   "step_size": self.step_size().item()}
+        if not self.training:
+            metrics["loss_per_step"] = [l.item() for l in losses]
+            metrics["psnr_per_step"] = [psnr(y, clean).mean().item() for y in traj.ys[1:]]
+        return loss, metrics
+
+
+class ImageBaseline(nn.Module):
+    """The same transformer, same size, trained to output the clean image in one forward pass."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        assert cfg.model == "image_baseline"
+        self.config = cfg
+        self.body = PatchTransformer(cfg)
+        self.out = nn.Linear(cfg.n_embd, cfg.channels * cfg.patch_size ** 2, bias=False)
+        self.apply(init_weights)
+
+    def denoise(self, noisy):
+        # predicts a correction to the noisy image: like the EBT, it starts from the input
+        patches = self.out(self.body(noisy))  # (B, N, C*p*p)
+        return noisy + unpatchify(patches, self.config.patch_size, self.config.channels)
+
+    def forward(self, noisy, clean):
+        pred = self.denoise(noisy)
+        loss = F.smooth_l1_loss(pred, clean)
+        return loss, {"loss": loss.item(), "psnr": psnr(pred.detach(), clean).mean().item()}
+
+    def param_groups(self, weight_decay):
+        return decay_groups(self.parameters(), weight_decay)
+
+
+# Image data: images are (C, H, W) tensors, float in [0, 1] or uint8 (the downloaded datasets,
+# four times smaller in memory).
+
+def check_noise_std(std):
+    if not (math.isfinite(std) and 0 <= std <= 10):
+        raise UsageError(f"noise level {std} is not a standard deviation between 0 and 10 (pixels are in [0, 1])")
+    return std
+
+
+class ImageData:
+    """Random square crops with Gaussian noise: batch -> (noisy, clean), each (B, C, S, S)."""
+
+    def __init__(self, train, val, crop, noise_std, source="images"):
+        """train, val: sequences of (C, H, W) images (a list, or one (N, C, H, W) tensor)."""
+        for split, images in (("train", train), ("val", val)):
+            if len(images) == 0:
+                raise UsageError(f"{source}: no {split} images")
+            if min(min(img.shape[-2:]) for img in images) < crop:
+                raise UsageError(f"{source}: some {split} images are smaller than the {crop}x{crop} crop; "
+                                 "use a smaller --image_size")
+        self.split = {"train": train, "val": val}
+        self.crop, self.channels = crop, train[0].shape[0]
+        self.noise_std = check_noise_std(noise_std)
+        self.tokens_per_sample = crop * crop  # pixels count as tokens in the throughput log
+
+    def batch(self, split, batch_size, generator):
+        images, S, g = self.split[split], self.crop, generator
+        crops = []
+        for i in torch.randint(len(images), (batch_size,), generator=g).tolist():
+            H, W = images[i].shape[-2:]
+            top, left = (int(torch.randint(n - S + 1, (), generator=g)) for n in (H, W))
+            crops.append(images[i][:, top:top + S, left:left + S])
+        clean = torch.stack(crops)
+        clean = clean.float() / 255 if clean.dtype == torch.uint8 else clean
+        return clean + self.noise_std * torch.randn(clean.shape, generator=g), clean
+
+
+def read_image(path):
+    """A PNG or JPEG file as a (3, H, W) float tensor in [0, 1] (gray is repeated, alpha dropped)."""
+    import matplotlib.image
+    try:
+        a = matplotlib.image.imread(path)
+    except Exception as e:
+        raise UsageError(f"{path} is not a readable PNG or JPEG image ({type(e).__name__})") from None
+    a = torch.from_numpy(a.copy())
+    a = a.float() if a.is_floating_point() else a.float() / 255  # PNG reads as float, JPEG as uint8
+    a = a[..., None] if a.dim() == 2 else a                       # (H, W, channels)
+    a = a[..., :1].expand(-1, -1, 3) if a.shape[-1] <= 2 else a[..., :3]  # gray to RGB, drop alpha
+    return a.permute(2, 0, 1).contiguous()
+
+
+def image_folder(path):
+    """Every PNG or JPEG file in a folder, as (name, (3, H, W) image) pairs."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UsageError(f"image folder {path} does not exist")
+    files = sorted(f for f in path.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if not files:
+        raise UsageError(f"image folder {path} has no PNG or JPEG files")
+    return [(f.name, read_image(f)) for f in files]
+
+
+def sample_photos():
+    """The photograph matplotlib ships (its other sample images are graphics, not photos)."""
+    import matplotlib.cbook
+    return [("grace_hopper.jpg", read_image(matplotlib.cbook.get_sample_data("grace_hopper.jpg")))]
+
+
+def held_out_strips(named_images, crop):
+    """Hold out the bottom fifth (at least one crop high) of every image for validation.
+    Returns lists of train and val images."""
+    train, val = [], []
+    for name, img in named_images:
+        H, W = img.shape[-2:]
+        n_val = max(crop, H // 5)
+        if H - n_val < crop or W < crop:
+            raise UsageError(f"{name} is {H}x{W} pixels: too small for {crop}x{crop} crops plus a held-out "
+                             f"strip (needs at least {2 * crop} rows and {crop} columns); use a smaller --image_size")
+        train.append(img[:, :H - n_val])
+        val.append(img[:, H - n_val:])
+    return train, val
+
+
+MNIST_URL = "https://storage.googleapis.com/cvdf-datasets/mnist/"
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+
+
+def read_idx(path):
+    """A gzipped IDX file (the MNIST format): big-endian magic (0, 0, dtype code, ndim),
+    ndim big-endian int32 sizes, then the raw uint8 array."""
+    import gzip
+    import numpy as np
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
+        raise UsageError(f"{path} is not a gzipped uint8 IDX file")
+    ndim = data[3]
+    shape = tuple(int(n) for n in np.frombuffer(data, dtype=">i4", count=ndim, offset=4))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def read_cifar10(path):
+    """CIFAR-10's python tarball: five pickled training batches and one test batch, each a
+    dict whose b"data" is (10000, 3072) uint8, channel-major 32x32 images.
+    Returns (train, test) uint8 arrays (N, 3, 32, 32)."""
+    import pickle
+    import tarfile
+    import numpy as np
+    train, test = [], []
+    with tarfile.open(path, "r:gz") as tar:
+        for member in sorted(tar.getmembers(), key=lambda m: m.name):
+            name = Path(member.name).name
+            if name.startswith("data_batch_") or name == "test_batch":
+                batch = pickle.load(tar.extractfile(member), encoding="bytes")
+                (test if name == "test_batch" else train).append(np.asarray(batch[b"data"], dtype=np.uint8))
+    if not train or not test:
+        raise UsageError(f"{path} is not the CIFAR-10 python tarball (no data_batch_* / test_batch)")
+    return tuple(np.concatenate(parts).reshape(-1, 3, 32, 32) for parts in (train, test))
+
+
+def download_dataset(name):
+    """MNIST or CIFAR-10 as (train, val) uint8 tensors (N, C, H, W), downloaded once and cached."""
+    hint = lambda p: f"no network? put the file at {p}, or use the default photos or --data DIR"
+    if name == "mnist":
+        split = []
+        for f in ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz"):
+            path = download(MNIST_URL + f, CACHE_DIR / "mnist" / f, hint=hint(CACHE_DIR / "mnist" / f))
+            split.append(torch.from_numpy(read_idx(path).copy())[:, None])  # (N, 1, 28, 28)
+        return tuple(split)
+    path = CACHE_DIR / "cifar-10-python.tar.gz"
+    train, test = read_cifar10(download(CIFAR10_URL, path, hint=hint(path)))
+    return torch.from_numpy(train), torch.from_numpy(test)

@@ -24,7 +24,7 @@ def parse_args(argv=None):
     m, t, s = ebt.ModelConfig(), ebt.TrainConfig(), p.add_argument
     preset_help = lambda k: f"(default: from --preset, gpu {PRESETS['gpu'][k]}, cpu {PRESETS['cpu'][k]})"
     s("--preset", choices=PRESETS, default="gpu", help="size and budget (default: %(default)s)")
-    s("--model", choices=ebt.MODEL_KINDS, default="ebt", help="(default: %(default)s)")
+    s("--model", choices=ebt.TEXT_KINDS, default="ebt", help="(default: %(default)s)")
     for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_steps", "eval_interval",
               "eval_batches", "log_interval"):
         s(f"--{k}", type=int, help=preset_help(k))
