@@ -1,6 +1,7 @@
 """
 Training throughput and memory: the EBT with 1, 2 and 3 thinking steps against the
-Transformer++ on the same backbone and batch.
+Transformer++ on the same backbone and batch. Then generation speed of the EBT: with the
+KV cache, recomputing the context stream per token, and recomputing everything per token.
 
     python bench.py                      # CPU preset size (4 layers, width 128, batch 16 x 64)
     python bench.py --device cuda --n_layer 6 --n_embd 384 --n_head 6 --block_size 256 --batch_size 64
@@ -82,6 +83,41 @@ def measure(kind, steps, args):
             "peak_mb": peak / 2**20, "tflops": flops / dt / 1e12, "device": device}
 
 
+def time_generation(args, contexts=(64, 256), new_tokens=16):
+    """Tokens/s of EBT generation (2 thinking steps, 1 candidate) for a window growing to
+    each context length C (prompt of C - new_tokens random tokens):
+    - cached: generate() with the KV cache of the context stream;
+    - context recompute: generate(use_cache=False), the context stream re-run per token;
+    - full recompute: what a plain implementation does per token, the training forward on
+      the whole window (thinking at every position) to read off the last prediction."""
+    device = ebt.pick_device(args.device)
+    torch.manual_seed(0)
+    cfg = ebt.ModelConfig(vocab_size=args.vocab_size, block_size=max(contexts), n_layer=args.n_layer,
+                          n_head=args.n_head, n_embd=args.n_embd)
+    model = ebt.build_model(cfg).to(device).eval()
+    g = torch.Generator().manual_seed(0)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def rate(fn, n):
+        fn()  # warm-up
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        return n / (time.perf_counter() - t)
+
+    rows = []
+    for C in contexts:
+        prompt = torch.randint(args.vocab_size, (1, C - new_tokens), generator=g).to(device)
+        window = torch.randint(args.vocab_size, (1, C), generator=g).to(device)
+        with ebt.autocast(device):
+            rows.append({"context": C, **{f"{name}_tok_s": rate(fn, n) for name, fn, n in (
+                ("cached", lambda: ebt.generate(model, prompt, new_tokens, generator=g), new_tokens),
+                ("context", lambda: ebt.generate(model, prompt, new_tokens, generator=g, use_cache=False), new_tokens),
+                ("full", torch.no_grad()(lambda: model.predict(window).ys[-1][:, -1]), 1))}})
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto")
@@ -118,6 +154,13 @@ def main():
         print(f"| {name} | {r['step_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | {r['step_s'] / base['step_s']:.2f} | "
               f"{r['peak_mb']:.0f} | {r['peak_mb'] / base['peak_mb']:.2f} |"
               + (f" {100 * r['tflops'] / args.peak_tflops:.1f}% |" if cuda else ""))
+    print("\nEBT generation, 2 thinking steps, 1 candidate (tokens/s; speed-up of the cache in brackets)")
+    print("| context | cached | context stream recomputed | everything recomputed |")
+    print("|---|---|---|---|")
+    for r in time_generation(args):
+        c = r["cached_tok_s"]
+        print(f"| {r['context']} | {c:.1f} | {r['context_tok_s']:.1f} ({c / r['context_tok_s']:.1f}x) | "
+              f"{r['full_tok_s']:.1f} ({c / r['full_tok_s']:.1f}x) |")
 
 
 if __name__ == "__main__":

@@ -1058,26 +1058,6 @@ def generate(model, idx, num_tokens, temperature=1.0, top_k=None, generator=None
     return out
 
 
-def benchmark_generation(model, context_lengths=(64, 256), num_tokens=16, seed=0, **thinking):
-    """Tokens per second of generate() with the KV cache and recomputing the window per token.
-    For context C the prompt has C - num_tokens tokens, so the window grows to exactly C."""
-    g = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
-    rows = []
-    for C in context_lengths:
-        if not num_tokens < C <= model.config.block_size:
-            raise UsageError(f"context {C} must be in ({num_tokens}, block_size={model.config.block_size}]")
-        prompt = torch.randint(model.config.vocab_size, (1, C - num_tokens), generator=g).to(device)
-        speed = {}
-        for use_cache in (True, False):
-            generate(model, prompt, 2, generator=g, use_cache=use_cache, **thinking)  # warm-up
-            t0 = time.perf_counter()
-            generate(model, prompt, num_tokens, generator=g, use_cache=use_cache, **thinking)
-            speed[use_cache] = num_tokens / (time.perf_counter() - t0)
-        rows.append({"context": C, "cached_tok_s": speed[True], "recompute_tok_s": speed[False]})
-    return rows
-
-
 def pydoc_topics_text():
     """The English documentation Python ships (pydoc_data.topics): out-of-distribution text
     for a model trained on Shakespeare, on every machine, no download."""

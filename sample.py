@@ -6,7 +6,6 @@ Generate text with a trained text EBT (or the Transformer++ baseline) and watch 
     python sample.py --steps 16 --tolerance 1e-3            # adaptive: stop a token once its energy settles
     python sample.py --plots plots/                         # 4 PNGs of the thinking behind the text
     python sample.py --eval --plots plots/                  # perplexity vs steps and candidates, val and OOD
-    python sample.py --bench                                # tokens/s with and without the KV cache
 """
 import argparse
 import sys
@@ -43,7 +42,6 @@ def parse_args(argv=None):
     m.add_argument("--eval", action="store_true", help="perplexity vs thinking steps and candidates on val and OOD text")
     m.add_argument("--data", help="--eval: the training text, whose last 10%% is the validation split (default: Tiny Shakespeare)")
     m.add_argument("--ood", help="--eval: out-of-distribution text file (default: Python's pydoc_data.topics)")
-    m.add_argument("--bench", action="store_true", help="tokens/s with the KV cache vs recomputing, at context 64 and 256")
     return p.parse_args(argv)
 
 
@@ -73,13 +71,6 @@ def main(argv=None):
     ckpt = args.ckpt or Path(args.out_dir) / "ckpt.pt"
     thinking = {k: getattr(args, k) for k in ("steps", "step_size", "candidates", "langevin_std", "tolerance")
                 if getattr(args, k) is not None}
-    if args.bench:  # timing only: a longer rotary table lets the trained weights run at context 256
-        model, _ = ebt.text_model_from_checkpoint(ckpt, device, block_size=256)
-        print(f"{model.config.model}, {torch.get_num_threads()} threads, {device}; prompt of C-16 tokens, 16 new")
-        for r in ebt.benchmark_generation(model, (64, 256), 16, args.seed, **thinking):
-            print(f"context {r['context']:>3}: cached {r['cached_tok_s']:7.1f} tok/s | recompute "
-                  f"{r['recompute_tok_s']:7.1f} tok/s | x{r['cached_tok_s'] / r['recompute_tok_s']:.2f}")
-        return
     model, tokenizer = ebt.text_model_from_checkpoint(ckpt, device)
     if args.eval:
         return evaluate_thinking(model, tokenizer, args)
