@@ -69,8 +69,8 @@ class ModelConfig:
     think_steps: int = 2          # descent steps during training
     step_size: float = 500.0      # initial value of the learnable step size alpha
     step_size_lr_mult: float = 1500.0  # alpha's lr = base lr x this (about 3x its initial value)
-    init_std: float = 1.0         # std of the random starting logits
-    random_init_std: bool = False  # training: each sequence's start std drawn from U[0, init_std]
+    init_std: float = 0.5         # std of the random starting logits (the paper: 1)
+    random_init_std: bool = True  # training: each sequence's start std drawn from U[0, init_std]
     # "System 2" training options from the paper, all off by default
     langevin_std: float = 0.0     # std of Gaussian noise added to y before each step
     random_step_size: float = 1.0  # s > 1: per-sample alpha drawn from [alpha/s, alpha*s]

@@ -38,10 +38,12 @@ def parse_args(argv=None):
     g.add_argument("--candidates", type=int, help="self-verification: think from N starts, keep the lowest energy")
     g.add_argument("--langevin_std", type=float, help="noise added to the logits before each step")
     g.add_argument("--tolerance", type=float, help="adaptive: stop a token once its energy falls by less than this")
+    g.add_argument("--init_std", type=float, help="std of the random starting logits (default: as trained)")
     m = p.add_argument_group("other modes")
     m.add_argument("--eval", action="store_true", help="perplexity vs thinking steps and candidates on val and OOD text")
     m.add_argument("--data", help="--eval: the training text, whose last 10%% is the validation split (default: Tiny Shakespeare)")
     m.add_argument("--ood", help="--eval: out-of-distribution text file (default: Python's pydoc_data.topics)")
+    m.add_argument("--windows", type=int, default=64, help="--eval: random windows of block_size tokens per text (default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -55,7 +57,7 @@ def evaluate_thinking(model, tokenizer, args):
     trained = model.config.think_steps
     steps = sorted({1, 2, 3, trained, 2 * trained, 3 * trained, 4 * trained})
     sources = {"val": val, f"OOD: {ood_name}": torch.tensor(tokenizer.encode(ood_text))}
-    results = {name: ebt.thinking_curves(model, ids, steps) for name, ids in sources.items()}
+    results = {name: ebt.thinking_curves(model, ids, steps, windows=args.windows) for name, ids in sources.items()}
     print(ebt.thinking_table(results, trained))
     if args.plots:
         path = Path(args.plots) / "thinking_curves.png"
@@ -71,7 +73,8 @@ def main(argv=None):
     ckpt = args.ckpt or Path(args.out_dir) / "ckpt.pt"
     thinking = {k: getattr(args, k) for k in ("steps", "step_size", "candidates", "langevin_std", "tolerance")
                 if getattr(args, k) is not None}
-    model, tokenizer = ebt.text_model_from_checkpoint(ckpt, device)
+    overrides = {} if args.init_std is None else {"init_std": args.init_std}
+    model, tokenizer = ebt.text_model_from_checkpoint(ckpt, device, **overrides)
     if args.eval:
         return evaluate_thinking(model, tokenizer, args)
     if args.plots:

@@ -38,7 +38,8 @@ def parse_args(argv=None):
     g.add_argument("--step_size", type=float, default=m.step_size, help="initial step size alpha (default: %(default)s)")
     g.add_argument("--step_size_lr_mult", type=float, default=m.step_size_lr_mult, help="alpha's lr / base lr (default: %(default)s)")
     g.add_argument("--init_std", type=float, default=m.init_std, help="std of the starting logits (default: %(default)s)")
-    g.add_argument("--random_init_std", action="store_true", help="draw each training sequence's start std from U[0, init_std]")
+    g.add_argument("--random_init_std", action=argparse.BooleanOptionalAction, default=m.random_init_std,
+                   help="draw each training sequence's start std from U[0, init_std] (default: %(default)s)")
     g.add_argument("--eval_steps", type=int, default=t.eval_steps, help="thinking steps at evaluation, 0 = 2x think_steps (default: %(default)s)")
     g.add_argument("--langevin_std", type=float, default=m.langevin_std, help="System 2: noise added before each step (default: %(default)s)")
     g.add_argument("--random_step_size", type=float, default=m.random_step_size, help="System 2: per-sample alpha in [alpha/s, alpha*s], 1 = off (default: %(default)s)")
