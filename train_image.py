@@ -153,8 +153,11 @@ def report(models, data, args, device):
     for level, row in zip(levels, rows):
         seen = "trained" if math.isclose(level, train_std) else "unseen"
         table.append(f"| {level:g} ({seen}) | " + " | ".join(f"{v:.2f}" for v in row) + " |")
-    text = (f"PSNR (dB) on {REPORT_CROPS} held-out {data.crop}x{data.crop} crops; 'ebt k' = after k thinking "
-            f"steps, one forward and one backward pass each (trained with {think_steps}).\n\n" + "\n".join(table) + "\n")
+    text = f"PSNR (dB) on {REPORT_CROPS} held-out {data.crop}x{data.crop} crops"
+    if "ebt" in models:
+        text += (f"; 'ebt k' = after k thinking steps, one forward and one backward pass each "
+                 f"(trained with {think_steps})")
+    text += ".\n\n" + "\n".join(table) + "\n"
     (out / "psnr.md").write_text(text)
     print(text)
     plot_grid(grid, out / "grid.png")
