@@ -124,14 +124,16 @@ class RMSNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding: rotates pairs of channels by position-dependent angles."""
+    """Rotary position embedding: rotates channel pairs (i, i + Dh/2) by position-dependent
+    angles. Written as x * cos + swap_halves(x) * sin with the tables widened to Dh: four
+    ops, which matters because the prediction stream differentiates through it twice."""
 
     def __init__(self, head_dim, max_positions, base=10000.0):
         super().__init__()
         inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)
         angles = torch.outer(torch.arange(max_positions).float(), inv_freq)  # (P, Dh/2)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.register_buffer("cos", torch.cat([angles.cos(), angles.cos()], -1), persistent=False)  # (P, Dh)
+        self.register_buffer("sin", torch.cat([-angles.sin(), angles.sin()], -1), persistent=False)
 
     def forward(self, x, start):
         """x: (B, H, T, Dh), token t sits at position start + t."""
@@ -140,8 +142,7 @@ class Rotary(nn.Module):
             raise ValueError(f"position {start + T} exceeds the rotary table ({self.cos.shape[0]})")
         cos = self.cos[start:start + T].to(x.dtype)
         sin = self.sin[start:start + T].to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+        return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 def causal_mask(q_len, k_len, device):
@@ -195,12 +196,11 @@ class Attention(nn.Module):
         visible = causal_mask(P, T, x.device)  # (P, T)
         if double_backward:
             # Explicit softmax attention: the fused kernels have no second derivative.
-            scale = q.shape[-1] ** -0.5
-            to_context = (q @ k_ctx.transpose(-2, -1)) * scale  # (B, H, P, T)
-            to_context = to_context.masked_fill(~visible, float("-inf"))
-            to_self = (q * k).sum(-1, keepdim=True) * scale     # (B, H, P, 1)
-            att = torch.cat([to_context, to_self], dim=-1).softmax(dim=-1)
-            y = att[..., :T] @ v_ctx + att[..., T:] * v
+            q = q * q.shape[-1] ** -0.5  # scaled once, here, rather than both score tensors
+            to_context = (q @ k_ctx.transpose(-2, -1)).masked_fill(~visible, float("-inf"))  # (B, H, P, T)
+            to_self = (q * k).sum(-1, keepdim=True)                                             # (B, H, P, 1)
+            att_context, att_self = torch.cat([to_context, to_self], dim=-1).softmax(dim=-1).split([T, 1], dim=-1)
+            y = att_context @ v_ctx + att_self * v
         else:
             keys, values = torch.cat([k_ctx, k], dim=2), torch.cat([v_ctx, v], dim=2)
             only_self = torch.eye(P, dtype=torch.bool, device=x.device)

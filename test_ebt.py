@@ -141,7 +141,8 @@ def full_attention_energy(model, idx, logits, step=0):
     mask[S:, :S] = sees                  # prediction i: context 0..i
     mask[S:, S:] = torch.eye(S, dtype=torch.bool)  # ... and itself
     pos = torch.cat([i, i + 1])          # prediction i stands for token i+1
-    cos, sin = model.trunk.rotary.cos[pos], model.trunk.rotary.sin[pos]
+    half = model.config.n_embd // model.config.n_head // 2
+    cos, sin = model.trunk.rotary.cos[pos, :half], model.trunk.rotary.sin[pos, half:]
 
     def rotate(t):
         a, b = t.chunk(2, -1)
