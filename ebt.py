@@ -784,10 +784,9 @@ def format_time(seconds):
 
 def plot_metrics(records, path):
     """Loss curve PNG from the metrics log records."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
+    from matplotlib.figure import Figure  # no pyplot: nothing global to set up or close
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     train = [r for r in records if r["kind"] == "train"]
     val = [r for r in records if r["kind"] == "eval"]
     if train:
@@ -806,7 +805,6 @@ def plot_metrics(records, path):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 class NonFiniteError(Exception):

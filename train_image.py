@@ -168,11 +168,10 @@ def report(models, data, args, device):
 
 def plot_grid(columns, path):
     """One row per crop: noisy, baseline, EBT after each step, clean."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: nothing global to set up or close
     n_rows, n_cols = next(iter(columns.values())).shape[0], len(columns)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(0.8 * n_cols, 0.8 * n_rows + 0.3), squeeze=False)
+    fig = Figure(figsize=(0.8 * n_cols, 0.8 * n_rows + 0.3))
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
     for c, (name, images) in enumerate(columns.items()):
         axes[0, c].set_title(name, fontsize=7)
         for r in range(n_rows):
@@ -182,14 +181,12 @@ def plot_grid(columns, path):
             axes[r, c].axis("off")
     fig.tight_layout(pad=0.2)
     fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 def plot_energy(curves, train_std, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
+    from matplotlib.figure import Figure  # no pyplot: nothing global to set up or close
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for level, energies in curves.items():
         label = f"noise std {level:g}" + (" (trained)" if math.isclose(level, train_std) else "")
         ax.plot(range(len(energies)), energies, marker="o", label=label)
@@ -199,7 +196,6 @@ def plot_energy(curves, train_std, path):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def main(argv=None):
