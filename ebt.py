@@ -571,6 +571,11 @@ def read_text(path):
     return text
 
 
+def text_or_shakespeare(path=None):
+    """The text at path, or Tiny Shakespeare (downloaded once and cached)."""
+    return read_text(path or download(SHAKESPEARE_URL, CACHE_DIR / "tinyshakespeare.txt", SHAKESPEARE_SHA256))
+
+
 class CharTokenizer:
     name = "char"
 
@@ -1070,6 +1075,15 @@ def in_vocabulary(text, tokenizer):
         return text, 0
     kept = "".join(c for c in text if c in tokenizer.index)
     return kept, len(text) - len(kept)
+
+
+def validation_and_ood(tokenizer, block_size, data_text, ood_text=None):
+    """Token ids to evaluate thinking on: the validation split of the training text, and an
+    out-of-distribution text (default: pydoc_data.topics) cut to the vocabulary.
+    Returns (val ids, OOD ids, characters dropped from the OOD text)."""
+    val = TextData(tokenizer.encode(data_text), block_size).split["val"]
+    ood, dropped = in_vocabulary(pydoc_topics_text() if ood_text is None else ood_text, tokenizer)
+    return val, torch.tensor(tokenizer.encode(ood)), dropped
 
 
 @torch.no_grad()

@@ -48,15 +48,13 @@ def parse_args(argv=None):
 
 
 def evaluate_thinking(model, tokenizer, args):
-    data_text = ebt.read_text(args.data or ebt.download(ebt.SHAKESPEARE_URL, ebt.CACHE_DIR / "tinyshakespeare.txt",
-                                                        ebt.SHAKESPEARE_SHA256))
-    val = ebt.TextData(tokenizer.encode(data_text), model.config.block_size).split["val"]
-    ood_text, dropped = ebt.in_vocabulary(ebt.read_text(args.ood) if args.ood else ebt.pydoc_topics_text(), tokenizer)
+    val, ood, dropped = ebt.validation_and_ood(tokenizer, model.config.block_size, ebt.text_or_shakespeare(args.data),
+                                               ebt.read_text(args.ood) if args.ood else None)
     ood_name = Path(args.ood).name if args.ood else "pydoc_data.topics"
-    print(f"OOD text {ood_name}: {len(ood_text)} characters kept, {dropped} outside the vocabulary dropped")
+    print(f"OOD text {ood_name}: {len(ood)} tokens kept, {dropped} characters outside the vocabulary dropped")
     trained = model.config.think_steps
     steps = sorted({1, 2, 3, trained, 2 * trained, 3 * trained, 4 * trained})
-    sources = {"val": val, f"OOD: {ood_name}": torch.tensor(tokenizer.encode(ood_text))}
+    sources = {"val": val, f"OOD: {ood_name}": ood}
     results = {name: ebt.thinking_curves(model, ids, steps, windows=args.windows) for name, ids in sources.items()}
     print(ebt.thinking_table(results, trained))
     if args.plots:

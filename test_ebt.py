@@ -737,7 +737,7 @@ def test_train_image_driver_end_to_end(tmp_path, monkeypatch):
     train_image.main(["--compare", "out-image-ebt", "out-image-baseline", "--report_steps", "3", "--device", "cpu"])
     table = (tmp_path / "out-image-compare" / "psnr.md").read_text()
     assert "baseline (1 pass)" in table and "ebt 3" in table and "0.3 (unseen)" in table
-    for f in ("grid.png", "energy.png"):
+    for f in ("grid.png", "energy.png", "psnr.png"):
         assert (tmp_path / "out-image-compare" / f).stat().st_size > 0
 
 
@@ -755,6 +755,34 @@ def test_train_image_bad_inputs_exit_2(tmp_path, monkeypatch):
         r = run_script("train_image.py", *args, "--max_steps", "1", "--out_dir", str(tmp_path / "out"))
         assert r.returncode == 2, (args, r.stderr)
         assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+# --- results.py: every table and plot of the README's Results from one command
+
+def test_results_trains_what_is_missing_then_reports_from_checkpoints(tmp_path, text_file, monkeypatch, capsys):
+    import results
+    import train_text
+    monkeypatch.setitem(train_text.PRESETS, "cpu", dict(
+        n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, max_steps=2, lr=3e-3,
+        eval_interval=2, eval_batches=1, log_interval=1))
+    tiny_image = ["--image_size", "16", "--n_layer", "1", "--n_embd", "16", "--max_steps", "2", "--eval_interval", "2",
+                  "--eval_batches", "1", "--batch_size", "4", "--report_steps", "3"]
+    monkeypatch.setattr(results, "IMAGE_RUNS", {k: v + tiny_image for k, v in results.IMAGE_RUNS.items()})
+    argv = ["--data", str(text_file), "--seeds", "1", "--out_dir", str(tmp_path), "--windows", "2", "--device", "cpu"]
+    results.main(argv)
+    trained = capsys.readouterr().out.count("$ python ")
+    assert trained == len(results.TEXT_RUNS) + len(results.ABLATION) + len(results.IMAGE_RUNS)
+    report = (tmp_path / "results.md").read_text()
+    for section in ("1. Against thinking steps", "2. Against self-verification", "3. Relative gain",
+                    "4. System 2 options", "5. Image denoising", "S2 without Langevin noise", "baseline (1 pass)"):
+        assert section in report
+    for f in ("thinking_steps.png", "candidates.png", "ood_gain.png", "ablation.png", "image/psnr.png"):
+        assert (tmp_path / f).stat().st_size > 0
+    curves = json.loads((tmp_path / "results.json").read_text())
+    assert len(set(curves["Transformer++"]["1"]["val"]["steps"].values())) == 1  # no thinking: flat
+    results.main(argv)  # everything is trained now: only the report is made again
+    assert "$ python " not in capsys.readouterr().out
+    assert (tmp_path / "results.md").read_text() == report
 
 
 # --- Mixed precision (the CUDA path runs under bf16 autocast; CPU autocast runs the same code)

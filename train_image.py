@@ -10,8 +10,8 @@ Train an image denoising EBT (or its one-pass baseline) and compare them.
 
 Training ends with a report in out_dir (also what --compare writes, for several checkpoints):
 psnr.md, PSNR of the noisy input, the baseline and the EBT after each thinking step at the
-training noise level and higher ones; grid.png, a few denoised validation crops; energy.png,
-the mean energy along the thinking steps.
+training noise level and higher ones; psnr.png, the same against forward passes; grid.png, a
+few denoised validation crops; energy.png, the mean energy along the thinking steps.
 """
 import argparse
 import math
@@ -161,9 +161,12 @@ def report(models, data, args, device):
     (out / "psnr.md").write_text(text)
     print(text)
     plot_grid(grid, out / "grid.png")
+    plot_psnr(dict(zip(levels, rows)), list(preds), train_std, out / "psnr.png")
+    written = [out / "psnr.md", out / "psnr.png", out / "grid.png"]
     if "ebt" in models:
         plot_energy(curves, train_std, out / "energy.png")
-    print(f"wrote {out / 'psnr.md'}, {out / 'grid.png'}" + (f", {out / 'energy.png'}" if "ebt" in models else ""))
+        written.append(out / "energy.png")
+    print("wrote " + ", ".join(map(str, written)))
 
 
 def plot_grid(columns, path):
@@ -181,6 +184,27 @@ def plot_grid(columns, path):
             axes[r, c].axis("off")
     fig.tight_layout(pad=0.2)
     fig.savefig(path, dpi=80)
+
+
+def plot_psnr(rows, names, train_std, path):
+    """PSNR against forward passes, one panel per noise level: the EBT's k-th thinking step
+    is its k-th forward pass (plus a backward), the baseline is a single pass."""
+    from matplotlib.figure import Figure  # no pyplot: nothing global to set up or close
+    fig = Figure(figsize=(3.2 * len(rows), 3.2), layout="constrained")
+    for ax, (level, row) in zip(fig.subplots(1, len(rows), squeeze=False)[0], rows.items()):
+        values = dict(zip(names, row))
+        ebt_steps = [n for n in names if n.startswith("ebt ")]
+        if ebt_steps:
+            ax.plot(range(1, len(ebt_steps) + 1), [values[n] for n in ebt_steps], marker="o", label="EBT")
+        if "baseline" in values:
+            ax.axhline(values["baseline"], color="C1", ls="--", label="baseline (1 pass)")
+            ax.plot([1], [values["baseline"]], marker="s", color="C1")
+        ax.axhline(values["noisy"], color="gray", ls=":", label="noisy input")
+        seen = "trained" if math.isclose(level, train_std) else "unseen"
+        ax.set(title=f"noise std {level:g} ({seen})", xlabel="forward passes", ylabel="PSNR (dB)")
+        ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=90)
 
 
 def plot_energy(curves, train_std, path):

@@ -72,8 +72,7 @@ def main(argv=None):
     if ckpt:
         tokenizer = ebt.tokenizer_from_state(ckpt["tokenizer"])
         cfg = ebt.ModelConfig.from_dict(ckpt["model_config"])
-    text = ebt.read_text(args.data or ebt.download(ebt.SHAKESPEARE_URL, ebt.CACHE_DIR / "tinyshakespeare.txt",
-                                                   ebt.SHAKESPEARE_SHA256))
+    text = ebt.text_or_shakespeare(args.data)
     if not ckpt:
         tokenizer = ebt.CharTokenizer.fit(text) if args.tokenizer == "char" else ebt.GPT2Tokenizer()
         cfg = ebt.ModelConfig(
