@@ -12,7 +12,7 @@ run is resumed. From scratch, everything takes about 3 hours on 2 CPU cores; the
 existing checkpoints takes a few minutes.
 
 Writes to out-results/: results.md (every table), results.json (every number, per seed),
-thinking_steps.png, candidates.png, ood_gain.png, ablation.png, and image/ (the image report:
+thinking_steps.png, candidates.png, thinking_ood.png, ablation.png, and image/ (the image report:
 psnr.md, psnr.png, grid.png, energy.png).
 """
 import argparse
@@ -29,20 +29,22 @@ import train_text
 TRAINED_STEPS = 2                          # the text EBTs' think_steps (train_text.py's default)
 STEPS = (1, 2, 3, 4, 6, 8, 12, 16)         # thinking steps evaluated, up to 8x the trained number
 CANDIDATES = (1, 2, 4, 8, 16)              # self-verification, at the trained number of steps
-MORE_STEPS, VERIFY = 4 * TRAINED_STEPS, 8  # the "thinking gain" compares these with 2 steps, 1 candidate
+MORE_STEPS, VERIFY = 4 * TRAINED_STEPS, 8  # thinking_changes compares these with 2 steps, 1 candidate
 
-# The System 2 training options (the paper's), on top of the default recipe ("S1").
-SYSTEM2 = {"Langevin noise": ["--langevin_std", "0.2"],
-           "random step size": ["--random_step_size", "2"],
-           "random steps": ["--random_steps", "2"]}
+# The System 2 training options (the paper's), on top of the default recipe ("S1"):
+# name -> (short name for directories, train_text.py flags).
+SYSTEM2 = {"Langevin noise": ("langevin", ["--langevin_std", "0.2"]),
+           "random step size": ("random-step-size", ["--random_step_size", "2"]),
+           "random steps": ("random-steps", ["--random_steps", "2"])}
 TEXT_RUNS = {  # label -> (directory prefix, train_text.py flags on top of --preset cpu)
     "Transformer++": ("transformer", ["--model", "transformer"]),
     "S1": ("s1", []),
-    "S2": ("s2", sum(SYSTEM2.values(), [])),
+    "S2": ("s2", sum((flags for _, flags in SYSTEM2.values()), [])),
 }
-ABLATION = {f"S2 without {option}": ("s2-no-" + option.lower().replace(" ", "-"),
-                                     sum((flags for o, flags in SYSTEM2.items() if o != option), []))
-            for option in SYSTEM2}
+ABLATION = {f"S2 without {option}": (f"s2-no-{short}", sum((f for o, (_, f) in SYSTEM2.items() if o != option), []))
+            for option, (short, _) in SYSTEM2.items()}
+# The S1 models also think from a zero start (uniform logits): their best one-step prediction.
+ZERO_START = "S1, zero start"
 IMAGE_RUNS = {"ebt": ["--model", "ebt"], "baseline": ["--model", "baseline"]}
 
 
@@ -51,7 +53,7 @@ def parse_args(argv=None):
     s = p.add_argument
     s("--data", help="the training text (default: Tiny Shakespeare, downloaded once and cached)")
     s("--seeds", type=int, nargs="+", default=[1337, 1338],
-      help="seeds of the S1 / S2 / Transformer++ runs; the ablation and images use the first (default: %(default)s)")
+      help="seeds of the text runs; the image runs use the first (default: %(default)s)")
     s("--out_dir", default="out-results", help="(default: %(default)s)")
     s("--windows", type=int, default=64, help="evaluation windows of block_size tokens per text (default: %(default)s)")
     s("--device", default="auto", help="auto, cpu, cuda or mps (default: %(default)s)")
@@ -74,10 +76,11 @@ def ensure_trained(script, argv, out_dir):
         raise ebt.UsageError(f"training of {out_dir} stopped at step {ckpt['step']}; run results.py again to resume")
 
 
-def text_curves(path, data_text, windows, device):
+def text_curves(path, data_text, windows, device, **overrides):
     """Cross-entropy (nats per token) against thinking steps and candidates, on the validation
-    split and on the OOD text: {"val" | "ood": {"steps" | "candidates": {k: CE}}}."""
-    model, tokenizer = ebt.text_model_from_checkpoint(path, device)
+    split and on the OOD text: {"val" | "ood": {"steps" | "candidates": {k: CE}}}.
+    overrides: config fields, e.g. init_std (the start of thinking)."""
+    model, tokenizer = ebt.text_model_from_checkpoint(path, device, **overrides)
     val, ood, _ = ebt.validation_and_ood(tokenizer, model.config.block_size, data_text)
     curves = {}
     for split, ids in (("val", val), ("ood", ood)):
@@ -90,15 +93,17 @@ def mean(values):
     return sum(values) / len(values)
 
 
-def gain(before, after):
-    """Relative reduction of cross-entropy, in percent."""
-    return 100 * (1 - after / before)
+def change(before, after):
+    """Relative change of cross-entropy, in percent: negative means thinking helped."""
+    return 100 * (after / before - 1)
 
 
-def gains(c):
-    """The thinking gains of one model's curves on one split."""
-    base = c["steps"][TRAINED_STEPS]
-    return {"steps": gain(base, c["steps"][MORE_STEPS]), "verify": gain(base, c["candidates"][VERIFY])}
+def thinking_changes(c):
+    """What thinking does to one model's CE on one split: more steps (one candidate), and
+    best of several candidates against one (both at the trained number of steps; the two
+    curves think from different random starts)."""
+    return {"steps": change(c["steps"][TRAINED_STEPS], c["steps"][MORE_STEPS]),
+            "verify": change(c["candidates"][1], c["candidates"][VERIFY])}
 
 
 # Tables (markdown) -----------------------------------------------------------
@@ -114,14 +119,14 @@ def curve_table(results, kind, keys, first):
     return "\n".join(lines)
 
 
-def gain_table(results):
-    lines = [f"| model | text | CE, {TRAINED_STEPS} steps | {MORE_STEPS} steps instead | best of {VERIFY} candidates |",
+def change_table(results):
+    lines = [f"| model | text | CE, {TRAINED_STEPS} steps | change with {MORE_STEPS} steps | change with best of {VERIFY} |",
              "|---|---|---|---|---|"]
     for label, runs in results.items():
         if label == "Transformer++":
             continue
         for split, name in (("val", "validation"), ("ood", "OOD")):
-            per_seed = [gains(r[split]) for r in runs.values()]
+            per_seed = [thinking_changes(r[split]) for r in runs.values()]
             ce = " / ".join(f"{r[split]['steps'][TRAINED_STEPS]:.3f}" for r in runs.values())
             cells = [" / ".join(f"{g[kind]:+.1f}%" for g in per_seed) for kind in ("steps", "verify")]
             lines.append(f"| {label} | {name} | {ce} | " + " | ".join(cells) + " |")
@@ -129,14 +134,18 @@ def gain_table(results):
 
 
 def ablation_table(ablation):
-    lines = ["| variant | val 1 step | val 2 steps | val 4 | val 8 | val 16 | val best of 8 | OOD 2 steps | OOD 8 "
-             f"| gain {MORE_STEPS} steps val / OOD | gain best of {VERIFY} val / OOD |", "|---" * 11 + "|"]
-    for label, c in ablation.items():
-        v, o = c["val"], c["ood"]
-        gv, go = gains(v), gains(o)
-        row = [v["steps"][k] for k in (1, 2, 4, 8, 16)] + [v["candidates"][VERIFY], o["steps"][2], o["steps"][8]]
-        lines.append(f"| {label} | " + " | ".join(f"{x:.3f}" for x in row)
-                     + f" | {gv['steps']:+.1f}% / {go['steps']:+.1f}% | {gv['verify']:+.1f}% / {go['verify']:+.1f}% |")
+    columns = [("val", "steps", k) for k in (1, 2, 4, 8, 16)] + [("val", "candidates", VERIFY)] + [
+        ("ood", "steps", k) for k in (TRAINED_STEPS, MORE_STEPS)]
+    names = [f"{'val' if split == 'val' else 'OOD'} {f'best of {k}' if kind == 'candidates' else f'{k} steps'}"
+             for split, kind, k in columns]
+    lines = ["| variant | " + " | ".join(names) + f" | change {MORE_STEPS} steps val; OOD | change best of {VERIFY} val; OOD |",
+             "|---" * (len(names) + 3) + "|"]
+    for label, runs in ablation.items():
+        row = [mean([r[split][kind][k] for r in runs.values()]) for split, kind, k in columns]
+        per_seed = {split: [thinking_changes(r[split]) for r in runs.values()] for split in ("val", "ood")}
+        cells = ["; ".join(" / ".join(f"{g[kind]:+.1f}%" for g in per_seed[split]) for split in ("val", "ood"))
+                 for kind in ("steps", "verify")]
+        lines.append(f"| {label} | " + " | ".join(f"{x:.3f}" for x in row) + " | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -144,7 +153,7 @@ def ablation_table(ablation):
 
 def plot_curves(results, kind, xlabel, path, title):
     """One panel per text (val, OOD): each model's mean CE over seeds, the range across
-    seeds shaded; a model that does not think is a flat dashed line."""
+    seeds shaded; a flat curve (the Transformer++, which does not think) is dashed."""
     from matplotlib.figure import Figure  # no pyplot: nothing global to set up or close
     fig = Figure(figsize=(9, 3.6), layout="constrained")
     for ax, (split, name) in zip(fig.subplots(1, 2), (("val", "validation (Tiny Shakespeare)"),
@@ -155,7 +164,7 @@ def plot_curves(results, kind, xlabel, path, title):
             ys = [[c[x] for c in per_seed] for x in xs]
             flat = all(math.isclose(y[0], ys[0][0]) for y in ys)
             ax.plot(xs, [mean(y) for y in ys], marker=None if flat else "o", ls="--" if flat else "-",
-                    color=f"C{i}", label=label + (" (no thinking)" if flat else ""))
+                    color=f"C{i}", label=label)
             if len(per_seed) > 1:
                 ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=f"C{i}", alpha=0.15)
         if kind == "steps":
@@ -169,27 +178,27 @@ def plot_curves(results, kind, xlabel, path, title):
     fig.savefig(path, dpi=90)
 
 
-def plot_gains(results, path):
-    """Relative CE reduction from thinking, in-distribution next to OOD, per model and seed."""
+def plot_changes(results, path):
+    """Relative CE change from thinking, in-distribution next to OOD, per model and seed."""
     from matplotlib.figure import Figure
     fig = Figure(figsize=(6.5, 3.4), layout="constrained")
     ax = fig.subplots()
     groups = [(label, kind) for label in results if label != "Transformer++" for kind in ("steps", "verify")]
     names = {"steps": f"{MORE_STEPS} steps", "verify": f"best of {VERIFY}"}
     for j, (split, name) in enumerate((("val", "validation"), ("ood", "OOD"))):
-        heights = [mean([gains(r[split])[kind] for r in results[label].values()]) for label, kind in groups]
+        heights = [mean([thinking_changes(r[split])[kind] for r in results[label].values()]) for label, kind in groups]
         xs = [i + 0.4 * j - 0.2 for i in range(len(groups))]
         ax.bar(xs, heights, width=0.4, label=name, color=f"C{j}")
         for label_kind, x in zip(groups, xs):  # each seed as a dot
             label, kind = label_kind
-            ax.plot([x] * len(results[label]), [gains(r[split])[kind] for r in results[label].values()],
+            ax.plot([x] * len(results[label]), [thinking_changes(r[split])[kind] for r in results[label].values()],
                     "k.", ms=4)
     ax.set_xticks(range(len(groups)), [f"{label}\n{names[kind]}" for label, kind in groups], fontsize=8)
     ax.axhline(0, color="black", lw=0.8)
-    ax.set(ylabel=f"CE reduction vs {TRAINED_STEPS} steps, 1 candidate (%)")
+    ax.set(ylabel="change of cross-entropy (%)\n(below 0: thinking helps)")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
-    fig.suptitle("gain from thinking: in distribution vs out of distribution")
+    fig.suptitle(f"thinking vs {TRAINED_STEPS} steps, 1 candidate: in distribution and out of it")
     fig.savefig(path, dpi=90)
 
 
@@ -201,10 +210,9 @@ def main(argv=None):
     device = ebt.pick_device(args.device)
     common = ["--preset", args.preset, "--device", args.device] + (["--data", args.data] if args.data else [])
     first = args.seeds[0]
-    text_dirs = {(label, seed): out / f"{prefix}-seed{seed}"
-                 for label, (prefix, _) in TEXT_RUNS.items() for seed in args.seeds}
-    text_dirs |= {(label, first): out / f"{prefix}-seed{first}" for label, (prefix, _) in ABLATION.items()}
-    flags = {label: f for label, (_, f) in (TEXT_RUNS | ABLATION).items()}
+    runs = TEXT_RUNS | ABLATION
+    text_dirs = {(label, seed): out / f"{prefix}-seed{seed}" for label, (prefix, _) in runs.items() for seed in args.seeds}
+    flags = {label: f for label, (_, f) in runs.items()}
     for (label, seed), d in text_dirs.items():
         ensure_trained(train_text, common + flags[label] + ["--seed", str(seed), "--out_dir", str(d)], d)
     image_dirs = {model: out / f"image-{model}" for model in IMAGE_RUNS}
@@ -217,8 +225,10 @@ def main(argv=None):
     for (label, seed), d in text_dirs.items():
         print(f"evaluating {d}", flush=True)
         curves.setdefault(label, {})[seed] = text_curves(d / "ckpt.pt", data_text, args.windows, device)
-    main_results = {label: curves[label] for label in TEXT_RUNS}
-    ablation = {label: curves[label][first] for label in ("S2", *ABLATION, "S1")}
+    curves[ZERO_START] = {seed: text_curves(text_dirs["S1", seed] / "ckpt.pt", data_text, args.windows, device,
+                                            init_std=0.0) for seed in args.seeds}
+    main_results = {label: curves[label] for label in (*TEXT_RUNS, ZERO_START)}
+    ablation = {label: curves[label] for label in ("S2", *ABLATION, "S1")}
     train_image.main(["--compare", *map(str, image_dirs.values()), "--out_dir", str(out / "image"),
                       "--device", args.device, "--seed", str(first)])
 
@@ -226,18 +236,20 @@ def main(argv=None):
                 "cross-entropy vs thinking steps")
     plot_curves(main_results, "candidates", f"candidates N ({TRAINED_STEPS} steps, lowest energy kept)",
                 out / "candidates.png", "cross-entropy vs self-verification candidates")
-    plot_gains(main_results, out / "ood_gain.png")
-    plot_curves({label: {first: c} for label, c in ablation.items()}, "steps", "thinking steps (1 candidate)",
-                out / "ablation.png", f"System 2 training options, each removed in turn (seed {first})")
+    plot_changes(main_results, out / "thinking_ood.png")
+    plot_curves(ablation, "steps", "thinking steps (1 candidate)", out / "ablation.png",
+                "System 2 training options, each removed in turn")
     seeds = " and ".join(map(str, args.seeds))
     report = "\n\n".join([
         f"Cross-entropy (nats per character, lower is better) on {args.windows} windows of the validation "
-        f"split and of the OOD text; mean over seeds {seeds}.",
+        f"split and of the OOD text; mean over seeds {seeds}. Thinking starts from logits of std 0.5 "
+        f"(the default), '{ZERO_START}' from zeros.",
         "1. Against thinking steps (1 candidate)\n\n" + curve_table(main_results, "steps", STEPS, "steps"),
         f"2. Against self-verification candidates ({TRAINED_STEPS} steps, lowest final energy kept)\n\n"
         + curve_table(main_results, "candidates", CANDIDATES, "N"),
-        f"3. Relative gain from thinking, per seed ({seeds})\n\n" + gain_table(main_results),
-        f"4. System 2 options, each removed in turn (seed {first})\n\n" + ablation_table(ablation),
+        f"3. What thinking changes, per seed ({seeds}): {MORE_STEPS} steps against {TRAINED_STEPS}, and the "
+        f"best of {VERIFY} candidates against 1 ({TRAINED_STEPS} steps)\n\n" + change_table(main_results),
+        f"4. System 2 options, each removed in turn (mean over seeds; changes per seed)\n\n" + ablation_table(ablation),
         "5. Image denoising\n\n" + (out / "image" / "psnr.md").read_text().strip(),
     ])
     (out / "results.md").write_text(report + "\n")

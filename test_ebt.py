@@ -773,10 +773,10 @@ def test_results_trains_what_is_missing_then_reports_from_checkpoints(tmp_path, 
     trained = capsys.readouterr().out.count("$ python ")
     assert trained == len(results.TEXT_RUNS) + len(results.ABLATION) + len(results.IMAGE_RUNS)
     report = (tmp_path / "results.md").read_text()
-    for section in ("1. Against thinking steps", "2. Against self-verification", "3. Relative gain",
+    for section in ("1. Against thinking steps", "2. Against self-verification", "3. What thinking changes",
                     "4. System 2 options", "5. Image denoising", "S2 without Langevin noise", "baseline (1 pass)"):
         assert section in report
-    for f in ("thinking_steps.png", "candidates.png", "ood_gain.png", "ablation.png", "image/psnr.png"):
+    for f in ("thinking_steps.png", "candidates.png", "thinking_ood.png", "ablation.png", "image/psnr.png"):
         assert (tmp_path / f).stat().st_size > 0
     curves = json.loads((tmp_path / "results.json").read_text())
     assert len(set(curves["Transformer++"]["1"]["val"]["steps"].values())) == 1  # no thinking: flat
