@@ -53,7 +53,7 @@ def parse_args(argv=None):
     s = p.add_argument
     s("--data", help="the training text (default: Tiny Shakespeare, downloaded once and cached)")
     s("--seeds", type=int, nargs="+", default=[1337, 1338],
-      help="seeds of the text runs; the image runs use the first (default: %(default)s)")
+      help="seeds of the S1 / S2 / Transformer++ runs; the ablation and images use the first (default: %(default)s)")
     s("--out_dir", default="out-results", help="(default: %(default)s)")
     s("--windows", type=int, default=64, help="evaluation windows of block_size tokens per text (default: %(default)s)")
     s("--device", default="auto", help="auto, cpu, cuda or mps (default: %(default)s)")
@@ -210,9 +210,10 @@ def main(argv=None):
     device = ebt.pick_device(args.device)
     common = ["--preset", args.preset, "--device", args.device] + (["--data", args.data] if args.data else [])
     first = args.seeds[0]
-    runs = TEXT_RUNS | ABLATION
-    text_dirs = {(label, seed): out / f"{prefix}-seed{seed}" for label, (prefix, _) in runs.items() for seed in args.seeds}
-    flags = {label: f for label, (_, f) in runs.items()}
+    text_dirs = {(label, seed): out / f"{prefix}-seed{seed}"
+                 for label, (prefix, _) in TEXT_RUNS.items() for seed in args.seeds}
+    text_dirs |= {(label, first): out / f"{prefix}-seed{first}" for label, (prefix, _) in ABLATION.items()}
+    flags = {label: f for label, (_, f) in (TEXT_RUNS | ABLATION).items()}
     for (label, seed), d in text_dirs.items():
         ensure_trained(train_text, common + flags[label] + ["--seed", str(seed), "--out_dir", str(d)], d)
     image_dirs = {model: out / f"image-{model}" for model in IMAGE_RUNS}
@@ -228,7 +229,7 @@ def main(argv=None):
     curves[ZERO_START] = {seed: text_curves(text_dirs["S1", seed] / "ckpt.pt", data_text, args.windows, device,
                                             init_std=0.0) for seed in args.seeds}
     main_results = {label: curves[label] for label in (*TEXT_RUNS, ZERO_START)}
-    ablation = {label: curves[label] for label in ("S2", *ABLATION, "S1")}
+    ablation = {label: {first: curves[label][first]} for label in ("S2", *ABLATION, "S1")}
     train_image.main(["--compare", *map(str, image_dirs.values()), "--out_dir", str(out / "image"),
                       "--device", args.device, "--seed", str(first)])
 
@@ -238,7 +239,7 @@ def main(argv=None):
                 out / "candidates.png", "cross-entropy vs self-verification candidates")
     plot_changes(main_results, out / "thinking_ood.png")
     plot_curves(ablation, "steps", "thinking steps (1 candidate)", out / "ablation.png",
-                "System 2 training options, each removed in turn")
+                f"System 2 training options, each removed in turn (seed {first})")
     seeds = " and ".join(map(str, args.seeds))
     report = "\n\n".join([
         f"Cross-entropy (nats per character, lower is better) on {args.windows} windows of the validation "
@@ -249,7 +250,7 @@ def main(argv=None):
         + curve_table(main_results, "candidates", CANDIDATES, "N"),
         f"3. What thinking changes, per seed ({seeds}): {MORE_STEPS} steps against {TRAINED_STEPS}, and the "
         f"best of {VERIFY} candidates against 1 ({TRAINED_STEPS} steps)\n\n" + change_table(main_results),
-        f"4. System 2 options, each removed in turn (mean over seeds; changes per seed)\n\n" + ablation_table(ablation),
+        f"4. System 2 options, each removed in turn (seed {first})\n\n" + ablation_table(ablation),
         "5. Image denoising\n\n" + (out / "image" / "psnr.md").read_text().strip(),
     ])
     (out / "results.md").write_text(report + "\n")
