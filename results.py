@@ -8,8 +8,8 @@ matplotlib ships (the defaults of train_image.py).
 
 Every run is an ordinary train_text.py or train_image.py command, printed before it starts,
 so runs can also be launched by hand (in parallel) into the same directories; an interrupted
-run is resumed. From scratch, everything takes about 3 hours on 2 CPU cores; the report from
-existing checkpoints takes a few minutes.
+run is resumed. From scratch, everything takes about 2 hours on 2 CPU cores; the report from
+existing checkpoints about 12 minutes.
 
 Writes to out-results/: results.md (every table), results.json (every number, per seed),
 thinking_steps.png, candidates.png, thinking_ood.png, ablation.png, and image/ (the image report:
