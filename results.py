@@ -108,10 +108,10 @@ def thinking_changes(c):
 
 # Tables (markdown) -----------------------------------------------------------
 
-def curve_table(results, kind, keys, first):
+def curve_table(results, kind, keys, key_name):
     """Mean over seeds of each model's CE, val and OOD side by side."""
     head = [f"{label} {split}" for split in ("val", "OOD") for label in results]
-    lines = [f"| {first} | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    lines = [f"| {key_name} | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for k in keys:
         row = [mean([r[split][kind][k] for r in runs.values()]) for split in ("val", "ood") for runs in results.values()]
         mark = " (trained)" if kind == "steps" and k == TRAINED_STEPS else ""
