@@ -69,8 +69,9 @@ class ModelConfig:
     think_steps: int = 2          # descent steps during training
     step_size: float = 500.0      # initial value of the learnable step size alpha
     step_size_lr_mult: float = 1500.0  # alpha's lr = base lr x this (about 3x its initial value)
-    init_std: float = 0.5         # std of the random starting logits (the paper: 1)
-    random_init_std: bool = True  # training: each sequence's start std drawn from U[0, init_std]
+    init_std: float = 0.55        # std of the random starting logits at inference (the paper: 1)
+    train_init_std: float = 1.0   # std of the starting logits in training (the paper: 1)
+    random_init_std: bool = True  # training: each sequence's start std drawn from U[0, train_init_std]
     # "System 2" training options from the paper, all off by default
     langevin_std: float = 0.0     # std of Gaussian noise added to y before each step
     random_step_size: float = 1.0  # s > 1: per-sample alpha drawn from [alpha/s, alpha*s]
@@ -97,6 +98,7 @@ class ModelConfig:
         check(self.step_size > 0, "step_size", "must be > 0")
         check(self.step_size_lr_mult > 0, "step_size_lr_mult", "must be > 0")
         check(self.init_std >= 0, "init_std", "must be >= 0")
+        check(self.train_init_std >= 0, "train_init_std", "must be >= 0")
         check(self.langevin_std >= 0, "langevin_std", "must be >= 0")
         check(self.random_step_size >= 1, "random_step_size", "must be >= 1 (1 = off)")
         check(self.random_steps >= 0, "random_steps", "must be >= 0")
@@ -423,9 +425,10 @@ class TextEBT(Thinker, nn.Module):
     def initial_logits(self, B, P, device, generator=None):
         """Random starting logits (B, P, V); a generator (on the CPU) makes them repeatable."""
         shape, dtype = (B, P, self.config.vocab_size), self.pred_emb.weight.dtype
+        std = self.config.train_init_std if self.training else self.config.init_std
         if generator is None:
-            return self.config.init_std * torch.randn(shape, device=device, dtype=dtype)
-        return self.config.init_std * torch.randn(shape, generator=generator, dtype=dtype).to(device)
+            return std * torch.randn(shape, device=device, dtype=dtype)
+        return std * torch.randn(shape, generator=generator, dtype=dtype).to(device)
 
     def predict(self, idx, steps=None, step_size=None, y0=None, context=None, tolerance=None, langevin_std=0.0):
         """Think from random logits at every position of idx: (B, T). Returns a Trajectory
@@ -525,7 +528,10 @@ class Transformer(nn.Module):
         return decay_groups(self.parameters(), weight_decay)
 
 
-def build_model(cfg):
+def build_model(cfg, seed=None):
+    """seed: makes the initial weights repeatable (training seeds its own batches and noise)."""
+    if seed is not None:
+        torch.manual_seed(seed)
     kinds = {"ebt": TextEBT, "transformer": Transformer, "image_ebt": ImageEBT, "image_baseline": ImageBaseline}
     return kinds[cfg.model](cfg)
 

@@ -31,17 +31,20 @@ STEPS = (1, 2, 3, 4, 6, 8, 12, 16)         # thinking steps evaluated, up to 8x 
 CANDIDATES = (1, 2, 4, 8, 16)              # self-verification, at the trained number of steps
 MORE_STEPS, VERIFY = 4 * TRAINED_STEPS, 8  # thinking_changes compares these with 2 steps, 1 candidate
 
-# The System 2 training options (the paper's), on top of the default recipe ("S1"):
+# The System 2 training options (the paper's), on top of S1 (below):
 # name -> (short name for directories, train_text.py flags).
 SYSTEM2 = {"Langevin noise": ("langevin", ["--langevin_std", "0.2"]),
            "random step size": ("random-step-size", ["--random_step_size", "2"]),
            "random steps": ("random-steps", ["--random_steps", "2"])}
+# S1: train_text.py's recipe before the start-noise sweep of README "The default recipe" (training
+# starts of std U[0, 0.5], thinking from std 0.5), which these results were measured with.
+S1 = ["--train_init_std", "0.5", "--init_std", "0.5"]
 TEXT_RUNS = {  # label -> (directory prefix, train_text.py flags on top of --preset cpu)
     "Transformer++": ("transformer", ["--model", "transformer"]),
-    "S1": ("s1", []),
-    "S2": ("s2", sum((flags for _, flags in SYSTEM2.values()), [])),
+    "S1": ("s1", S1),
+    "S2": ("s2", S1 + sum((flags for _, flags in SYSTEM2.values()), [])),
 }
-ABLATION = {f"S2 without {option}": (f"s2-no-{short}", sum((f for o, (_, f) in SYSTEM2.items() if o != option), []))
+ABLATION = {f"S2 without {option}": (f"s2-no-{short}", S1 + sum((f for o, (_, f) in SYSTEM2.items() if o != option), []))
             for option, (short, _) in SYSTEM2.items()}
 # The S1 models also think from a zero start (uniform logits): their best one-step prediction.
 ZERO_START = "S1, zero start"

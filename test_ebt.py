@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import ebt
 import train_image
+import train_text
 
 HERE = Path(__file__).resolve().parent
 torch.set_num_threads(1)  # tiny models: threads cost more than they give
@@ -80,6 +81,7 @@ def words_data(block_size=16):
     (dict(step_size=-1.0), "step_size"),
     (dict(model="rnn"), "model"),
     (dict(random_step_size=0.5), "random_step_size"),
+    (dict(train_init_std=-1.0), "train_init_std"),
 ])
 def test_config_rejects_impossible_values(kw, field):
     with pytest.raises(ValueError, match=field):
@@ -89,6 +91,14 @@ def test_config_rejects_impossible_values(kw, field):
 def test_config_rejects_unknown_options():
     with pytest.raises(ValueError, match="no_such_option"):
         ebt.ModelConfig.from_dict({**vars(tiny_config()), "no_such_option": 1})
+
+
+def test_training_and_inference_start_from_their_own_noise_scales():
+    torch.manual_seed(0)
+    model = ebt.build_model(tiny_config(train_init_std=2.0, init_std=0.5))
+    assert model.initial_logits(64, 16, "cpu").std().item() == pytest.approx(2.0, rel=0.05)  # a new model trains
+    model.eval()
+    assert model.initial_logits(64, 16, "cpu").std().item() == pytest.approx(0.5, rel=0.05)
 
 
 # --- The two-stream attention
@@ -362,6 +372,18 @@ def test_train_text_runs_end_to_end_and_resumes(text_file, tmp_path):
         assert (tmp_path / "o" / f).stat().st_size > 0
 
 
+@pytest.mark.parametrize("seeds, same", [((7, 7), True), ((7, 8), False)])
+def test_the_seed_fixes_the_whole_run_initial_weights_included(text_file, tmp_path, seeds, same):
+    runs = []
+    for i, seed in enumerate(seeds):
+        out = tmp_path / str(i)
+        train_text.main(["--preset", "cpu", "--data", str(text_file), "--n_layer", "1", "--n_embd", "16", "--n_head", "2",
+                         "--block_size", "16", "--batch_size", "4", "--max_steps", "2", "--eval_batches", "1",
+                         "--seed", str(seed), "--out_dir", str(out), "--device", "cpu"])
+        runs.append(ebt.load_checkpoint(out / "ckpt.pt")["model"])
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0]) == same
+
+
 def bad_inputs(tmp_path, text_file):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
@@ -432,7 +454,7 @@ torch.set_num_threads(1)
 batch_size, out = int(sys.argv[1]), sys.argv[2]
 tok, data = T.words_data()
 torch.manual_seed(0)
-model = ebt.build_model(T.tiny_config(vocab_size=tok.vocab_size, init_std=0.0))
+model = ebt.build_model(T.tiny_config(vocab_size=tok.vocab_size, init_std=0.0, train_init_std=0.0))
 tc = ebt.TrainConfig(max_steps=4, batch_size=batch_size, grad_accum=2, lr=3e-3, warmup_steps=1, eval_interval=4,
                      eval_batches=2, log_interval=1, out_dir=out, device="cpu", seed=0)
 ebt.train(model, data, tc, log=lambda *a: None)

@@ -97,7 +97,7 @@ def train(args):
                          eval_interval=args.eval_interval, eval_batches=args.eval_batches,
                          eval_steps=args.eval_steps, log_interval=args.log_interval, out_dir=args.out_dir,
                          device=args.device, seed=args.seed)
-    model = ebt.build_model(cfg)
+    model = ebt.build_model(cfg, args.seed)
     ebt.train(model, data, tc, meta={"image_data": spec}, resume=bool(ckpt))
     return {args.model: model.eval()}, data
 

@@ -37,9 +37,10 @@ def parse_args(argv=None):
     g.add_argument("--think_steps", type=int, default=m.think_steps, help="descent steps in training (default: %(default)s)")
     g.add_argument("--step_size", type=float, default=m.step_size, help="initial step size alpha (default: %(default)s)")
     g.add_argument("--step_size_lr_mult", type=float, default=m.step_size_lr_mult, help="alpha's lr / base lr (default: %(default)s)")
-    g.add_argument("--init_std", type=float, default=m.init_std, help="std of the starting logits (default: %(default)s)")
+    g.add_argument("--init_std", type=float, default=m.init_std, help="std of the starting logits at inference (default: %(default)s)")
+    g.add_argument("--train_init_std", type=float, default=m.train_init_std, help="std of the starting logits in training (default: %(default)s)")
     g.add_argument("--random_init_std", action=argparse.BooleanOptionalAction, default=m.random_init_std,
-                   help="draw each training sequence's start std from U[0, init_std] (default: %(default)s)")
+                   help="draw each training sequence's start std from U[0, train_init_std] (default: %(default)s)")
     g.add_argument("--eval_steps", type=int, default=t.eval_steps, help="thinking steps at evaluation, 0 = 2x think_steps (default: %(default)s)")
     g.add_argument("--langevin_std", type=float, default=m.langevin_std, help="System 2: noise added before each step (default: %(default)s)")
     g.add_argument("--random_step_size", type=float, default=m.random_step_size, help="System 2: per-sample alpha in [alpha/s, alpha*s], 1 = off (default: %(default)s)")
@@ -78,12 +79,12 @@ def main(argv=None):
         cfg = ebt.ModelConfig(
             model=args.model, vocab_size=tokenizer.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
             n_head=args.n_head, n_embd=args.n_embd, think_steps=args.think_steps, step_size=args.step_size,
-            step_size_lr_mult=args.step_size_lr_mult, init_std=args.init_std,
+            step_size_lr_mult=args.step_size_lr_mult, init_std=args.init_std, train_init_std=args.train_init_std,
             random_init_std=args.random_init_std, langevin_std=args.langevin_std,
             random_step_size=args.random_step_size, random_steps=args.random_steps, truncate=args.truncate,
             detach=not args.no_detach)
     data = ebt.TextData(tokenizer.encode(text), cfg.block_size, source=args.data or "Tiny Shakespeare")
-    ebt.train(ebt.build_model(cfg), data, tc, meta={"tokenizer": tokenizer.state()}, resume=bool(ckpt))
+    ebt.train(ebt.build_model(cfg, args.seed), data, tc, meta={"tokenizer": tokenizer.state()}, resume=bool(ckpt))
 
 
 if __name__ == "__main__":
