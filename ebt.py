@@ -423,7 +423,8 @@ class TextEBT(Thinker, nn.Module):
         return self.energy_head(self.norm(x)).squeeze(-1)
 
     def initial_logits(self, B, P, device, generator=None):
-        """Random starting logits (B, P, V); a generator (on the CPU) makes them repeatable."""
+        """Random starting logits (B, P, V) of std train_init_std in training mode, init_std
+        otherwise; a generator (on the CPU) makes them repeatable."""
         shape, dtype = (B, P, self.config.vocab_size), self.pred_emb.weight.dtype
         std = self.config.train_init_std if self.training else self.config.init_std
         if generator is None:
