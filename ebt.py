@@ -55,6 +55,8 @@ class ConfigError(UsageError, ValueError):
 TEXT_KINDS = ("ebt", "transformer")
 IMAGE_KINDS = ("image_ebt", "image_baseline")
 MODEL_KINDS = TEXT_KINDS + IMAGE_KINDS
+VERIFY_LANGEVIN_STD = 1.0  # inference noise for self-verification candidates (the paper's)
+MAX_THINK_STEPS = 64  # in training: each step keeps a second-order graph
 
 
 @dataclass
@@ -65,19 +67,22 @@ class ModelConfig:
     n_layer: int = 6
     n_head: int = 6
     n_embd: int = 384
-    # thinking (EBT only)
+    mlp_hidden: int = 0           # SwiGLU hidden width; 0 = n_embd, the paper's sizes (xxs: 6 x 384, 6.18M)
+    # thinking (EBT only); the defaults are the paper's S1 recipe (train_text.py --recipe s1)
     think_steps: int = 2          # descent steps during training
-    step_size: float = 500.0      # initial value of the learnable step size alpha
-    step_size_lr_mult: float = 1500.0  # alpha's lr = base lr x this (about 3x its initial value)
-    init_std: float = 0.55        # std of the random starting logits at inference (the paper: 1)
-    train_init_std: float = 1.0   # std of the starting logits in training (the paper: 1)
-    random_init_std: bool = True  # training: each sequence's start std drawn from U[0, train_init_std]
-    # "System 2" training options from the paper, all off by default
-    langevin_std: float = 0.0     # std of Gaussian noise added to y before each step
-    random_step_size: float = 1.0  # s > 1: per-sample alpha drawn from [alpha/s, alpha*s]
-    random_steps: int = 0         # train with think_steps + U{0..random_steps} steps
-    truncate: bool = False        # only the last step keeps the second-order graph
+    landscapes: int = 2           # step embeddings; step k uses min(k, landscapes - 1). S2: 1, one landscape
+    step_size: float = 500.0      # alpha (initial value when learned)
+    learn_step_size: bool = True
+    step_size_lr_mult: float = 1500.0  # alpha's lr = base lr x this
+    init_std: float = 1.0         # thinking starts from logits drawn from N(0, init_std^2)
+    # "System 2" training options from the paper (its S2 recipe), all off by default
+    langevin_std: float = 0.0     # std of Gaussian noise added to the logits before each step
+    random_step_size: float = 1.0  # s > 1: each token's alpha drawn from U[alpha/s, alpha*s]
+    random_steps: int = 0         # train with think_steps + U{0..random_steps} steps (one count per batch)
+    truncate: bool = False        # train the last step only: its gradient keeps the graph, the loss is its CE
     detach: bool = True           # cut the graph between steps (False: backprop the whole path)
+    replay_size: int = 0          # replay buffer: keep the final logits of the last N training sequences
+    replay_batch: float = 0.5     # ... and add this fraction of a batch of them, started where they ended
     # images (image_ebt, image_baseline): square crops cut into square patches
     channels: int = 3
     image_size: int = 32
@@ -88,20 +93,26 @@ class ModelConfig:
             if not ok:
                 raise ConfigError(f"ModelConfig.{name}={getattr(self, name)!r}: {why}")
         check(self.model in MODEL_KINDS, "model", f"must be one of {MODEL_KINDS}")
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "channels", "image_size", "patch_size"):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "channels", "image_size", "patch_size",
+                     "think_steps", "landscapes"):
             check(getattr(self, name) >= 1, name, "must be >= 1")
         check(self.n_embd % self.n_head == 0, "n_embd", f"must be divisible by n_head={self.n_head}")
         if self.model in TEXT_KINDS:
             check((self.n_embd // self.n_head) % 2 == 0, "n_embd", "head size n_embd/n_head must be even for rotary")
         check(self.image_size % self.patch_size == 0, "image_size", f"must be a multiple of patch_size={self.patch_size}")
-        check(self.think_steps >= 1, "think_steps", "must be >= 1")
-        check(self.step_size > 0, "step_size", "must be > 0")
-        check(self.step_size_lr_mult > 0, "step_size_lr_mult", "must be > 0")
-        check(self.init_std >= 0, "init_std", "must be >= 0")
-        check(self.train_init_std >= 0, "train_init_std", "must be >= 0")
-        check(self.langevin_std >= 0, "langevin_std", "must be >= 0")
-        check(self.random_step_size >= 1, "random_step_size", "must be >= 1 (1 = off)")
+        check(self.mlp_hidden >= 0, "mlp_hidden", "must be >= 0 (0 = n_embd)")
+        self.mlp_hidden = self.mlp_hidden or self.n_embd
         check(self.random_steps >= 0, "random_steps", "must be >= 0")
+        check(self.think_steps + self.random_steps <= MAX_THINK_STEPS, "think_steps",
+              f"think_steps + random_steps must be <= {MAX_THINK_STEPS} in training (inference may think longer)")
+        check(self.landscapes <= self.think_steps + self.random_steps, "landscapes",
+              "must be <= think_steps + random_steps (more would never be used)")
+        for name in ("step_size", "step_size_lr_mult", "init_std", "langevin_std", "replay_batch"):
+            check(math.isfinite(getattr(self, name)) and getattr(self, name) >= 0, name, "must be finite and >= 0")
+        check(self.step_size > 0, "step_size", "must be > 0")
+        check(math.isfinite(self.random_step_size) and self.random_step_size >= 1, "random_step_size",
+              "must be >= 1 (1 = off)")
+        check(self.replay_size >= 0, "replay_size", "must be >= 0 (0 = off)")
 
     @classmethod
     def from_dict(cls, d):
@@ -226,9 +237,8 @@ class MLP(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        hidden = 4 * cfg.n_embd * 2 // 3  # keeps the parameter count of a 4x GELU MLP
-        self.gate_up = nn.Linear(cfg.n_embd, 2 * hidden, bias=False)
-        self.down = nn.Linear(hidden, cfg.n_embd, bias=False)
+        self.gate_up = nn.Linear(cfg.n_embd, 2 * cfg.mlp_hidden, bias=False)
+        self.down = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=False)
 
     def forward(self, x):
         gate, up = self.gate_up(x).chunk(2, dim=-1)
@@ -290,91 +300,122 @@ def init_weights(module):
 @dataclass
 class Trajectory:
     """What one round of thinking went through; everything needed for a plot.
-    ys[k] is the prediction after k steps (ys[0] is the start), energies[k] its energy."""
+    ys[k] is the state after k steps (ys[0] is the start), energies[k] the energy step k
+    descended, of ys[k] on that step's landscape; the last entry (final_energy) scores the
+    final state on the landscape of the last step taken, so it compares like with like."""
     ys: list
-    energies: list  # without final_energy, one shorter: the last prediction is not scored
+    energies: list
     steps_used: torch.Tensor = None  # per position, when stopping adaptively
 
 
-def think(energy_fn, y, steps, step_size, *, create_graph=False, detach=True, truncate=False,
-          langevin_std=0.0, random_step_size=1.0, tolerance=None, final_energy=True):
-    """Minimise energy_fn(y, step) -> (B, ...) energies by gradient descent on y.
+def think(energy_fn, y, steps, step_size, *, normalize=None, landscapes=None, create_graph=False, detach=True,
+          truncate=False, langevin_std=0.0, random_step_size=1.0, tolerance=None, final_energy=True):
+    """Minimise energy_fn(x, landscape) -> (B, ...) energies by gradient descent.
 
-    create_graph: keep the graph of each gradient so a loss on the ys trains the
-        energy model through the descent (training); off for inference.
-    detach: start each step from a detached y, so each step is its own graph.
+    Each step scores the candidate x = normalize(y) (text: the distribution softmax(y);
+    images: y itself) and moves to y <- x - step_size * dE/dx. For text the gradient is with
+    respect to the probabilities and the new logits replace the old ones, as in the paper's
+    code (model/nlp/ebt.py, EBT_NLP.forward with normalize_initial_condition).
+
+    landscapes: step k descends landscape min(k, landscapes - 1) (a step embedding); None:
+        one per step.
+    create_graph: keep the graph of each gradient so a loss on the ys trains the energy
+        model through the descent (training); off for inference.
+    detach: start each step from a detached candidate, so each step is its own graph.
     truncate: only the last step keeps create_graph.
     langevin_std: Gaussian noise added to y before each step.
-    random_step_size: s > 1 draws each sample's step size from [alpha/s, alpha*s].
-    tolerance: stop a position once its energy falls by less than this (inference);
-        once every position has stopped, the loop ends early.
-    final_energy: also score the final prediction (one more forward; training skips it).
+    random_step_size: s > 1 draws one step size per energy (text: per token) from
+        U[alpha/s, alpha*s], once for the whole descent.
+    tolerance: stop a position once a step lowers its energy by less than this, measured on
+        the landscape that step descended (inference); the loop ends when all have stopped.
+    final_energy: also score the final state (one more forward; training skips it).
     """
-    shape = (y.shape[0],) + (1,) * (y.dim() - 1)  # broadcasts per sample
-    if random_step_size > 1:
-        step_size = step_size * torch.empty(shape, device=y.device).uniform_(1 / random_step_size, random_step_size)
-    ys, energies = [y], []
-    active = None
-    steps_used = None
+    normalize = normalize or (lambda t: t)
+    landscape = lambda k: k if landscapes is None else min(k, landscapes - 1)
+    ys, energies, active, steps_used = [y], [], None, None
     with torch.enable_grad():
         for k in range(steps):
+            start = y
             if langevin_std > 0:
                 y = y + langevin_std * torch.randn_like(y)
-            if detach or not create_graph or not y.requires_grad:
-                y = y.detach().requires_grad_()
-            energy = energy_fn(y, k)
-            keep_graph = create_graph and (not truncate or k == steps - 1)
-            (grad,) = torch.autograd.grad(energy.sum(), y, create_graph=keep_graph)
+            x = normalize(y)
+            if detach or not create_graph or not x.requires_grad:
+                x = x.detach().requires_grad_()
+            energy = energy_fn(x, landscape(k))
             if tolerance is not None:
                 if active is None:
                     active = torch.ones_like(energy, dtype=torch.bool)
                     steps_used = torch.zeros_like(energy, dtype=torch.long)
-                else:  # freeze positions whose energy stopped falling
-                    active = active & (energies[-1] - energy.detach() > tolerance)
+                else:  # freeze positions the last step hardly lowered, on the landscape it descended
+                    with torch.no_grad():
+                        after = energy if landscape(k) == landscape(k - 1) else energy_fn(x, landscape(k - 1))
+                    active = active & (energies[-1] - after.detach() > tolerance)
                 if not active.any():
                     break  # every position has settled: the remaining steps would change nothing
                 steps_used = steps_used + active.long()
-                grad = grad * active.reshape(active.shape + (1,) * (grad.dim() - active.dim()))
-            # without create_graph, y_{k+1} still depends on a learnable step size
-            y = (y if create_graph else y.detach()) - step_size * grad
+            if random_step_size > 1 and k == 0:
+                shape = energy.shape + (1,) * (x.dim() - energy.dim())
+                step_size = step_size * torch.empty(shape, device=x.device).uniform_(1 / random_step_size,
+                                                                                     random_step_size)
+            keep_graph = create_graph and (not truncate or k == steps - 1)
+            (grad,) = torch.autograd.grad(energy.sum(), x, create_graph=keep_graph)
+            # without create_graph, y still depends on a learnable step size
+            y = (x if create_graph else x.detach()) - step_size * grad
+            if active is not None:  # a frozen position keeps its state
+                y = torch.where(active.reshape(active.shape + (1,) * (y.dim() - active.dim())), y, start)
             energies.append(energy if keep_graph else energy.detach())
             ys.append(y)
     if final_energy:
         with torch.no_grad():
-            energies.append(energy_fn(y.detach(), len(ys) - 1))
+            energies.append(energy_fn(normalize(y.detach()), landscape(len(ys) - 2)))
     return Trajectory(ys, energies, steps_used)
 
 
 class Thinker:
-    """What every EBT (text or image) shares: a learnable step size alpha, trained with its
+    """What every EBT (text or image) shares: a step size alpha, learned (optionally) with its
     own learning rate and no weight decay, and the config's thinking options passed to think().
-    The model defines self.config and self.raw_step_size."""
+    The model defines self.config, self.raw_step_size and self.normalize (None: the identity)."""
     thinks = True  # forward takes steps= and generator= (see evaluate)
+    normalize = None
 
     def step_size(self):
-        return self.raw_step_size.clamp(min=1e-3)  # stays positive whatever the optimizer does
+        """alpha, kept >= 1e-3 in value; the gradient passes the clamp, so alpha can come back."""
+        raw = self.raw_step_size
+        return raw + (raw.clamp(min=1e-3) - raw).detach()
+
+    def trained_steps(self):
+        """The most steps training takes (S2: 2 or 3, so 3): what evaluation thinks by default."""
+        return self.config.think_steps + self.config.random_steps
+
+    def draw_steps(self, generator=None):
+        """Training's step count: think_steps plus U{0..random_steps}."""
+        # from a uniform float: the first randint of generators seeded a fixed stride apart is
+        # correlated for small ranges (e.g. always 1 of 3)
+        u = torch.rand((), generator=generator).item()
+        return self.config.think_steps + int(u * (self.config.random_steps + 1))
 
     def descend(self, energy_fn, y0, steps=None, step_size=None, tolerance=None, langevin_std=0.0):
         """think() with this model's options; training adds the System 2 randomness and the
         second-order graph."""
         cfg, train = self.config, self.training
         if steps is None:
-            steps = cfg.think_steps
-            if train and cfg.random_steps:
-                steps += int(torch.randint(cfg.random_steps + 1, ()))
+            steps = self.draw_steps() if train else self.trained_steps()
         if step_size is None:  # at inference nothing is learned: no graph to alpha
             step_size = self.step_size() if train else self.step_size().detach()
-        return think(energy_fn, y0, steps, step_size,
+        return think(energy_fn, y0, steps, step_size, normalize=self.normalize, landscapes=cfg.landscapes,
                      create_graph=train, detach=cfg.detach, truncate=cfg.truncate,
                      langevin_std=cfg.langevin_std if train else langevin_std,
                      random_step_size=cfg.random_step_size if train else 1.0,
                      tolerance=tolerance, final_energy=not train)
 
     def param_groups(self, weight_decay):
-        """AdamW groups: decay matrices, not gains; the step size has its own lr, no decay."""
+        """AdamW groups: decay matrices, not gains; a learned step size has its own lr, no decay."""
         others = [p for n, p in self.named_parameters() if n != "raw_step_size"]
-        return decay_groups(others, weight_decay) + [
-            {"params": [self.raw_step_size], "weight_decay": 0.0, "lr_mult": self.config.step_size_lr_mult}]
+        groups = decay_groups(others, weight_decay)
+        if self.raw_step_size.requires_grad:
+            groups.append({"params": [self.raw_step_size], "weight_decay": 0.0,
+                           "lr_mult": self.config.step_size_lr_mult})
+        return groups
 
 
 def decay_groups(params, weight_decay):
@@ -390,10 +431,11 @@ class TextEBT(Thinker, nn.Module):
     """Scores, for every position i, a candidate distribution over the next token.
 
     Two streams share one set of blocks: the context tokens (ordinary causal
-    attention) and one prediction token per position, embedded from
-    softmax(logits). The context never looks at predictions, so its keys and values
-    are computed once and reused at every thinking step.
+    attention) and one prediction token per position, embedded from its candidate
+    distribution p as p @ W. The context never looks at predictions, so its keys and
+    values are computed once and reused at every thinking step.
     """
+    normalize = staticmethod(lambda logits: logits.softmax(-1))  # the candidate is a distribution
 
     def __init__(self, cfg):
         super().__init__()
@@ -401,21 +443,25 @@ class TextEBT(Thinker, nn.Module):
         self.config = cfg
         self.trunk = Trunk(cfg)
         self.pred_emb = nn.Linear(cfg.vocab_size, cfg.n_embd, bias=False)  # probs -> embedding
-        self.step_emb = nn.Embedding(cfg.think_steps + cfg.random_steps, cfg.n_embd)
+        self.step_emb = nn.Embedding(cfg.landscapes, cfg.n_embd)
         self.norm = RMSNorm(cfg.n_embd)
         self.energy_head = nn.Linear(cfg.n_embd, 1, bias=False)
         self.apply(init_weights)
-        self.raw_step_size = nn.Parameter(torch.tensor(float(cfg.step_size)))
+        # p @ W averages rows of W, so at std 0.02 a step embedding of the same std would drown
+        # the candidate: W is xavier-normal (the paper's init) and the step embeddings start at zero.
+        nn.init.xavier_normal_(self.pred_emb.weight)
+        nn.init.zeros_(self.step_emb.weight)
+        self.raw_step_size = nn.Parameter(torch.tensor(float(cfg.step_size)), requires_grad=cfg.learn_step_size)
+        self.replay = ReplayBuffer(cfg.replay_size) if cfg.replay_size else None
 
     def context(self, idx, cache=None):
         """Per-layer (k, v) of the context stream, each (B, H, T, Dh)."""
         return self.trunk(idx, cache)[1]
 
-    def energy(self, logits, context, step):
-        """logits: (B, P, V) candidates for the next token after each of the last P
+    def energy(self, probs, context, landscape):
+        """probs: (B, P, V) candidate distributions of the next token after each of the last P
         context tokens. Returns energies (B, P)."""
-        x = self.pred_emb(logits.softmax(-1))
-        x = x + self.step_emb.weight[min(step, self.step_emb.num_embeddings - 1)]
+        x = self.pred_emb(probs) + self.step_emb.weight[landscape]
         # second derivatives are needed only when training through the descent
         double_backward = self.training and torch.is_grad_enabled()
         for block, kv in zip(self.trunk.blocks, context):
@@ -423,13 +469,12 @@ class TextEBT(Thinker, nn.Module):
         return self.energy_head(self.norm(x)).squeeze(-1)
 
     def initial_logits(self, B, P, device, generator=None):
-        """Random starting logits (B, P, V) of std train_init_std in training mode, init_std
-        otherwise; a generator (on the CPU) makes them repeatable."""
+        """Random starting logits (B, P, V) from N(0, init_std^2); a generator (on the CPU)
+        makes them repeatable."""
         shape, dtype = (B, P, self.config.vocab_size), self.pred_emb.weight.dtype
-        std = self.config.train_init_std if self.training else self.config.init_std
         if generator is None:
-            return std * torch.randn(shape, device=device, dtype=dtype)
-        return std * torch.randn(shape, generator=generator, dtype=dtype).to(device)
+            return self.config.init_std * torch.randn(shape, device=device, dtype=dtype)
+        return self.config.init_std * torch.randn(shape, generator=generator, dtype=dtype).to(device)
 
     def predict(self, idx, steps=None, step_size=None, y0=None, context=None, tolerance=None, langevin_std=0.0):
         """Think from random logits at every position of idx: (B, T). Returns a Trajectory
@@ -437,18 +482,21 @@ class TextEBT(Thinker, nn.Module):
         y0 are given."""
         context = self.context(idx) if context is None else context
         y0 = self.initial_logits(*idx.shape, idx.device) if y0 is None else y0
-        return self.descend(lambda y, k: self.energy(y, context, k), y0, steps, step_size, tolerance, langevin_std)
+        return self.descend(lambda p, k: self.energy(p, context, k), y0, steps, step_size, tolerance, langevin_std)
 
     def think_candidates(self, context, P, candidates=1, generator=None, *, steps=None, step_size=None,
-                         langevin_std=0.0, tolerance=None):
+                         langevin_std=None, tolerance=None):
         """Think from `candidates` random starts about each of the last P positions of a
-        context, all sharing its (k, v): only the prediction tokens are run. Returns a
-        Trajectory with ys (B, N, P, V), energies (B, N, P) and, when stopping adaptively,
-        steps_used (B, N, P)."""
+        context, all sharing its (k, v): only the prediction tokens are run. langevin_std
+        defaults to the paper's inference noise, 1, when there are several candidates (the
+        softmax all but erases their different starts), else 0. Returns a Trajectory with ys
+        (B, N, P, V), energies (B, N, P) and, when stopping adaptively, steps_used (B, N, P)."""
         k0 = context[0][0]
         B, N = k0.shape[0], candidates
-        if N > 1:
-            context = [(k.repeat_interleave(N, 0), v.repeat_interleave(N, 0)) for k, v in context]  # (B*N, H, T, Dh)
+        if langevin_std is None:
+            langevin_std = VERIFY_LANGEVIN_STD if N > 1 else 0.0
+        if N > 1:  # a view, not a copy: every candidate reads the same keys and values
+            context = [tuple(t[:, None].expand(B, N, *t.shape[1:]).flatten(0, 1) for t in kv) for kv in context]
         y0 = self.initial_logits(B * N, P, k0.device, generator)
         traj = self.predict(None, steps, step_size, y0=y0, context=context, tolerance=tolerance,
                             langevin_std=langevin_std)
@@ -474,25 +522,63 @@ class TextEBT(Thinker, nn.Module):
         return keep_lowest(traj.ys[-1], final)[:, 0], cache, diagnostics
 
     def forward(self, idx, targets, steps=None, generator=None):
-        """Loss = mean over thinking steps of the cross-entropy after each step."""
+        """Cross-entropy after each thinking step; the loss is their mean, or with truncate the
+        last one. In training with a replay buffer, half a batch of earlier sequences joins the
+        batch, each starting from the logits its last descent ended at.
+        Metrics are tensors: reading them synchronises with the device."""
         y0 = self.initial_logits(*idx.shape, idx.device, generator)
-        if self.training and self.config.random_init_std:
-            y0 = y0 * torch.rand(idx.shape[0], 1, 1, device=idx.device)
+        fresh = len(idx)
+        if self.training and self.replay is not None:
+            idx, targets, y0 = self.replay.extend(idx, targets, y0, round(self.config.replay_batch * fresh))
         traj = self.predict(idx, steps, y0=y0)
-        losses = torch.stack([F.cross_entropy(y.flatten(0, 1), targets.flatten()) for y in traj.ys[1:]])
-        loss = losses.mean()
-        metrics = {"loss": loss.item(), "loss_first": losses[0].item(), "loss_last": losses[-1].item(),
-                   "ppl": math.exp(min(losses[-1].item(), 50.0)),
-                   "energy_start": traj.energies[0].mean().item(), "energy_end": traj.energies[-1].mean().item(),
-                   "step_size": self.step_size().item()}
+        losses = [F.cross_entropy(y.flatten(0, 1), targets.flatten()) for y in traj.ys[1:]]
+        loss = losses[-1] if self.config.truncate else sum(losses) / len(losses)
+        if self.training and self.replay is not None:
+            self.replay.add(idx[:fresh], targets[:fresh], traj.ys[-1][:fresh])
+        metrics = {"loss": loss.detach(), "loss_first": losses[0].detach(), "loss_last": losses[-1].detach(),
+                   "energy_first": traj.energies[0].detach().mean(), "energy_last": traj.energies[-1].detach().mean(),
+                   "step_size": self.step_size().detach()}
         if not self.training:
-            metrics["loss_per_step"] = [l.item() for l in losses]
+            metrics["loss_per_step"] = torch.stack(losses).detach()
         return loss, metrics
+
+
+class ReplayBuffer:
+    """The paper's S2 replay buffer (model/replay_buffer.py, flag mcmc_replay_buffer): the final
+    logits of the last `size` training sequences, replayed as starting points so that training
+    sees longer descents than it pays for. It lives on the model, outside its state_dict (each
+    process keeps its own); train() checkpoints it."""
+
+    def __init__(self, size):
+        self.size, self.idx, self.targets, self.logits = size, None, None, None
+
+    def extend(self, idx, targets, y0, n):
+        """The batch plus up to n stored sequences drawn at random (torch's global generator),
+        which start from their stored logits instead of y0."""
+        n = min(n, 0 if self.idx is None else len(self.idx))
+        if n == 0:
+            return idx, targets, y0
+        pick = torch.randperm(len(self.idx))[:n].to(self.idx.device)
+        return (torch.cat([idx, self.idx[pick]]), torch.cat([targets, self.targets[pick]]),
+                torch.cat([y0, self.logits[pick].to(y0.dtype)]))
+
+    def add(self, idx, targets, logits):
+        new = (idx, targets, logits.detach())
+        old = (self.idx, self.targets, self.logits)
+        self.idx, self.targets, self.logits = (t if o is None else torch.cat([o, t])[-self.size:] for o, t in zip(old, new))
+
+    def state(self):
+        return {"idx": self.idx, "targets": self.targets, "logits": self.logits}
+
+    def load(self, state, device):
+        self.idx, self.targets, self.logits = (None if state[k] is None else state[k].to(device)
+                                               for k in ("idx", "targets", "logits"))
+
 
 def keep_lowest(x, final_energy):
     """Self-verification: from x (B, N, P, ...) keep, at every position, the candidate whose
-    final energy (B, N, P) is lowest. Returns (B, P, ...)."""
-    best = final_energy.argmin(1, keepdim=True)  # (B, 1, P)
+    final energy (B, N, P) is lowest (never a NaN one, unless all are). Returns (B, P, ...)."""
+    best = final_energy.nan_to_num(nan=float("inf")).argmin(1, keepdim=True)  # (B, 1, P)
     return torch.take_along_dim(x, best.reshape(best.shape + (1,) * (x.dim() - 3)), dim=1).squeeze(1)
 
 
@@ -523,7 +609,7 @@ class Transformer(nn.Module):
     def forward(self, idx, targets):
         logits, _ = self.logits(idx)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        return loss, {"loss": loss.item(), "ppl": math.exp(min(loss.item(), 50.0))}
+        return loss, {"loss": loss.detach()}
 
     def param_groups(self, weight_decay):
         return decay_groups(self.parameters(), weight_decay)
@@ -540,7 +626,7 @@ def build_model(cfg, seed=None):
 # -----------------------------------------------------------------------------
 # 5. Text data and tokenizers
 
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE = Path(__file__).resolve().parent / "data" / "tinyshakespeare.txt.gz"  # ships with nanoEBT
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 CACHE_DIR = Path(os.environ.get("NANOEBT_CACHE", Path.home() / ".cache" / "nanoebt"))
 
@@ -567,6 +653,8 @@ def download(url, path, sha256=None, hint="pass a local copy with --data PATH"):
 
 def read_text(path):
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"data file {path} is a directory; pass a text file with --data")
     if not path.is_file():
         raise UsageError(f"data file {path} does not exist; pass an existing text file with --data")
     try:
@@ -578,9 +666,25 @@ def read_text(path):
     return text
 
 
+def sha256_text(text):
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def shakespeare():
+    """Tiny Shakespeare, from the compressed copy in data/ (checked against its checksum)."""
+    import gzip
+    try:
+        raw = gzip.decompress(SHAKESPEARE.read_bytes())
+    except OSError as e:
+        raise UsageError(f"{SHAKESPEARE} is missing or damaged ({e}); restore it from git, or pass --data") from None
+    if hashlib.sha256(raw).hexdigest() != SHAKESPEARE_SHA256:
+        raise UsageError(f"{SHAKESPEARE} does not hold Tiny Shakespeare (checksum); restore it from git, or pass --data")
+    return raw.decode("utf-8")
+
+
 def text_or_shakespeare(path=None):
-    """The text at path, or Tiny Shakespeare (downloaded once and cached)."""
-    return read_text(path or download(SHAKESPEARE_URL, CACHE_DIR / "tinyshakespeare.txt", SHAKESPEARE_SHA256))
+    """The text at path, or Tiny Shakespeare (shipped)."""
+    return read_text(path) if path else shakespeare()
 
 
 class CharTokenizer:
@@ -740,6 +844,8 @@ def save_checkpoint(path, state):
 
 def load_checkpoint(path, device="cpu"):
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"checkpoint {path} is a directory; pass the ckpt.pt file inside it")
     if not path.is_file():
         raise UsageError(f"checkpoint {path} does not exist")
     try:
@@ -768,25 +874,37 @@ def model_from_checkpoint(ckpt, device="cpu", **overrides):
     return model.to(device)
 
 
+def read_records(path):
+    """The records of a metrics.jsonl; a last line torn by a crash mid-write is skipped."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            records.append(json.loads(line))
+    return records
+
+
 @torch.no_grad()
 def evaluate(model, data, tc, device):
     """Mean validation metrics over fixed batches and fixed starting noise, so evaluations
-    at different times are comparable. Models that think (model.thinks) are given the
-    number of evaluation steps and the generator for their starting point."""
+    at different times are comparable. Models that think (model.thinks) think for
+    tc.eval_steps (default twice the trained steps) and report the loss after each step;
+    their "loss" is the one after the trained number of steps."""
     model.eval()
     g = torch.Generator().manual_seed(tc.seed + 1)
-    thinking = {}
-    if getattr(model, "thinks", False):
-        thinking = {"steps": tc.eval_steps or 2 * model.config.think_steps, "generator": g}
+    thinks = getattr(model, "thinks", False)
+    thinking = {"steps": tc.eval_steps or 2 * model.trained_steps(), "generator": g} if thinks else {}
     totals = {}
     for _ in range(tc.eval_batches):
         x, y = data.batch("val", tc.batch_size, generator=g)
         with autocast(device):
             _, m = model(x.to(device), y.to(device), **thinking)
         for k, v in m.items():
-            totals[k] = totals.get(k, 0) + torch.tensor(v, dtype=torch.float64)
+            totals[k] = totals.get(k, 0) + v.double()
     model.train()
-    return {k: (v / tc.eval_batches).tolist() for k, v in totals.items()}
+    m = {k: (v / tc.eval_batches).tolist() for k, v in totals.items()}
+    if thinks:
+        m["loss"] = m["loss_per_step"][min(model.trained_steps(), len(m["loss_per_step"])) - 1]
+    return m
 
 
 def format_time(seconds):
@@ -795,24 +913,29 @@ def format_time(seconds):
 
 
 def plot_metrics(records, path):
-    """Loss curve PNG from the metrics log records."""
+    """Loss curve PNG from the metrics log: the training loss smoothed (raw, faint), and the
+    validation loss (an EBT's after 1, the trained and the most evaluated thinking steps)."""
     from matplotlib.figure import Figure  # no pyplot: nothing global to set up or close
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
     train = [r for r in records if r["kind"] == "train"]
     val = [r for r in records if r["kind"] == "eval"]
     if train:
-        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", alpha=0.6)
-    if val:
-        if "loss_per_step" in val[0]:
-            K = len(val[0]["loss_per_step"])
-            for k in sorted({0, K // 2 - 1, K - 1}):
-                ax.plot([r["step"] for r in val], [r["loss_per_step"][k] for r in val], marker="o",
-                        label=f"val loss, {k + 1} thinking step{'s' if k else ''}")
-        else:
-            ax.plot([r["step"] for r in val], [r["loss"] for r in val], marker="o", label="val loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
+        steps, losses = [r["step"] for r in train], [r["loss"] for r in train]
+        ax.plot(steps, losses, color="C0", alpha=0.25, lw=0.8)
+        smooth, avg = [], losses[0]
+        for l in losses:  # exponential moving average
+            avg = 0.9 * avg + 0.1 * l
+            smooth.append(avg)
+        ax.plot(steps, smooth, color="C0", label="train loss (smoothed; raw faint)")
+    if val and "loss_per_step" in val[0]:
+        K = len(val[0]["loss_per_step"])
+        for k in sorted({0, K // 2 - 1, K - 1}):
+            ax.plot([r["step"] for r in val], [r["loss_per_step"][k] for r in val], marker="o",
+                    label=f"val loss, {k + 1} thinking step{'s' if k else ''}")
+    elif val:
+        ax.plot([r["step"] for r in val], [r["loss"] for r in val], marker="o", label="val loss")
+    ax.set(xlabel="optimizer step", ylabel="loss (nats per token)", title=f"training: {Path(path).parent.name}")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -843,30 +966,65 @@ def batch_seed(seed, step, micro_step):
     return seed + 1_000_003 * step + 7919 * micro_step
 
 
-def train(model, data, tc, meta=None, resume=False, log=print):
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Schedulers stop jobs with SIGTERM: treat it like Ctrl-C, so the run is saved."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def prepare_out_dir(out, resume):
+    """Never overwrite an earlier run; remove what a crash during a save left behind."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out_dir {out} is a file, not a directory; pass a directory")
+    if not resume and ((out / "ckpt.pt").exists() or (out / "metrics.jsonl").exists()):
+        raise UsageError(f"{out} already holds a run; continue it with --resume, or pass another --out_dir")
+    for stale in out.glob("*.tmp") if out.is_dir() else ():
+        stale.unlink()
+
+
+def is_out_of_memory(e):
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e) or "out of memory" in str(e)
+
+
+def train(model, data, tc, meta=None, resume=False, log=None):
     """The training loop shared by the text and image drivers; runs as it is under
     torchrun (DistributedDataParallel, one process per device).
 
-    model(x, y) -> (loss, metrics dict); model.param_groups(weight_decay) -> AdamW groups.
+    model(x, y) -> (loss, metrics dict of tensors); model.param_groups(weight_decay) -> AdamW groups.
     data.batch(split, batch_size, generator) -> (x, y); data.tokens_per_sample.
     tc.batch_size is per process: each of N processes takes its slice of a global batch
     of N x batch_size drawn from the same generator, so the run matches one process with
-    N times the batch.
+    N times the batch. The host waits for the device only on log and eval steps.
     meta: extra entries stored in the checkpoint (e.g. the tokenizer).
-    Rank 0 writes out_dir/ckpt.pt, out_dir/metrics.jsonl and out_dir/loss.png.
+    Rank 0 writes out_dir/ckpt.pt, out_dir/metrics.jsonl and out_dir/loss.png; with a replay
+    buffer, rank r > 0 keeps its own in out_dir/replay-rank{r}.pt.
     """
+    log = log or (lambda *a: print(*a, flush=True))  # flushed: progress shows in files and under nohup
     rank, world, device = distributed_setup(pick_device(tc.device))
     master = rank == 0
     log = log if master else (lambda *a: None)
     out = Path(tc.out_dir)
-    ckpt_path, log_path = out / "ckpt.pt", out / "metrics.jsonl"
+    prepare_out_dir(out, resume)
+    ckpt_path, log_path, replay_path = out / "ckpt.pt", out / "metrics.jsonl", out / f"replay-rank{rank}.pt"
     model.to(device)
     raw_model = model
+    thinks, replay = getattr(raw_model, "thinks", False), getattr(raw_model, "replay", None)
     if tc.compile:
         compile_model(model)
     optimizer = torch.optim.AdamW(raw_model.param_groups(tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95),
                                   fused=device.startswith("cuda"))
-    step, records = 0, []
+    step, records, saved = 0, [], None
     if resume:
         ckpt = load_checkpoint(ckpt_path, device)
         try:
@@ -874,10 +1032,14 @@ def train(model, data, tc, meta=None, resume=False, log=print):
             optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise UsageError(f"checkpoint {ckpt_path} does not fit this model ({str(e).splitlines()[0]})") from None
-        step = ckpt["step"]
+        step = saved = ckpt["step"]
+        if replay is not None:
+            kept = ckpt.get("replay") if master else (
+                torch.load(replay_path, weights_only=True) if replay_path.exists() else None)
+            if kept is not None and (master or kept["step"] == step):
+                replay.load(kept if master else kept["replay"], device)
         if log_path.exists():
-            records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-            records = [r for r in records if r["step"] <= step]
+            records = [r for r in read_records(log_path) if r["step"] <= step]
         log(f"resumed from {ckpt_path} at step {step}")
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model)
@@ -886,89 +1048,119 @@ def train(model, data, tc, meta=None, resume=False, log=print):
         log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
     def checkpoint():
+        nonlocal saved
+        if replay is not None and not master:
+            save_checkpoint(replay_path, {"step": step, "replay": replay.state()})
         if master:
             save_checkpoint(ckpt_path, {
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                 "model_config": asdict(raw_model.config), "train_config": asdict(tc),
                 "step": step,  # also the data position: batches are a function of (seed, step)
-                **(meta or {})})
+                **({"replay": replay.state()} if replay is not None else {}), **(meta or {})})
+        saved = step
 
     def record(r):
         records.append(r)
         with open(log_path, "a") as f:
             f.write(json.dumps(r) + "\n")
 
+    def all_finite(nonfinite):
+        """One sync; under torchrun every rank takes the same decision."""
+        if world > 1:
+            nonfinite = nonfinite.float()
+            torch.distributed.all_reduce(nonfinite, op=torch.distributed.ReduceOp.MAX)
+        return not bool(nonfinite)
+
     n_params = sum(p.numel() for p in raw_model.parameters())
     tokens_per_step = tc.batch_size * tc.grad_accum * world * data.tokens_per_sample
     log(f"{raw_model.config.model}: {n_params / 1e6:.2f}M parameters, device {device} x {world}, "
         f"{tc.batch_size * tc.grad_accum * world} x {data.tokens_per_sample} tokens per step")
     t0, t_last, start_step = time.time(), time.time(), step
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # since the last check, on the device
     try:
-        while step < tc.max_steps:
-            lr = lr_at(step, tc)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_mult"]
-            for micro in range(tc.grad_accum):
-                g = torch.Generator().manual_seed(batch_seed(tc.seed, step, micro))
-                x, y = data.batch("train", tc.batch_size * world, g)
-                x, y = x.chunk(world)[rank].to(device), y.chunk(world)[rank].to(device)
-                torch.manual_seed(batch_seed(tc.seed, step, micro) + rank)  # thinking noise
-                last_micro = micro == tc.grad_accum - 1
-                # all-reduce gradients only once per optimizer step
-                with model.no_sync() if world > 1 and not last_micro else contextlib.nullcontext():
-                    with autocast(device):
-                        loss, metrics = model(x, y)
-                    if not torch.isfinite(loss):
-                        raise NonFiniteError(f"loss is {loss.item()} at step {step}")
-                    (loss / tc.grad_accum).backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tc.grad_clip or float("inf"))
-            if not torch.isfinite(grad_norm):
-                raise NonFiniteError(f"gradient norm is {grad_norm.item()} at step {step}")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
+        with sigterm_as_interrupt():
+            while step < tc.max_steps:
+                lr = lr_at(step, tc)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * group["lr_mult"]
+                # one step count per optimizer step, the same on every rank and micro-step
+                thinking = {"steps": raw_model.draw_steps(torch.Generator().manual_seed(batch_seed(tc.seed, step, -1)))
+                            } if thinks else {}
+                for micro in range(tc.grad_accum):
+                    g = torch.Generator().manual_seed(batch_seed(tc.seed, step, micro))
+                    x, y = data.batch("train", tc.batch_size * world, g)
+                    x, y = x.chunk(world)[rank].to(device), y.chunk(world)[rank].to(device)
+                    torch.manual_seed(batch_seed(tc.seed, step, micro) + rank)  # thinking noise, replay picks
+                    last_micro = micro == tc.grad_accum - 1
+                    # all-reduce gradients only once per optimizer step
+                    with model.no_sync() if world > 1 and not last_micro else contextlib.nullcontext():
+                        with autocast(device):
+                            loss, metrics = model(x, y, **thinking)
+                        (loss / tc.grad_accum).backward()
+                    nonfinite |= ~torch.isfinite(loss.detach())
+                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tc.grad_clip or float("inf"))
+                nonfinite |= ~torch.isfinite(grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
 
-            logging = step % tc.log_interval == 0 or step == tc.max_steps
-            if logging and world > 1:  # report the loss over the global batch
-                mean_loss = loss.detach().clone()
-                torch.distributed.all_reduce(mean_loss)
-                metrics["loss"] = mean_loss.item() / world
-            if master and logging:
-                now = time.time()
-                tok_s = tokens_per_step * (step - max(start_step, step - tc.log_interval)) / max(now - t_last, 1e-9)
-                t_last = now
-                eta = (now - t0) / (step - start_step) * (tc.max_steps - step)
-                record({"kind": "train", "step": step, "lr": lr, "grad_norm": grad_norm.item(),
-                        "tokens_per_s": tok_s, **metrics})
-                line = f"step {step}/{tc.max_steps} | loss {metrics['loss']:.4f}"
-                if "loss_first" in metrics:
-                    line += (f" (step1 {metrics['loss_first']:.3f}, last {metrics['loss_last']:.3f})"
-                             f" | E {metrics['energy_start']:.2f}->{metrics['energy_end']:.2f}"
-                             f" | alpha {metrics['step_size']:.1f}")
-                quality = "".join(f" | {k} {metrics[k]:.2f}" for k in ("ppl", "psnr") if k in metrics)
-                log(line + f"{quality} | {tok_s / 1e3:.1f}k tok/s | ETA {format_time(eta)}")
-            if master and (step % tc.eval_interval == 0 or step == tc.max_steps):
-                m = evaluate(raw_model, data, tc, device)
-                record({"kind": "eval", "step": step, **m})
-                if "loss_per_step" in m:
-                    line = (f"eval step {step} | val loss after 1..{len(m['loss_per_step'])} thinking steps: "
-                            + " ".join(f"{l:.4f}" for l in m["loss_per_step"]))
-                    if "psnr_per_step" in m:
-                        line += " | PSNR " + " ".join(f"{p:.2f}" for p in m["psnr_per_step"])
-                    log(line)
-                else:
-                    log(f"eval step {step} | val loss {m['loss']:.4f}")
-                checkpoint()
-                plot_metrics(records, out / "loss.png")
-                t_last = time.time()  # throughput counts training only
+                logging = step % tc.log_interval == 0 or step == tc.max_steps
+                evaluating = step % tc.eval_interval == 0 or step == tc.max_steps
+                if (logging or evaluating) and not all_finite(nonfinite):
+                    raise NonFiniteError(f"the loss or the gradient became NaN or infinite by step {step}")
+                if logging:
+                    metrics = {k: v.item() for k, v in metrics.items()}
+                    if world > 1:  # report the loss over the global batch
+                        mean_loss = loss.detach().clone()
+                        torch.distributed.all_reduce(mean_loss)
+                        metrics["loss"] = mean_loss.item() / world
+                if master and logging:
+                    now = time.time()
+                    tok_s = tokens_per_step * (step - max(start_step, step - tc.log_interval)) / max(now - t_last, 1e-9)
+                    t_last = now
+                    eta = (now - t0) / (step - start_step) * (tc.max_steps - step)
+                    record({"kind": "train", "step": step, "lr": lr, "grad_norm": grad_norm.item(),
+                            "tokens_per_s": tok_s, **metrics})
+                    line = f"step {step}/{tc.max_steps} | loss {metrics['loss']:.4f}"
+                    if "loss_first" in metrics:  # each step's energy on that step's own landscape
+                        line += (f" (step1 {metrics['loss_first']:.3f}, last {metrics['loss_last']:.3f})"
+                                 f" | E at step1 {metrics['energy_first']:.2f}, at last {metrics['energy_last']:.2f}"
+                                 f" | alpha {metrics['step_size']:.1f}")
+                    quality = f" | psnr {metrics['psnr']:.2f}" if "psnr" in metrics else ""
+                    log(line + f"{quality} | {tok_s / 1e3:.1f}k tok/s | ETA {format_time(eta)}")
+                if evaluating:
+                    if master:
+                        m = evaluate(raw_model, data, tc, device)
+                        record({"kind": "eval", "step": step, **m})
+                        if "loss_per_step" in m:
+                            line = (f"eval step {step} | val loss after 1..{len(m['loss_per_step'])} thinking steps: "
+                                    + " ".join(f"{l:.4f}" for l in m["loss_per_step"]))
+                            if "psnr_per_step" in m:
+                                line += " | PSNR " + " ".join(f"{p:.2f}" for p in m["psnr_per_step"])
+                            log(line)
+                        else:
+                            log(f"eval step {step} | val loss {m['loss']:.4f}")
+                    checkpoint()
+                    if master:
+                        plot_metrics(records, out / "loss.png")
+                    t_last = time.time()  # throughput counts training only
     except KeyboardInterrupt:
-        checkpoint()
-        if master:
-            plot_metrics(records, out / "loss.png")
-        log(f"interrupted at step {step}; saved {ckpt_path} (continue with --resume)")
+        if bool(nonfinite):
+            log(f"interrupted at step {step}; not saved: the run had become non-finite")
+        else:
+            checkpoint()
+            if master:
+                plot_metrics(records, out / "loss.png")
+            log(f"interrupted at step {step}; saved {ckpt_path} (continue with --resume)")
     except NonFiniteError as e:
-        raise UsageError(f"training stopped: {e}; the last good checkpoint is {ckpt_path}; "
-                         "try a lower --lr or --step_size") from None
+        kept = (f"the last good checkpoint is {ckpt_path} (step {saved})" if saved is not None else
+                f"no checkpoint was written yet (the first comes at step {tc.eval_interval})")
+        raise UsageError(f"training stopped: {e}; {kept}; try a lower --lr or --step_size") from None
+    except RuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
+        raise UsageError(f"out of memory on {device} with batch {tc.batch_size} x {data.tokens_per_sample}: "
+                         "lower --batch_size (--grad_accum keeps the batch) or --block_size") from None
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()
@@ -1136,8 +1328,7 @@ def thinking_table(results, trained_steps):
 
 def plot_thinking_curves(results, trained_steps, title="perplexity vs thinking"):
     """results: {label: thinking_curves(...)} -> a Figure: perplexity against steps and candidates."""
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(8, 3.4), layout="constrained")
+    fig = figure(figsize=(8, 3.4), layout="constrained")
     by_steps, by_candidates = fig.subplots(1, 2)
     for label, r in results.items():
         by_steps.plot(list(r["steps"]), list(r["steps"].values()), marker="o", label=label)
@@ -1176,44 +1367,86 @@ def token_label(tokenizer, i):
 
 @torch.no_grad()
 def think_on_text(model, tokenizer, text, steps=None, seed=0):
-    """Think about every next token of a text (its last block_size + 1 tokens) from fixed random starts."""
+    """Think about every next token of a text (its last block_size + 1 tokens) from fixed random
+    starts, for `steps` steps (default 4x the trained number: where thinking longer goes)."""
     require_ebt(model, "plotting the energy")
     ids = torch.tensor(tokenizer.encode(text)[-(model.config.block_size + 1):])
     if len(ids) < 2:
         raise UsageError(f"the text {text!r} is too short to plot: it needs at least 2 tokens")
     device = next(model.parameters()).device
     context = model.context(ids[None, :-1].to(device))
-    traj = model.think_candidates(context, len(ids) - 1, 1, torch.Generator().manual_seed(seed), steps=steps)
+    traj = model.think_candidates(context, len(ids) - 1, 1, torch.Generator().manual_seed(seed),
+                                  steps=steps or 4 * model.trained_steps())
     traj = Trajectory([y[:, 0] for y in traj.ys], [e[:, 0] for e in traj.energies])
     return TextThinking(ids, [token_label(tokenizer, i) for i in ids[1:].tolist()], traj, context)
 
 
-def plot_energy_per_step(model, tokenizer, text, steps=None, seed=0):
-    """Energy against thinking step, one line per token of the text. Returns (Figure, energies (T, K+1))."""
-    from matplotlib import colormaps
+def figure(**kw):
+    """A matplotlib Figure (no pyplot state) that Jupyter shows as a picture by itself."""
+    import io
     from matplotlib.figure import Figure
-    energies = think_on_text(model, tokenizer, text, steps, seed).energies()
-    fig = Figure(figsize=(6, 3.4), layout="constrained")
+    fig = Figure(**kw)
+
+    def png():
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=90)
+        return buffer.getvalue()
+    fig._repr_png_ = png
+    return fig
+
+
+def step_axis_label(model):
+    """Which landscape each plotted energy is on: step k's candidate is scored on step k's."""
+    L = model.config.landscapes
+    if L == 1:
+        return "thinking step (one landscape)"
+    return f"thinking step (each on its own landscape; steps >= {L - 1} share the last)"
+
+
+def plot_energy_trajectories(model, energies, title, labels=None):
+    """Energy (T, K+1) against thinking step, one faint line per token and their mean."""
+    from matplotlib import colormaps
+    fig = figure(figsize=(6, 3.4), layout="constrained")
     ax = fig.subplots()
     colors = colormaps["viridis"](torch.linspace(0, 1, len(energies)).numpy())
     for e, c in zip(energies, colors):
         ax.plot(e.numpy(), color=c, alpha=0.35, lw=1)
-    ax.plot(energies.mean(0).numpy(), color="black", lw=2, label="mean over tokens")
-    ax.set(xlabel="thinking step", ylabel="energy",
-           title=f"energy while thinking, {len(energies)} tokens (colour = position)")
+    ax.plot(energies.nanmean(0).numpy(), color="black", lw=2, label="mean over tokens")
+    ax.set(xlabel=step_axis_label(model), ylabel="energy", title=title)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend()
     ax.grid(alpha=0.3)
-    return fig, energies
+    return fig
+
+
+def plot_energy_per_step(model, tokenizer, text, steps=None, seed=0):
+    """Energy against thinking step, one line per token of the text. Returns (Figure, energies (T, K+1))."""
+    energies = think_on_text(model, tokenizer, text, steps, seed).energies()
+    title = f"energy while thinking, {len(energies)} tokens (colour = position)"
+    return plot_energy_trajectories(model, energies, title), energies
+
+
+def plot_generation(model, generation, row=0):
+    """The energy trajectories of generated tokens: what generate() returned (one row of its
+    batch). Positions that stopped early (adaptive stopping) end early. Returns (Figure,
+    energies (n, K+1), NaN after a stop)."""
+    require_ebt(model, "plotting a generation's energies")
+    if not generation.trajectory:
+        raise UsageError("the generation has no thinking trajectories (no new tokens, or not an EBT)")
+    K = max(t.shape[-1] for t in generation.trajectory)
+    energies = torch.full((len(generation.trajectory), K), float("nan"))
+    for i, t in enumerate(generation.trajectory):
+        energies[i, :t.shape[-1]] = t[row].float().cpu()
+    title = f"energy while generating, {len(energies)} tokens (colour = position)"
+    return plot_energy_trajectories(model, energies, title), energies
 
 
 def plot_energy_heatmap(model, tokenizer, text, steps=None, seed=0):
     """Per-token energy over thinking steps, tokens labelled: hard tokens stay high.
     Returns (Figure, energies (T, K+1))."""
-    from matplotlib.figure import Figure
     thought = think_on_text(model, tokenizer, text, steps, seed)
     energies = thought.energies()
-    fig = Figure(figsize=(max(5, 0.16 * len(energies) + 1.5), 2.6), layout="constrained")
+    fig = figure(figsize=(max(5, 0.16 * len(energies) + 1.5), 2.6), layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(energies.T.numpy(), aspect="auto", cmap="magma", interpolation="nearest")
     ax.set_xticks(range(len(thought.labels)), thought.labels, fontsize=7, family="monospace")
@@ -1225,8 +1458,7 @@ def plot_energy_heatmap(model, tokenizer, text, steps=None, seed=0):
 def plot_energy_landscape(model, tokenizer, text, position=-1, steps=None, seed=0, grid=31):
     """The energy around one token's prediction on the plane through the start, middle and
     end of its descent path, with the path drawn (points off the plane are projected).
-    Energies use the last step's embedding. Returns (Figure, energies (grid, grid))."""
-    from matplotlib.figure import Figure
+    Energies are on the landscape of the path's last step. Returns (Figure, energies (grid, grid))."""
     thought = think_on_text(model, tokenizer, text, steps, seed)
     path = torch.stack([y[0, position] for y in thought.traj.ys])  # (K+1, V)
     origin, middle, end = path[0], path[len(path) // 2], path[-1]
@@ -1247,10 +1479,10 @@ def plot_energy_landscape(model, tokenizer, text, position=-1, steps=None, seed=
     context = [(k[..., :p + 1, :], w[..., :p + 1, :]) for k, w in thought.context]  # what position p sees
     with torch.no_grad():
         energies = torch.cat([
-            model.energy(chunk[:, None], [(k.expand(len(chunk), -1, -1, -1), w.expand(len(chunk), -1, -1, -1))
-                                          for k, w in context], len(path) - 1)[:, 0]
+            model.energy(chunk[:, None].softmax(-1), [(k.expand(len(chunk), -1, -1, -1), w.expand(len(chunk), -1, -1, -1))
+                                          for k, w in context], min(len(path) - 2, model.config.landscapes - 1))[:, 0]
             for chunk in points.split(64)]).reshape(grid, grid).float().cpu()
-    fig = Figure(figsize=(5, 4), layout="constrained")
+    fig = figure(figsize=(5, 4), layout="constrained")
     ax = fig.subplots()
     filled = ax.contourf(a.numpy(), b.numpy(), energies.numpy(), levels=20, cmap="viridis")
     fig.colorbar(filled, ax=ax, label="energy")
@@ -1266,7 +1498,6 @@ def plot_energy_landscape(model, tokenizer, text, position=-1, steps=None, seed=
 def plot_distribution_sharpening(model, tokenizer, text, position=-1, steps=None, seed=0, top=4):
     """The predicted distribution at one position after each thinking step: the tokens that
     are in the top `top` at any step. Returns (Figure, probabilities (K+1, V))."""
-    from matplotlib.figure import Figure
     thought = think_on_text(model, tokenizer, text, steps, seed)
     probs = torch.stack([y[0, position] for y in thought.traj.ys]).float().softmax(-1).cpu()  # (K+1, V)
     shown = list(dict.fromkeys(probs.topk(min(top, probs.shape[-1]), -1).indices.flatten().tolist()))
@@ -1274,7 +1505,7 @@ def plot_distribution_sharpening(model, tokenizer, text, position=-1, steps=None
     entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1)
     target = thought.ids[1:][position].item()
     labels = [token_label(tokenizer, i) + (" (true)" if i == target else "") for i in shown]
-    fig = Figure(figsize=(5, 0.3 * len(shown) + 1.6), layout="constrained")
+    fig = figure(figsize=(5, 0.3 * len(shown) + 1.6), layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(probs[:, shown].T.numpy(), aspect="auto", cmap="Blues", vmin=0, interpolation="nearest")
     for k in range(len(probs)):
@@ -1344,14 +1575,14 @@ class ImageEBT(Thinker, nn.Module):
         assert cfg.model == "image_ebt"
         self.config = cfg
         self.body = PatchTransformer(cfg)
-        self.step_emb = nn.Embedding(cfg.think_steps + cfg.random_steps, cfg.n_embd)
+        self.step_emb = nn.Embedding(cfg.landscapes, cfg.n_embd)
         self.energy_head = nn.Linear(cfg.n_embd, 1, bias=False)
         self.apply(init_weights)
-        self.raw_step_size = nn.Parameter(torch.tensor(float(cfg.step_size)))
+        self.raw_step_size = nn.Parameter(torch.tensor(float(cfg.step_size)), requires_grad=cfg.learn_step_size)
 
-    def energy(self, img, step):
+    def energy(self, img, landscape):
         """img: (B, C, S, S) candidates. Returns energies (B,)."""
-        cond = self.step_emb.weight[min(step, self.step_emb.num_embeddings - 1)]
+        cond = self.step_emb.weight[landscape]
         # second derivatives are needed only when training through the descent
         double_backward = self.training and torch.is_grad_enabled()
         return self.energy_head(self.body(img, cond, double_backward)).squeeze(-1).mean(1)
@@ -1364,15 +1595,15 @@ class ImageEBT(Thinker, nn.Module):
         """Loss = mean over thinking steps of the smooth-L1 distance to the clean image.
         generator is accepted for evaluate() and unused: the starting point is not random."""
         traj = self.predict(noisy, steps)
-        losses = torch.stack([F.smooth_l1_loss(y, clean) for y in traj.ys[1:]])
-        loss = losses.mean()
-        metrics = {"loss": loss.item(), "loss_first": losses[0].item(), "loss_last": losses[-1].item(),
-                   "psnr": psnr(traj.ys[-1].detach(), clean).mean().item(),
-                   "energy_start": traj.energies[0].mean().item(), "energy_end": traj.energies[-1].mean().item(),
-                   "step_size": self.step_size().item()}
+        losses = [F.smooth_l1_loss(y, clean) for y in traj.ys[1:]]
+        loss = losses[-1] if self.config.truncate else sum(losses) / len(losses)
+        metrics = {"loss": loss.detach(), "loss_first": losses[0].detach(), "loss_last": losses[-1].detach(),
+                   "psnr": psnr(traj.ys[-1].detach(), clean).mean(),
+                   "energy_first": traj.energies[0].detach().mean(), "energy_last": traj.energies[-1].detach().mean(),
+                   "step_size": self.step_size().detach()}
         if not self.training:
-            metrics["loss_per_step"] = [l.item() for l in losses]
-            metrics["psnr_per_step"] = [psnr(y, clean).mean().item() for y in traj.ys[1:]]
+            metrics["loss_per_step"] = torch.stack(losses).detach()
+            metrics["psnr_per_step"] = torch.stack([psnr(y, clean).mean() for y in traj.ys[1:]])
         return loss, metrics
 
 
@@ -1395,7 +1626,7 @@ class ImageBaseline(nn.Module):
     def forward(self, noisy, clean):
         pred = self.denoise(noisy)
         loss = F.smooth_l1_loss(pred, clean)
-        return loss, {"loss": loss.item(), "psnr": psnr(pred.detach(), clean).mean().item()}
+        return loss, {"loss": loss.detach(), "psnr": psnr(pred.detach(), clean).mean()}
 
     def param_groups(self, weight_decay):
         return decay_groups(self.parameters(), weight_decay)

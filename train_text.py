@@ -1,11 +1,16 @@
 """
-Train a text EBT (or the Transformer++ baseline) on Tiny Shakespeare or any text file.
+Train a text EBT (or the Transformer++ baseline) on Tiny Shakespeare (shipped) or any text file.
 
-    python train_text.py                               # EBT, sized for one GPU
-    python train_text.py --preset cpu                  # a few minutes on a laptop CPU
-    python train_text.py --model transformer           # the baseline, same backbone and batch
+    python train_text.py                        # EBT, recipe S1; preset from the device (gpu, else cpu)
+    python train_text.py --recipe s2            # the paper's System 2 recipe
+    python train_text.py --model transformer    # the baseline, same backbone and batch
     python train_text.py --data my.txt --tokenizer gpt2
-    python train_text.py --resume                      # continue out-text/ckpt.pt
+    python train_text.py --resume               # continue out-text/ckpt.pt with its own settings
+
+Recipes (the paper's job scripts, every value overridable by its flag):
+  s1  2 steps, one step embedding each, alpha learned (lr x 3 alpha, no decay), mean CE over steps
+  s2  one landscape descended 2 or 3 times (3 at evaluation), alpha 5 fixed, per-token alpha in
+      [alpha/2, 2 alpha], Langevin noise 3, no detach, last step trained only, replay buffer of 192
 """
 import argparse
 
@@ -17,74 +22,123 @@ PRESETS = {  # sizes and budgets; every entry can be overridden by its flag
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=16, max_steps=1500,
                 lr=2e-3, eval_interval=250, eval_batches=10, log_interval=25),
 }
+S1_STEP_SIZE = {65: 8.0}  # alpha per vocabulary size, measured (README "Choosing alpha"); else 500, the paper's
+RECIPES = {
+    "s1": dict(think_steps=2, landscapes=2, random_steps=0, step_size=None, learn_step_size=True, langevin_std=0.0,
+               random_step_size=1.0, truncate=False, detach=True, replay_size=0),
+    "s2": dict(think_steps=2, landscapes=1, random_steps=1, step_size=5.0, learn_step_size=False, langevin_std=3.0,
+               random_step_size=2.0, truncate=True, detach=False, replay_size=192),
+}
+MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "mlp_hidden", "block_size", *RECIPES["s1"], "step_size_lr_mult",
+               "init_std", "replay_batch")
+TRAIN_FLAGS = ("batch_size", "max_steps", "lr", "warmup_steps", "grad_accum", "weight_decay", "grad_clip",
+               "eval_interval", "eval_batches", "eval_steps", "log_interval", "seed")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # every default is None here, so what the user typed is known: resuming keeps the rest
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     m, t, s = ebt.ModelConfig(), ebt.TrainConfig(), p.add_argument
-    preset_help = lambda k: f"(default: from --preset, gpu {PRESETS['gpu'][k]}, cpu {PRESETS['cpu'][k]})"
-    s("--preset", choices=PRESETS, default="gpu", help="size and budget (default: %(default)s)")
-    s("--model", choices=ebt.TEXT_KINDS, default="ebt", help="(default: %(default)s)")
+    preset_help = lambda k: f"(default: from --preset: gpu {PRESETS['gpu'][k]}, cpu {PRESETS['cpu'][k]})"
+    recipe_help = lambda k: f"(default: from --recipe: s1 {RECIPES['s1'][k]}, s2 {RECIPES['s2'][k]})"
+    s("--preset", choices=PRESETS, help="size and budget (default: gpu if CUDA or MPS is available, else cpu)")
+    s("--model", choices=ebt.TEXT_KINDS, help="(default: ebt)")
+    s("--recipe", choices=RECIPES, help="the paper's training recipe for the EBT (default: s1)")
     for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_steps", "eval_interval",
               "eval_batches", "log_interval"):
         s(f"--{k}", type=int, help=preset_help(k))
     s("--lr", type=float, help=preset_help("lr"))
-    s("--warmup_steps", type=int, default=t.warmup_steps, help="(default: %(default)s)")
-    s("--grad_accum", type=int, default=t.grad_accum, help="micro-batches per optimizer step (default: %(default)s)")
-    s("--weight_decay", type=float, default=t.weight_decay, help="(default: %(default)s)")
-    s("--grad_clip", type=float, default=t.grad_clip, help="0 = off (default: %(default)s)")
+    s("--mlp_hidden", type=int, help="SwiGLU hidden width, 0 = n_embd as in the paper's models (default: 0)")
+    s("--warmup_steps", type=int, help=f"(default: {t.warmup_steps})")
+    s("--grad_accum", type=int, help=f"micro-batches per optimizer step (default: {t.grad_accum})")
+    s("--weight_decay", type=float, help=f"(default: {t.weight_decay})")
+    s("--grad_clip", type=float, help=f"0 = off (default: {t.grad_clip})")
     g = p.add_argument_group("thinking (EBT)")
-    g.add_argument("--think_steps", type=int, default=m.think_steps, help="descent steps in training (default: %(default)s)")
-    g.add_argument("--step_size", type=float, default=m.step_size, help="initial step size alpha (default: %(default)s)")
-    g.add_argument("--step_size_lr_mult", type=float, default=m.step_size_lr_mult, help="alpha's lr / base lr (default: %(default)s)")
-    g.add_argument("--init_std", type=float, default=m.init_std, help="std of the starting logits at inference (default: %(default)s)")
-    g.add_argument("--train_init_std", type=float, default=m.train_init_std, help="std of the starting logits in training (default: %(default)s)")
-    g.add_argument("--random_init_std", action=argparse.BooleanOptionalAction, default=m.random_init_std,
-                   help="draw each training sequence's start std from U[0, train_init_std] (default: %(default)s)")
-    g.add_argument("--eval_steps", type=int, default=t.eval_steps, help="thinking steps at evaluation, 0 = 2x think_steps (default: %(default)s)")
-    g.add_argument("--langevin_std", type=float, default=m.langevin_std, help="System 2: noise added before each step (default: %(default)s)")
-    g.add_argument("--random_step_size", type=float, default=m.random_step_size, help="System 2: per-sample alpha in [alpha/s, alpha*s], 1 = off (default: %(default)s)")
-    g.add_argument("--random_steps", type=int, default=m.random_steps, help="System 2: add U{0..n} training steps (default: %(default)s)")
-    g.add_argument("--truncate", action="store_true", help="System 2: only the last step keeps the second-order graph")
-    g.add_argument("--no_detach", action="store_true", help="System 2: backprop through the whole descent path")
-    s("--data", help="text file to train on (default: Tiny Shakespeare, downloaded once and cached)")
-    s("--tokenizer", choices=("char", "gpt2"), default="char", help="(default: %(default)s)")
+    g.add_argument("--think_steps", type=int, help="descent steps in training " + recipe_help("think_steps"))
+    g.add_argument("--random_steps", type=int, help="train with think_steps + U{0..n} steps " + recipe_help("random_steps"))
+    g.add_argument("--landscapes", type=int, help="step embeddings; step k uses min(k, n-1) " + recipe_help("landscapes"))
+    g.add_argument("--step_size", type=float, help="alpha (default: s1 by vocabulary: "
+                   + ", ".join(f"V={v}: {a:g}" for v, a in S1_STEP_SIZE.items()) + ", else 500; s2 5)")
+    g.add_argument("--learn_step_size", action=argparse.BooleanOptionalAction, help=recipe_help("learn_step_size"))
+    g.add_argument("--step_size_lr_mult", type=float, help="alpha's lr / base lr (default: 3 x step_size, the paper's 1500 at 500)")
+    g.add_argument("--init_std", type=float, help=f"thinking starts from N(0, init_std^2) logits (default: {m.init_std})")
+    g.add_argument("--eval_steps", type=int, help="thinking steps at evaluation, 0 = 2x the trained steps (default: 0)")
+    g.add_argument("--langevin_std", type=float, help="noise added to the logits before each step " + recipe_help("langevin_std"))
+    g.add_argument("--random_step_size", type=float, help="per-token alpha in [alpha/s, alpha*s], 1 = off " + recipe_help("random_step_size"))
+    g.add_argument("--truncate", action=argparse.BooleanOptionalAction, help="train the last step only " + recipe_help("truncate"))
+    g.add_argument("--detach", action=argparse.BooleanOptionalAction, help="cut the graph between steps " + recipe_help("detach"))
+    g.add_argument("--replay_size", type=int, help="replay buffer, sequences kept, 0 = off " + recipe_help("replay_size"))
+    g.add_argument("--replay_batch", type=float, help=f"replayed sequences per batch, a fraction of it (default: {m.replay_batch})")
+    s("--data", help="text file to train on (default: Tiny Shakespeare, shipped in data/)")
+    s("--tokenizer", choices=("char", "gpt2"), help="(default: char)")
     s("--out_dir", default="out-text", help="checkpoint, metrics.jsonl and loss.png go here (default: %(default)s)")
-    s("--resume", action="store_true", help="continue from out_dir/ckpt.pt")
+    s("--resume", action="store_true", help="continue from out_dir/ckpt.pt with its settings; flags given override")
     s("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps (default: %(default)s)")
-    s("--seed", type=int, default=t.seed, help="(default: %(default)s)")
+    s("--seed", type=int, help=f"fixes the initial weights, batches and noise (default: {t.seed})")
     s("--compile", action="store_true", help="torch.compile the Transformer++, or the EBT's context stream "
       "(torch.compile has no double backward, so the prediction stream stays eager)")
-    args = p.parse_args(argv)
-    for k, v in PRESETS[args.preset].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    return args
+    return p.parse_args(argv)
 
 
-def main(argv=None):
+def given(args, names):
+    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+
+
+def new_run(args, device, text, log):
+    """Model and training configs of a fresh run: flags, then recipe, then preset, then defaults."""
+    preset = args.preset or ("cpu" if device == "cpu" else "gpu")
+    log(f"preset {preset}" + ("" if args.preset else f" (chosen for device {device}; --preset to change)"))
+    if preset == "gpu" and device == "cpu":
+        log("warning: the gpu preset on a CPU takes hours and about 20 GB of memory; --preset cpu is sized for it")
+    model, recipe = args.model or "ebt", args.recipe or "s1"
+    tokenizer = ebt.CharTokenizer.fit(text) if (args.tokenizer or "char") == "char" else ebt.GPT2Tokenizer()
+    values = {**PRESETS[preset], **(RECIPES[recipe] if model == "ebt" else {}), **given(args, MODEL_FLAGS + TRAIN_FLAGS)}
+    if values.get("step_size") is None:
+        values["step_size"] = S1_STEP_SIZE.get(tokenizer.vocab_size, 500.0)
+    values.setdefault("step_size_lr_mult", 3 * values["step_size"])
+    cfg = ebt.ModelConfig(model=model, vocab_size=tokenizer.vocab_size,
+                          **{k: v for k, v in values.items() if k in MODEL_FLAGS})
+    tc = ebt.TrainConfig(**{k: v for k, v in values.items() if k in TRAIN_FLAGS})
+    return cfg, tc, tokenizer
+
+
+def resumed_run(args, ckpt, log):
+    """The checkpoint's own configs; training flags given override them, model flags must agree."""
+    cfg = ebt.ModelConfig.from_dict(ckpt["model_config"])
+    for k, v in given(args, MODEL_FLAGS + ("model",)).items():
+        if getattr(cfg, k) != v:
+            raise ebt.UsageError(f"--{k} {v} conflicts with the checkpoint's {getattr(cfg, k)}; "
+                                 "resume without it, or start a new run in another --out_dir")
+    if args.tokenizer and args.tokenizer != ckpt["tokenizer"]["kind"]:
+        raise ebt.UsageError(f"--tokenizer {args.tokenizer} conflicts with the checkpoint's "
+                             f"{ckpt['tokenizer']['kind']}; resume without it or use another --out_dir")
+    train = {k: v for k, v in ckpt["train_config"].items() if k in TRAIN_FLAGS}
+    for k, v in given(args, TRAIN_FLAGS).items():
+        if train[k] != v:
+            log(f"notice: --{k} {v} overrides the checkpoint's {train[k]}")
+            train[k] = v
+    return cfg, ebt.TrainConfig(**train), ebt.tokenizer_from_state(ckpt["tokenizer"])
+
+
+def main(argv=None, log=None):
+    log = log or (lambda *a: print(*a, flush=True))
     args = parse_args(argv)
-    tc = ebt.TrainConfig(max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                         lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-                         grad_clip=args.grad_clip, eval_interval=args.eval_interval, eval_batches=args.eval_batches,
-                         eval_steps=args.eval_steps, log_interval=args.log_interval, out_dir=args.out_dir,
-                         device=args.device, seed=args.seed, compile=args.compile)
-    ckpt = ebt.resume_checkpoint(args.out_dir, args.model) if args.resume else None
+    device = ebt.pick_device(args.device)
+    ckpt = ebt.load_checkpoint(f"{args.out_dir}/ckpt.pt") if args.resume else None
+    data_path = args.data if args.data or not ckpt else ckpt["data"]["path"]
+    text = ebt.text_or_shakespeare(data_path)
     if ckpt:
-        tokenizer = ebt.tokenizer_from_state(ckpt["tokenizer"])
-        cfg = ebt.ModelConfig.from_dict(ckpt["model_config"])
-    text = ebt.text_or_shakespeare(args.data)
-    if not ckpt:
-        tokenizer = ebt.CharTokenizer.fit(text) if args.tokenizer == "char" else ebt.GPT2Tokenizer()
-        cfg = ebt.ModelConfig(
-            model=args.model, vocab_size=tokenizer.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
-            n_head=args.n_head, n_embd=args.n_embd, think_steps=args.think_steps, step_size=args.step_size,
-            step_size_lr_mult=args.step_size_lr_mult, init_std=args.init_std, train_init_std=args.train_init_std,
-            random_init_std=args.random_init_std, langevin_std=args.langevin_std,
-            random_step_size=args.random_step_size, random_steps=args.random_steps, truncate=args.truncate,
-            detach=not args.no_detach)
+        if ebt.sha256_text(text) != ckpt["data"]["sha256"]:
+            raise ebt.UsageError(f"{data_path or 'the data'} is not the text {args.out_dir}/ckpt.pt was trained on "
+                                 "(checksum); resume with the same --data or start a new --out_dir")
+        cfg, tc, tokenizer = resumed_run(args, ckpt, log)
+    else:
+        cfg, tc, tokenizer = new_run(args, device, text, log)
+    tc.out_dir, tc.device, tc.compile = args.out_dir, args.device, args.compile
     data = ebt.TextData(tokenizer.encode(text), cfg.block_size, source=args.data or "Tiny Shakespeare")
-    ebt.train(ebt.build_model(cfg, args.seed), data, tc, meta={"tokenizer": tokenizer.state()}, resume=bool(ckpt))
+    meta = {"tokenizer": tokenizer.state(), "data": {"path": data_path, "sha256": ebt.sha256_text(text)}}
+    ebt.train(ebt.build_model(cfg, tc.seed), data, tc, meta=meta, resume=bool(ckpt), log=log)
 
 
 if __name__ == "__main__":
