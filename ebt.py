@@ -30,6 +30,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import sys
 import time
 import urllib.request
@@ -309,7 +310,7 @@ class Trajectory:
 
 
 def think(energy_fn, y, steps, step_size, *, normalize=None, landscapes=None, create_graph=False, detach=True,
-          truncate=False, langevin_std=0.0, random_step_size=1.0, tolerance=None, final_energy=True):
+          truncate=False, langevin_std=0.0, random_step_size=1.0, tolerance=None, final_energy=True, on_step=None):
     """Minimise energy_fn(x, landscape) -> (B, ...) energies by gradient descent.
 
     Each step scores the candidate x = normalize(y) (text: the distribution softmax(y);
@@ -329,6 +330,8 @@ def think(energy_fn, y, steps, step_size, *, normalize=None, landscapes=None, cr
     tolerance: stop a position once a step lowers its energy by less than this, measured on
         the landscape that step descended (inference); the loop ends when all have stopped.
     final_energy: also score the final state (one more forward; training skips it).
+    on_step: called as on_step(k, y) with the state after step k; returns the state to go on
+        from (training backpropagates each step's loss there, see Thinker.descend_and_learn).
     """
     normalize = normalize or (lambda t: t)
     landscape = lambda k: k if landscapes is None else min(k, landscapes - 1)
@@ -353,16 +356,19 @@ def think(energy_fn, y, steps, step_size, *, normalize=None, landscapes=None, cr
                 if not active.any():
                     break  # every position has settled: the remaining steps would change nothing
                 steps_used = steps_used + active.long()
-            if random_step_size > 1 and k == 0:
+            if random_step_size > 1 and k == 0:  # a factor per scored item, drawn once
                 shape = energy.shape + (1,) * (x.dim() - energy.dim())
-                step_size = step_size * torch.empty(shape, device=x.device).uniform_(1 / random_step_size,
-                                                                                     random_step_size)
+                factor = torch.empty(shape, device=x.device, dtype=x.dtype)
+                factor.uniform_(1 / random_step_size, random_step_size)
+            alpha = step_size * factor if random_step_size > 1 else step_size
             keep_graph = create_graph and (not truncate or k == steps - 1)
             (grad,) = torch.autograd.grad(energy.sum(), x, create_graph=keep_graph)
             # without create_graph, y still depends on a learnable step size
-            y = (x if create_graph else x.detach()) - step_size * grad
+            y = (x if create_graph else x.detach()) - alpha * grad
             if active is not None:  # a frozen position keeps its state
                 y = torch.where(active.reshape(active.shape + (1,) * (y.dim() - active.dim())), y, start)
+            if on_step is not None:
+                y = on_step(k, y)
             energies.append(energy if keep_graph else energy.detach())
             ys.append(y)
     if final_energy:
@@ -387,14 +393,12 @@ class Thinker:
         """The most steps training takes (S2: 2 or 3, so 3): what evaluation thinks by default."""
         return self.config.think_steps + self.config.random_steps
 
-    def draw_steps(self, generator=None):
-        """Training's step count: think_steps plus U{0..random_steps}."""
-        # from a uniform float: the first randint of generators seeded a fixed stride apart is
-        # correlated for small ranges (e.g. always 1 of 3)
-        u = torch.rand((), generator=generator).item()
-        return self.config.think_steps + int(u * (self.config.random_steps + 1))
+    def draw_steps(self, rng=random):
+        """Training's step count: think_steps plus U{0..random_steps}, from a Python random.Random
+        (nothing to read back from a device)."""
+        return self.config.think_steps + rng.randrange(self.config.random_steps + 1)
 
-    def descend(self, energy_fn, y0, steps=None, step_size=None, tolerance=None, langevin_std=0.0):
+    def descend(self, energy_fn, y0, steps=None, step_size=None, tolerance=None, langevin_std=0.0, on_step=None):
         """think() with this model's options; training adds the System 2 randomness and the
         second-order graph."""
         cfg, train = self.config, self.training
@@ -406,7 +410,31 @@ class Thinker:
                      create_graph=train, detach=cfg.detach, truncate=cfg.truncate,
                      langevin_std=cfg.langevin_std if train else langevin_std,
                      random_step_size=cfg.random_step_size if train else 1.0,
-                     tolerance=tolerance, final_energy=not train)
+                     tolerance=tolerance, final_energy=not train, on_step=on_step)
+
+    def descend_and_learn(self, energy_fn, y0, target, loss_fn, steps=None, backward_scale=None):
+        """Think from y0 and score every step with loss_fn(y, target). The loss is the mean over
+        steps (S1), or with truncate the last step's (S2). With backward_scale (training), each
+        step's loss x backward_scale is backpropagated as soon as it is computed and its graph
+        freed: with the graph cut between steps the per-step losses share only the parameters
+        (and what energy_fn reads, see TextEBT.forward), so this is the same gradient with one
+        step's second-order graph alive instead of all of them.
+        Returns (trajectory, loss, per-step losses), the losses detached when backpropagated."""
+        steps = steps or (self.draw_steps() if self.training else self.trained_steps())
+        weights = [0.0] * (steps - 1) + [1.0] if self.config.truncate else [1.0 / steps] * steps
+        early = backward_scale is not None and torch.is_grad_enabled()
+        losses = []
+
+        def learn(k, y):
+            loss = loss_fn(y, target)
+            losses.append(loss.detach() if early else loss)
+            if early and weights[k]:
+                (loss * (weights[k] * backward_scale)).backward()
+                return y.detach()
+            return y
+        traj = self.descend(energy_fn, y0, steps, on_step=learn)
+        loss = sum(w * l for w, l in zip(weights, losses) if w)
+        return traj, loss, losses
 
     def param_groups(self, weight_decay):
         """AdamW groups: decay matrices, not gains; a learned step size has its own lr, no decay."""
@@ -521,18 +549,27 @@ class TextEBT(Thinker, nn.Module):
                        "trajectory": keep_lowest(torch.stack(traj.energies, -1), final)[:, 0]}  # (B, K+1)
         return keep_lowest(traj.ys[-1], final)[:, 0], cache, diagnostics
 
-    def forward(self, idx, targets, steps=None, generator=None):
+    def forward(self, idx, targets, steps=None, generator=None, backward_scale=None):
         """Cross-entropy after each thinking step; the loss is their mean, or with truncate the
         last one. In training with a replay buffer, half a batch of earlier sequences joins the
         batch, each starting from the logits its last descent ended at.
+        backward_scale: backpropagate loss x backward_scale here, one thinking step at a time
+        (see Thinker.descend_and_learn), and return the loss detached.
         Metrics are tensors: reading them synchronises with the device."""
         y0 = self.initial_logits(*idx.shape, idx.device, generator)
         fresh = len(idx)
         if self.training and self.replay is not None:
             idx, targets, y0 = self.replay.extend(idx, targets, y0, round(self.config.replay_batch * fresh))
-        traj = self.predict(idx, steps, y0=y0)
-        losses = [F.cross_entropy(y.flatten(0, 1), targets.flatten()) for y in traj.ys[1:]]
-        loss = losses[-1] if self.config.truncate else sum(losses) / len(losses)
+        context = kv = self.context(idx)
+        early = backward_scale is not None and torch.is_grad_enabled()
+        if early:  # the steps' losses reach the context stream through these leaves; its backward runs once, last
+            context = [tuple(t.detach().requires_grad_() for t in layer) for layer in kv]
+        cross_entropy = lambda y, t: F.cross_entropy(y.flatten(0, 1), t.flatten())
+        traj, loss, losses = self.descend_and_learn(lambda p, k: self.energy(p, context, k), y0, targets,
+                                                    cross_entropy, steps, backward_scale)
+        if early:
+            leaves = [t for layer in context for t in layer]
+            torch.autograd.backward([t for layer in kv for t in layer], [t.grad for t in leaves])
         if self.training and self.replay is not None:
             self.replay.add(idx[:fresh], targets[:fresh], traj.ys[-1][:fresh])
         metrics = {"loss": loss.detach(), "loss_first": losses[0].detach(), "loss_last": losses[-1].detach(),
@@ -606,13 +643,21 @@ class Transformer(nn.Module):
         logits, cache = self.logits(idx, cache)
         return logits[:, -1], cache, {}
 
-    def forward(self, idx, targets):
+    def forward(self, idx, targets, backward_scale=None):
         logits, _ = self.logits(idx)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        loss = backpropagated(F.cross_entropy(logits.flatten(0, 1), targets.flatten()), backward_scale)
         return loss, {"loss": loss.detach()}
 
     def param_groups(self, weight_decay):
         return decay_groups(self.parameters(), weight_decay)
+
+
+def backpropagated(loss, backward_scale):
+    """What models do with backward_scale: backpropagate loss x backward_scale, return it detached."""
+    if backward_scale is None or not torch.is_grad_enabled():
+        return loss
+    (loss * backward_scale).backward()
+    return loss.detach()
 
 
 def build_model(cfg, seed=None):
@@ -997,11 +1042,22 @@ def is_out_of_memory(e):
     return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e) or "out of memory" in str(e)
 
 
+def average_gradients(model, world):
+    """Data parallel: one all-reduce of all gradients, flattened, per optimizer step.
+    (DistributedDataParallel's hooks expect one backward per forward; an EBT runs several.)"""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads]) / world
+    torch.distributed.all_reduce(flat)
+    for g, new in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(new.view_as(g))
+
+
 def train(model, data, tc, meta=None, resume=False, log=None):
     """The training loop shared by the text and image drivers; runs as it is under
-    torchrun (DistributedDataParallel, one process per device).
+    torchrun (data parallel, one process per device).
 
-    model(x, y) -> (loss, metrics dict of tensors); model.param_groups(weight_decay) -> AdamW groups.
+    model(x, y, backward_scale=s) -> (loss, metrics dict of tensors), having backpropagated loss x s;
+    model.param_groups(weight_decay) -> AdamW groups.
     data.batch(split, batch_size, generator) -> (x, y); data.tokens_per_sample.
     tc.batch_size is per process: each of N processes takes its slice of a global batch
     of N x batch_size drawn from the same generator, so the run matches one process with
@@ -1018,17 +1074,16 @@ def train(model, data, tc, meta=None, resume=False, log=None):
     prepare_out_dir(out, resume)
     ckpt_path, log_path, replay_path = out / "ckpt.pt", out / "metrics.jsonl", out / f"replay-rank{rank}.pt"
     model.to(device)
-    raw_model = model
-    thinks, replay = getattr(raw_model, "thinks", False), getattr(raw_model, "replay", None)
+    thinks, replay = getattr(model, "thinks", False), getattr(model, "replay", None)
     if tc.compile:
         compile_model(model)
-    optimizer = torch.optim.AdamW(raw_model.param_groups(tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95),
+    optimizer = torch.optim.AdamW(model.param_groups(tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95),
                                   fused=device.startswith("cuda"))
     step, records, saved = 0, [], None
     if resume:
         ckpt = load_checkpoint(ckpt_path, device)
         try:
-            raw_model.load_state_dict(ckpt["model"])
+            model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise UsageError(f"checkpoint {ckpt_path} does not fit this model ({str(e).splitlines()[0]})") from None
@@ -1041,8 +1096,9 @@ def train(model, data, tc, meta=None, resume=False, log=None):
         if log_path.exists():
             records = [r for r in read_records(log_path) if r["step"] <= step]
         log(f"resumed from {ckpt_path} at step {step}")
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(model)
+    if world > 1:  # every rank starts from rank 0's weights
+        for t in model.state_dict().values():
+            torch.distributed.broadcast(t, 0)
     if master:
         out.mkdir(parents=True, exist_ok=True)
         log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -1053,8 +1109,8 @@ def train(model, data, tc, meta=None, resume=False, log=None):
             save_checkpoint(replay_path, {"step": step, "replay": replay.state()})
         if master:
             save_checkpoint(ckpt_path, {
-                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                "model_config": asdict(raw_model.config), "train_config": asdict(tc),
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "model_config": asdict(model.config), "train_config": asdict(tc),
                 "step": step,  # also the data position: batches are a function of (seed, step)
                 **({"replay": replay.state()} if replay is not None else {}), **(meta or {})})
         saved = step
@@ -1071,9 +1127,9 @@ def train(model, data, tc, meta=None, resume=False, log=None):
             torch.distributed.all_reduce(nonfinite, op=torch.distributed.ReduceOp.MAX)
         return not bool(nonfinite)
 
-    n_params = sum(p.numel() for p in raw_model.parameters())
+    n_params = sum(p.numel() for p in model.parameters())
     tokens_per_step = tc.batch_size * tc.grad_accum * world * data.tokens_per_sample
-    log(f"{raw_model.config.model}: {n_params / 1e6:.2f}M parameters, device {device} x {world}, "
+    log(f"{model.config.model}: {n_params / 1e6:.2f}M parameters, device {device} x {world}, "
         f"{tc.batch_size * tc.grad_accum * world} x {data.tokens_per_sample} tokens per step")
     t0, t_last, start_step = time.time(), time.time(), step
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # since the last check, on the device
@@ -1084,21 +1140,19 @@ def train(model, data, tc, meta=None, resume=False, log=None):
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group["lr_mult"]
                 # one step count per optimizer step, the same on every rank and micro-step
-                thinking = {"steps": raw_model.draw_steps(torch.Generator().manual_seed(batch_seed(tc.seed, step, -1)))
+                thinking = {"steps": model.draw_steps(random.Random(batch_seed(tc.seed, step, -1)))
                             } if thinks else {}
                 for micro in range(tc.grad_accum):
                     g = torch.Generator().manual_seed(batch_seed(tc.seed, step, micro))
                     x, y = data.batch("train", tc.batch_size * world, g)
                     x, y = x.chunk(world)[rank].to(device), y.chunk(world)[rank].to(device)
                     torch.manual_seed(batch_seed(tc.seed, step, micro) + rank)  # thinking noise, replay picks
-                    last_micro = micro == tc.grad_accum - 1
-                    # all-reduce gradients only once per optimizer step
-                    with model.no_sync() if world > 1 and not last_micro else contextlib.nullcontext():
-                        with autocast(device):
-                            loss, metrics = model(x, y, **thinking)
-                        (loss / tc.grad_accum).backward()
-                    nonfinite |= ~torch.isfinite(loss.detach())
-                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tc.grad_clip or float("inf"))
+                    with autocast(device):  # the model backpropagates (an EBT one thinking step at a time)
+                        loss, metrics = model(x, y, backward_scale=1 / tc.grad_accum, **thinking)
+                    nonfinite |= ~torch.isfinite(loss)
+                if world > 1:
+                    average_gradients(model, world)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
                 nonfinite |= ~torch.isfinite(grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -1130,7 +1184,7 @@ def train(model, data, tc, meta=None, resume=False, log=None):
                     log(line + f"{quality} | {tok_s / 1e3:.1f}k tok/s | ETA {format_time(eta)}")
                 if evaluating:
                     if master:
-                        m = evaluate(raw_model, data, tc, device)
+                        m = evaluate(model, data, tc, device)
                         record({"kind": "eval", "step": step, **m})
                         if "loss_per_step" in m:
                             line = (f"eval step {step} | val loss after 1..{len(m['loss_per_step'])} thinking steps: "
@@ -1289,8 +1343,9 @@ def validation_and_ood(tokenizer, block_size, data_text, ood_text=None):
 def thinking_curves(model, ids, steps=(1, 2, 4, 8), candidates=(1, 2, 4, 8), windows=16, seed=0):
     """Perplexity on fixed windows of a 1-D token tensor, after each number of thinking steps
     (one candidate), and with each number of candidates (at the trained number of steps,
-    keeping the lowest final energy). One descent covers every step count, and the
-    candidates for N are the first N of max(candidates). Flat for the Transformer."""
+    keeping the lowest final energy; with several, each thinks with the paper's inference noise).
+    One descent covers every step count, and the candidates for N are the first N of
+    max(candidates). Flat for the Transformer. Repeatable: seed fixes windows, starts and noise."""
     if len(ids) <= model.config.block_size:
         raise UsageError(f"{len(ids)} tokens are too few to evaluate on: "
                          f"need more than block_size={model.config.block_size}")
@@ -1305,7 +1360,10 @@ def thinking_curves(model, ids, steps=(1, 2, 4, 8), candidates=(1, 2, 4, 8), win
     context = model.context(x)
     traj = model.think_candidates(context, x.shape[1], 1, g, steps=max(steps))
     by_steps = {k: ppl(traj.ys[k][:, 0]) for k in steps}
-    traj = model.think_candidates(context, x.shape[1], max(candidates), g)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the noise, seeded
+        torch.manual_seed(seed)
+        traj = model.think_candidates(context, x.shape[1], max(candidates), g,
+                                      langevin_std=VERIFY_LANGEVIN_STD if max(candidates) > 1 else 0.0)
     final = traj.energies[-1]  # (W, N, S)
     by_candidates = {n: ppl(keep_lowest(traj.ys[-1][:, :n], final[:, :n])) for n in candidates}
     return {"steps": by_steps, "candidates": by_candidates}
@@ -1591,12 +1649,11 @@ class ImageEBT(Thinker, nn.Module):
         """Think from the noisy image (B, C, S, S). Returns a Trajectory of images and energies (B,)."""
         return self.descend(self.energy, noisy, steps, step_size)
 
-    def forward(self, noisy, clean, steps=None, generator=None):
-        """Loss = mean over thinking steps of the smooth-L1 distance to the clean image.
-        generator is accepted for evaluate() and unused: the starting point is not random."""
-        traj = self.predict(noisy, steps)
-        losses = [F.smooth_l1_loss(y, clean) for y in traj.ys[1:]]
-        loss = losses[-1] if self.config.truncate else sum(losses) / len(losses)
+    def forward(self, noisy, clean, steps=None, generator=None, backward_scale=None):
+        """Loss = mean over thinking steps of the smooth-L1 distance to the clean image (see
+        TextEBT.forward for backward_scale). generator is accepted for evaluate() and unused:
+        the starting point is not random."""
+        traj, loss, losses = self.descend_and_learn(self.energy, noisy, clean, F.smooth_l1_loss, steps, backward_scale)
         metrics = {"loss": loss.detach(), "loss_first": losses[0].detach(), "loss_last": losses[-1].detach(),
                    "psnr": psnr(traj.ys[-1].detach(), clean).mean(),
                    "energy_first": traj.energies[0].detach().mean(), "energy_last": traj.energies[-1].detach().mean(),
@@ -1623,9 +1680,9 @@ class ImageBaseline(nn.Module):
         patches = self.out(self.body(noisy))  # (B, N, C*p*p)
         return noisy + unpatchify(patches, self.config.patch_size, self.config.channels)
 
-    def forward(self, noisy, clean):
+    def forward(self, noisy, clean, backward_scale=None):
         pred = self.denoise(noisy)
-        loss = F.smooth_l1_loss(pred, clean)
+        loss = backpropagated(F.smooth_l1_loss(pred, clean), backward_scale)
         return loss, {"loss": loss.detach(), "psnr": psnr(pred.detach(), clean).mean()}
 
     def param_groups(self, weight_decay):

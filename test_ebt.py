@@ -292,6 +292,33 @@ def test_training_gradients_match_the_descent_written_out_by_hand(recipe):
     assert model.step_emb.weight.shape[0] == (1 if s2 else 2)
 
 
+S2_OPTIONS = dict(landscapes=1, random_steps=1, step_size=0.5, learn_step_size=False, langevin_std=0.3,
+                  random_step_size=2.0, truncate=True, detach=False, replay_size=8)
+
+
+def gradients(model, backward_scale, batch, seed=4):
+    """Parameter gradients of one training batch: backpropagated one thinking step at a time
+    (backward_scale) or by one backward of the returned loss."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # Langevin noise, random step sizes
+    loss, _ = model(*batch, steps=3, generator=torch.Generator().manual_seed(1), backward_scale=backward_scale)
+    if backward_scale is None:
+        loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("recipe", ["s1", "s2"])
+def test_one_step_at_a_time_backward_gives_the_single_backward_gradients(recipe):
+    kw = S2_OPTIONS | dict(replay_size=0) if recipe == "s2" else dict(langevin_std=0.3, random_step_size=2.0)
+    model = tiny_ebt(**(dict(step_size=0.5) | kw)).train()
+    g = torch.Generator().manual_seed(6)
+    batch = torch.randint(13, (3, 16), generator=g), torch.randint(13, (3, 16), generator=g)
+    stepwise, single = gradients(model, 1.0, batch), gradients(model, None, batch)
+    assert stepwise.keys() == single.keys() and len(single) >= len(list(model.parameters())) - 1
+    for n in single:
+        torch.testing.assert_close(stepwise[n], single[n], rtol=1e-10, atol=1e-13, msg=n)
+
+
 def test_random_step_size_is_drawn_per_token_within_half_to_twice_alpha():
     torch.manual_seed(0)
     x0 = torch.randn(3, 7, 5, dtype=torch.float64) + 3
@@ -330,13 +357,13 @@ def test_the_step_count_is_drawn_once_per_optimizer_step(tmp_path):
             super().__init__()
             self.model, self.config, self.thinks, self.seen = model, model.config, True, []
 
-        def forward(self, x, y, steps=None, generator=None):
+        def forward(self, x, y, steps=None, generator=None, backward_scale=None):
             if self.training:
                 self.seen.append(steps)
-            return self.model(x, y, steps=steps, generator=generator)
+            return self.model(x, y, steps=steps, generator=generator, backward_scale=backward_scale)
 
-        def draw_steps(self, generator):
-            return self.model.draw_steps(generator)
+        def draw_steps(self, rng):
+            return self.model.draw_steps(rng)
 
         def trained_steps(self):
             return self.model.trained_steps()
@@ -487,7 +514,7 @@ class NaNAfter(torch.nn.Module):
     def forward(self, x, y, **kw):
         loss, m = self.model(x, y, **kw)
         self.n -= self.training
-        return (loss * float("nan"), m) if self.n < 0 else (loss, m)
+        return (loss * float("nan"), m) if self.n < 0 and self.training else (loss, m)
 
     def param_groups(self, wd):
         return self.model.param_groups(wd)
@@ -650,6 +677,48 @@ def test_torchrun_two_processes_match_one_process_with_the_global_batch(tmp_path
     ref = torch.load(tmp_path / "single" / "rank0.pt")
     for name in ref:
         torch.testing.assert_close(rank0[name], ref[name], rtol=1e-3, atol=1e-4, msg=name)
+
+
+GRADIENT_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {here!r})
+import ebt, test_ebt as T
+torch.distributed.init_process_group("gloo")
+rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+model = T.tiny_ebt(step_size=0.5, langevin_std=0.3, random_step_size=2.0).train()
+g = torch.Generator().manual_seed(6)
+x, y = torch.randint(13, (4, 16), generator=g), torch.randint(13, (4, 16), generator=g)
+mine = slice(2 * rank, 2 * rank + 2)
+model.zero_grad()
+torch.manual_seed(4)
+model(x[mine], y[mine], steps=2, generator=torch.Generator().manual_seed(1), backward_scale=1.0)
+ebt.average_gradients(model, world)
+torch.save({{n: p.grad for n, p in model.named_parameters()}}, sys.argv[1] + f"/rank{{rank}}.pt")
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_torchrun_average_of_stepwise_backward_equals_one_process_single_backward(tmp_path):
+    """Two ranks, each half of a batch, each backpropagating one thinking step at a time, then one
+    all-reduce: the gradient of the whole batch in one process by one backward (float64). The
+    noise is the same per rank here (seeded alike), so the single process draws it per half."""
+    script = tmp_path / "grads.py"
+    script.write_text(GRADIENT_SCRIPT.format(here=str(HERE)))
+    r = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    model = tiny_ebt(step_size=0.5, langevin_std=0.3, random_step_size=2.0).train()
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randint(13, (4, 16), generator=g), torch.randint(13, (4, 16), generator=g)
+    model.zero_grad()
+    total = 0
+    for half in (slice(0, 2), slice(2, 4)):
+        torch.manual_seed(4)
+        total = total + model(x[half], y[half], steps=2, generator=torch.Generator().manual_seed(1))[0] / 2
+    total.backward()
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(got[n], p.grad, rtol=1e-10, atol=1e-13, msg=n)
 
 
 def test_torchrun_s2_with_replay_buffer_keeps_ranks_in_step_and_resumes(tmp_path):
@@ -966,27 +1035,25 @@ def test_train_image_bad_inputs_exit_2(tmp_path, monkeypatch):
 
 # --- results.py: every table and plot of the README's Results from one command
 
-def test_results_trains_what_is_missing_then_reports_from_checkpoints(tmp_path, text_file, monkeypatch, capsys):
+def test_results_trains_what_is_missing_then_reports_from_checkpoints(tmp_path, monkeypatch, capsys):
     import results
     import train_text
     monkeypatch.setitem(train_text.PRESETS, "cpu", dict(
         n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, max_steps=2, lr=3e-3,
         eval_interval=2, eval_batches=1, log_interval=1))
-    tiny_image = ["--image_size", "16", "--n_layer", "1", "--n_embd", "16", "--max_steps", "2", "--eval_interval", "2",
-                  "--eval_batches", "1", "--batch_size", "4", "--report_steps", "3"]
-    monkeypatch.setattr(results, "IMAGE_RUNS", {k: v + tiny_image for k, v in results.IMAGE_RUNS.items()})
-    argv = ["--data", str(text_file), "--seeds", "1", "--out_dir", str(tmp_path), "--windows", "2", "--device", "cpu"]
+    argv = ["--seeds", "1", "2", "--lengths", "2", "3", "--out_dir", str(tmp_path), "--windows", "2", "--device", "cpu"]
     results.main(argv)
     trained = capsys.readouterr().out.count("$ python ")
-    assert trained == len(results.TEXT_RUNS) + len(results.ABLATION) + len(results.IMAGE_RUNS)
+    assert trained == len(results.MODELS) * 2 * 2
     report = (tmp_path / "results.md").read_text()
-    for section in ("1. Against thinking steps", "2. Against self-verification", "3. What thinking changes",
-                    "4. System 2 options", "5. Image denoising", "S2 without Langevin noise", "baseline (1 pass)"):
+    for section in ("1. Learning", "2. CE against thinking steps", "3. CE against self-verification",
+                    "4. S2: what thinking changes", "5. S1, the same"):
         assert section in report
-    for f in ("thinking_steps.png", "candidates.png", "thinking_ood.png", "ablation.png", "image/psnr.png"):
+    for f in ("gap.png", "thinking_steps.png", "candidates.png", "gains.png"):
         assert (tmp_path / f).stat().st_size > 0
     curves = json.loads((tmp_path / "results.json").read_text())
-    assert len(set(curves["Transformer++"]["1"]["val"]["steps"].values())) == 1  # no thinking: flat
+    assert len(set(curves["Transformer++|3|1"]["val"]["steps"].values())) == 1  # no thinking: flat
+    assert curves["S2|3|1"]["trained"] == 3 and curves["S1|3|1"]["trained"] == 2
     results.main(argv)  # everything is trained now: only the report is made again
     assert "$ python " not in capsys.readouterr().out
     assert (tmp_path / "results.md").read_text() == report
