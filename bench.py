@@ -16,6 +16,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -34,7 +35,7 @@ def flops_per_step(cfg, B, S, steps):
     So EBT ~ (3 + 6K) F against 3F, i.e. 3x, 5x, 7x for K = 1, 2, 3 thinking steps.
     """
     D, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab_size
-    hidden = 4 * D * 2 // 3
+    hidden = cfg.mlp_hidden
     per_token = L * (3 * D * D + D * D + 3 * D * hidden)  # qkv, proj, SwiGLU weights
     attention = L * 2 * S * D  # QK^T and AV for a causal average of S/2 keys, x2 FLOPs/MAC
     if cfg.model == "transformer":
@@ -50,15 +51,14 @@ def measure(kind, steps, args):
     device = ebt.pick_device(args.device)
     torch.manual_seed(0)
     cfg = ebt.ModelConfig(model=kind, vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
-                          n_head=args.n_head, n_embd=args.n_embd, think_steps=max(steps, 1))
+                          n_head=args.n_head, n_embd=args.n_embd, think_steps=max(steps, 1), landscapes=max(steps, 1))
     model = ebt.build_model(cfg).to(device)
     opt = torch.optim.AdamW(model.param_groups(0.1), lr=1e-4)
     x = torch.randint(args.vocab_size, (args.batch_size, args.block_size), device=device)
 
-    def step():
+    def step():  # as train() does it: the model backpropagates (an EBT one thinking step at a time)
         with ebt.autocast(device):
-            loss, _ = model(x, x)
-        loss.backward()
+            model(x, x, backward_scale=1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -123,8 +123,129 @@ def time_generation(args, contexts=(64, 256), new_tokens=16):
     return rows
 
 
+def count_syncs(steps=20, log_interval=10):
+    """Device-to-host reads (.item(), bool(), int(), .tolist() of a tensor) in ebt.train on a
+    tiny EBT, by call site: what makes the host wait for the GPU. Evaluation is left out."""
+    import collections
+    import random
+    import tempfile
+    import traceback
+    from torch.overrides import TorchFunctionMode
+    sites = collections.Counter()
+
+    class Spy(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("item", "__bool__", "__int__", "__float__", "tolist"):
+                frame = [f for f in traceback.extract_stack()[:-1] if f.filename.endswith("ebt.py")][-1]
+                sites[f"ebt.py:{frame.lineno} {frame.line}"] += 1
+            return func(*args, **(kwargs or {}))
+
+    ebt.evaluate = lambda *a, **k: {"loss": 0.0}
+    ebt.plot_metrics = lambda *a, **k: None
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    tok = ebt.CharTokenizer.fit("abcdefgh ")
+    data = ebt.TextData(tok.encode("".join(rng.choice("abcdefgh ") for _ in range(5000))), 16)
+    model = ebt.build_model(ebt.ModelConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    adamw = torch.optim.AdamW  # fused, as on CUDA: no per-parameter reads of the step counters
+    torch.optim.AdamW = lambda *a, **k: adamw(*a, **{**k, "fused": True})
+    with tempfile.TemporaryDirectory() as d, Spy():
+        ebt.train(model, data, ebt.TrainConfig(max_steps=steps, batch_size=4, eval_interval=10**6,
+                                               log_interval=log_interval, out_dir=d, device="cpu"), log=lambda *a: None)
+    print(f"device-to-host reads in {steps} training steps (logging every {log_interval}):")
+    for site, n in sites.most_common():
+        print(f"{n:5d}  {site}")
+    print(f"{sum(sites.values()) / steps:.2f} per step")
+
+
+def run_until(argv, out_dir, seconds=None, step=None):
+    """Run a training command; stop it with SIGTERM (it saves) after `seconds` or once it has
+    logged `step`. Returns its metrics records."""
+    import signal
+    proc = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    t0, metrics = time.time(), Path(out_dir) / "metrics.jsonl"
+    while proc.poll() is None:
+        time.sleep(1)
+        done = seconds is not None and time.time() - t0 > seconds
+        if step is not None and metrics.exists():
+            done = done or any(r["kind"] == "train" and r["step"] >= step for r in ebt.read_records(metrics))
+        if done:
+            proc.send_signal(signal.SIGTERM)
+            break
+    output = proc.communicate()[0]
+    if proc.returncode:
+        sys.exit(f"{' '.join(argv)} failed:\n{output[-3000:]}")
+    return ebt.read_records(metrics), output
+
+
+def summarise_run(records, max_steps):
+    train = [r for r in records if r["kind"] == "train"]
+    train = train[1:] or train  # the first interval includes start-up
+    evals = [r for r in records if r["kind"] == "eval"]
+    tok_s = sorted(r["tokens_per_s"] for r in train)[len(train) // 2]
+    steps, elapsed = train[-1]["step"], train[-1]["elapsed_s"]
+    return {"steps": steps, "tokens_per_s": tok_s, "peak_mem_gb": max(r.get("peak_mem_mb", 0) for r in train) / 1024,
+            "wall_s_per_step": elapsed / steps, "projected_full_run_min": elapsed / steps * max_steps / 60,
+            "val_loss": {r["step"]: r["loss"] for r in evals}}
+
+
+def gpu_check(out, args):
+    """The GPU measurements of the README's "On one GPU", in one run: the CUDA tests, the default
+    `python train_text.py` for a fixed wall time and the Transformer++ over the same steps, this
+    benchmark at the size given (the GPU preset: --n_layer 6 --n_head 6 --n_embd 384
+    --block_size 256 --batch_size 64), and the largest batch that trains at a GPT-2 vocabulary."""
+    import tempfile
+    import train_text
+    out.mkdir(parents=True, exist_ok=True)
+    runs = Path(tempfile.mkdtemp())  # checkpoints stay out of OUT: only the summary and logs go there
+    cuda = torch.cuda.is_available()
+    result = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "test_ebt.py", "-m", "cuda"], capture_output=True, text=True)
+    result["cuda_tests"] = r.stdout.strip().splitlines()[-1]
+    print("cuda tests:", result["cuda_tests"], flush=True)
+    max_steps = train_text.PRESETS["gpu"]["max_steps"]
+    device = ["--device", args.device]
+    records, log = run_until(["train_text.py", *device, "--out_dir", str(runs / "ebt")], runs / "ebt", seconds=args.seconds)
+    (out / "ebt.log").write_text(log)
+    result["ebt"] = summarise_run(records, max_steps)
+    print("python train_text.py:", result["ebt"], flush=True)
+    records, log = run_until(["train_text.py", *device, "--model", "transformer", "--out_dir", str(runs / "transformer")],
+                             runs / "transformer", step=result["ebt"]["steps"])
+    (out / "transformer.log").write_text(log)
+    result["transformer"] = summarise_run(records, max_steps)
+    print("python train_text.py --model transformer:", result["transformer"], flush=True)
+    size = [*device, "--n_layer", str(args.n_layer), "--n_head", str(args.n_head), "--n_embd", str(args.n_embd),
+            "--block_size", str(args.block_size)]
+    r = subprocess.run([sys.executable, __file__, *size, "--batch_size", str(args.batch_size), "--iters", str(args.iters),
+                        "--warmup", str(args.warmup)], capture_output=True, text=True)
+    result["bench"] = r.stdout if r.returncode == 0 else r.stderr[-2000:]
+    print(result["bench"], flush=True)
+    result["gpt2_vocab"] = {}
+    for batch in (args.batch_size, 32, 16, 8, 4):  # the largest batch that trains at V = 50,257
+        rows = {}
+        for one in ("ebt:2", "transformer:0"):
+            r = subprocess.run([sys.executable, __file__, *size, "--vocab_size", "50257", "--batch_size", str(batch),
+                                "--iters", "3", "--warmup", "1", "--one", one], capture_output=True, text=True)
+            rows[one] = json.loads(r.stdout) if r.returncode == 0 else None
+        if rows["ebt:2"] is not None:
+            result["gpt2_vocab"] = {"batch_size": batch, **rows}
+            break
+    print("GPT-2 vocabulary:", result["gpt2_vocab"], flush=True)
+    (out / "gpu_check.json").write_text(json.dumps(result, indent=1))
+    result["alpha_at_gpt2_vocab"] = {}  # S1's alpha with the CPU preset's model at V = 50,257 (65 ids used)
+    for alpha in args.alphas:
+        d = runs / f"alpha{alpha:g}"
+        records, _ = run_until(["train_text.py", *device, "--preset", "cpu", "--vocab_size", "50257", "--step_size",
+                                f"{alpha:g}", "--max_steps", str(args.sweep_steps), "--eval_interval",
+                                str(args.sweep_steps), "--out_dir", str(d)], d)
+        result["alpha_at_gpt2_vocab"][alpha] = [r["loss"] for r in records if r["kind"] == "eval"][-1]
+        print(f"alpha {alpha:g} at V=50257: val loss {result['alpha_at_gpt2_vocab'][alpha]:.4f}", flush=True)
+    (out / "gpu_check.json").write_text(json.dumps(result, indent=1))
+
+
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--device", default="auto")
     p.add_argument("--n_layer", type=int, default=4)
     p.add_argument("--n_head", type=int, default=4)
@@ -135,8 +256,18 @@ def main():
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--peak_tflops", type=float, default=989.0, help="for MFU on CUDA (H100/H200 dense bf16: 989)")
+    p.add_argument("--syncs", action="store_true", help="count device-to-host reads per training step, by call site")
+    p.add_argument("--gpu_check", metavar="OUT", help="the README's 'On one GPU' measurements, JSON in OUT")
+    p.add_argument("--seconds", type=float, default=240, help="--gpu_check: wall time of the default text run")
+    p.add_argument("--alphas", type=float, nargs="*", default=[500, 50, 8],
+                   help="--gpu_check: S1 step sizes to train at a GPT-2-size vocabulary (default: %(default)s)")
+    p.add_argument("--sweep_steps", type=int, default=600, help="--gpu_check: steps of each of those runs")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one "kind:steps" and print JSON
     args = p.parse_args()
+    if args.syncs:
+        return count_syncs()
+    if args.gpu_check:
+        return gpu_check(Path(args.gpu_check), args)
     if args.one:
         kind, steps = args.one.split(":")
         print(json.dumps(measure(kind, int(steps), args)))

@@ -1173,15 +1173,18 @@ def train(model, data, tc, meta=None, resume=False, log=None):
                     tok_s = tokens_per_step * (step - max(start_step, step - tc.log_interval)) / max(now - t_last, 1e-9)
                     t_last = now
                     eta = (now - t0) / (step - start_step) * (tc.max_steps - step)
+                    cuda = device.startswith("cuda")
+                    memory = {"peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20} if cuda else {}
                     record({"kind": "train", "step": step, "lr": lr, "grad_norm": grad_norm.item(),
-                            "tokens_per_s": tok_s, **metrics})
+                            "tokens_per_s": tok_s, "elapsed_s": now - t0, **memory, **metrics})
                     line = f"step {step}/{tc.max_steps} | loss {metrics['loss']:.4f}"
                     if "loss_first" in metrics:  # each step's energy on that step's own landscape
                         line += (f" (step1 {metrics['loss_first']:.3f}, last {metrics['loss_last']:.3f})"
                                  f" | E at step1 {metrics['energy_first']:.2f}, at last {metrics['energy_last']:.2f}"
                                  f" | alpha {metrics['step_size']:.1f}")
                     quality = f" | psnr {metrics['psnr']:.2f}" if "psnr" in metrics else ""
-                    log(line + f"{quality} | {tok_s / 1e3:.1f}k tok/s | ETA {format_time(eta)}")
+                    memory = f" | peak {memory['peak_mem_mb'] / 1024:.1f} GB" if memory else ""
+                    log(line + f"{quality} | {tok_s / 1e3:.1f}k tok/s{memory} | ETA {format_time(eta)}")
                 if evaluating:
                     if master:
                         m = evaluate(model, data, tc, device)
@@ -1222,12 +1225,28 @@ def train(model, data, tc, meta=None, resume=False, log=None):
 
 
 def run_cli(main):
-    """Run a driver's main(): user errors become one line on stderr and exit code 2."""
+    """Run a driver's main(): user errors and running out of memory become one line on stderr
+    and exit code 2; Ctrl-C one line and exit code 130 (training saves before it gets here)."""
     try:
         main()
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except RuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
+        print("error: out of memory; lower the sizes (--batch_size, --block_size, --candidates, --windows)",
+              file=sys.stderr)
+        sys.exit(2)
+
+
+def check_flag(value, name, ok, what):
+    """One-line UsageError for a flag value that is NaN or out of range: ok(value) must hold."""
+    if value is not None and (value != value or not ok(value)):
+        raise UsageError(f"--{name} {value}: must be {what}")
 
 
 # -----------------------------------------------------------------------------

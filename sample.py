@@ -18,10 +18,12 @@ import ebt
 
 PLOTS = {"energy_per_step": ebt.plot_energy_per_step, "energy_heatmap": ebt.plot_energy_heatmap,
          "energy_landscape": ebt.plot_energy_landscape, "distribution_sharpening": ebt.plot_distribution_sharpening}
+# plus generation.png: the energy of every generated token while it was thought about
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     s = p.add_argument
     s("--out_dir", default="out-text", help="directory holding ckpt.pt (default: %(default)s)")
     s("--ckpt", help="checkpoint file (default: OUT_DIR/ckpt.pt)")
@@ -36,15 +38,24 @@ def parse_args(argv=None):
     g.add_argument("--steps", type=int, help="thinking steps per token, may exceed training (default: as trained)")
     g.add_argument("--step_size", type=float, help="override the learned step size alpha")
     g.add_argument("--candidates", type=int, help="self-verification: think from N starts, keep the lowest energy")
-    g.add_argument("--langevin_std", type=float, help="noise added to the logits before each step")
+    g.add_argument("--langevin_std", type=float, help="noise added to the logits before each step "
+                   "(default: 1 with several candidates, the paper's, else 0)")
     g.add_argument("--tolerance", type=float, help="adaptive: stop a token once its energy falls by less than this")
     g.add_argument("--init_std", type=float, help="std of the random starting logits (default: as trained)")
     m = p.add_argument_group("other modes")
     m.add_argument("--eval", action="store_true", help="perplexity vs thinking steps and candidates on val and OOD text")
-    m.add_argument("--data", help="--eval: the training text, whose last 10%% is the validation split (default: Tiny Shakespeare)")
+    m.add_argument("--data", help="--eval: the training text, whose last 10%% is the validation split (default: Tiny Shakespeare, shipped)")
     m.add_argument("--ood", help="--eval: out-of-distribution text file (default: Python's pydoc_data.topics)")
     m.add_argument("--windows", type=int, default=64, help="--eval: random windows of block_size tokens per text (default: %(default)s)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    positive, at_least = (lambda v: v > 0), (lambda n: lambda v: v >= n)
+    for name, ok, what in (("num_tokens", at_least(0), ">= 0"), ("temperature", at_least(0), "finite and >= 0"),
+                           ("top_k", at_least(1), ">= 1"), ("steps", lambda v: 1 <= v <= 10_000, "in 1..10000"),
+                           ("step_size", positive, "finite and > 0"), ("candidates", at_least(1), ">= 1"),
+                           ("langevin_std", at_least(0), "finite and >= 0"), ("tolerance", at_least(0), "finite and >= 0"),
+                           ("init_std", at_least(0), "finite and >= 0"), ("windows", at_least(1), ">= 1")):
+        ebt.check_flag(getattr(args, name), name, lambda v: ok(v) and abs(v) != float("inf"), what)
+    return args
 
 
 def evaluate_thinking(model, tokenizer, args):
@@ -52,7 +63,7 @@ def evaluate_thinking(model, tokenizer, args):
                                                ebt.read_text(args.ood) if args.ood else None)
     ood_name = Path(args.ood).name if args.ood else "pydoc_data.topics"
     print(f"OOD text {ood_name}: {len(ood)} tokens kept, {dropped} characters outside the vocabulary dropped")
-    trained = model.config.think_steps
+    trained = model.trained_steps() if getattr(model, "thinks", False) else 1
     steps = sorted({1, 2, 3, trained, 2 * trained, 3 * trained, 4 * trained})
     sources = {"val": val, f"OOD: {ood_name}": ood}
     results = {name: ebt.thinking_curves(model, ids, steps, windows=args.windows) for name, ids in sources.items()}
@@ -93,7 +104,9 @@ def main(argv=None):
         for name, plot in PLOTS.items():  # the last 64 characters: readable labels
             fig, _ = plot(model, tokenizer, text[-65:], steps=args.steps, seed=args.seed)
             fig.savefig(Path(args.plots) / f"{name}.png", dpi=90)
-        print(f"saved {len(PLOTS)} plots in {args.plots}", file=sys.stderr)
+        if args.num_tokens:
+            ebt.plot_generation(model, out)[0].savefig(Path(args.plots) / "generation.png", dpi=90)
+        print(f"saved {len(PLOTS) + bool(args.num_tokens)} plots in {args.plots}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,9 @@ import train_image
 import train_text
 
 HERE = Path(__file__).resolve().parent
+# tests that need a GPU: python -m pytest -q test_ebt.py -m cuda
+CUDA = [pytest.param("cuda", marks=[pytest.mark.cuda,
+                                    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])]
 torch.set_num_threads(1)  # tiny models: threads cost more than they give
 
 WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "far", "away"]
@@ -317,6 +320,34 @@ def test_one_step_at_a_time_backward_gives_the_single_backward_gradients(recipe)
     assert stepwise.keys() == single.keys() and len(single) >= len(list(model.parameters())) - 1
     for n in single:
         torch.testing.assert_close(stepwise[n], single[n], rtol=1e-10, atol=1e-13, msg=n)
+
+
+@pytest.mark.parametrize("device", ["cpu", *CUDA])
+def test_gradgradcheck_of_one_thinking_step(device):
+    """Training differentiates the descent step: its second derivatives (explicit attention,
+    rotary, RMSNorm's double backward, SwiGLU) checked against finite differences."""
+    model = tiny_ebt(n_layer=1, n_embd=8, n_head=2, vocab_size=5, block_size=4, step_size=0.5, detach=False)
+    model = model.to(device).train()  # no detach: the step is a function of its start
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randint(5, (1, 3), generator=g).to(device)
+    y0 = torch.randn(1, 3, 5, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    one_step = lambda y: model.predict(idx, steps=1, y0=y).ys[1]
+    assert torch.autograd.gradcheck(one_step, (y0,))
+    assert torch.autograd.gradgradcheck(one_step, (y0,))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_training_uses_fused_adamw_with_the_step_size_group(tmp_path, monkeypatch):
+    built = []
+    adamw = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **k: built.append(k) or adamw(*a, **k))
+    tok, data = words_data()
+    model = ebt.build_model(tiny_config(vocab_size=tok.vocab_size, step_size=20.0), seed=0)
+    ebt.train(model, data, tiny_train_config(tmp_path, device="cuda", max_steps=4), log=lambda *a: None)
+    assert built[0]["fused"] is True
+    assert model.step_size().item() != 20.0 and all(torch.isfinite(p).all() for p in model.parameters())
+    assert ebt.load_checkpoint(tmp_path / "out" / "ckpt.pt")["step"] == 4
 
 
 def test_random_step_size_is_drawn_per_token_within_half_to_twice_alpha():
@@ -745,12 +776,13 @@ def tiny_model(seed=0, **kw):
     return ebt.build_model(tiny_config(**kw)).double().eval()
 
 
+@pytest.mark.parametrize("device", ["cpu", *CUDA])
 @pytest.mark.parametrize("kind", ["ebt", "transformer"])
-def test_cached_generation_matches_full_recompute(kind):
+def test_cached_generation_matches_full_recompute(kind, device):
     """Same seed, same tokens, and the same logits at every position, also after the window
     has crossed block_size (16) and the cache was re-filled twice."""
-    model = tiny_model(model=kind)
-    prompt = torch.randint(13, (2, 5), generator=torch.Generator().manual_seed(1))
+    model = tiny_model(model=kind).to(device)
+    prompt = torch.randint(13, (2, 5), generator=torch.Generator().manual_seed(1)).to(device)
     thinking = {"candidates": 2, "steps": 3} if kind == "ebt" else {}
     def run(use_cache):
         torch.manual_seed(3)  # the Langevin noise of the candidates
@@ -817,6 +849,52 @@ def test_plot_functions_return_a_figure_and_write_a_png(plot, numbers_shape, tmp
     assert tuple(numbers.shape) == numbers_shape and torch.isfinite(numbers).all()
     fig.savefig(tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "plot.png").stat().st_size > 1000
+    # Jupyter shows the figure as a picture by itself, with no %matplotlib inline
+    assert fig._repr_png_()[:4] == b"\x89PNG"
+
+
+def test_plots_default_to_4x_the_trained_steps_with_integer_ticks():
+    tokenizer = ebt.CharTokenizer.fit(synthetic_text())
+    model = tiny_model(vocab_size=tokenizer.vocab_size)
+    fig, energies = ebt.plot_energy_per_step(model, tokenizer, "the cat sat")
+    assert energies.shape[1] == 4 * model.trained_steps() + 1
+    ticks = [t for t in fig.axes[0].get_xticks() if 0 <= t <= energies.shape[1] - 1]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    assert "landscape" in fig.axes[0].get_xlabel()
+
+
+def test_plot_generation_takes_what_generate_returns(tmp_path):
+    model = tiny_model(landscapes=1, step_size=0.5)
+    out = ebt.generate(model, torch.zeros(1, 2, dtype=torch.long), 5, steps=10, tolerance=1e-4)
+    fig, energies = ebt.plot_generation(model, out)
+    assert energies.shape == (5, int(out.steps_used.max()) + 1)
+    for row, used in zip(energies, out.steps_used[0]):  # a token that stopped early ends early
+        assert torch.isfinite(row[:used + 1]).all() and torch.isnan(row[used + 1:]).all()
+    assert fig._repr_png_()[:4] == b"\x89PNG"
+    with pytest.raises(ebt.UsageError, match="needs an EBT"):
+        ebt.plot_generation(tiny_model(model="transformer"), out)
+
+
+def test_notebook_code_cells_run_top_to_bottom(tmp_path, monkeypatch):
+    """notebooks/thinking.ipynb, read with the standard library, its code cells executed in order
+    the way Jupyter would (from notebooks/), against a tiny checkpoint trained here."""
+    train_text.main(["--preset", "cpu", "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "16",
+                     "--batch_size", "4", "--max_steps", "2", "--eval_interval", "2", "--eval_batches", "1",
+                     "--out_dir", str(tmp_path / "run"), "--device", "cpu"], log=lambda *a: None)
+    monkeypatch.setenv("NANOEBT_CKPT", str(tmp_path / "run" / "ckpt.pt"))
+    monkeypatch.chdir(HERE / "notebooks")
+    notebook = json.loads((HERE / "notebooks" / "thinking.ipynb").read_text())
+    cells = [c for c in notebook["cells"] if c["cell_type"] == "code"]
+    scope, shown = {}, []
+    for cell in cells:
+        source = "".join(cell["source"])
+        *body, last = source.rstrip().splitlines()
+        exec(compile(source, "notebook", "exec"), scope)
+        if not last.startswith((" ", "print(")) and "=" not in last:  # a cell's last expression is what it shows
+            shown.append(eval(last, scope))
+    assert len(shown) == 4 and all(fig._repr_png_()[:4] == b"\x89PNG" for fig in shown)
+    assert all(any(o.get("output_type") in ("display_data", "execute_result") or o.get("name") == "stdout"
+                   for o in c["outputs"]) for c in cells), "the shipped notebook is executed"
 
 
 def test_thinking_curves_table_and_plot(tmp_path):
@@ -1061,18 +1139,19 @@ def test_results_trains_what_is_missing_then_reports_from_checkpoints(tmp_path, 
 
 # --- Mixed precision (the CUDA path runs under bf16 autocast; CPU autocast runs the same code)
 
-def test_bf16_autocast_training_matches_fp32_and_descent_gradient_stays_finite():
+@pytest.mark.parametrize("device", ["cpu", *CUDA])
+def test_bf16_autocast_training_matches_fp32_and_descent_gradient_stays_finite(device):
     tok, data = words_data()
     losses = {}
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
-        model = ebt.TextEBT(tiny_config(vocab_size=tok.vocab_size, step_size=20.0))
+        model = ebt.TextEBT(tiny_config(vocab_size=tok.vocab_size, step_size=20.0)).to(device)
         opt = torch.optim.AdamW(model.param_groups(0.1), lr=3e-3)
         losses[dtype] = []
         for step in range(30):
-            x, y = data.batch("train", 16, torch.Generator().manual_seed(step))
+            x, y = (t.to(device) for t in data.batch("train", 16, torch.Generator().manual_seed(step)))
             torch.manual_seed(step)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
                 loss, m = model(x, y)
                 traj = model.predict(x)
             assert all(torch.isfinite(t).all() for t in traj.ys + traj.energies), dtype
@@ -1081,7 +1160,7 @@ def test_bf16_autocast_training_matches_fp32_and_descent_gradient_stays_finite()
             assert all(torch.isfinite(p.grad).all() for p in model.parameters()), dtype
             opt.step()
             opt.zero_grad()
-            losses[dtype].append(m["loss"])
+            losses[dtype].append(m["loss"].item())
     fp32, bf16 = torch.tensor(losses[torch.float32]), torch.tensor(losses[torch.bfloat16])
     assert fp32[-1] < fp32[0] - 0.5 and bf16[-1] < bf16[0] - 0.5  # both learn
     # step by step the same numbers to bf16 precision; later the runs drift apart as any two

@@ -22,7 +22,7 @@ PRESETS = {  # sizes and budgets; every entry can be overridden by its flag
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=16, max_steps=1500,
                 lr=2e-3, eval_interval=250, eval_batches=10, log_interval=25),
 }
-S1_STEP_SIZE = {65: 8.0}  # alpha per vocabulary size, measured (README "Choosing alpha"); else 500, the paper's
+S1_STEP_SIZE = {65: 2.0}  # alpha per vocabulary size, measured (README "Choosing alpha"); else 500, the paper's
 RECIPES = {
     "s1": dict(think_steps=2, landscapes=2, random_steps=0, step_size=None, learn_step_size=True, langevin_std=0.0,
                random_step_size=1.0, truncate=False, detach=True, replay_size=0),
@@ -72,6 +72,8 @@ def parse_args(argv=None):
     g.add_argument("--replay_batch", type=float, help=f"replayed sequences per batch, a fraction of it (default: {m.replay_batch})")
     s("--data", help="text file to train on (default: Tiny Shakespeare, shipped in data/)")
     s("--tokenizer", choices=("char", "gpt2"), help="(default: char)")
+    s("--vocab_size", type=int, help="pad the vocabulary to this many ids; the extra ones never occur "
+      "(default: the tokenizer's; measures what a large vocabulary costs without its data)")
     s("--out_dir", default="out-text", help="checkpoint, metrics.jsonl and loss.png go here (default: %(default)s)")
     s("--resume", action="store_true", help="continue from out_dir/ckpt.pt with its settings; flags given override")
     s("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps (default: %(default)s)")
@@ -95,10 +97,12 @@ def new_run(args, device, text, log):
     tokenizer = ebt.CharTokenizer.fit(text) if (args.tokenizer or "char") == "char" else ebt.GPT2Tokenizer()
     values = {**PRESETS[preset], **(RECIPES[recipe] if model == "ebt" else {}), **given(args, MODEL_FLAGS + TRAIN_FLAGS)}
     if values.get("step_size") is None:
-        values["step_size"] = S1_STEP_SIZE.get(tokenizer.vocab_size, 500.0)
+        values["step_size"] = S1_STEP_SIZE.get(args.vocab_size or tokenizer.vocab_size, 500.0)
     values.setdefault("step_size_lr_mult", 3 * values["step_size"])
-    cfg = ebt.ModelConfig(model=model, vocab_size=tokenizer.vocab_size,
-                          **{k: v for k, v in values.items() if k in MODEL_FLAGS})
+    vocab_size = args.vocab_size or tokenizer.vocab_size
+    if vocab_size < tokenizer.vocab_size:
+        raise ebt.UsageError(f"--vocab_size {vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
+    cfg = ebt.ModelConfig(model=model, vocab_size=vocab_size, **{k: v for k, v in values.items() if k in MODEL_FLAGS})
     tc = ebt.TrainConfig(**{k: v for k, v in values.items() if k in TRAIN_FLAGS})
     return cfg, tc, tokenizer
 
@@ -106,7 +110,7 @@ def new_run(args, device, text, log):
 def resumed_run(args, ckpt, log):
     """The checkpoint's own configs; training flags given override them, model flags must agree."""
     cfg = ebt.ModelConfig.from_dict(ckpt["model_config"])
-    for k, v in given(args, MODEL_FLAGS + ("model",)).items():
+    for k, v in given(args, MODEL_FLAGS + ("model", "vocab_size")).items():
         if getattr(cfg, k) != v:
             raise ebt.UsageError(f"--{k} {v} conflicts with the checkpoint's {getattr(cfg, k)}; "
                                  "resume without it, or start a new run in another --out_dir")
