@@ -244,8 +244,7 @@ def gpu_check(out, args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = ebt.ArgumentParser(description=__doc__)
     p.add_argument("--device", default="auto")
     p.add_argument("--n_layer", type=int, default=4)
     p.add_argument("--n_head", type=int, default=4)
@@ -282,7 +281,7 @@ def main():
     print(f"device {base['device']}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{args.n_layer} layers x {args.n_embd} wide, batch {args.batch_size} x {args.block_size}")
     cuda = base["device"].startswith("cuda")
-    print(f"| model | step (ms) | tokens/s | x Transformer++ time | peak training memory (MB) | x Transformer++ memory |"
+    print("| model | step (ms) | tokens/s | x Transformer++ time | peak training memory (MB) | x Transformer++ memory |"
           + (" MFU |" if cuda else ""))
     print("|---|---|---|---|---|---|" + ("---|" if cuda else ""))
     for r in rows:
@@ -300,4 +299,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    ebt.run_cli(main)

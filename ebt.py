@@ -25,6 +25,7 @@ Paper: "Energy-Based Transformers are Scalable Learners and Thinkers",
 Gladstone et al., 2025 (arXiv 2507.02092).
 """
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -1038,8 +1039,29 @@ def prepare_out_dir(out, resume):
         stale.unlink()
 
 
+def device_memory(device):
+    """Bytes of memory on the device (CPU: physical memory)."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits(cfg, batch_size, tokens, device):
+    """Refuse at once what cannot fit: the largest single tensor of a training step (activations
+    B x T x D, logits B x T x V, or the EBT's explicit attention scores B x H x T x T) alone
+    would outgrow the device. A lower bound: passing it does not promise a fit."""
+    sizes = {"activations": batch_size * tokens * cfg.n_embd, "logits": batch_size * tokens * cfg.vocab_size}
+    if cfg.model == "ebt":
+        sizes["attention scores"] = batch_size * cfg.n_head * tokens * tokens
+    what, largest = max(sizes.items(), key=lambda kv: kv[1])
+    if 4 * largest > device_memory(device):
+        raise UsageError(f"batch {batch_size} x {tokens} tokens cannot fit on {device}: its {what} alone take "
+                         f"{4 * largest / 2**30:,.0f} GiB of {device_memory(device) / 2**30:,.0f}; "
+                         "lower --batch_size (--grad_accum keeps the batch) or --block_size")
+
+
 def is_out_of_memory(e):
-    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e) or "out of memory" in str(e)
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(e) or "out of memory" in str(e)
 
 
 def average_gradients(model, world):
@@ -1073,6 +1095,8 @@ def train(model, data, tc, meta=None, resume=False, log=None):
     out = Path(tc.out_dir)
     prepare_out_dir(out, resume)
     ckpt_path, log_path, replay_path = out / "ckpt.pt", out / "metrics.jsonl", out / f"replay-rank{rank}.pt"
+    if model.config.model in TEXT_KINDS:
+        check_fits(model.config, tc.batch_size, data.tokens_per_sample, device)
     model.to(device)
     thinks, replay = getattr(model, "thinks", False), getattr(model, "replay", None)
     if tc.compile:
@@ -1241,6 +1265,17 @@ def run_cli(main):
         print("error: out of memory; lower the sizes (--batch_size, --block_size, --candidates, --windows)",
               file=sys.stderr)
         sys.exit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The drivers' parser: no prefix abbreviations (--max_step is not taken for --max_steps) and
+    errors as one line, exit code 2 (through run_cli)."""
+
+    def __init__(self, **kw):
+        super().__init__(allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")
 
 
 def check_flag(value, name, ok, what):

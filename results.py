@@ -20,7 +20,6 @@ with the paper's inference Langevin noise, std 1, the lowest final energy kept).
 Writes to out-results/: results.md (every table), results.json (every number, per run),
 gap.png, thinking_steps.png, candidates.png, gains.png.
 """
-import argparse
 import json
 import math
 from pathlib import Path
@@ -37,8 +36,7 @@ CANDIDATES = (1, 2, 4, 8, 16)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = ebt.ArgumentParser(description=__doc__)
     s = p.add_argument
     s("--seeds", type=int, nargs="+", default=[1337, 1338], help="(default: %(default)s)")
     s("--lengths", type=int, nargs="+", default=[500, 1000, 2000, 4000],

@@ -7,7 +7,6 @@ Generate text with a trained text EBT (or the Transformer++ baseline) and watch 
     python sample.py --plots plots/                         # 4 PNGs of the thinking behind the text
     python sample.py --eval --plots plots/                  # perplexity vs steps and candidates, val and OOD
 """
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -22,8 +21,7 @@ PLOTS = {"energy_per_step": ebt.plot_energy_per_step, "energy_heatmap": ebt.plot
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = ebt.ArgumentParser(description=__doc__)
     s = p.add_argument
     s("--out_dir", default="out-text", help="directory holding ckpt.pt (default: %(default)s)")
     s("--ckpt", help="checkpoint file (default: OUT_DIR/ckpt.pt)")

@@ -1167,3 +1167,159 @@ def test_bf16_autocast_training_matches_fp32_and_descent_gradient_stays_finite(d
     # runs do (Adam amplifies tiny differences), so compare where training got to
     torch.testing.assert_close(bf16[:5], fp32[:5], rtol=0.01, atol=0)
     assert abs(bf16[-10:].mean() - fp32[-10:].mean()) < 0.05 * fp32[-10:].mean(), (fp32, bf16)
+
+
+# --- A newcomer's first hour: set-up, nothing lost, bad input in one line
+
+def cli(main, *argv):
+    """A driver run the way its __main__ runs it: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with __import__("contextlib").redirect_stdout(out), __import__("contextlib").redirect_stderr(err):
+        try:
+            ebt.run_cli(lambda: main(list(argv)))
+        except SystemExit as e:
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_tiny_shakespeare_ships_with_the_project_and_is_the_default():
+    text = ebt.text_or_shakespeare()
+    assert len(text) == 1115394 and text.startswith("First Citizen:")
+    assert ebt.SHAKESPEARE.suffix == ".gz" and ebt.SHAKESPEARE.stat().st_size < 500_000
+    assert "karpathy/char-rnn" in (HERE / "data" / "README.md").read_text()
+
+
+def test_the_preset_follows_the_device_and_is_named_first(tmp_path, monkeypatch):
+    logged = []
+    monkeypatch.setattr(ebt, "train", lambda model, data, tc, **kw: logged.append(tc))
+    train_text.main(["--out_dir", str(tmp_path / "a"), "--device", "cpu"], log=logged.append)
+    assert logged[0].startswith("preset cpu") and logged[1].batch_size == train_text.PRESETS["cpu"]["batch_size"]
+    logged.clear()
+    train_text.main(["--preset", "gpu", "--out_dir", str(tmp_path / "b"), "--device", "cpu"], log=logged.append)
+    assert logged[0] == "preset gpu" and logged[1].startswith("warning:")
+
+
+def tiny_run(*extra):
+    return ["--preset", "cpu", "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "16",
+            "--batch_size", "4", "--max_steps", "4", "--eval_interval", "2", "--eval_batches", "1",
+            "--log_interval", "1", "--device", "cpu", *extra]
+
+
+def test_progress_lines_are_flushed_when_output_goes_to_a_pipe(tmp_path):
+    """Under nohup or with output to a file the log used to be block-buffered: nothing for minutes."""
+    proc = subprocess.Popen([sys.executable, "train_text.py", *tiny_run("--max_steps", "100000", "--out_dir",
+                             str(tmp_path / "out"))], cwd=HERE, stdout=subprocess.PIPE, text=True)
+    try:
+        lines = [proc.stdout.readline() for _ in range(3)]  # would block on a buffered pipe
+        assert lines[0].startswith("preset cpu") and lines[2].startswith("step 1/")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_the_same_command_twice_refuses_and_keeps_the_first_run(tmp_path):
+    argv = tiny_run("--out_dir", str(tmp_path / "out"))
+    assert cli(train_text.main, *argv)[0] == 0
+    before = {f.name: f.read_bytes() for f in (tmp_path / "out").iterdir()}
+    code, _, err = cli(train_text.main, *argv)
+    assert code == 2 and "--resume" in err and "--out_dir" in err and err.count("\n") == 1
+    assert {f.name: f.read_bytes() for f in (tmp_path / "out").iterdir()} == before
+
+
+def test_resume_restores_the_runs_settings_and_refuses_a_conflict(tmp_path, text_file):
+    out = str(tmp_path / "out")
+    argv = tiny_run("--out_dir", out, "--data", str(text_file), "--lr", "0.004", "--recipe", "s2")
+    assert cli(train_text.main, *argv)[0] == 0
+    code, stdout, err = cli(train_text.main, "--resume", "--out_dir", out, "--max_steps", "6", "--device", "cpu")
+    assert code == 0, err
+    ckpt = ebt.load_checkpoint(tmp_path / "out" / "ckpt.pt")
+    assert ckpt["step"] == 6 and ckpt["train_config"]["lr"] == 0.004 and ckpt["train_config"]["batch_size"] == 4
+    assert ckpt["model_config"]["n_embd"] == 16 and ckpt["model_config"]["replay_size"] == 192
+    assert "notice: --max_steps 6 overrides the checkpoint's 4" in stdout
+    for conflict, message in ((["--n_embd", "32"], "--n_embd 32 conflicts"), (["--tokenizer", "gpt2"], "tokenizer"),
+                              (["--data", str(HERE / "README.md")], "not the text")):
+        code, _, err = cli(train_text.main, "--resume", "--out_dir", out, "--device", "cpu", *conflict)
+        assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_sigterm_saves_like_ctrl_c_and_a_stale_temporary_file_is_removed(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "train_text.py", *tiny_run("--max_steps", "100000", "--eval_interval",
+                             "100000", "--out_dir", str(out))], cwd=HERE, stdout=subprocess.PIPE, text=True)
+    while not proc.stdout.readline().startswith("step 3/"):
+        pass
+    proc.terminate()  # SIGTERM, what schedulers send
+    rest = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0 and "interrupted at step" in rest
+    step = ebt.load_checkpoint(out / "ckpt.pt")["step"]
+    assert step >= 3
+    (out / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")  # what a crash during a save leaves
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "st')  # a line torn by a crash mid-write
+    code, _, err = cli(train_text.main, "--resume", "--out_dir", str(out), "--max_steps", str(step + 1), "--device", "cpu")
+    assert code == 0, err
+    assert not (out / "ckpt.pt.tmp").exists() and ebt.load_checkpoint(out / "ckpt.pt")["step"] == step + 1
+
+
+def test_nan_before_the_first_evaluation_says_no_checkpoint_exists(tmp_path):
+    tok, data = words_data()
+    model = NaNAfter(ebt.build_model(tiny_config(vocab_size=VOCAB, model="transformer")), 1)
+    with pytest.raises(ebt.UsageError, match="no checkpoint was written yet"):
+        ebt.train(model, data, tiny_train_config(tmp_path, eval_interval=100, max_steps=200), log=lambda *a: None)
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+def test_self_verification_never_keeps_a_nan_candidate():
+    energies = torch.tensor([[[float("nan")], [2.0], [1.0]]])  # (B=1, N=3, P=1)
+    x = torch.arange(3.0).reshape(1, 3, 1, 1)
+    assert ebt.keep_lowest(x, energies).item() == 2.0
+    assert ebt.keep_lowest(x, torch.tensor([[[float("nan")], [0.5], [1.0]]])).item() == 1.0
+
+
+def test_bad_input_is_one_line_and_exit_2_in_process(tmp_path, text_file, sample_checkpoints):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    tiny = tiny_run("--data", str(text_file), "--out_dir", str(tmp_path / "x"))
+    cases = [
+        (train_text.main, [*tiny[:-2], "--out_dir", str(a_file)], "is a file"),
+        (train_text.main, ["--batch_size", "1000000", "--device", "cpu", "--out_dir", str(tmp_path / "y")],
+         "lower --batch_size"),  # the CPU preset's model: refused before anything is allocated
+        (train_text.main, ["--block_size", "100000", "--device", "cpu", "--out_dir", str(tmp_path / "y")],
+         "--block_size"),
+        (train_text.main, [*tiny, "--think_steps", "100000"], "think_steps"),
+        (train_text.main, [*tiny, "--max_step", "3"], "unrecognized arguments: --max_step"),
+        (train_text.main, [*tiny, "--data", str(tmp_path)], "is a directory"),
+        (train_text.main, [*tiny, "--step_size", "nan"], "step_size"),
+        (train_text.main, [*tiny, "--langevin_std", "-1"], "langevin_std"),
+    ]
+    import sample
+    ckpt = ["--ckpt", str(sample_checkpoints["ebt"]), "--num_tokens", "2", "--device", "cpu"]
+    for flag, value in (("--temperature", "nan"), ("--step_size", "nan"), ("--step_size", "0"), ("--step_size", "-1"),
+                        ("--tolerance", "-1"), ("--tolerance", "nan"), ("--langevin_std", "-0.5"),
+                        ("--langevin_std", "nan"), ("--steps", "100000"), ("--top_k", "0")):
+        cases.append((sample.main, [*ckpt, flag, value], flag))
+    cases += [(sample.main, [*ckpt, "--eval", "--windows", "0"], "--windows"),
+              (sample.main, ["--ckpt", str(tmp_path), "--device", "cpu"], "is a directory"),
+              (sample.main, [*ckpt, "--num_token", "3"], "unrecognized arguments")]
+    for args, message in ((["--image_size", "0"], "--image_size"), (["--report_steps", "-1"], "--report_steps"),
+                          (["--eval_noise", "nan"], "noise level nan"), (["--max_step", "1"], "unrecognized")):
+        cases.append((train_image.main, [*args, "--out_dir", str(tmp_path / "img")], message))
+    for main, argv, message in cases:
+        code, _, err = cli(main, *argv)
+        assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, (argv, err)
+        assert message in err, (argv, err)
+
+
+def test_ctrl_c_in_sample_is_one_line(sample_checkpoints, monkeypatch):
+    import sample
+    monkeypatch.setattr(ebt, "generate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    code, _, err = cli(sample.main, "--ckpt", str(sample_checkpoints["ebt"]), "--device", "cpu")
+    assert code == 130 and err == "interrupted\n"
+
+
+def test_readme_gives_the_cpu_install_and_the_two_commands():
+    readme = (HERE / "README.md").read_text()
+    assert "--index-url https://download.pytorch.org/whl/cpu" in readme
+    assert "pip install -r requirements.txt" in readme and "python train_text.py\n" in readme
+    assert "python -m pytest -q test_ebt.py" in readme and "python -m pytest -q test_ebt.py" in (HERE / ".ci" / "run").read_text()

@@ -13,8 +13,8 @@ psnr.md, PSNR of the noisy input, the baseline and the EBT after each thinking s
 training noise level and higher ones; psnr.png, the same against forward passes; grid.png, a
 few denoised validation crops; energy.png, the mean energy along the thinking steps.
 """
-import argparse
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ GRID_CROPS = 4      # rows of grid.png: the report crops with the most detail (p
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ebt.ArgumentParser(description=__doc__)
     m, t, s = ebt.ModelConfig(), ebt.TrainConfig(), p.add_argument
     s("--model", choices=("ebt", "baseline"), default="ebt", help="(default: %(default)s)")
     s("--compare", nargs="+", metavar="OUT_DIR", help="report on trained checkpoints instead of training")
@@ -62,6 +62,11 @@ def parse_args(argv=None):
     s("--seed", type=int, default=t.seed, help="(default: %(default)s)")
     args = p.parse_args(argv)
     args.out_dir = args.out_dir or ("out-image-compare" if args.compare else f"out-image-{args.model}")
+    ebt.check_flag(args.image_size, "image_size", lambda v: v >= 1, ">= 1")
+    ebt.check_flag(args.report_steps, "report_steps", lambda v: v >= 1, ">= 1")
+    for level in args.eval_noise or ():
+        ebt.check_noise_std(level)
+    ebt.check_noise_std(args.noise_std)
     return args
 
 
@@ -91,6 +96,7 @@ def train(args):
         cfg = ebt.ModelConfig(
             model=kind, channels=data.channels, image_size=spec["image_size"], patch_size=args.patch_size,
             n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, think_steps=args.think_steps,
+            landscapes=args.think_steps,
             step_size=args.step_size, step_size_lr_mult=args.step_size_lr_mult or 3 * args.step_size)
     tc = ebt.TrainConfig(max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
                          warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
@@ -229,7 +235,8 @@ def main(argv=None):
         models, data = load_trained(args.compare, device)
     else:
         models, data = train(args)
-    report(models, data, args, device)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one report
+        report(models, data, args, device)
 
 
 if __name__ == "__main__":

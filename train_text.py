@@ -22,9 +22,15 @@ PRESETS = {  # sizes and budgets; every entry can be overridden by its flag
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=16, max_steps=1500,
                 lr=2e-3, eval_interval=250, eval_batches=10, log_interval=25),
 }
-S1_STEP_SIZE = {65: 2.0}  # alpha per vocabulary size, measured (README "Choosing alpha"); else 500, the paper's
+def s1_step_size(vocab_size):
+    """S1's alpha: 0.25 sqrt(V), measured best of a sweep at V = 65 (2) and near the best at 50,257
+    (56; 50 was best of 2, 50, 500), README "Choosing alpha". The paper's 500 was tuned at 50,277."""
+    return round(0.25 * vocab_size ** 0.5, 1)
+
+
+
 RECIPES = {
-    "s1": dict(think_steps=2, landscapes=2, random_steps=0, step_size=None, learn_step_size=True, langevin_std=0.0,
+    "s1": dict(think_steps=2, landscapes=None, random_steps=0, step_size=None, learn_step_size=True, langevin_std=0.0,
                random_step_size=1.0, truncate=False, detach=True, replay_size=0),
     "s2": dict(think_steps=2, landscapes=1, random_steps=1, step_size=5.0, learn_step_size=False, langevin_std=3.0,
                random_step_size=2.0, truncate=True, detach=False, replay_size=192),
@@ -37,8 +43,7 @@ TRAIN_FLAGS = ("batch_size", "max_steps", "lr", "warmup_steps", "grad_accum", "w
 
 def parse_args(argv=None):
     # every default is None here, so what the user typed is known: resuming keeps the rest
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = ebt.ArgumentParser(description=__doc__)
     m, t, s = ebt.ModelConfig(), ebt.TrainConfig(), p.add_argument
     preset_help = lambda k: f"(default: from --preset: gpu {PRESETS['gpu'][k]}, cpu {PRESETS['cpu'][k]})"
     recipe_help = lambda k: f"(default: from --recipe: s1 {RECIPES['s1'][k]}, s2 {RECIPES['s2'][k]})"
@@ -57,9 +62,9 @@ def parse_args(argv=None):
     g = p.add_argument_group("thinking (EBT)")
     g.add_argument("--think_steps", type=int, help="descent steps in training " + recipe_help("think_steps"))
     g.add_argument("--random_steps", type=int, help="train with think_steps + U{0..n} steps " + recipe_help("random_steps"))
-    g.add_argument("--landscapes", type=int, help="step embeddings; step k uses min(k, n-1) " + recipe_help("landscapes"))
-    g.add_argument("--step_size", type=float, help="alpha (default: s1 by vocabulary: "
-                   + ", ".join(f"V={v}: {a:g}" for v, a in S1_STEP_SIZE.items()) + ", else 500; s2 5)")
+    g.add_argument("--landscapes", type=int, help="step embeddings; step k uses min(k, n-1) "
+                   "(default: from --recipe: s1 think_steps, s2 1)")
+    g.add_argument("--step_size", type=float, help="alpha (default: s1 0.25 sqrt(vocabulary), 2 for characters; s2 5)")
     g.add_argument("--learn_step_size", action=argparse.BooleanOptionalAction, help=recipe_help("learn_step_size"))
     g.add_argument("--step_size_lr_mult", type=float, help="alpha's lr / base lr (default: 3 x step_size, the paper's 1500 at 500)")
     g.add_argument("--init_std", type=float, help=f"thinking starts from N(0, init_std^2) logits (default: {m.init_std})")
@@ -96,9 +101,12 @@ def new_run(args, device, text, log):
     model, recipe = args.model or "ebt", args.recipe or "s1"
     tokenizer = ebt.CharTokenizer.fit(text) if (args.tokenizer or "char") == "char" else ebt.GPT2Tokenizer()
     values = {**PRESETS[preset], **(RECIPES[recipe] if model == "ebt" else {}), **given(args, MODEL_FLAGS + TRAIN_FLAGS)}
-    if values.get("step_size") is None:
-        values["step_size"] = S1_STEP_SIZE.get(args.vocab_size or tokenizer.vocab_size, 500.0)
-    values.setdefault("step_size_lr_mult", 3 * values["step_size"])
+    if model == "ebt":
+        if values.get("landscapes") is None:  # S1: one per step
+            values["landscapes"] = values["think_steps"]
+        if values.get("step_size") is None:
+            values["step_size"] = s1_step_size(args.vocab_size or tokenizer.vocab_size)
+        values.setdefault("step_size_lr_mult", 3 * values["step_size"])
     vocab_size = args.vocab_size or tokenizer.vocab_size
     if vocab_size < tokenizer.vocab_size:
         raise ebt.UsageError(f"--vocab_size {vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
