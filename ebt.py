@@ -1325,8 +1325,11 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
     if top_k is not None:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1).cpu()  # drawn on the CPU, so a CPU generator makes it repeatable
-    return torch.multinomial(probs, 1, generator=generator).to(logits.device)
+    # inverse CDF on the model's device with a uniform from the (CPU) generator: repeatable, and
+    # the host never waits for the device
+    u = torch.rand(logits.shape[0], 1, generator=generator).to(logits.device, non_blocking=True)
+    cdf = logits.float().softmax(-1).cumsum(-1)
+    return (cdf < u * cdf[:, -1:]).sum(-1, keepdim=True).clamp(max=logits.shape[-1] - 1)
 
 
 @torch.no_grad()
