@@ -17,8 +17,8 @@ out-of-distribution text (Python's pydoc_data.topics), after 1..12 thinking step
 candidate, no noise) and with the best of N = 1..16 candidates (at the trained steps, each
 with the paper's inference Langevin noise, std 1, the lowest final energy kept).
 
-Writes to out-results/: results.md (every table), results.json (every number, per run),
-gap.png, thinking_steps.png, candidates.png, gains.png.
+Writes results.md (every table) and the plots gap.png, thinking_steps.png, candidates.png and
+gains.png to assets/ (--report_dir), and results.json (every number, per run) to out-results/.
 """
 import json
 import math
@@ -41,7 +41,8 @@ def parse_args(argv=None):
     s("--seeds", type=int, nargs="+", default=[1337, 1338], help="(default: %(default)s)")
     s("--lengths", type=int, nargs="+", default=[500, 1000, 2000, 4000],
       help="training lengths in optimizer steps (default: %(default)s)")
-    s("--out_dir", default="out-results", help="(default: %(default)s)")
+    s("--out_dir", default="out-results", help="the runs, and results.json with every number (default: %(default)s)")
+    s("--report_dir", default="assets", help="results.md and the plots, as the README links them (default: %(default)s)")
     s("--windows", type=int, default=64, help="evaluation windows of block_size tokens per text (default: %(default)s)")
     s("--device", default="auto", help="auto, cpu, cuda or mps (default: %(default)s)")
     s("--preset", default="cpu", choices=train_text.PRESETS, help="train_text.py preset (default: %(default)s)")
@@ -227,7 +228,8 @@ def plot_gains(runs, lengths, seeds, path):
 
 def main(argv=None):
     args = parse_args(argv)
-    out = Path(args.out_dir)
+    out, report_dir = Path(args.out_dir), Path(args.report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
     device = ebt.pick_device(args.device)
     lengths, seeds = sorted(args.lengths), args.seeds
     dirs = {(m, n, s): out / f"{prefix}-{n}-seed{s}" for m, (prefix, _) in MODELS.items() for n in lengths for s in seeds}
@@ -244,12 +246,13 @@ def main(argv=None):
         print(f"evaluating {d}", flush=True)
         runs[key] = curves(d / "ckpt.pt", args.windows, device)
     main_length = max(n for n in lengths if n >= 1500) if max(lengths) >= 1500 else max(lengths)
-    plot_gap(runs, lengths, seeds, out / "gap.png")
-    plot_curves(runs, main_length, seeds, "steps", "thinking steps (1 candidate)", out / "thinking_steps.png",
+    plot_gap(runs, lengths, seeds, report_dir / "gap.png")
+    plot_curves(runs, main_length, seeds, "steps", "thinking steps (1 candidate)", report_dir / "thinking_steps.png",
                 f"cross-entropy vs thinking steps ({main_length} optimizer steps)")
     plot_curves(runs, main_length, seeds, "candidates", "candidates N (trained steps, lowest energy kept)",
-                out / "candidates.png", f"cross-entropy vs self-verification candidates ({main_length} optimizer steps)")
-    plot_gains(runs, lengths, seeds, out / "gains.png")
+                report_dir / "candidates.png",
+                f"cross-entropy vs self-verification candidates ({main_length} optimizer steps)")
+    plot_gains(runs, lengths, seeds, report_dir / "gains.png")
     per_seed = " / ".join(map(str, seeds))
     report = "\n\n".join([
         f"Cross-entropy in nats per character (lower is better) on {args.windows} windows of the validation "
@@ -265,10 +268,11 @@ def main(argv=None):
         "at each training length (negative: thinking helps)\n\n" + gains_table(runs, lengths, seeds, "S2"),
         "5. S1, the same\n\n" + gains_table(runs, lengths, seeds, "S1"),
     ])
-    (out / "results.md").write_text(report + "\n")
+    (report_dir / "results.md").write_text("# Results\n\nMade by `python results.py` (see README, Results).\n\n"
+                                           + report + "\n")
     (out / "results.json").write_text(json.dumps({f"{m}|{n}|{s}": c for (m, n, s), c in runs.items()}, indent=1) + "\n")
     print(report)
-    print(f"wrote {out / 'results.md'}, {out / 'results.json'} and the plots in {out}")
+    print(f"wrote {report_dir / 'results.md'} and the plots in {report_dir}, {out / 'results.json'}")
 
 
 if __name__ == "__main__":

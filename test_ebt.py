@@ -1119,7 +1119,8 @@ def test_results_trains_what_is_missing_then_reports_from_checkpoints(tmp_path, 
     monkeypatch.setitem(train_text.PRESETS, "cpu", dict(
         n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, max_steps=2, lr=3e-3,
         eval_interval=2, eval_batches=1, log_interval=1))
-    argv = ["--seeds", "1", "2", "--lengths", "2", "3", "--out_dir", str(tmp_path), "--windows", "2", "--device", "cpu"]
+    argv = ["--seeds", "1", "2", "--lengths", "2", "3", "--out_dir", str(tmp_path), "--report_dir", str(tmp_path),
+            "--windows", "2", "--device", "cpu"]
     results.main(argv)
     trained = capsys.readouterr().out.count("$ python ")
     assert trained == len(results.MODELS) * 2 * 2
@@ -1323,3 +1324,13 @@ def test_readme_gives_the_cpu_install_and_the_two_commands():
     assert "--index-url https://download.pytorch.org/whl/cpu" in readme
     assert "pip install -r requirements.txt" in readme and "python train_text.py\n" in readme
     assert "python -m pytest -q test_ebt.py" in readme and "python -m pytest -q test_ebt.py" in (HERE / ".ci" / "run").read_text()
+
+
+def test_sampling_follows_the_distribution_top_k_and_temperature():
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]]).repeat(20000, 1)
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(ebt.sample_next(logits, generator=g)[:, 0], minlength=4).float() / 20000
+    torch.testing.assert_close(counts, logits[0].softmax(-1), atol=0.015, rtol=0)
+    top2 = ebt.sample_next(logits, top_k=2, generator=g)[:, 0]
+    assert set(top2.tolist()) == {1, 2}
+    assert (ebt.sample_next(logits[:3], temperature=0) == 2).all()
