@@ -53,7 +53,7 @@ def measure(kind, steps, args):
     cfg = ebt.ModelConfig(model=kind, vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                           n_head=args.n_head, n_embd=args.n_embd, think_steps=max(steps, 1), landscapes=max(steps, 1))
     model = ebt.build_model(cfg).to(device)
-    opt = torch.optim.AdamW(model.param_groups(0.1), lr=1e-4)
+    opt = torch.optim.AdamW(ebt.param_groups(model, 0.1), lr=1e-4)
     x = torch.randint(args.vocab_size, (args.batch_size, args.block_size), device=device)
 
     def step():  # as train() does it: the model backpropagates (an EBT one thinking step at a time)

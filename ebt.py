@@ -2,24 +2,23 @@
 nanoEBT: Energy-Based Transformers in one file.
 
 An EBT is a transformer that scores a (context, candidate prediction) pair with
-one scalar energy E(x, y), low when y fits x. It predicts by *thinking*:
-start y at random and run a few steps of gradient descent on the energy,
+one scalar energy E(x, y), low when y fits x. It predicts by *thinking*: start
+from random logits y and descend the energy of the candidate distribution p,
 
-    y_{k+1} = y_k - step_size * dE(x, y_k)/dy_k,
+    p = softmax(y);   y <- p - step_size * dE(x, p)/dp,
 
 and it is trained end to end through those steps (second-order gradients), so
 it learns a landscape whose descent lands on the right answer.
 
 Reading order:
   1. configuration
-  2. transformer blocks shared by every model (RMSNorm, rotary, SwiGLU)
+  2. transformer blocks shared by every model (RMSNorm, rotary, SwiGLU, adaLN-Zero)
   3. think(): the descent loop, one implementation for text and images
   4. the autoregressive text EBT, and the Transformer++ baseline
   5. text data and tokenizers
   6. the training loop, checkpoints and command-line helpers
   7. thinking at inference: KV-cached generation, self-verification, evaluation
-  8. plots of thinking (each takes a model and a text, returns a Figure)
-  9. images: the denoising EBT, its one-pass baseline, image data
+  8. images: DDPM noise, the denoising EBT, a diffusion transformer, a one-pass regressor
 
 Paper: "Energy-Based Transformers are Scalable Learners and Thinkers",
 Gladstone et al., 2025 (arXiv 2507.02092).
@@ -28,13 +27,15 @@ Gladstone et al., 2025 (arXiv 2507.02092).
 import argparse
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -55,10 +56,11 @@ class ConfigError(UsageError, ValueError):
 # 1. Configuration
 
 TEXT_KINDS = ("ebt", "transformer")
-IMAGE_KINDS = ("image_ebt", "image_baseline")
+IMAGE_KINDS = ("image_ebt", "image_dit", "image_regressor")
 MODEL_KINDS = TEXT_KINDS + IMAGE_KINDS
 VERIFY_LANGEVIN_STD = 1.0  # inference noise for self-verification candidates (the paper's)
-MAX_THINK_STEPS = 64  # in training: each step keeps a second-order graph
+MAX_THINK_STEPS = 64
+DDPM_STEPS = 1000  # the image noise: a DDPM forward process over this many steps  # in training: each step keeps a second-order graph
 
 
 @dataclass
@@ -85,10 +87,11 @@ class ModelConfig:
     detach: bool = True           # cut the graph between steps (False: backprop the whole path)
     replay_size: int = 0          # replay buffer: keep the final logits of the last N training sequences
     replay_batch: float = 0.5     # ... and add this fraction of a batch of them, started where they ended
-    # images (image_ebt, image_baseline): square crops cut into square patches
+    # images (IMAGE_KINDS): square crops in [-1, 1] cut into square patches
     channels: int = 3
     image_size: int = 32
     patch_size: int = 4
+    noise_t: int = 99             # training noise: DDPM step t (the DiT trains on 1..t); the paper's 99
 
     def __post_init__(self):
         def check(ok, name, why):
@@ -102,9 +105,9 @@ class ModelConfig:
         if self.model in TEXT_KINDS:
             check((self.n_embd // self.n_head) % 2 == 0, "n_embd", "head size n_embd/n_head must be even for rotary")
         check(self.image_size % self.patch_size == 0, "image_size", f"must be a multiple of patch_size={self.patch_size}")
-        check(self.mlp_hidden >= 0, "mlp_hidden", "must be >= 0 (0 = n_embd)")
+        for name in ("mlp_hidden", "random_steps", "replay_size"):
+            check(getattr(self, name) >= 0, name, "must be >= 0")
         self.mlp_hidden = self.mlp_hidden or self.n_embd
-        check(self.random_steps >= 0, "random_steps", "must be >= 0")
         check(self.think_steps + self.random_steps <= MAX_THINK_STEPS, "think_steps",
               f"think_steps + random_steps must be <= {MAX_THINK_STEPS} in training (inference may think longer)")
         check(self.landscapes <= self.think_steps + self.random_steps, "landscapes",
@@ -112,9 +115,8 @@ class ModelConfig:
         for name in ("step_size", "step_size_lr_mult", "init_std", "langevin_std", "replay_batch"):
             check(math.isfinite(getattr(self, name)) and getattr(self, name) >= 0, name, "must be finite and >= 0")
         check(self.step_size > 0, "step_size", "must be > 0")
-        check(math.isfinite(self.random_step_size) and self.random_step_size >= 1, "random_step_size",
-              "must be >= 1 (1 = off)")
-        check(self.replay_size >= 0, "replay_size", "must be >= 0 (0 = off)")
+        check(math.isfinite(self.random_step_size) and self.random_step_size >= 1, "random_step_size", "must be >= 1")
+        check(1 <= self.noise_t <= DDPM_STEPS, "noise_t", f"must be a DDPM step in 1..{DDPM_STEPS}")
 
     @classmethod
     def from_dict(cls, d):
@@ -254,6 +256,9 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.n_embd)
         self.mlp = MLP(cfg)
+        if cfg.model in IMAGE_KINDS:  # adaLN-Zero (DiT): a conditioning vector sets shift, scale and gate
+            self.ada = nn.Linear(cfg.n_embd, 6 * cfg.n_embd)
+            self.ada.zero_init = True  # gates start at zero: every block starts as the identity
 
     def forward(self, x, rotary, past=None):
         a, kv = self.attn(self.attn_norm(x), rotary, past)
@@ -264,9 +269,11 @@ class Block(nn.Module):
         x = x + self.attn.attend_predictions(self.attn_norm(x), rotary, context, double_backward)
         return x + self.mlp(self.mlp_norm(x))
 
-    def forward_bidirectional(self, x, double_backward):
-        x = x + self.attn.attend_all(self.attn_norm(x), double_backward)
-        return x + self.mlp(self.mlp_norm(x))
+    def forward_bidirectional(self, x, cond, double_backward):
+        """Image patches: every patch sees every patch; cond (B, D) modulates the block."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(cond))[:, None].chunk(6, dim=-1)
+        x = x + gate1 * self.attn.attend_all(self.attn_norm(x) * (1 + scale1) + shift1, double_backward)
+        return x + gate2 * self.mlp(self.mlp_norm(x) * (1 + scale2) + shift2)
 
 
 class Trunk(nn.Module):
@@ -293,7 +300,12 @@ class Trunk(nn.Module):
 
 def init_weights(module):
     if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if getattr(module, "zero_init", False):
+            nn.init.zeros_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        else:
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
 
 # -----------------------------------------------------------------------------
@@ -359,8 +371,7 @@ def think(energy_fn, y, steps, step_size, *, normalize=None, landscapes=None, cr
                 steps_used = steps_used + active.long()
             if random_step_size > 1 and k == 0:  # a factor per scored item, drawn once
                 shape = energy.shape + (1,) * (x.dim() - energy.dim())
-                factor = torch.empty(shape, device=x.device, dtype=x.dtype)
-                factor.uniform_(1 / random_step_size, random_step_size)
+                factor = torch.empty(shape, device=x.device, dtype=x.dtype).uniform_(1 / random_step_size, random_step_size)
             alpha = step_size * factor if random_step_size > 1 else step_size
             keep_graph = create_graph and (not truncate or k == steps - 1)
             (grad,) = torch.autograd.grad(energy.sum(), x, create_graph=keep_graph)
@@ -395,8 +406,7 @@ class Thinker:
         return self.config.think_steps + self.config.random_steps
 
     def draw_steps(self, rng=random):
-        """Training's step count: think_steps plus U{0..random_steps}, from a Python random.Random
-        (nothing to read back from a device)."""
+        """Training's step count, think_steps + U{0..random_steps} (a Python rng: no device read)."""
         return self.config.think_steps + rng.randrange(self.config.random_steps + 1)
 
     def descend(self, energy_fn, y0, steps=None, step_size=None, tolerance=None, langevin_std=0.0, on_step=None):
@@ -414,13 +424,11 @@ class Thinker:
                      tolerance=tolerance, final_energy=not train, on_step=on_step)
 
     def descend_and_learn(self, energy_fn, y0, target, loss_fn, steps=None, backward_scale=None):
-        """Think from y0 and score every step with loss_fn(y, target). The loss is the mean over
-        steps (S1), or with truncate the last step's (S2). With backward_scale (training), each
-        step's loss x backward_scale is backpropagated as soon as it is computed and its graph
-        freed: with the graph cut between steps the per-step losses share only the parameters
-        (and what energy_fn reads, see TextEBT.forward), so this is the same gradient with one
-        step's second-order graph alive instead of all of them.
-        Returns (trajectory, loss, per-step losses), the losses detached when backpropagated."""
+        """Think from y0 and score every step with loss_fn(y, target); the loss is their mean (S1),
+        or with truncate the last one (S2). With backward_scale (training), each step's loss x
+        backward_scale is backpropagated at once: the steps' graphs share only the parameters (and
+        what energy_fn reads, see TextEBT.forward), so the gradient is the same with one step's
+        second-order graph alive instead of all. Returns (trajectory, loss, per-step losses)."""
         steps = steps or (self.draw_steps() if self.training else self.trained_steps())
         weights = [0.0] * (steps - 1) + [1.0] if self.config.truncate else [1.0 / steps] * steps
         early = backward_scale is not None and torch.is_grad_enabled()
@@ -445,6 +453,12 @@ class Thinker:
             groups.append({"params": [self.raw_step_size], "weight_decay": 0.0,
                            "lr_mult": self.config.step_size_lr_mult})
         return groups
+
+
+def param_groups(model, weight_decay):
+    """AdamW groups: the model's own (a thinker's step size), else decay_groups."""
+    return model.param_groups(weight_decay) if hasattr(model, "param_groups") else decay_groups(
+        model.parameters(), weight_decay)
 
 
 def decay_groups(params, weight_decay):
@@ -585,32 +599,24 @@ class ReplayBuffer:
     """The paper's S2 replay buffer (model/replay_buffer.py, flag mcmc_replay_buffer): the final
     logits of the last `size` training sequences, replayed as starting points so that training
     sees longer descents than it pays for. It lives on the model, outside its state_dict (each
-    process keeps its own); train() checkpoints it."""
+    process keeps its own); train() checkpoints `kept`."""
 
     def __init__(self, size):
-        self.size, self.idx, self.targets, self.logits = size, None, None, None
+        self.size, self.kept = size, {}  # "idx", "targets" (N, S) and "logits" (N, S, V)
 
     def extend(self, idx, targets, y0, n):
         """The batch plus up to n stored sequences drawn at random (torch's global generator),
         which start from their stored logits instead of y0."""
-        n = min(n, 0 if self.idx is None else len(self.idx))
+        n = min(n, len(self.kept.get("idx", ())))
         if n == 0:
             return idx, targets, y0
-        pick = torch.randperm(len(self.idx))[:n].to(self.idx.device)
-        return (torch.cat([idx, self.idx[pick]]), torch.cat([targets, self.targets[pick]]),
-                torch.cat([y0, self.logits[pick].to(y0.dtype)]))
+        pick = torch.randperm(len(self.kept["idx"]))[:n].to(idx.device)
+        return tuple(torch.cat([t, self.kept[k][pick].to(t.dtype)]) for k, t in (("idx", idx), ("targets", targets),
+                                                                                  ("logits", y0)))
 
     def add(self, idx, targets, logits):
-        new = (idx, targets, logits.detach())
-        old = (self.idx, self.targets, self.logits)
-        self.idx, self.targets, self.logits = (t if o is None else torch.cat([o, t])[-self.size:] for o, t in zip(old, new))
-
-    def state(self):
-        return {"idx": self.idx, "targets": self.targets, "logits": self.logits}
-
-    def load(self, state, device):
-        self.idx, self.targets, self.logits = (None if state[k] is None else state[k].to(device)
-                                               for k in ("idx", "targets", "logits"))
+        new = {"idx": idx, "targets": targets, "logits": logits.detach()}
+        self.kept = {k: torch.cat([self.kept[k], t])[-self.size:] if self.kept else t for k, t in new.items()}
 
 
 def keep_lowest(x, final_energy):
@@ -649,10 +655,6 @@ class Transformer(nn.Module):
         loss = backpropagated(F.cross_entropy(logits.flatten(0, 1), targets.flatten()), backward_scale)
         return loss, {"loss": loss.detach()}
 
-    def param_groups(self, weight_decay):
-        return decay_groups(self.parameters(), weight_decay)
-
-
 def backpropagated(loss, backward_scale):
     """What models do with backward_scale: backpropagate loss x backward_scale, return it detached."""
     if backward_scale is None or not torch.is_grad_enabled():
@@ -665,7 +667,8 @@ def build_model(cfg, seed=None):
     """seed: makes the initial weights repeatable (training seeds its own batches and noise)."""
     if seed is not None:
         torch.manual_seed(seed)
-    kinds = {"ebt": TextEBT, "transformer": Transformer, "image_ebt": ImageEBT, "image_baseline": ImageBaseline}
+    kinds = {"ebt": TextEBT, "transformer": Transformer, "image_ebt": ImageEBT, "image_dit": ImageDiT,
+             "image_regressor": ImageRegressor}
     return kinds[cfg.model](cfg)
 
 
@@ -674,27 +677,6 @@ def build_model(cfg, seed=None):
 
 SHAKESPEARE = Path(__file__).resolve().parent / "data" / "tinyshakespeare.txt.gz"  # ships with nanoEBT
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-CACHE_DIR = Path(os.environ.get("NANOEBT_CACHE", Path.home() / ".cache" / "nanoebt"))
-
-
-def download(url, path, sha256=None, hint="pass a local copy with --data PATH"):
-    """Fetch url into path once (atomically); later calls reuse the cached file.
-    hint: what the user can do instead, appended to the error."""
-    path = Path(path)
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r:
-            data = r.read()
-    except OSError as e:
-        raise UsageError(f"could not download {url} ({e}); {hint}") from None
-    if sha256 and hashlib.sha256(data).hexdigest() != sha256:
-        raise UsageError(f"{url} downloaded with an unexpected checksum; {hint}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
 
 
 def read_text(path):
@@ -863,9 +845,8 @@ def autocast(device):
 
 
 def compile_model(model):
-    """torch.compile has no double backward, so an EBT compiles only its context stream
-    (first-order backward); the Transformer++ compiles whole. Compiling bound methods keeps
-    the parameter names, so checkpoints stay interchangeable."""
+    """torch.compile has no double backward, so an EBT compiles only its context stream; the
+    Transformer++ compiles whole. Bound methods keep the parameter names of checkpoints."""
     target = model.trunk if getattr(model, "thinks", False) else model
     target.forward = torch.compile(target.forward)
     return model
@@ -900,16 +881,6 @@ def load_checkpoint(path, device="cpu"):
         raise UsageError(f"checkpoint {path} is unreadable or corrupt ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise UsageError(f"checkpoint {path} is not a nanoEBT checkpoint")
-    return ckpt
-
-
-def resume_checkpoint(out_dir, model_kind):
-    """The checkpoint to resume in out_dir, checked to hold the same kind of model."""
-    path = Path(out_dir) / "ckpt.pt"
-    ckpt = load_checkpoint(path)
-    if ckpt["model_config"].get("model") != model_kind:
-        raise UsageError(f"checkpoint {path} holds a {ckpt['model_config'].get('model')!r} model, not "
-                         f"{model_kind!r}; use the same --model or another --out_dir")
     return ckpt
 
 
@@ -961,31 +932,38 @@ def format_time(seconds):
 def plot_metrics(records, path):
     """Loss curve PNG from the metrics log: the training loss smoothed (raw, faint), and the
     validation loss (an EBT's after 1, the trained and the most evaluated thinking steps)."""
-    from matplotlib.figure import Figure  # no pyplot: nothing global to set up or close
-    fig = Figure(figsize=(7, 4))
+    fig = figure(figsize=(7, 4), layout="constrained")
     ax = fig.subplots()
-    train = [r for r in records if r["kind"] == "train"]
-    val = [r for r in records if r["kind"] == "eval"]
+    train, val = ([r for r in records if r["kind"] == kind] for kind in ("train", "eval"))
     if train:
         steps, losses = [r["step"] for r in train], [r["loss"] for r in train]
         ax.plot(steps, losses, color="C0", alpha=0.25, lw=0.8)
-        smooth, avg = [], losses[0]
-        for l in losses:  # exponential moving average
-            avg = 0.9 * avg + 0.1 * l
-            smooth.append(avg)
+        smooth = list(itertools.accumulate(losses, lambda avg, loss: 0.9 * avg + 0.1 * loss))
         ax.plot(steps, smooth, color="C0", label="train loss (smoothed; raw faint)")
-    if val and "loss_per_step" in val[0]:
-        K = len(val[0]["loss_per_step"])
-        for k in sorted({0, K // 2 - 1, K - 1}):
-            ax.plot([r["step"] for r in val], [r["loss_per_step"][k] for r in val], marker="o",
-                    label=f"val loss, {k + 1} thinking step{'s' if k else ''}")
-    elif val:
+    K = len(val[0].get("loss_per_step", [])) if val else 0
+    for k in sorted({0, K // 2 - 1, K - 1}) if K else []:
+        ax.plot([r["step"] for r in val], [r["loss_per_step"][k] for r in val], marker="o",
+                label=f"val loss, {k + 1} thinking step{'s' if k else ''}")
+    if val and not K:
         ax.plot([r["step"] for r in val], [r["loss"] for r in val], marker="o", label="val loss")
     ax.set(xlabel="optimizer step", ylabel="loss (nats per token)", title=f"training: {Path(path).parent.name}")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+def figure(**kw):
+    """A matplotlib Figure (no pyplot state) that Jupyter shows as a picture by itself."""
+    import io
+    from matplotlib.figure import Figure
+    fig = Figure(**kw)
+
+    def png():
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=90)
+        return buffer.getvalue()
+    fig._repr_png_ = png
+    return fig
 
 
 class NonFiniteError(Exception):
@@ -1012,21 +990,9 @@ def batch_seed(seed, step, micro_step):
     return seed + 1_000_003 * step + 7919 * micro_step
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """Schedulers stop jobs with SIGTERM: treat it like Ctrl-C, so the run is saved."""
-    import signal
-    import threading
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+def interrupt(signum, frame):
+    """Schedulers stop jobs with SIGTERM: train() treats it like Ctrl-C, so the run is saved."""
+    raise KeyboardInterrupt
 
 
 def prepare_out_dir(out, resume):
@@ -1039,13 +1005,6 @@ def prepare_out_dir(out, resume):
         stale.unlink()
 
 
-def device_memory(device):
-    """Bytes of memory on the device (CPU: physical memory)."""
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_properties(torch.device(device)).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 def check_fits(cfg, batch_size, tokens, device):
     """Refuse at once what cannot fit: the largest single tensor of a training step (activations
     B x T x D, logits B x T x V, or the EBT's explicit attention scores B x H x T x T) alone
@@ -1054,9 +1013,11 @@ def check_fits(cfg, batch_size, tokens, device):
     if cfg.model == "ebt":
         sizes["attention scores"] = batch_size * cfg.n_head * tokens * tokens
     what, largest = max(sizes.items(), key=lambda kv: kv[1])
-    if 4 * largest > device_memory(device):
+    memory = (torch.cuda.get_device_properties(torch.device(device)).total_memory if device.startswith("cuda")
+              else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))  # CPU: physical memory
+    if 4 * largest > memory:
         raise UsageError(f"batch {batch_size} x {tokens} tokens cannot fit on {device}: its {what} alone take "
-                         f"{4 * largest / 2**30:,.0f} GiB of {device_memory(device) / 2**30:,.0f}; "
+                         f"{4 * largest / 2**30:,.0f} GiB of {memory / 2**30:,.0f}; "
                          "lower --batch_size (--grad_accum keeps the batch) or --block_size")
 
 
@@ -1079,7 +1040,7 @@ def train(model, data, tc, meta=None, resume=False, log=None):
     torchrun (data parallel, one process per device).
 
     model(x, y, backward_scale=s) -> (loss, metrics dict of tensors), having backpropagated loss x s;
-    model.param_groups(weight_decay) -> AdamW groups.
+    param_groups(model, weight_decay) -> AdamW groups.
     data.batch(split, batch_size, generator) -> (x, y); data.tokens_per_sample.
     tc.batch_size is per process: each of N processes takes its slice of a global batch
     of N x batch_size drawn from the same generator, so the run matches one process with
@@ -1101,7 +1062,7 @@ def train(model, data, tc, meta=None, resume=False, log=None):
     thinks, replay = getattr(model, "thinks", False), getattr(model, "replay", None)
     if tc.compile:
         compile_model(model)
-    optimizer = torch.optim.AdamW(model.param_groups(tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95),
+    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95),
                                   fused=device.startswith("cuda"))
     step, records, saved = 0, [], None
     if resume:
@@ -1116,7 +1077,7 @@ def train(model, data, tc, meta=None, resume=False, log=None):
             kept = ckpt.get("replay") if master else (
                 torch.load(replay_path, weights_only=True) if replay_path.exists() else None)
             if kept is not None and (master or kept["step"] == step):
-                replay.load(kept if master else kept["replay"], device)
+                replay.kept = {k: t.to(device) for k, t in (kept if master else kept["replay"]).items()}
         if log_path.exists():
             records = [r for r in read_records(log_path) if r["step"] <= step]
         log(f"resumed from {ckpt_path} at step {step}")
@@ -1130,13 +1091,13 @@ def train(model, data, tc, meta=None, resume=False, log=None):
     def checkpoint():
         nonlocal saved
         if replay is not None and not master:
-            save_checkpoint(replay_path, {"step": step, "replay": replay.state()})
+            save_checkpoint(replay_path, {"step": step, "replay": replay.kept})
         if master:
             save_checkpoint(ckpt_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "model_config": asdict(model.config), "train_config": asdict(tc),
                 "step": step,  # also the data position: batches are a function of (seed, step)
-                **({"replay": replay.state()} if replay is not None else {}), **(meta or {})})
+                **({"replay": replay.kept} if replay is not None else {}), **(meta or {})})
         saved = step
 
     def record(r):
@@ -1157,74 +1118,68 @@ def train(model, data, tc, meta=None, resume=False, log=None):
         f"{tc.batch_size * tc.grad_accum * world} x {data.tokens_per_sample} tokens per step")
     t0, t_last, start_step = time.time(), time.time(), step
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # since the last check, on the device
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, interrupt) if in_main_thread else None
     try:
-        with sigterm_as_interrupt():
-            while step < tc.max_steps:
-                lr = lr_at(step, tc)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * group["lr_mult"]
-                # one step count per optimizer step, the same on every rank and micro-step
-                thinking = {"steps": model.draw_steps(random.Random(batch_seed(tc.seed, step, -1)))
-                            } if thinks else {}
-                for micro in range(tc.grad_accum):
-                    g = torch.Generator().manual_seed(batch_seed(tc.seed, step, micro))
-                    x, y = data.batch("train", tc.batch_size * world, g)
-                    x, y = x.chunk(world)[rank].to(device), y.chunk(world)[rank].to(device)
-                    torch.manual_seed(batch_seed(tc.seed, step, micro) + rank)  # thinking noise, replay picks
-                    with autocast(device):  # the model backpropagates (an EBT one thinking step at a time)
-                        loss, metrics = model(x, y, backward_scale=1 / tc.grad_accum, **thinking)
-                    nonfinite |= ~torch.isfinite(loss)
-                if world > 1:
-                    average_gradients(model, world)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
-                nonfinite |= ~torch.isfinite(grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
+        while step < tc.max_steps:
+            lr = lr_at(step, tc)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_mult"]
+            # one step count per optimizer step, the same on every rank and micro-step
+            thinking = {"steps": model.draw_steps(random.Random(batch_seed(tc.seed, step, -1)))
+                        } if thinks else {}
+            for micro in range(tc.grad_accum):
+                g = torch.Generator().manual_seed(batch_seed(tc.seed, step, micro))
+                x, y = data.batch("train", tc.batch_size * world, g)
+                x, y = x.chunk(world)[rank].to(device), y.chunk(world)[rank].to(device)
+                torch.manual_seed(batch_seed(tc.seed, step, micro) + rank)  # thinking noise, replay picks
+                with autocast(device):  # the model backpropagates (an EBT one thinking step at a time)
+                    loss, metrics = model(x, y, backward_scale=1 / tc.grad_accum, **thinking)
+                nonfinite |= ~torch.isfinite(loss)
+            if world > 1:
+                average_gradients(model, world)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
+            nonfinite |= ~torch.isfinite(grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
 
-                logging = step % tc.log_interval == 0 or step == tc.max_steps
-                evaluating = step % tc.eval_interval == 0 or step == tc.max_steps
-                if (logging or evaluating) and not all_finite(nonfinite):
-                    raise NonFiniteError(f"the loss or the gradient became NaN or infinite by step {step}")
-                if logging:
-                    metrics = {k: v.item() for k, v in metrics.items()}
-                    if world > 1:  # report the loss over the global batch
-                        mean_loss = loss.detach().clone()
-                        torch.distributed.all_reduce(mean_loss)
-                        metrics["loss"] = mean_loss.item() / world
-                if master and logging:
-                    now = time.time()
-                    tok_s = tokens_per_step * (step - max(start_step, step - tc.log_interval)) / max(now - t_last, 1e-9)
-                    t_last = now
-                    eta = (now - t0) / (step - start_step) * (tc.max_steps - step)
-                    cuda = device.startswith("cuda")
-                    memory = {"peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20} if cuda else {}
-                    record({"kind": "train", "step": step, "lr": lr, "grad_norm": grad_norm.item(),
-                            "tokens_per_s": tok_s, "elapsed_s": now - t0, **memory, **metrics})
-                    line = f"step {step}/{tc.max_steps} | loss {metrics['loss']:.4f}"
-                    if "loss_first" in metrics:  # each step's energy on that step's own landscape
-                        line += (f" (step1 {metrics['loss_first']:.3f}, last {metrics['loss_last']:.3f})"
-                                 f" | E at step1 {metrics['energy_first']:.2f}, at last {metrics['energy_last']:.2f}"
-                                 f" | alpha {metrics['step_size']:.1f}")
-                    quality = f" | psnr {metrics['psnr']:.2f}" if "psnr" in metrics else ""
-                    memory = f" | peak {memory['peak_mem_mb'] / 1024:.1f} GB" if memory else ""
-                    log(line + f"{quality} | {tok_s / 1e3:.1f}k tok/s{memory} | ETA {format_time(eta)}")
-                if evaluating:
-                    if master:
-                        m = evaluate(model, data, tc, device)
-                        record({"kind": "eval", "step": step, **m})
-                        if "loss_per_step" in m:
-                            line = (f"eval step {step} | val loss after 1..{len(m['loss_per_step'])} thinking steps: "
-                                    + " ".join(f"{l:.4f}" for l in m["loss_per_step"]))
-                            if "psnr_per_step" in m:
-                                line += " | PSNR " + " ".join(f"{p:.2f}" for p in m["psnr_per_step"])
-                            log(line)
-                        else:
-                            log(f"eval step {step} | val loss {m['loss']:.4f}")
-                    checkpoint()
-                    if master:
-                        plot_metrics(records, out / "loss.png")
-                    t_last = time.time()  # throughput counts training only
+            logging = step % tc.log_interval == 0 or step == tc.max_steps
+            evaluating = step % tc.eval_interval == 0 or step == tc.max_steps
+            if (logging or evaluating) and not all_finite(nonfinite):
+                raise NonFiniteError(f"the loss or the gradient became NaN or infinite by step {step}")
+            if logging and world > 1:  # report the loss over the global batch
+                torch.distributed.all_reduce(metrics["loss"])
+                metrics["loss"] /= world
+            if master and logging:
+                metrics, now = {k: v.item() for k, v in metrics.items()}, time.time()
+                tok_s = tokens_per_step * (step - max(start_step, step - tc.log_interval)) / max(now - t_last, 1e-9)
+                t_last = now
+                eta = (now - t0) / (step - start_step) * (tc.max_steps - step)
+                cuda = device.startswith("cuda")
+                memory = {"peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20} if cuda else {}
+                record({"kind": "train", "step": step, "lr": lr, "grad_norm": grad_norm.item(),
+                        "tokens_per_s": tok_s, "elapsed_s": now - t0, **memory, **metrics})
+                line = f"step {step}/{tc.max_steps} | loss {metrics['loss']:.4f}"
+                if "loss_first" in metrics:  # each step's energy on that step's own landscape
+                    line += (f" (step1 {metrics['loss_first']:.3f}, last {metrics['loss_last']:.3f})"
+                             f" | E at step1 {metrics['energy_first']:.2f}, at last {metrics['energy_last']:.2f}"
+                             f" | alpha {metrics['step_size']:.1f}")
+                quality = f" | psnr {metrics['psnr']:.2f}" if "psnr" in metrics else ""
+                memory = f" | peak {memory['peak_mem_mb'] / 1024:.1f} GB" if memory else ""
+                log(line + f"{quality} | {tok_s / 1e3:.1f}k tok/s{memory} | ETA {format_time(eta)}")
+            if evaluating:
+                if master:
+                    m = evaluate(model, data, tc, device)
+                    record({"kind": "eval", "step": step, **m})
+                    steps = f" after 1..{len(m['loss_per_step'])} thinking steps:" if "loss_per_step" in m else ""
+                    quality = " | PSNR " + " ".join(f"{p:.2f}" for p in m["psnr_per_step"]) if "psnr_per_step" in m else ""
+                    log(f"eval step {step} | val loss{steps} "
+                        + " ".join(f"{l:.4f}" for l in m.get("loss_per_step", [m["loss"]])) + quality)
+                checkpoint()
+                if master:
+                    plot_metrics(records, out / "loss.png")
+                t_last = time.time()  # throughput counts training only
     except KeyboardInterrupt:
         if bool(nonfinite):
             log(f"interrupted at step {step}; not saved: the run had become non-finite")
@@ -1243,6 +1198,8 @@ def train(model, data, tc, meta=None, resume=False, log=None):
         raise UsageError(f"out of memory on {device} with batch {tc.batch_size} x {data.tokens_per_sample}: "
                          "lower --batch_size (--grad_accum keeps the batch) or --block_size") from None
     finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
         if world > 1:
             torch.distributed.destroy_process_group()
     return records
@@ -1371,31 +1328,6 @@ def generate(model, idx, num_tokens, temperature=1.0, top_k=None, generator=None
     return out
 
 
-def pydoc_topics_text():
-    """The English documentation Python ships (pydoc_data.topics): out-of-distribution text
-    for a model trained on Shakespeare, on every machine, no download."""
-    from pydoc_data.topics import topics
-    return "\n\n".join(topics[k] for k in sorted(topics))
-
-
-def in_vocabulary(text, tokenizer):
-    """The text without the characters a char tokenizer lacks (GPT-2 BPE covers everything),
-    and how many were dropped."""
-    if not isinstance(tokenizer, CharTokenizer):
-        return text, 0
-    kept = "".join(c for c in text if c in tokenizer.index)
-    return kept, len(text) - len(kept)
-
-
-def validation_and_ood(tokenizer, block_size, data_text, ood_text=None):
-    """Token ids to evaluate thinking on: the validation split of the training text, and an
-    out-of-distribution text (default: pydoc_data.topics) cut to the vocabulary.
-    Returns (val ids, OOD ids, characters dropped from the OOD text)."""
-    val = TextData(tokenizer.encode(data_text), block_size).split["val"]
-    ood, dropped = in_vocabulary(pydoc_topics_text() if ood_text is None else ood_text, tokenizer)
-    return val, torch.tensor(tokenizer.encode(ood)), dropped
-
-
 @torch.no_grad()
 def thinking_curves(model, ids, steps=(1, 2, 4, 8), candidates=(1, 2, 4, 8), windows=16, seed=0):
     """Perplexity on fixed windows of a 1-D token tensor, after each number of thinking steps
@@ -1426,220 +1358,26 @@ def thinking_curves(model, ids, steps=(1, 2, 4, 8), candidates=(1, 2, 4, 8), win
     return {"steps": by_steps, "candidates": by_candidates}
 
 
-def thinking_table(results, trained_steps):
-    """results: {source name: thinking_curves(...)} -> a table to read at a glance."""
-    names = list(results)
-    width = max(12, *(len(n) for n in names))
-    head = lambda first: f"{first:<26}" + "".join(f"{n:>{width + 2}}" for n in names)
-    lines = ["perplexity (lower is better)", head("thinking steps (N=1)")]
-    for k in next(iter(results.values()))["steps"]:
-        mark = "  <- trained" if k == trained_steps else ""
-        lines.append(f"{k:<26}" + "".join(f"{results[n]['steps'][k]:>{width + 2}.3f}" for n in names) + mark)
-    lines.append(head(f"candidates ({trained_steps} steps)"))
-    for c in next(iter(results.values()))["candidates"]:
-        lines.append(f"{c:<26}" + "".join(f"{results[n]['candidates'][c]:>{width + 2}.3f}" for n in names))
-    return "\n".join(lines)
-
-
-def plot_thinking_curves(results, trained_steps, title="perplexity vs thinking"):
-    """results: {label: thinking_curves(...)} -> a Figure: perplexity against steps and candidates."""
-    fig = figure(figsize=(8, 3.4), layout="constrained")
-    by_steps, by_candidates = fig.subplots(1, 2)
-    for label, r in results.items():
-        by_steps.plot(list(r["steps"]), list(r["steps"].values()), marker="o", label=label)
-        by_candidates.plot(list(r["candidates"]), list(r["candidates"].values()), marker="o", label=label)
-    by_steps.axvline(trained_steps, color="gray", ls=":", label="trained steps")
-    by_steps.set(xlabel="thinking steps (1 candidate)", ylabel="perplexity")
-    by_candidates.set(xlabel=f"candidates N ({trained_steps} steps, lowest energy kept)", xscale="log", ylabel="perplexity")
-    counts = list(next(iter(results.values()))["candidates"])
-    by_candidates.set_xticks(counts, [str(n) for n in counts])
-    by_candidates.minorticks_off()
-    for ax in (by_steps, by_candidates):
-        ax.grid(alpha=0.3)
-    by_steps.legend(fontsize=8)
-    fig.suptitle(title)
-    return fig
-
-
 # -----------------------------------------------------------------------------
-# 8. Plots of thinking: each takes a model (eval mode) and a text, returns (Figure, numbers)
-
-@dataclass
-class TextThinking:
-    """An EBT thinking at every position of a text at once (teacher-forced)."""
-    ids: torch.Tensor   # (T + 1,) the text's tokens; position i sees ids[:i+1] and predicts ids[i+1]
-    labels: list        # T readable labels of the predicted tokens ids[1:]
-    traj: Trajectory    # ys: K+1 tensors (1, T, V); energies: K+1 tensors (1, T)
-    context: list       # per-layer (k, v) of ids[:-1], each (1, H, T, Dh)
-
-    def energies(self):
-        return torch.stack(self.traj.energies)[:, 0].T.float().cpu()  # (T, K+1)
-
-
-def token_label(tokenizer, i):
-    return tokenizer.decode([i]).replace("\n", "\\n").replace(" ", "␣")
-
-
-@torch.no_grad()
-def think_on_text(model, tokenizer, text, steps=None, seed=0):
-    """Think about every next token of a text (its last block_size + 1 tokens) from fixed random
-    starts, for `steps` steps (default 4x the trained number: where thinking longer goes)."""
-    require_ebt(model, "plotting the energy")
-    ids = torch.tensor(tokenizer.encode(text)[-(model.config.block_size + 1):])
-    if len(ids) < 2:
-        raise UsageError(f"the text {text!r} is too short to plot: it needs at least 2 tokens")
-    device = next(model.parameters()).device
-    context = model.context(ids[None, :-1].to(device))
-    traj = model.think_candidates(context, len(ids) - 1, 1, torch.Generator().manual_seed(seed),
-                                  steps=steps or 4 * model.trained_steps())
-    traj = Trajectory([y[:, 0] for y in traj.ys], [e[:, 0] for e in traj.energies])
-    return TextThinking(ids, [token_label(tokenizer, i) for i in ids[1:].tolist()], traj, context)
-
-
-def figure(**kw):
-    """A matplotlib Figure (no pyplot state) that Jupyter shows as a picture by itself."""
-    import io
-    from matplotlib.figure import Figure
-    fig = Figure(**kw)
-
-    def png():
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=90)
-        return buffer.getvalue()
-    fig._repr_png_ = png
-    return fig
-
-
-def step_axis_label(model):
-    """Which landscape each plotted energy is on: step k's candidate is scored on step k's."""
-    L = model.config.landscapes
-    if L == 1:
-        return "thinking step (one landscape)"
-    return f"thinking step (each on its own landscape; steps >= {L - 1} share the last)"
-
-
-def plot_energy_trajectories(model, energies, title, labels=None):
-    """Energy (T, K+1) against thinking step, one faint line per token and their mean."""
-    from matplotlib import colormaps
-    fig = figure(figsize=(6, 3.4), layout="constrained")
-    ax = fig.subplots()
-    colors = colormaps["viridis"](torch.linspace(0, 1, len(energies)).numpy())
-    for e, c in zip(energies, colors):
-        ax.plot(e.numpy(), color=c, alpha=0.35, lw=1)
-    ax.plot(energies.nanmean(0).numpy(), color="black", lw=2, label="mean over tokens")
-    ax.set(xlabel=step_axis_label(model), ylabel="energy", title=title)
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    return fig
-
-
-def plot_energy_per_step(model, tokenizer, text, steps=None, seed=0):
-    """Energy against thinking step, one line per token of the text. Returns (Figure, energies (T, K+1))."""
-    energies = think_on_text(model, tokenizer, text, steps, seed).energies()
-    title = f"energy while thinking, {len(energies)} tokens (colour = position)"
-    return plot_energy_trajectories(model, energies, title), energies
-
-
-def plot_generation(model, generation, row=0):
-    """The energy trajectories of generated tokens: what generate() returned (one row of its
-    batch). Positions that stopped early (adaptive stopping) end early. Returns (Figure,
-    energies (n, K+1), NaN after a stop)."""
-    require_ebt(model, "plotting a generation's energies")
-    if not generation.trajectory:
-        raise UsageError("the generation has no thinking trajectories (no new tokens, or not an EBT)")
-    K = max(t.shape[-1] for t in generation.trajectory)
-    energies = torch.full((len(generation.trajectory), K), float("nan"))
-    for i, t in enumerate(generation.trajectory):
-        energies[i, :t.shape[-1]] = t[row].float().cpu()
-    title = f"energy while generating, {len(energies)} tokens (colour = position)"
-    return plot_energy_trajectories(model, energies, title), energies
-
-
-def plot_energy_heatmap(model, tokenizer, text, steps=None, seed=0):
-    """Per-token energy over thinking steps, tokens labelled: hard tokens stay high.
-    Returns (Figure, energies (T, K+1))."""
-    thought = think_on_text(model, tokenizer, text, steps, seed)
-    energies = thought.energies()
-    fig = figure(figsize=(max(5, 0.16 * len(energies) + 1.5), 2.6), layout="constrained")
-    ax = fig.subplots()
-    image = ax.imshow(energies.T.numpy(), aspect="auto", cmap="magma", interpolation="nearest")
-    ax.set_xticks(range(len(thought.labels)), thought.labels, fontsize=7, family="monospace")
-    ax.set(xlabel="predicted token", ylabel="thinking step", title="energy per token and step (bright = high = unsure)")
-    fig.colorbar(image, ax=ax, label="energy")
-    return fig, energies
-
-
-def plot_energy_landscape(model, tokenizer, text, position=-1, steps=None, seed=0, grid=31):
-    """The energy around one token's prediction on the plane through the start, middle and
-    end of its descent path, with the path drawn (points off the plane are projected).
-    Energies are on the landscape of the path's last step. Returns (Figure, energies (grid, grid))."""
-    thought = think_on_text(model, tokenizer, text, steps, seed)
-    path = torch.stack([y[0, position] for y in thought.traj.ys])  # (K+1, V)
-    origin, middle, end = path[0], path[len(path) // 2], path[-1]
-    u = (end - origin) / (end - origin).norm().clamp(min=1e-12)
-    v = middle - origin - (middle - origin) @ u * u
-    if v.norm() < 1e-6 * (end - origin).norm():  # a straight path spans no plane: take a random direction
-        r = torch.randn(path.shape[-1], generator=torch.Generator().manual_seed(seed)).to(path)
-        v = r - r @ u * u
-    v = v / v.norm()
-    path_xy = torch.stack([(path - origin) @ u, (path - origin) @ v], -1).cpu()  # (K+1, 2)
-    lo, hi = path_xy.min(0).values, path_xy.max(0).values
-    pad = 0.3 * (hi - lo).max().clamp(min=1e-3)
-    a, b = (torch.linspace(lo[i] - pad, hi[i] + pad, grid) for i in (0, 1))
-    A, Bv = torch.meshgrid(a, b, indexing="xy")  # (grid, grid): rows follow b, columns a
-    points = origin + A.reshape(-1, 1).to(path) * u + Bv.reshape(-1, 1).to(path) * v  # (grid^2, V)
-    T = len(thought.labels)
-    p = position % T
-    context = [(k[..., :p + 1, :], w[..., :p + 1, :]) for k, w in thought.context]  # what position p sees
-    with torch.no_grad():
-        energies = torch.cat([
-            model.energy(chunk[:, None].softmax(-1), [(k.expand(len(chunk), -1, -1, -1), w.expand(len(chunk), -1, -1, -1))
-                                          for k, w in context], min(len(path) - 2, model.config.landscapes - 1))[:, 0]
-            for chunk in points.split(64)]).reshape(grid, grid).float().cpu()
-    fig = figure(figsize=(5, 4), layout="constrained")
-    ax = fig.subplots()
-    filled = ax.contourf(a.numpy(), b.numpy(), energies.numpy(), levels=20, cmap="viridis")
-    fig.colorbar(filled, ax=ax, label="energy")
-    ax.plot(path_xy[:, 0].numpy(), path_xy[:, 1].numpy(), "w.-", lw=1.5, ms=8, label="descent path")
-    ax.plot(*path_xy[0].numpy(), "wo", ms=9, mfc="none", label="start")
-    ax.plot(*path_xy[-1].numpy(), "r*", ms=12, label="end")
-    ax.set(xlabel="direction start -> end", ylabel="direction to the middle",
-           title=f"energy landscape predicting {thought.labels[p]!r} (position {p})")
-    ax.legend(fontsize=8, loc="best")
-    return fig, energies
-
-
-def plot_distribution_sharpening(model, tokenizer, text, position=-1, steps=None, seed=0, top=4):
-    """The predicted distribution at one position after each thinking step: the tokens that
-    are in the top `top` at any step. Returns (Figure, probabilities (K+1, V))."""
-    thought = think_on_text(model, tokenizer, text, steps, seed)
-    probs = torch.stack([y[0, position] for y in thought.traj.ys]).float().softmax(-1).cpu()  # (K+1, V)
-    shown = list(dict.fromkeys(probs.topk(min(top, probs.shape[-1]), -1).indices.flatten().tolist()))
-    shown.sort(key=lambda i: -probs[-1, i])
-    entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1)
-    target = thought.ids[1:][position].item()
-    labels = [token_label(tokenizer, i) + (" (true)" if i == target else "") for i in shown]
-    fig = figure(figsize=(5, 0.3 * len(shown) + 1.6), layout="constrained")
-    ax = fig.subplots()
-    image = ax.imshow(probs[:, shown].T.numpy(), aspect="auto", cmap="Blues", vmin=0, interpolation="nearest")
-    for k in range(len(probs)):
-        for r, i in enumerate(shown):
-            ax.text(k, r, f"{probs[k, i]:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if probs[k, i] > 0.6 * probs[:, shown].max() else "black")
-    ax.set_yticks(range(len(shown)), labels, family="monospace")
-    ax.set_xticks(range(len(probs)), [f"{k}\nH={h:.2f}" for k, h in enumerate(entropy.tolist())], fontsize=7)
-    ax.set(xlabel="thinking step (H = entropy, nats)",
-           title=f"distribution sharpening at position {position % len(thought.labels)}")
-    fig.colorbar(image, ax=ax, label="probability")
-    return fig, probs
-
-
-# -----------------------------------------------------------------------------
-# 9. Images: the denoising EBT
+# 8. Images: the denoising EBT, and two baselines on the same transformer
 #
-# y is an image. The energy model is a bidirectional transformer over patches of y;
-# thinking starts from the noisy image and descends the energy toward a clean one.
+# y is an image in [-1, 1]. The noise is the DDPM forward process of the paper's image runs;
+# the EBT's energy model is a bidirectional transformer over patches of y, and thinking starts
+# from the noisy image and descends the energy toward a clean one.
+
+def alpha_bar(t):
+    """The signal fraction of the DDPM forward process after t steps (0 = clean, 1000 = noise):
+    the product over s = 1..t of (1 - beta_s), betas linear from 1e-4 to 0.02. t: int or tensor."""
+    betas = torch.linspace(1e-4, 0.02, DDPM_STEPS, dtype=torch.float64)
+    return torch.cat([torch.ones(1, dtype=torch.float64), (1 - betas).cumprod(0)])[t]
+
+
+def ddpm_noise(clean, t, noise):
+    """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise; t an int or one per image (B,).
+    At t = 99 (the paper's training level) the signal is scaled by 0.95 and the noise std is 0.32."""
+    a = alpha_bar(torch.as_tensor(t)).to(clean.device, clean.dtype).reshape(-1, 1, 1, 1)
+    return a.sqrt() * clean + (1 - a).sqrt() * noise
+
 
 def patchify(img, p):
     """(B, C, H, W) -> (B, H/p * W/p, C*p*p), patches in row-major order."""
@@ -1656,14 +1394,15 @@ def unpatchify(x, p, C):
 
 
 def psnr(pred, clean):
-    """Peak signal-to-noise ratio in dB of each image in [0, 1] (pred is clipped first): (B,)."""
-    mse = (pred.clamp(0, 1) - clean).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1 / mse.clamp(min=1e-10))
+    """Peak signal-to-noise ratio in dB of each image in [-1, 1] (pred is clipped first): (B,)."""
+    mse = (pred.clamp(-1, 1) - clean).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(4 / mse.clamp(min=1e-10))
 
 
 class PatchTransformer(nn.Module):
-    """ViT-style body shared by the image EBT and its baseline: linear patch embedding plus a
-    learned position per patch, the shared blocks without causal masking, final RMSNorm."""
+    """ViT-style body shared by the image models: linear patch embedding plus a learned
+    position per patch, the shared blocks without a mask and modulated by a conditioning
+    vector (adaLN-Zero), final RMSNorm."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -1673,17 +1412,18 @@ class PatchTransformer(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.norm = RMSNorm(cfg.n_embd)
 
-    def forward(self, img, cond=0.0, double_backward=False):
-        """img: (B, C, S, S); cond: a (D,) vector added to every token. Returns (B, N, D)."""
-        x = self.patch_emb(patchify(img, self.patch_size)) + self.pos_emb.weight + cond
+    def forward(self, img, cond, double_backward=False):
+        """img: (B, C, S, S); cond: (B, D). Returns (B, N, D)."""
+        x = self.patch_emb(patchify(img, self.patch_size)) + self.pos_emb.weight
         for block in self.blocks:
-            x = block.forward_bidirectional(x, double_backward)
+            x = block.forward_bidirectional(x, cond, double_backward)
         return self.norm(x)
 
 
 class ImageEBT(Thinker, nn.Module):
-    """Energy of a candidate clean image: the mean over patch tokens of a scalar head.
-    Denoising = thinking from the noisy image, y <- y - alpha * dE/dy."""
+    """Energy of a candidate clean image: the mean over patch tokens of a scalar head, the
+    blocks conditioned on the step embedding. Denoising = thinking from the noisy image,
+    y <- y - alpha * dE/dy. Gates and head start at zero: untrained, it returns its input."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -1692,12 +1432,13 @@ class ImageEBT(Thinker, nn.Module):
         self.body = PatchTransformer(cfg)
         self.step_emb = nn.Embedding(cfg.landscapes, cfg.n_embd)
         self.energy_head = nn.Linear(cfg.n_embd, 1, bias=False)
+        self.energy_head.zero_init = True
         self.apply(init_weights)
         self.raw_step_size = nn.Parameter(torch.tensor(float(cfg.step_size)), requires_grad=cfg.learn_step_size)
 
     def energy(self, img, landscape):
         """img: (B, C, S, S) candidates. Returns energies (B,)."""
-        cond = self.step_emb.weight[landscape]
+        cond = self.step_emb.weight[landscape].expand(len(img), -1)
         # second derivatives are needed only when training through the descent
         double_backward = self.training and torch.is_grad_enabled()
         return self.energy_head(self.body(img, cond, double_backward)).squeeze(-1).mean(1)
@@ -1706,10 +1447,11 @@ class ImageEBT(Thinker, nn.Module):
         """Think from the noisy image (B, C, S, S). Returns a Trajectory of images and energies (B,)."""
         return self.descend(self.energy, noisy, steps, step_size)
 
-    def forward(self, noisy, clean, steps=None, generator=None, backward_scale=None):
-        """Loss = mean over thinking steps of the smooth-L1 distance to the clean image (see
-        TextEBT.forward for backward_scale). generator is accepted for evaluate() and unused:
-        the starting point is not random."""
+    def forward(self, clean, noise, steps=None, generator=None, backward_scale=None):
+        """Noise the clean images to step noise_t, think, and score every step by its smooth-L1
+        distance to the clean image (see TextEBT.forward for backward_scale). generator is
+        accepted for evaluate() and unused: the starting point is the noisy image."""
+        noisy = ddpm_noise(clean, self.config.noise_t, noise)
         traj, loss, losses = self.descend_and_learn(self.energy, noisy, clean, F.smooth_l1_loss, steps, backward_scale)
         metrics = {"loss": loss.detach(), "loss_first": losses[0].detach(), "loss_last": losses[-1].detach(),
                    "psnr": psnr(traj.ys[-1].detach(), clean).mean(),
@@ -1721,160 +1463,73 @@ class ImageEBT(Thinker, nn.Module):
         return loss, metrics
 
 
-class ImageBaseline(nn.Module):
-    """The same transformer, same size, trained to output the clean image in one forward pass."""
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding (B, dim) of DDPM steps t (B,)."""
+    freqs = torch.exp(-math.log(10_000) * torch.arange(dim // 2, device=t.device) / (dim // 2))
+    angles = t.float()[:, None] * freqs
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+class ImageDiT(nn.Module):
+    """The paper's image baseline, a Diffusion Transformer, here on the same blocks and size:
+    conditioned on the DDPM step t through adaLN-Zero, it predicts the noise; trained on t in
+    1..noise_t; denoises with DDIM."""
 
     def __init__(self, cfg):
         super().__init__()
-        assert cfg.model == "image_baseline"
+        assert cfg.model == "image_dit"
         self.config = cfg
         self.body = PatchTransformer(cfg)
+        self.time_mlp = nn.Sequential(nn.Linear(cfg.n_embd, cfg.n_embd), nn.SiLU(), nn.Linear(cfg.n_embd, cfg.n_embd))
         self.out = nn.Linear(cfg.n_embd, cfg.channels * cfg.patch_size ** 2, bias=False)
+        self.out.zero_init = True
+        self.apply(init_weights)
+
+    def predicted_noise(self, x, t):
+        """x: (B, C, S, S) at DDPM steps t (B,). Returns the noise in x, (B, C, S, S)."""
+        cond = self.time_mlp(timestep_embedding(t, self.config.n_embd))
+        return unpatchify(self.out(self.body(x, cond)), self.config.patch_size, self.config.channels)
+
+    def forward(self, clean, noise, backward_scale=None):
+        t = torch.randint(1, self.config.noise_t + 1, (len(clean),), device=clean.device)
+        loss = F.mse_loss(self.predicted_noise(ddpm_noise(clean, t, noise), t), noise)
+        loss = backpropagated(loss, backward_scale)
+        return loss, {"loss": loss.detach()}
+
+    @torch.no_grad()
+    def denoise(self, noisy, t, passes):
+        """Deterministic DDIM from step t down to 0 in `passes` evaluations of the model."""
+        times = torch.linspace(t, 0, passes + 1).round().long().tolist()
+        x = noisy
+        for now, later in zip(times, times[1:]):
+            a_now, a_later = alpha_bar(now).item(), alpha_bar(later).item()
+            noise = self.predicted_noise(x, torch.full((len(x),), now, device=x.device))
+            clean = (x - (1 - a_now) ** 0.5 * noise) / a_now ** 0.5
+            x = a_later ** 0.5 * clean + (1 - a_later) ** 0.5 * noise
+        return x
+
+
+class ImageRegressor(nn.Module):
+    """The same transformer, same size, trained to output the clean image in one forward pass
+    (its conditioning vector is a learned constant). The simplest, and at this size strong,
+    baseline."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        assert cfg.model == "image_regressor"
+        self.config = cfg
+        self.body = PatchTransformer(cfg)
+        self.cond = nn.Parameter(torch.zeros(cfg.n_embd))
+        self.out = nn.Linear(cfg.n_embd, cfg.channels * cfg.patch_size ** 2, bias=False)
+        self.out.zero_init = True  # predicts a correction to its input: it starts as the identity
         self.apply(init_weights)
 
     def denoise(self, noisy):
-        # predicts a correction to the noisy image: like the EBT, it starts from the input
-        patches = self.out(self.body(noisy))  # (B, N, C*p*p)
+        patches = self.out(self.body(noisy, self.cond.expand(len(noisy), -1)))  # (B, N, C*p*p)
         return noisy + unpatchify(patches, self.config.patch_size, self.config.channels)
 
-    def forward(self, noisy, clean, backward_scale=None):
-        pred = self.denoise(noisy)
+    def forward(self, clean, noise, backward_scale=None):
+        pred = self.denoise(ddpm_noise(clean, self.config.noise_t, noise))
         loss = backpropagated(F.smooth_l1_loss(pred, clean), backward_scale)
         return loss, {"loss": loss.detach(), "psnr": psnr(pred.detach(), clean).mean()}
 
-    def param_groups(self, weight_decay):
-        return decay_groups(self.parameters(), weight_decay)
-
-
-# Image data: images are (C, H, W) tensors, float in [0, 1] or uint8 (the downloaded datasets,
-# four times smaller in memory).
-
-def check_noise_std(std):
-    if not (math.isfinite(std) and 0 <= std <= 10):
-        raise UsageError(f"noise level {std} is not a standard deviation between 0 and 10 (pixels are in [0, 1])")
-    return std
-
-
-class ImageData:
-    """Random square crops with Gaussian noise: batch -> (noisy, clean), each (B, C, S, S)."""
-
-    def __init__(self, train, val, crop, noise_std, source="images"):
-        """train, val: sequences of (C, H, W) images (a list, or one (N, C, H, W) tensor)."""
-        for split, images in (("train", train), ("val", val)):
-            if len(images) == 0:
-                raise UsageError(f"{source}: no {split} images")
-            if min(min(img.shape[-2:]) for img in images) < crop:
-                raise UsageError(f"{source}: some {split} images are smaller than the {crop}x{crop} crop; "
-                                 "use a smaller --image_size")
-        self.split = {"train": train, "val": val}
-        self.crop, self.channels = crop, train[0].shape[0]
-        self.noise_std = check_noise_std(noise_std)
-        self.tokens_per_sample = crop * crop  # pixels count as tokens in the throughput log
-
-    def batch(self, split, batch_size, generator):
-        images, S, g = self.split[split], self.crop, generator
-        crops = []
-        for i in torch.randint(len(images), (batch_size,), generator=g).tolist():
-            H, W = images[i].shape[-2:]
-            top, left = (int(torch.randint(n - S + 1, (), generator=g)) for n in (H, W))
-            crops.append(images[i][:, top:top + S, left:left + S])
-        clean = torch.stack(crops)
-        clean = clean.float() / 255 if clean.dtype == torch.uint8 else clean
-        return clean + self.noise_std * torch.randn(clean.shape, generator=g), clean
-
-
-def read_image(path):
-    """A PNG or JPEG file as a (3, H, W) float tensor in [0, 1] (gray is repeated, alpha dropped)."""
-    import matplotlib.image
-    try:
-        a = matplotlib.image.imread(path)
-    except Exception as e:
-        raise UsageError(f"{path} is not a readable PNG or JPEG image ({type(e).__name__})") from None
-    a = torch.from_numpy(a.copy())
-    a = a.float() if a.is_floating_point() else a.float() / 255  # PNG reads as float, JPEG as uint8
-    a = a[..., None] if a.dim() == 2 else a                       # (H, W, channels)
-    a = a[..., :1].expand(-1, -1, 3) if a.shape[-1] <= 2 else a[..., :3]  # gray to RGB, drop alpha
-    return a.permute(2, 0, 1).contiguous()
-
-
-def image_folder(path):
-    """Every PNG or JPEG file in a folder, as (name, (3, H, W) image) pairs."""
-    path = Path(path)
-    if not path.is_dir():
-        raise UsageError(f"image folder {path} does not exist")
-    files = sorted(f for f in path.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg"))
-    if not files:
-        raise UsageError(f"image folder {path} has no PNG or JPEG files")
-    return [(f.name, read_image(f)) for f in files]
-
-
-def sample_photos():
-    """The photograph matplotlib ships (its other sample images are graphics, not photos)."""
-    import matplotlib.cbook
-    return [("grace_hopper.jpg", read_image(matplotlib.cbook.get_sample_data("grace_hopper.jpg")))]
-
-
-def held_out_strips(named_images, crop):
-    """Hold out the bottom fifth (at least one crop high) of every image for validation.
-    Returns lists of train and val images."""
-    train, val = [], []
-    for name, img in named_images:
-        H, W = img.shape[-2:]
-        n_val = max(crop, H // 5)
-        if H - n_val < crop or W < crop:
-            raise UsageError(f"{name} is {H}x{W} pixels: too small for {crop}x{crop} crops plus a held-out "
-                             f"strip (needs at least {2 * crop} rows and {crop} columns); use a smaller --image_size")
-        train.append(img[:, :H - n_val])
-        val.append(img[:, H - n_val:])
-    return train, val
-
-
-MNIST_URL = "https://storage.googleapis.com/cvdf-datasets/mnist/"
-CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-
-
-def read_idx(path):
-    """A gzipped IDX file (the MNIST format): big-endian magic (0, 0, dtype code, ndim),
-    ndim big-endian int32 sizes, then the raw uint8 array."""
-    import gzip
-    import numpy as np
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
-        raise UsageError(f"{path} is not a gzipped uint8 IDX file")
-    ndim = data[3]
-    shape = tuple(int(n) for n in np.frombuffer(data, dtype=">i4", count=ndim, offset=4))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def read_cifar10(path):
-    """CIFAR-10's python tarball: five pickled training batches and one test batch, each a
-    dict whose b"data" is (10000, 3072) uint8, channel-major 32x32 images.
-    Returns (train, test) uint8 arrays (N, 3, 32, 32)."""
-    import pickle
-    import tarfile
-    import numpy as np
-    train, test = [], []
-    with tarfile.open(path, "r:gz") as tar:
-        for member in sorted(tar.getmembers(), key=lambda m: m.name):
-            name = Path(member.name).name
-            if name.startswith("data_batch_") or name == "test_batch":
-                batch = pickle.load(tar.extractfile(member), encoding="bytes")
-                (test if name == "test_batch" else train).append(np.asarray(batch[b"data"], dtype=np.uint8))
-    if not train or not test:
-        raise UsageError(f"{path} is not the CIFAR-10 python tarball (no data_batch_* / test_batch)")
-    return tuple(np.concatenate(parts).reshape(-1, 3, 32, 32) for parts in (train, test))
-
-
-def download_dataset(name):
-    """MNIST or CIFAR-10 as (train, val) uint8 tensors (N, C, H, W), downloaded once and cached."""
-    hint = lambda p: f"no network? put the file at {p}, or use the default photos or --data DIR"
-    if name == "mnist":
-        split = []
-        for f in ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz"):
-            path = download(MNIST_URL + f, CACHE_DIR / "mnist" / f, hint=hint(CACHE_DIR / "mnist" / f))
-            split.append(torch.from_numpy(read_idx(path).copy())[:, None])  # (N, 1, 28, 28)
-        return tuple(split)
-    path = CACHE_DIR / "cifar-10-python.tar.gz"
-    train, test = read_cifar10(download(CIFAR10_URL, path, hint=hint(path)))
-    return torch.from_numpy(train), torch.from_numpy(test)

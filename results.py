@@ -1,6 +1,7 @@
 """
-Re-create results.md and the plots of the README's "Results": the paper's text claims tested
-at small scale, on character-level Tiny Shakespeare with the CPU preset of train_text.py.
+Re-create results.md and the plots of the README's "Results": the paper's claims tested at
+small scale, on character-level Tiny Shakespeare with the CPU preset of train_text.py, and on
+the photo matplotlib ships with the defaults of train_image.py.
 
     python results.py                    # train what is missing in out-results/, then report
     python results.py --seeds 1337       # one seed instead of two
@@ -18,19 +19,25 @@ candidate, no noise) and with the best of N = 1..16 candidates (at the trained s
 with the paper's inference Langevin noise, std 1, the lowest final energy kept).
 
 Writes results.md (every table) and the plots gap.png, thinking_steps.png, candidates.png and
-gains.png to assets/ (--report_dir), and results.json (every number, per run) to out-results/.
+gains.png to assets/ (--report_dir), the image report (train_image.py --compare of the EBT S1
+and S2, the DiT and the regressor, first seed) to assets/image/, and results.json (every text
+number, per run) to out-results/.
 """
 import json
 import math
 from pathlib import Path
 
 import ebt
+import sample
+import train_image
 import train_text
 
 MODELS = {"Transformer++": ("transformer", ["--model", "transformer"]),  # label -> (directory, flags)
           "S1": ("s1", ["--recipe", "s1"]),
           "S2": ("s2", ["--recipe", "s2"])}
 EBTS = ("S1", "S2")
+IMAGE_RUNS = {"ebt-s1": ["--model", "ebt"], "ebt-s2": ["--model", "ebt", "--recipe", "s2"],  # train_image.py flags
+              "dit": ["--model", "dit"], "regressor": ["--model", "regressor"]}
 STEPS = (1, 2, 3, 4, 6, 8, 12)
 CANDIDATES = (1, 2, 4, 8, 16)
 
@@ -39,7 +46,7 @@ def parse_args(argv=None):
     p = ebt.ArgumentParser(description=__doc__)
     s = p.add_argument
     s("--seeds", type=int, nargs="+", default=[1337, 1338], help="(default: %(default)s)")
-    s("--lengths", type=int, nargs="+", default=[500, 1000, 2000, 4000],
+    s("--lengths", type=int, nargs="+", default=[250, 500, 1000, 2000],
       help="training lengths in optimizer steps (default: %(default)s)")
     s("--out_dir", default="out-results", help="the runs, and results.json with every number (default: %(default)s)")
     s("--report_dir", default="assets", help="results.md and the plots, as the README links them (default: %(default)s)")
@@ -55,16 +62,18 @@ def parse_args(argv=None):
     return args
 
 
-def ensure_trained(argv, out_dir):
-    """Train (or finish training) the run in out_dir unless its checkpoint is complete."""
+def ensure_trained(main, argv, out_dir):
+    """Train (or finish training) the run in out_dir with a driver's main() unless its
+    checkpoint is complete."""
     path = Path(out_dir) / "ckpt.pt"
     if path.exists():
         ckpt = ebt.load_checkpoint(path)
         if ckpt["step"] >= ckpt["train_config"]["max_steps"]:
             return
-        argv = ["--resume", "--out_dir", str(out_dir), "--device", argv[argv.index("--device") + 1]]
-    print(f"$ python train_text.py {' '.join(argv)}", flush=True)
-    train_text.main(argv)
+        argv = argv + ["--resume"] if main is train_image.main else [
+            "--resume", "--out_dir", str(out_dir), "--device", argv[argv.index("--device") + 1]]
+    print(f"$ python {main.__module__}.py {' '.join(argv)}", flush=True)
+    main(argv)
     ckpt = ebt.load_checkpoint(path)
     if ckpt["step"] < ckpt["train_config"]["max_steps"]:  # Ctrl-C: train() saved and returned
         raise ebt.UsageError(f"training of {out_dir} stopped at step {ckpt['step']}; run results.py again to resume")
@@ -74,7 +83,7 @@ def curves(path, windows, device):
     """Cross-entropy (nats per token) against thinking steps and candidates, on the validation
     split and on the OOD text: {"val" | "ood": {"steps" | "candidates": {k: CE}}, "trained": K}."""
     model, tokenizer = ebt.text_model_from_checkpoint(path, device)
-    val, ood, _ = ebt.validation_and_ood(tokenizer, model.config.block_size, ebt.shakespeare())
+    val, ood, _ = sample.validation_and_ood(tokenizer, model.config.block_size, ebt.shakespeare())
     out = {"trained": model.trained_steps() if getattr(model, "thinks", False) else 1}
     for split, ids in (("val", val), ("ood", ood)):
         ppl = ebt.thinking_curves(model, ids, STEPS, CANDIDATES, windows=windows, seed=0)
@@ -233,19 +242,18 @@ def main(argv=None):
     device = ebt.pick_device(args.device)
     lengths, seeds = sorted(args.lengths), args.seeds
     dirs = {(m, n, s): out / f"{prefix}-{n}-seed{s}" for m, (prefix, _) in MODELS.items() for n in lengths for s in seeds}
-    # the longest-but-one length first: the 1500+ step comparison is the one that matters most
-    order = sorted(dirs, key=lambda key: (key[1] != lengths[-2 if len(lengths) > 1 else -1], key[1], key[2]))
-    for key in order:
+    # the main comparison (the shortest length of 1500 steps or more) first: it matters most
+    main_length = min((n for n in lengths if n >= 1500), default=max(lengths))
+    for key in sorted(dirs, key=lambda key: (key[1] != main_length, key[1], key[2])):
         m, n, s = key
         argv = ["--preset", args.preset, *MODELS[m][1], "--max_steps", str(n), "--seed", str(s),
                 "--out_dir", str(dirs[key]), "--device", args.device]
-        ensure_trained(argv, dirs[key])
+        ensure_trained(train_text.main, argv, dirs[key])
 
     runs = {}
     for key, d in dirs.items():
         print(f"evaluating {d}", flush=True)
         runs[key] = curves(d / "ckpt.pt", args.windows, device)
-    main_length = max(n for n in lengths if n >= 1500) if max(lengths) >= 1500 else max(lengths)
     plot_gap(runs, lengths, seeds, report_dir / "gap.png")
     plot_curves(runs, main_length, seeds, "steps", "thinking steps (1 candidate)", report_dir / "thinking_steps.png",
                 f"cross-entropy vs thinking steps ({main_length} optimizer steps)")
@@ -273,6 +281,11 @@ def main(argv=None):
     (out / "results.json").write_text(json.dumps({f"{m}|{n}|{s}": c for (m, n, s), c in runs.items()}, indent=1) + "\n")
     print(report)
     print(f"wrote {report_dir / 'results.md'} and the plots in {report_dir}, {out / 'results.json'}")
+    image_dirs = [out / f"image-{name}" for name in IMAGE_RUNS]
+    for d, flags in zip(image_dirs, IMAGE_RUNS.values()):
+        ensure_trained(train_image.main, [*flags, "--seed", str(seeds[0]), "--out_dir", str(d), "--device", args.device], d)
+    train_image.main(["--compare", *map(str, image_dirs), "--out_dir", str(report_dir / "image"), "--device",
+                      args.device, "--seed", str(seeds[0]), "--passes", *map(str, train_image.DIT_PASSES)])
 
 
 if __name__ == "__main__":

@@ -1,22 +1,254 @@
 """
-Generate text with a trained text EBT (or the Transformer++ baseline) and watch it think.
+Generate text with a trained text EBT (or the Transformer++ baseline) and watch it think; the
+plots of thinking live here too (a notebook imports them: `import sample`).
 
     python sample.py --out_dir out-text --prompt "ROMEO:" --num_tokens 300
     python sample.py --steps 8 --candidates 4 --top_k 10    # think longer, keep the lowest-energy candidate
-    python sample.py --steps 16 --tolerance 1e-3            # adaptive: stop a token once its energy settles
-    python sample.py --plots plots/                         # 4 PNGs of the thinking behind the text
+    python sample.py --steps 16 --tolerance 1e-3            # adaptive: stop a token once a step hardly lowers its energy
+    python sample.py --plots plots/                         # 5 PNGs of the thinking behind the text
     python sample.py --eval --plots plots/                  # perplexity vs steps and candidates, val and OOD
 """
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import ebt
 
-PLOTS = {"energy_per_step": ebt.plot_energy_per_step, "energy_heatmap": ebt.plot_energy_heatmap,
-         "energy_landscape": ebt.plot_energy_landscape, "distribution_sharpening": ebt.plot_distribution_sharpening}
+# -----------------------------------------------------------------------------
+# Plots of thinking. Each takes a model (eval mode) and a text, or what generate() returned,
+# and returns a matplotlib figure (shown by Jupyter by itself) and the numbers behind it.
+
+def thinking_table(results, trained_steps):
+    """results: {source name: thinking_curves(...)} -> a table to read at a glance."""
+    names = list(results)
+    width = max(12, *(len(n) for n in names))
+    head = lambda first: f"{first:<26}" + "".join(f"{n:>{width + 2}}" for n in names)
+    lines = ["perplexity (lower is better)", head("thinking steps (N=1)")]
+    for k in next(iter(results.values()))["steps"]:
+        mark = "  <- trained" if k == trained_steps else ""
+        lines.append(f"{k:<26}" + "".join(f"{results[n]['steps'][k]:>{width + 2}.3f}" for n in names) + mark)
+    lines.append(head(f"candidates ({trained_steps} steps)"))
+    for c in next(iter(results.values()))["candidates"]:
+        lines.append(f"{c:<26}" + "".join(f"{results[n]['candidates'][c]:>{width + 2}.3f}" for n in names))
+    return "\n".join(lines)
+
+
+def plot_thinking_curves(results, trained_steps, title="perplexity vs thinking"):
+    """results: {label: thinking_curves(...)} -> a Figure: perplexity against steps and candidates."""
+    fig = ebt.figure(figsize=(8, 3.4), layout="constrained")
+    by_steps, by_candidates = fig.subplots(1, 2)
+    for label, r in results.items():
+        by_steps.plot(list(r["steps"]), list(r["steps"].values()), marker="o", label=label)
+        by_candidates.plot(list(r["candidates"]), list(r["candidates"].values()), marker="o", label=label)
+    by_steps.axvline(trained_steps, color="gray", ls=":", label="trained steps")
+    by_steps.set(xlabel="thinking steps (1 candidate)", ylabel="perplexity")
+    by_candidates.set(xlabel=f"candidates N ({trained_steps} steps, lowest energy kept)", xscale="log", ylabel="perplexity")
+    counts = list(next(iter(results.values()))["candidates"])
+    by_candidates.set_xticks(counts, [str(n) for n in counts])
+    by_candidates.minorticks_off()
+    for ax in (by_steps, by_candidates):
+        ax.grid(alpha=0.3)
+    by_steps.legend(fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
+
+@dataclass
+class TextThinking:
+    """An EBT thinking at every position of a text at once (teacher-forced)."""
+    ids: torch.Tensor   # (T + 1,) the text's tokens; position i sees ids[:i+1] and predicts ids[i+1]
+    labels: list        # T readable labels of the predicted tokens ids[1:]
+    traj: ebt.Trajectory    # ys: K+1 tensors (1, T, V); energies: K+1 tensors (1, T)
+    context: list       # per-layer (k, v) of ids[:-1], each (1, H, T, Dh)
+
+    def energies(self):
+        return torch.stack(self.traj.energies)[:, 0].T.float().cpu()  # (T, K+1)
+
+
+def token_label(tokenizer, i):
+    return tokenizer.decode([i]).replace("\n", "\\n").replace(" ", "␣")
+
+
+@torch.no_grad()
+def think_on_text(model, tokenizer, text, steps=None, seed=0):
+    """Think about every next token of a text (its last block_size + 1 tokens) from fixed random
+    starts, for `steps` steps (default 4x the trained number: where thinking longer goes)."""
+    ebt.require_ebt(model, "plotting the energy")
+    ids = torch.tensor(tokenizer.encode(text)[-(model.config.block_size + 1):])
+    if len(ids) < 2:
+        raise ebt.UsageError(f"the text {text!r} is too short to plot: it needs at least 2 tokens")
+    device = next(model.parameters()).device
+    context = model.context(ids[None, :-1].to(device))
+    traj = model.think_candidates(context, len(ids) - 1, 1, torch.Generator().manual_seed(seed),
+                                  steps=steps or 4 * model.trained_steps())
+    traj = ebt.Trajectory([y[:, 0] for y in traj.ys], [e[:, 0] for e in traj.energies])
+    return TextThinking(ids, [token_label(tokenizer, i) for i in ids[1:].tolist()], traj, context)
+
+
+def step_axis_label(model):
+    """Which landscape each plotted energy is on: step k's candidate is scored on step k's."""
+    L = model.config.landscapes
+    if L == 1:
+        return "thinking step (one landscape)"
+    return f"thinking step (each on its own landscape; steps >= {L - 1} share the last)"
+
+
+def plot_energy_trajectories(model, energies, title, labels=None):
+    """Energy (T, K+1) against thinking step, one faint line per token and their mean."""
+    from matplotlib import colormaps
+    fig = ebt.figure(figsize=(6, 3.4), layout="constrained")
+    ax = fig.subplots()
+    colors = colormaps["viridis"](torch.linspace(0, 1, len(energies)).numpy())
+    for e, c in zip(energies, colors):
+        ax.plot(e.numpy(), color=c, alpha=0.35, lw=1)
+    ax.plot(energies.nanmean(0).numpy(), color="black", lw=2, label="mean over tokens")
+    ax.set(xlabel=step_axis_label(model), ylabel="energy", title=title)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_energy_per_step(model, tokenizer, text, steps=None, seed=0):
+    """Energy against thinking step, one line per token of the text. Returns (Figure, energies (T, K+1))."""
+    energies = think_on_text(model, tokenizer, text, steps, seed).energies()
+    title = f"energy while thinking, {len(energies)} tokens (colour = position)"
+    return plot_energy_trajectories(model, energies, title), energies
+
+
+def plot_generation(model, generation, row=0):
+    """The energy trajectories of generated tokens: what generate() returned (one row of its
+    batch). Positions that stopped early (adaptive stopping) end early. Returns (Figure,
+    energies (n, K+1), NaN after a stop)."""
+    ebt.require_ebt(model, "plotting a generation's energies")
+    if not generation.trajectory:
+        raise ebt.UsageError("the generation has no thinking trajectories (no new tokens, or not an EBT)")
+    K = max(t.shape[-1] for t in generation.trajectory)
+    energies = torch.full((len(generation.trajectory), K), float("nan"))
+    for i, t in enumerate(generation.trajectory):
+        energies[i, :t.shape[-1]] = t[row].float().cpu()
+    title = f"energy while generating, {len(energies)} tokens (colour = position)"
+    return plot_energy_trajectories(model, energies, title), energies
+
+
+def plot_energy_heatmap(model, tokenizer, text, steps=None, seed=0):
+    """Per-token energy over thinking steps, tokens labelled: hard tokens stay high.
+    Returns (Figure, energies (T, K+1))."""
+    thought = think_on_text(model, tokenizer, text, steps, seed)
+    energies = thought.energies()
+    fig = ebt.figure(figsize=(max(5, 0.16 * len(energies) + 1.5), 2.6), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(energies.T.numpy(), aspect="auto", cmap="magma", interpolation="nearest")
+    ax.set_xticks(range(len(thought.labels)), thought.labels, fontsize=7, family="monospace")
+    ax.set(xlabel="predicted token", ylabel="thinking step", title="energy per token and step (bright = high = unsure)")
+    fig.colorbar(image, ax=ax, label="energy")
+    return fig, energies
+
+
+def plot_energy_landscape(model, tokenizer, text, position=-1, steps=None, seed=0, grid=31):
+    """The energy around one token's prediction on the plane through the start, middle and
+    end of its descent path, with the path drawn (points off the plane are projected).
+    Energies are on the landscape of the path's last step. Returns (Figure, energies (grid, grid))."""
+    thought = think_on_text(model, tokenizer, text, steps, seed)
+    path = torch.stack([y[0, position] for y in thought.traj.ys])  # (K+1, V)
+    origin, middle, end = path[0], path[len(path) // 2], path[-1]
+    u = (end - origin) / (end - origin).norm().clamp(min=1e-12)
+    v = middle - origin - (middle - origin) @ u * u
+    if v.norm() < 1e-6 * (end - origin).norm():  # a straight path spans no plane: take a random direction
+        r = torch.randn(path.shape[-1], generator=torch.Generator().manual_seed(seed)).to(path)
+        v = r - r @ u * u
+    v = v / v.norm()
+    path_xy = torch.stack([(path - origin) @ u, (path - origin) @ v], -1).cpu()  # (K+1, 2)
+    lo, hi = path_xy.min(0).values, path_xy.max(0).values
+    pad = 0.3 * (hi - lo).max().clamp(min=1e-3)
+    a, b = (torch.linspace(lo[i] - pad, hi[i] + pad, grid) for i in (0, 1))
+    A, Bv = torch.meshgrid(a, b, indexing="xy")  # (grid, grid): rows follow b, columns a
+    points = origin + A.reshape(-1, 1).to(path) * u + Bv.reshape(-1, 1).to(path) * v  # (grid^2, V)
+    T = len(thought.labels)
+    p = position % T
+    context = [(k[..., :p + 1, :], w[..., :p + 1, :]) for k, w in thought.context]  # what position p sees
+    with torch.no_grad():
+        energies = torch.cat([
+            model.energy(chunk[:, None].softmax(-1), [(k.expand(len(chunk), -1, -1, -1), w.expand(len(chunk), -1, -1, -1))
+                                          for k, w in context], min(len(path) - 2, model.config.landscapes - 1))[:, 0]
+            for chunk in points.split(64)]).reshape(grid, grid).float().cpu()
+    fig = ebt.figure(figsize=(5, 4), layout="constrained")
+    ax = fig.subplots()
+    filled = ax.contourf(a.numpy(), b.numpy(), energies.numpy(), levels=20, cmap="viridis")
+    fig.colorbar(filled, ax=ax, label="energy")
+    ax.plot(path_xy[:, 0].numpy(), path_xy[:, 1].numpy(), "w.-", lw=1.5, ms=8, label="descent path")
+    ax.plot(*path_xy[0].numpy(), "wo", ms=9, mfc="none", label="start")
+    ax.plot(*path_xy[-1].numpy(), "r*", ms=12, label="end")
+    ax.set(xlabel="direction start -> end", ylabel="direction to the middle",
+           title=f"energy landscape predicting {thought.labels[p]!r} (position {p})")
+    ax.legend(fontsize=8, loc="best")
+    return fig, energies
+
+
+def plot_distribution_sharpening(model, tokenizer, text, position=-1, steps=None, seed=0, top=4):
+    """The predicted distribution at one position after each thinking step: the tokens that
+    are in the top `top` at any step. Returns (Figure, probabilities (K+1, V))."""
+    thought = think_on_text(model, tokenizer, text, steps, seed)
+    probs = torch.stack([y[0, position] for y in thought.traj.ys]).float().softmax(-1).cpu()  # (K+1, V)
+    shown = list(dict.fromkeys(probs.topk(min(top, probs.shape[-1]), -1).indices.flatten().tolist()))
+    shown.sort(key=lambda i: -probs[-1, i])
+    entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1)
+    target = thought.ids[1:][position].item()
+    labels = [token_label(tokenizer, i) + (" (true)" if i == target else "") for i in shown]
+    fig = ebt.figure(figsize=(5, 0.3 * len(shown) + 1.6), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(probs[:, shown].T.numpy(), aspect="auto", cmap="Blues", vmin=0, interpolation="nearest")
+    for k in range(len(probs)):
+        for r, i in enumerate(shown):
+            ax.text(k, r, f"{probs[k, i]:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if probs[k, i] > 0.6 * probs[:, shown].max() else "black")
+    ax.set_yticks(range(len(shown)), labels, family="monospace")
+    ax.set_xticks(range(len(probs)), [f"{k}\nH={h:.2f}" for k, h in enumerate(entropy.tolist())], fontsize=7)
+    ax.set(xlabel="thinking step (H = entropy, nats)",
+           title=f"distribution sharpening at position {position % len(thought.labels)}")
+    fig.colorbar(image, ax=ax, label="probability")
+    return fig, probs
+
+
+
+# -----------------------------------------------------------------------------
+# Text to evaluate thinking on
+
+def pydoc_topics_text():
+    """The English documentation Python ships (pydoc_data.topics): out-of-distribution text
+    for a model trained on Shakespeare, on every machine, no download."""
+    from pydoc_data.topics import topics
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def in_vocabulary(text, tokenizer):
+    """The text without the characters a char tokenizer lacks (GPT-2 BPE covers everything),
+    and how many were dropped."""
+    if not isinstance(tokenizer, ebt.CharTokenizer):
+        return text, 0
+    kept = "".join(c for c in text if c in tokenizer.index)
+    return kept, len(text) - len(kept)
+
+
+def validation_and_ood(tokenizer, block_size, data_text, ood_text=None):
+    """Token ids to evaluate thinking on: the validation split of the training text, and an
+    out-of-distribution text (default: pydoc_data.topics) cut to the vocabulary.
+    Returns (val ids, OOD ids, characters dropped from the OOD text)."""
+    val = ebt.TextData(tokenizer.encode(data_text), block_size).split["val"]
+    ood, dropped = in_vocabulary(pydoc_topics_text() if ood_text is None else ood_text, tokenizer)
+    return val, torch.tensor(tokenizer.encode(ood)), dropped
+
+
+# -----------------------------------------------------------------------------
+# The command line
+
+
+PLOTS = {"energy_per_step": plot_energy_per_step, "energy_heatmap": plot_energy_heatmap,
+         "energy_landscape": plot_energy_landscape, "distribution_sharpening": plot_distribution_sharpening}
 # plus generation.png: the energy of every generated token while it was thought about
 
 
@@ -57,7 +289,7 @@ def parse_args(argv=None):
 
 
 def evaluate_thinking(model, tokenizer, args):
-    val, ood, dropped = ebt.validation_and_ood(tokenizer, model.config.block_size, ebt.text_or_shakespeare(args.data),
+    val, ood, dropped = validation_and_ood(tokenizer, model.config.block_size, ebt.text_or_shakespeare(args.data),
                                                ebt.read_text(args.ood) if args.ood else None)
     ood_name = Path(args.ood).name if args.ood else "pydoc_data.topics"
     print(f"OOD text {ood_name}: {len(ood)} tokens kept, {dropped} characters outside the vocabulary dropped")
@@ -65,11 +297,11 @@ def evaluate_thinking(model, tokenizer, args):
     steps = sorted({1, 2, 3, trained, 2 * trained, 3 * trained, 4 * trained})
     sources = {"val": val, f"OOD: {ood_name}": ood}
     results = {name: ebt.thinking_curves(model, ids, steps, windows=args.windows) for name, ids in sources.items()}
-    print(ebt.thinking_table(results, trained))
+    print(thinking_table(results, trained))
     if args.plots:
         path = Path(args.plots) / "thinking_curves.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        ebt.plot_thinking_curves(results, trained).savefig(path, dpi=90)
+        plot_thinking_curves(results, trained).savefig(path, dpi=90)
         print(f"saved {path}")
 
 
@@ -103,7 +335,7 @@ def main(argv=None):
             fig, _ = plot(model, tokenizer, text[-65:], steps=args.steps, seed=args.seed)
             fig.savefig(Path(args.plots) / f"{name}.png", dpi=90)
         if args.num_tokens:
-            ebt.plot_generation(model, out)[0].savefig(Path(args.plots) / "generation.png", dpi=90)
+            plot_generation(model, out)[0].savefig(Path(args.plots) / "generation.png", dpi=90)
         print(f"saved {len(PLOTS) + bool(args.num_tokens)} plots in {args.plots}", file=sys.stderr)
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import ebt
+import sample
 import train_image
 import train_text
 
@@ -400,7 +401,7 @@ def test_the_step_count_is_drawn_once_per_optimizer_step(tmp_path):
             return self.model.trained_steps()
 
         def param_groups(self, wd):
-            return self.model.param_groups(wd)
+            return ebt.param_groups(self.model, wd)
 
     tok, data = words_data()
     model = Recorder(ebt.build_model(tiny_config(vocab_size=tok.vocab_size, random_steps=2)))
@@ -414,7 +415,7 @@ def test_replay_buffer_keeps_the_last_sequences_and_restarts_them_where_they_end
     buffer = ebt.ReplayBuffer(5)
     for i in range(3):  # batches of 2: tokens i, logits i
         buffer.add(torch.full((2, 4), i), torch.full((2, 4), i), torch.full((2, 4, 3), float(i)))
-    assert buffer.idx[:, 0].tolist() == [0, 1, 1, 2, 2]  # the oldest sequence fell out
+    assert buffer.kept["idx"][:, 0].tolist() == [0, 1, 1, 2, 2]  # the oldest sequence fell out
     torch.manual_seed(0)
     idx, targets, y0 = buffer.extend(torch.full((2, 4), 9), torch.full((2, 4), 9), torch.zeros(2, 4, 3), 3)
     assert idx.shape == (5, 4) and (idx[:2] == 9).all()
@@ -424,8 +425,8 @@ def test_replay_buffer_keeps_the_last_sequences_and_restarts_them_where_they_end
     for _ in range(3):
         x = torch.randint(13, (4, 16), generator=g)
         model(x, x)
-    assert len(model.replay.idx) == 6 and model.replay.logits.shape == (6, 16, 13)
-    assert not model.replay.logits.requires_grad
+    assert len(model.replay.kept["idx"]) == 6 and model.replay.kept["logits"].shape == (6, 16, 13)
+    assert not model.replay.kept["logits"].requires_grad
 
 
 def test_system2_options_run_and_train():
@@ -548,7 +549,7 @@ class NaNAfter(torch.nn.Module):
         return (loss * float("nan"), m) if self.n < 0 and self.training else (loss, m)
 
     def param_groups(self, wd):
-        return self.model.param_groups(wd)
+        return ebt.param_groups(self.model, wd)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -643,9 +644,9 @@ def test_bad_input_gives_one_line_error_and_exit_2(tmp_path, text_file):
 def test_offline_download_names_the_data_flag(tmp_path, monkeypatch):
     def offline(*a, **k):
         raise OSError("network unreachable")
-    monkeypatch.setattr(ebt.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(train_image.urllib.request, "urlopen", offline)
     with pytest.raises(ebt.UsageError, match="--data"):
-        ebt.download("https://example.com/corpus.txt", tmp_path / "ts.txt", "0" * 64)
+        train_image.download("https://example.com/corpus.txt", tmp_path / "ts.txt", "0" * 64)
     assert not (tmp_path / "ts.txt").exists()
 
 
@@ -836,16 +837,16 @@ def test_adaptive_stopping_spends_fewer_steps_on_a_converged_position():
 
 
 @pytest.mark.parametrize("plot, numbers_shape", [
-    (ebt.plot_energy_per_step, (10, 4)), (ebt.plot_energy_heatmap, (10, 4)),
-    (ebt.plot_energy_landscape, (9, 9)), (ebt.plot_distribution_sharpening, (4, 17))])
+    (sample.plot_energy_per_step, (10, 4)), (sample.plot_energy_heatmap, (10, 4)),
+    (sample.plot_energy_landscape, (9, 9)), (sample.plot_distribution_sharpening, (4, 17))])
 def test_plot_functions_return_a_figure_and_write_a_png(plot, numbers_shape, tmp_path):
     tokenizer = ebt.CharTokenizer.fit(synthetic_text())
     model = tiny_model(vocab_size=tokenizer.vocab_size)
-    extra = {"grid": 9} if plot is ebt.plot_energy_landscape else {}
+    extra = {"grid": 9} if plot is sample.plot_energy_landscape else {}
     fig, numbers = plot(model, tokenizer, "the cat sat", steps=3, **extra)
     main = fig.axes[0]
     assert main.get_xlabel() and main.get_title()
-    assert len(fig.axes) == (1 if plot is ebt.plot_energy_per_step else 2)  # plot (+ colour bar)
+    assert len(fig.axes) == (1 if plot is sample.plot_energy_per_step else 2)  # plot (+ colour bar)
     assert tuple(numbers.shape) == numbers_shape and torch.isfinite(numbers).all()
     fig.savefig(tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "plot.png").stat().st_size > 1000
@@ -856,7 +857,7 @@ def test_plot_functions_return_a_figure_and_write_a_png(plot, numbers_shape, tmp
 def test_plots_default_to_4x_the_trained_steps_with_integer_ticks():
     tokenizer = ebt.CharTokenizer.fit(synthetic_text())
     model = tiny_model(vocab_size=tokenizer.vocab_size)
-    fig, energies = ebt.plot_energy_per_step(model, tokenizer, "the cat sat")
+    fig, energies = sample.plot_energy_per_step(model, tokenizer, "the cat sat")
     assert energies.shape[1] == 4 * model.trained_steps() + 1
     ticks = [t for t in fig.axes[0].get_xticks() if 0 <= t <= energies.shape[1] - 1]
     assert ticks and all(float(t).is_integer() for t in ticks)
@@ -866,13 +867,13 @@ def test_plots_default_to_4x_the_trained_steps_with_integer_ticks():
 def test_plot_generation_takes_what_generate_returns(tmp_path):
     model = tiny_model(landscapes=1, step_size=0.5)
     out = ebt.generate(model, torch.zeros(1, 2, dtype=torch.long), 5, steps=10, tolerance=1e-4)
-    fig, energies = ebt.plot_generation(model, out)
+    fig, energies = sample.plot_generation(model, out)
     assert energies.shape == (5, int(out.steps_used.max()) + 1)
     for row, used in zip(energies, out.steps_used[0]):  # a token that stopped early ends early
         assert torch.isfinite(row[:used + 1]).all() and torch.isnan(row[used + 1:]).all()
     assert fig._repr_png_()[:4] == b"\x89PNG"
     with pytest.raises(ebt.UsageError, match="needs an EBT"):
-        ebt.plot_generation(tiny_model(model="transformer"), out)
+        sample.plot_generation(tiny_model(model="transformer"), out)
 
 
 def test_notebook_code_cells_run_top_to_bottom(tmp_path, monkeypatch):
@@ -907,9 +908,9 @@ def test_thinking_curves_table_and_plot(tmp_path):
     assert list(results["ebt"]["steps"]) == [1, 2, 4] and list(results["ebt"]["candidates"]) == [1, 2]
     assert len(set(results["transformer"]["steps"].values())) == 1  # the baseline does not think: flat
     assert all(1 < p < math.inf for r in results.values() for p in r["steps"].values())
-    table = ebt.thinking_table(results, trained_steps=2)
+    table = sample.thinking_table(results, trained_steps=2)
     assert "<- trained" in table and "candidates (2 steps)" in table
-    fig = ebt.plot_thinking_curves(results, trained_steps=2)
+    fig = sample.plot_thinking_curves(results, trained_steps=2)
     assert [ax.get_ylabel() for ax in fig.axes] == ["perplexity", "perplexity"]
     fig.savefig(tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 1000
@@ -917,7 +918,7 @@ def test_thinking_curves_table_and_plot(tmp_path):
 
 def test_ood_text_is_filtered_to_the_vocabulary():
     tokenizer = ebt.CharTokenizer.fit(synthetic_text())
-    text, dropped = ebt.in_vocabulary(ebt.pydoc_topics_text()[:2000], tokenizer)
+    text, dropped = sample.in_vocabulary(sample.pydoc_topics_text()[:2000], tokenizer)
     assert dropped > 0 and len(text) + dropped == 2000
     tokenizer.encode(text)  # no error: every remaining character is known
 
@@ -963,58 +964,87 @@ def test_sample_bad_input_is_one_line_exit_2(sample_checkpoints, ckpt, extra, me
     assert r.stderr.startswith("error:") and message in r.stderr
 
 
-# --- Image denoising EBT (issue 4)
-
+# --- Images: the denoising EBT, the DiT and the one-pass regressor
 
 def tiny_image_config(**kw):
     base = dict(model="image_ebt", channels=3, image_size=16, patch_size=4, n_layer=2, n_head=2, n_embd=64,
-                step_size=100.0, step_size_lr_mult=300.0)
+                step_size=1000.0, step_size_lr_mult=3000.0, think_steps=1, landscapes=1)
     base.update(kw)
     return ebt.ModelConfig(**base)
 
 
-def photo_data(crop=16, noise_std=0.1):
-    return ebt.ImageData(*ebt.held_out_strips(ebt.sample_photos(), crop), crop, noise_std)
+def photo_data(crop=16):
+    return train_image.ImageData(*train_image.held_out_strips(train_image.sample_photos(), crop), crop)
+
+
+def held_out_crops(n=64, t=99):
+    """(noisy at DDPM step t, clean) validation crops, both in [-1, 1]."""
+    clean, noise = photo_data().batch("val", n, generator=torch.Generator().manual_seed(5))
+    return ebt.ddpm_noise(clean, t, noise), clean
 
 
 @pytest.fixture(scope="module")
-def trained_image_ebt(tmp_path_factory):
-    """A short EBT training on 16x16 crops of matplotlib's photo (about 8 s on 2 cores)."""
-    torch.manual_seed(0)
-    model = ebt.build_model(tiny_image_config())
-    tc = ebt.TrainConfig(max_steps=200, batch_size=16, lr=2e-3, warmup_steps=20, eval_interval=200,
-                         eval_batches=1, log_interval=50, out_dir=str(tmp_path_factory.mktemp("img")),
-                         device="cpu", seed=0)
-    ebt.train(model, photo_data(), tc, log=lambda *_: None)
-    return model.eval()
+def trained_image_models(tmp_path_factory):
+    """Short trainings on 16x16 crops of matplotlib's photo: EBT (S1), DiT, regressor."""
+    models = {}
+    for kind in ("image_ebt", "image_dit", "image_regressor"):
+        model = ebt.build_model(tiny_image_config(model=kind), seed=0)
+        tc = ebt.TrainConfig(max_steps=150, batch_size=16, lr=2e-3, warmup_steps=20, eval_interval=150,
+                             eval_batches=1, log_interval=50, out_dir=str(tmp_path_factory.mktemp(kind)),
+                             device="cpu", seed=0)
+        ebt.train(model, photo_data(), tc, log=lambda *_: None)
+        models[kind] = model.eval()
+    return models
 
 
-def held_out_crops(n=64, noise_std=0.1):
-    return photo_data(noise_std=noise_std).batch("val", n, generator=torch.Generator().manual_seed(5))
+def test_ddpm_noise_against_a_hand_computation():
+    betas = [1e-4 + (0.02 - 1e-4) * s / 999 for s in range(1000)]  # beta_1 .. beta_1000
+    signal = math.prod(1 - b for b in betas[:99])
+    assert ebt.alpha_bar(99).item() == pytest.approx(signal, rel=1e-12)
+    assert math.sqrt(signal) == pytest.approx(0.95, abs=3e-3) and math.sqrt(1 - signal) == pytest.approx(0.32, abs=0.01)
+    clean, noise = torch.full((2, 1, 2, 2), 0.5), torch.full((2, 1, 2, 2), -1.0)
+    expected = math.sqrt(signal) * 0.5 - math.sqrt(1 - signal)
+    torch.testing.assert_close(ebt.ddpm_noise(clean, 99, noise), torch.full_like(clean, expected))
+    per_image = ebt.ddpm_noise(clean, torch.tensor([0, 99]), noise)  # one step per image; t = 0 is clean
+    assert torch.equal(per_image[0], clean[0]) and torch.allclose(per_image[1], torch.full_like(clean[1], expected))
 
 
-def test_image_ebt_training_beats_the_noisy_input(trained_image_ebt):
+def test_ddim_from_step_0_is_the_identity():
+    model = ebt.build_model(tiny_image_config(model="image_dit"), seed=0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()  # a model that predicts anything: from t = 0 nothing may change
+    x = torch.randn(2, 3, 16, 16)
+    for passes in (1, 3):
+        torch.testing.assert_close(model.denoise(x, 0, passes), x)
+
+
+def test_untrained_adaln_zero_ebt_returns_its_input():
+    model = ebt.build_model(tiny_image_config(), seed=0).eval()
+    noisy, _ = held_out_crops(4)
+    traj = model.predict(noisy, steps=3)
+    assert all(torch.equal(y, noisy) for y in traj.ys) and all((e == 0).all() for e in traj.energies)
+
+
+def test_each_image_model_trains_and_beats_the_noisy_input(trained_image_models):
     noisy, clean = held_out_crops()
-    denoised = trained_image_ebt.predict(noisy).ys[-1]
-    before, after = ebt.psnr(noisy, clean).mean().item(), ebt.psnr(denoised, clean).mean().item()
-    assert after > before + 2.0, (before, after)
+    before = ebt.psnr(noisy, clean).mean().item()
+    denoised = {"image_ebt": trained_image_models["image_ebt"].predict(noisy).ys[-1],
+                "image_dit": trained_image_models["image_dit"].denoise(noisy, 99, 3),
+                "image_regressor": trained_image_models["image_regressor"].denoise(noisy)}
+    for kind, y in denoised.items():
+        after = ebt.psnr(y, clean).mean().item()
+        assert after > before + 1.0, (kind, before, after)
 
 
-def test_image_ebt_each_step_lowers_the_energy_it_descends(trained_image_ebt):
+def test_image_ebt_each_step_lowers_the_energy_it_descends(trained_image_models):
     noisy, _ = held_out_crops()
-    model = trained_image_ebt
-    ys = model.predict(noisy).ys
+    model = trained_image_models["image_ebt"]
+    ys = model.predict(noisy, steps=3).ys
     with torch.no_grad():
         for k in range(len(ys) - 1):  # like with like: both on step k's landscape
-            assert model.energy(ys[k + 1], k).mean() < model.energy(ys[k], k).mean(), k
-
-
-def test_image_baseline_outputs_an_image_in_one_pass():
-    model = ebt.build_model(tiny_image_config(model="image_baseline"))
-    noisy, clean = held_out_crops(4)
-    loss, metrics = model(noisy, clean)
-    assert model.denoise(noisy).shape == clean.shape and {"loss", "psnr"} <= set(metrics)
-    loss.backward()
+            landscape = min(k, model.config.landscapes - 1)
+            assert model.energy(ys[k + 1], landscape).mean() < model.energy(ys[k], landscape).mean(), k
 
 
 def test_bidirectional_attention_explicit_matches_fused():
@@ -1037,11 +1067,11 @@ def test_patchify_roundtrip():
 
 def test_psnr_hand_checked():
     clean = torch.zeros(2, 1, 4, 4)
-    pred = torch.stack([torch.full((1, 4, 4), 0.1), torch.full((1, 4, 4), 0.5)])
-    # mse 0.01 -> 10 log10(1 / 0.01) = 20 dB; mse 0.25 -> 6.0206 dB
+    pred = torch.stack([torch.full((1, 4, 4), 0.2), torch.full((1, 4, 4), 1.0)])
+    # images in [-1, 1], peak-to-peak 2: mse 0.04 -> 10 log10(4 / 0.04) = 20 dB; mse 1 -> 6.0206 dB
     assert torch.allclose(ebt.psnr(pred, clean), torch.tensor([20.0, 6.0206]), atol=1e-4)
-    # predictions are clipped to [0, 1] first: -0.1 counts as 0, a perfect (capped) score
-    assert ebt.psnr(torch.full((1, 1, 4, 4), -0.1), clean[:1]).item() == pytest.approx(100.0)
+    # predictions are clipped to [-1, 1] first: -1.1 counts as -1
+    assert ebt.psnr(torch.full((1, 1, 4, 4), -1.1), torch.full((1, 1, 4, 4), -1.0)).item() == pytest.approx(106.02, abs=0.01)
 
 
 def write_idx_gz(path, array):
@@ -1056,9 +1086,9 @@ def test_mnist_idx_parser_and_cache(tmp_path, monkeypatch):
     (tmp_path / "mnist").mkdir()
     write_idx_gz(tmp_path / "mnist" / "train-images-idx3-ubyte.gz", train)
     write_idx_gz(tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz", test)
-    assert np.array_equal(ebt.read_idx(tmp_path / "mnist" / "train-images-idx3-ubyte.gz"), train)
-    monkeypatch.setattr(ebt, "CACHE_DIR", tmp_path)  # cached files: no network
-    got_train, got_test = ebt.download_dataset("mnist")
+    assert np.array_equal(train_image.read_idx(tmp_path / "mnist" / "train-images-idx3-ubyte.gz"), train)
+    monkeypatch.setattr(train_image, "CACHE_DIR", tmp_path)  # cached files: no network
+    got_train, got_test = train_image.download_dataset("mnist")
     assert got_train.shape == (5, 1, 28, 28) and got_train.dtype == torch.uint8
     assert np.array_equal(got_test[:, 0].numpy(), test)
 
@@ -1075,7 +1105,7 @@ def test_cifar10_tarball_parser(tmp_path):
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
             info.size = len(blob)
             tar.addfile(info, io.BytesIO(blob))
-    train, test = ebt.read_cifar10(path)
+    train, test = train_image.read_cifar10(path)
     assert train.shape == (5, 3, 32, 32) and test.shape == (4, 3, 32, 32)
     # channel-major rows: the first 1024 values are the red plane
     assert np.array_equal(train[0, 0].reshape(-1), batches["data_batch_1"][0, :1024])
@@ -1085,12 +1115,17 @@ def test_cifar10_tarball_parser(tmp_path):
 def test_train_image_driver_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     tiny = ["--image_size", "16", "--n_layer", "1", "--n_embd", "32", "--max_steps", "4", "--eval_interval", "4",
-            "--eval_batches", "1", "--batch_size", "4", "--report_steps", "3", "--device", "cpu"]
-    train_image.main(["--model", "ebt", *tiny])
-    train_image.main(["--model", "baseline", *tiny])
-    train_image.main(["--compare", "out-image-ebt", "out-image-baseline", "--report_steps", "3", "--device", "cpu"])
+            "--eval_batches", "1", "--batch_size", "4", "--report_steps", "3", "--passes", "1", "3", "--device", "cpu"]
+    for model in ("ebt", "dit", "regressor"):
+        train_image.main(["--model", model, *tiny])
+    train_image.main(["--model", "ebt", "--recipe", "s2", "--out_dir", "out-image-ebt-s2", *tiny])
+    assert ebt.load_checkpoint("out-image-ebt-s2/ckpt.pt")["model_config"]["random_steps"] == 1
+    dirs = ["out-image-ebt", "out-image-ebt-s2", "out-image-dit", "out-image-regressor"]
+    train_image.main(["--compare", *dirs, "--report_steps", "3", "--passes", "1", "3", "--device", "cpu"])
     table = (tmp_path / "out-image-compare" / "psnr.md").read_text()
-    assert "baseline (1 pass)" in table and "ebt 3" in table and "0.3 (unseen)" in table
+    for row in ("| noisy input | 0 |", "| out-image-regressor | 1 |", "| out-image-dit | 3 |", "| out-image-ebt | 3 |",
+                "| out-image-ebt-s2 | 3 |", "t = 99 (trained)", "t = 299 (unseen)"):
+        assert row in table, row
     for f in ("grid.png", "energy.png", "psnr.png"):
         assert (tmp_path / "out-image-compare" / f).stat().st_size > 0
 
@@ -1104,7 +1139,7 @@ def test_train_image_bad_inputs_exit_2(tmp_path, monkeypatch):
     import matplotlib.image
     matplotlib.image.imsave(small / "tiny.png", np.zeros((20, 20, 3)))
     cases = [["--data", str(empty)], ["--data", str(corrupt)], ["--data", str(small)],
-             ["--noise_std", "-1"], ["--dataset", "mnist"]]
+             ["--noise_t", "0"], ["--dataset", "mnist"]]
     for args in cases:
         r = run_script("train_image.py", *args, "--max_steps", "1", "--out_dir", str(tmp_path / "out"))
         assert r.returncode == 2, (args, r.stderr)
@@ -1119,16 +1154,20 @@ def test_results_trains_what_is_missing_then_reports_from_checkpoints(tmp_path, 
     monkeypatch.setitem(train_text.PRESETS, "cpu", dict(
         n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, max_steps=2, lr=3e-3,
         eval_interval=2, eval_batches=1, log_interval=1))
+    tiny_image = ["--image_size", "16", "--n_layer", "1", "--n_embd", "16", "--max_steps", "2", "--eval_interval", "2",
+                  "--eval_batches", "1", "--batch_size", "4", "--report_steps", "2", "--passes", "1", "2"]
+    monkeypatch.setattr(results, "IMAGE_RUNS", {k: v + tiny_image for k, v in results.IMAGE_RUNS.items()})
+    monkeypatch.setattr(train_image, "DIT_PASSES", (1, 2))
     argv = ["--seeds", "1", "2", "--lengths", "2", "3", "--out_dir", str(tmp_path), "--report_dir", str(tmp_path),
             "--windows", "2", "--device", "cpu"]
     results.main(argv)
     trained = capsys.readouterr().out.count("$ python ")
-    assert trained == len(results.MODELS) * 2 * 2
+    assert trained == len(results.MODELS) * 2 * 2 + len(results.IMAGE_RUNS)
     report = (tmp_path / "results.md").read_text()
     for section in ("1. Learning", "2. CE against thinking steps", "3. CE against self-verification",
                     "4. S2: what thinking changes", "5. S1, the same"):
         assert section in report
-    for f in ("gap.png", "thinking_steps.png", "candidates.png", "gains.png"):
+    for f in ("gap.png", "thinking_steps.png", "candidates.png", "gains.png", "image/psnr.png", "image/psnr.md"):
         assert (tmp_path / f).stat().st_size > 0
     curves = json.loads((tmp_path / "results.json").read_text())
     assert len(set(curves["Transformer++|3|1"]["val"]["steps"].values())) == 1  # no thinking: flat
@@ -1294,7 +1333,6 @@ def test_bad_input_is_one_line_and_exit_2_in_process(tmp_path, text_file, sample
         (train_text.main, [*tiny, "--step_size", "nan"], "step_size"),
         (train_text.main, [*tiny, "--langevin_std", "-1"], "langevin_std"),
     ]
-    import sample
     ckpt = ["--ckpt", str(sample_checkpoints["ebt"]), "--num_tokens", "2", "--device", "cpu"]
     for flag, value in (("--temperature", "nan"), ("--step_size", "nan"), ("--step_size", "0"), ("--step_size", "-1"),
                         ("--tolerance", "-1"), ("--tolerance", "nan"), ("--langevin_std", "-0.5"),
@@ -1304,7 +1342,7 @@ def test_bad_input_is_one_line_and_exit_2_in_process(tmp_path, text_file, sample
               (sample.main, ["--ckpt", str(tmp_path), "--device", "cpu"], "is a directory"),
               (sample.main, [*ckpt, "--num_token", "3"], "unrecognized arguments")]
     for args, message in ((["--image_size", "0"], "--image_size"), (["--report_steps", "-1"], "--report_steps"),
-                          (["--eval_noise", "nan"], "noise level nan"), (["--max_step", "1"], "unrecognized")):
+                          (["--eval_t", "2000"], "--eval_t"), (["--max_step", "1"], "unrecognized")):
         cases.append((train_image.main, [*args, "--out_dir", str(tmp_path / "img")], message))
     for main, argv, message in cases:
         code, _, err = cli(main, *argv)
@@ -1313,7 +1351,6 @@ def test_bad_input_is_one_line_and_exit_2_in_process(tmp_path, text_file, sample
 
 
 def test_ctrl_c_in_sample_is_one_line(sample_checkpoints, monkeypatch):
-    import sample
     monkeypatch.setattr(ebt, "generate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     code, _, err = cli(sample.main, "--ckpt", str(sample_checkpoints["ebt"]), "--device", "cpu")
     assert code == 130 and err == "interrupted\n"

@@ -1,20 +1,24 @@
 """
-Train an image denoising EBT (or its one-pass baseline) and compare them.
+Train an image denoising EBT, or one of its baselines on the same transformer, and compare them.
 
-    python train_image.py --model ebt                  # the photo matplotlib ships, no download
-    python train_image.py --model baseline             # the same transformer, one forward pass
-    python train_image.py --compare out-image-ebt out-image-baseline
+    python train_image.py --model ebt                  # the photo matplotlib ships, no download; recipe S1
+    python train_image.py --model ebt --recipe s2 --out_dir out-image-ebt-s2
+    python train_image.py --model dit                  # Diffusion Transformer: predicts the noise, DDIM
+    python train_image.py --model regressor            # one forward pass to the clean image
+    python train_image.py --compare out-image-ebt out-image-ebt-s2 out-image-dit out-image-regressor
     python train_image.py --dataset mnist              # or cifar10: downloaded once and cached
     python train_image.py --data my_photos/            # a folder of PNG / JPEG files
-    python train_image.py --model ebt --resume         # continue out-image-ebt/ckpt.pt
 
-Training ends with a report in out_dir (also what --compare writes, for several checkpoints):
-psnr.md, PSNR of the noisy input, the baseline and the EBT after each thinking step at the
-training noise level and higher ones; psnr.png, the same against forward passes; grid.png, a
-few denoised validation crops; energy.png, the mean energy along the thinking steps.
+The noise is the DDPM forward process of the paper's image runs (linear betas over 1000 steps,
+images in [-1, 1]): training at step t = 99 (the DiT: t in 1..99), the report at t = 99 (in
+distribution), 199 and 299 (out of distribution). Training ends with a report in out_dir (also
+what --compare writes, for several checkpoints): psnr.md, PSNR against forward passes of every
+model at every noise level; psnr.png, the same as a plot; grid.png, a few denoised validation
+crops; energy.png (an EBT's), the mean energy along the thinking steps.
 """
-import math
+import hashlib
 import os
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -23,12 +27,19 @@ import ebt
 
 REPORT_CROPS = 128  # validation crops behind every number in the report
 GRID_CROPS = 4      # rows of grid.png: the report crops with the most detail (pixel std)
+DIT_PASSES = (1, 3, 10, 30, 100)
+RECIPES = {  # the image EBT: S1 as the paper's image runs (one step); S2 with the text S2's structure
+    "s1": dict(think_steps=1, landscapes=1, random_steps=0, random_step_size=1.0, truncate=False, detach=True),
+    "s2": dict(think_steps=2, landscapes=1, random_steps=1, random_step_size=2.0, truncate=True, detach=False),
+}
+CACHE_DIR = Path(os.environ.get("NANOEBT_CACHE", Path.home() / ".cache" / "nanoebt"))
 
 
 def parse_args(argv=None):
     p = ebt.ArgumentParser(description=__doc__)
     m, t, s = ebt.ModelConfig(), ebt.TrainConfig(), p.add_argument
-    s("--model", choices=("ebt", "baseline"), default="ebt", help="(default: %(default)s)")
+    s("--model", choices=("ebt", "dit", "regressor"), default="ebt", help="(default: %(default)s)")
+    s("--recipe", choices=RECIPES, default="s1", help="the EBT's (default: %(default)s)")
     s("--compare", nargs="+", metavar="OUT_DIR", help="report on trained checkpoints instead of training")
     s("--dataset", choices=("photos", "mnist", "cifar10"), default="photos",
       help="photos: matplotlib's sample photo, bottom fifth held out (default: %(default)s)")
@@ -38,15 +49,16 @@ def parse_args(argv=None):
     s("--n_layer", type=int, default=3, help="(default: %(default)s)")
     s("--n_head", type=int, default=4, help="(default: %(default)s)")
     s("--n_embd", type=int, default=96, help="(default: %(default)s)")
-    s("--noise_std", type=float, default=0.1, help="training noise, pixels in [0, 1] (default: %(default)s)")
-    s("--eval_noise", type=float, nargs="+", help="report noise levels (default: 1x, 2x, 3x --noise_std)")
+    s("--noise_t", type=int, default=m.noise_t, help="training noise, a DDPM step (default: %(default)s)")
+    s("--eval_t", type=int, nargs="+", help="report noise levels, DDPM steps (default: noise_t, 2x and 3x its + 1)")
+    s("--passes", type=int, nargs="+", default=list(DIT_PASSES), help="the DiT's DDIM passes in the report "
+      "(default: %(default)s)")
     g = p.add_argument_group("thinking (EBT)")
-    g.add_argument("--think_steps", type=int, default=m.think_steps, help="descent steps in training (default: %(default)s)")
-    g.add_argument("--step_size", type=float, default=400.0,
-                   help="initial alpha; grows with the number of patches, energy is their mean (default: %(default)s)")
+    g.add_argument("--step_size", type=float, default=1000.0,
+                   help="initial alpha; grows with the number of patches, the energy is their mean (default: %(default)s)")
     g.add_argument("--step_size_lr_mult", type=float, help="alpha's lr / base lr (default: 3x --step_size)")
-    g.add_argument("--eval_steps", type=int, default=t.eval_steps, help="thinking steps at evaluation, 0 = 2x think_steps (default: %(default)s)")
-    g.add_argument("--report_steps", type=int, help="thinking steps in the report (default: 4x think_steps)")
+    g.add_argument("--eval_steps", type=int, default=t.eval_steps, help="thinking steps at evaluation, 0 = 2x trained (default: %(default)s)")
+    g.add_argument("--report_steps", type=int, help="thinking steps in the report (default: 4x the trained steps)")
     s("--max_steps", type=int, default=800, help="(default: %(default)s)")
     s("--batch_size", type=int, default=32, help="(default: %(default)s)")
     s("--lr", type=float, default=1e-3, help="(default: %(default)s)")
@@ -64,40 +76,199 @@ def parse_args(argv=None):
     args.out_dir = args.out_dir or ("out-image-compare" if args.compare else f"out-image-{args.model}")
     ebt.check_flag(args.image_size, "image_size", lambda v: v >= 1, ">= 1")
     ebt.check_flag(args.report_steps, "report_steps", lambda v: v >= 1, ">= 1")
-    for level in args.eval_noise or ():
-        ebt.check_noise_std(level)
-    ebt.check_noise_std(args.noise_std)
+    for name, values in (("noise_t", [args.noise_t]), ("eval_t", args.eval_t or [])):
+        for v in values:
+            ebt.check_flag(v, name, lambda v: 1 <= v <= ebt.DDPM_STEPS, f"a DDPM step in 1..{ebt.DDPM_STEPS}")
+    ebt.check_flag(min(args.passes), "passes", lambda v: v >= 1, ">= 1")
     return args
 
 
+# Image data: images are (C, H, W) tensors, float in [0, 1] or uint8 (the downloaded datasets,
+# four times smaller in memory); batches are in [-1, 1].
+
+class ImageData:
+    """Random square crops: batch -> (clean crops in [-1, 1], Gaussian noise of the same shape);
+    each model noises the crops itself (the EBT and the regressor at t = noise_t, the DiT at a
+    random t up to it)."""
+
+    def __init__(self, train, val, crop, source="images"):
+        """train, val: sequences of (C, H, W) images (a list, or one (N, C, H, W) tensor)."""
+        for split, images in (("train", train), ("val", val)):
+            if len(images) == 0:
+                raise ebt.UsageError(f"{source}: no {split} images")
+            if min(min(img.shape[-2:]) for img in images) < crop:
+                raise ebt.UsageError(f"{source}: some {split} images are smaller than the {crop}x{crop} crop; "
+                                     "use a smaller --image_size")
+        self.split = {"train": train, "val": val}
+        self.crop, self.channels = crop, train[0].shape[0]
+        self.tokens_per_sample = crop * crop  # pixels count as tokens in the throughput log
+
+    def batch(self, split, batch_size, generator):
+        images, S, g = self.split[split], self.crop, generator
+        crops = []
+        for i in torch.randint(len(images), (batch_size,), generator=g).tolist():
+            H, W = images[i].shape[-2:]
+            top, left = (int(torch.randint(n - S + 1, (), generator=g)) for n in (H, W))
+            crops.append(images[i][:, top:top + S, left:left + S])
+        clean = torch.stack(crops)
+        clean = clean.float() / 255 if clean.dtype == torch.uint8 else clean
+        return 2 * clean - 1, torch.randn(clean.shape, generator=g)
+
+
+def read_image(path):
+    """A PNG or JPEG file as a (3, H, W) float tensor in [0, 1] (gray is repeated, alpha dropped)."""
+    import matplotlib.image
+    try:
+        a = matplotlib.image.imread(path)
+    except Exception as e:
+        raise ebt.UsageError(f"{path} is not a readable PNG or JPEG image ({type(e).__name__})") from None
+    a = torch.from_numpy(a.copy())
+    a = a.float() if a.is_floating_point() else a.float() / 255  # PNG reads as float, JPEG as uint8
+    a = a[..., None] if a.dim() == 2 else a                       # (H, W, channels)
+    a = a[..., :1].expand(-1, -1, 3) if a.shape[-1] <= 2 else a[..., :3]  # gray to RGB, drop alpha
+    return a.permute(2, 0, 1).contiguous()
+
+
+def image_folder(path):
+    """Every PNG or JPEG file in a folder, as (name, (3, H, W) image) pairs."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ebt.UsageError(f"image folder {path} does not exist")
+    files = sorted(f for f in path.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if not files:
+        raise ebt.UsageError(f"image folder {path} has no PNG or JPEG files")
+    return [(f.name, read_image(f)) for f in files]
+
+
+def sample_photos():
+    """The photograph matplotlib ships (its other sample images are graphics, not photos)."""
+    import matplotlib.cbook
+    return [("grace_hopper.jpg", read_image(matplotlib.cbook.get_sample_data("grace_hopper.jpg")))]
+
+
+def held_out_strips(named_images, crop):
+    """Hold out the bottom fifth (at least one crop high) of every image for validation.
+    Returns lists of train and val images."""
+    train, val = [], []
+    for name, img in named_images:
+        H, W = img.shape[-2:]
+        n_val = max(crop, H // 5)
+        if H - n_val < crop or W < crop:
+            raise ebt.UsageError(f"{name} is {H}x{W} pixels: too small for {crop}x{crop} crops plus a held-out "
+                             f"strip (needs at least {2 * crop} rows and {crop} columns); use a smaller --image_size")
+        train.append(img[:, :H - n_val])
+        val.append(img[:, H - n_val:])
+    return train, val
+
+
+def download(url, path, sha256=None, hint="pass a local copy with --data PATH"):
+    """Fetch url into path once (atomically); later calls reuse the cached file.
+    hint: what the user can do instead, appended to the error."""
+    path = Path(path)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            data = r.read()
+    except OSError as e:
+        raise ebt.UsageError(f"could not download {url} ({e}); {hint}") from None
+    if sha256 and hashlib.sha256(data).hexdigest() != sha256:
+        raise ebt.UsageError(f"{url} downloaded with an unexpected checksum; {hint}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
+
+
+MNIST_URL = "https://storage.googleapis.com/cvdf-datasets/mnist/"
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+
+
+def read_idx(path):
+    """A gzipped IDX file (the MNIST format): big-endian magic (0, 0, dtype code, ndim),
+    ndim big-endian int32 sizes, then the raw uint8 array."""
+    import gzip
+    import numpy as np
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
+        raise ebt.UsageError(f"{path} is not a gzipped uint8 IDX file")
+    ndim = data[3]
+    shape = tuple(int(n) for n in np.frombuffer(data, dtype=">i4", count=ndim, offset=4))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def read_cifar10(path):
+    """CIFAR-10's python tarball: five pickled training batches and one test batch, each a
+    dict whose b"data" is (10000, 3072) uint8, channel-major 32x32 images.
+    Returns (train, test) uint8 arrays (N, 3, 32, 32)."""
+    import pickle
+    import tarfile
+    import numpy as np
+    train, test = [], []
+    with tarfile.open(path, "r:gz") as tar:
+        for member in sorted(tar.getmembers(), key=lambda m: m.name):
+            name = Path(member.name).name
+            if name.startswith("data_batch_") or name == "test_batch":
+                batch = pickle.load(tar.extractfile(member), encoding="bytes")
+                (test if name == "test_batch" else train).append(np.asarray(batch[b"data"], dtype=np.uint8))
+    if not train or not test:
+        raise ebt.UsageError(f"{path} is not the CIFAR-10 python tarball (no data_batch_* / test_batch)")
+    return tuple(np.concatenate(parts).reshape(-1, 3, 32, 32) for parts in (train, test))
+
+
+def download_dataset(name):
+    """MNIST or CIFAR-10 as (train, val) uint8 tensors (N, C, H, W), downloaded once and cached."""
+    hint = lambda p: f"no network? put the file at {p}, or use the default photos or --data DIR"
+    if name == "mnist":
+        split = []
+        for f in ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz"):
+            path = download(MNIST_URL + f, CACHE_DIR / "mnist" / f, hint=hint(CACHE_DIR / "mnist" / f))
+            split.append(torch.from_numpy(read_idx(path).copy())[:, None])  # (N, 1, 28, 28)
+        return tuple(split)
+    path = CACHE_DIR / "cifar-10-python.tar.gz"
+    train, test = read_cifar10(download(CIFAR10_URL, path, hint=hint(path)))
+    return torch.from_numpy(train), torch.from_numpy(test)
+
+
+def resume_checkpoint(out_dir, model_kind):
+    """The checkpoint to resume in out_dir, checked to hold the same kind of model."""
+    path = Path(out_dir) / "ckpt.pt"
+    ckpt = ebt.load_checkpoint(path)
+    if ckpt["model_config"].get("model") != model_kind:
+        raise ebt.UsageError(f"checkpoint {path} holds a {ckpt['model_config'].get('model')!r} model, not "
+                         f"{model_kind!r}; use the same --model or another --out_dir")
+    return ckpt
+
+
 def load_data(spec):
-    """ImageData from a spec stored in checkpoints: dataset, data folder, crop size, noise."""
+    """ImageData from a spec stored in checkpoints: dataset, data folder, crop size."""
     if spec["dataset"] in ("mnist", "cifar10"):
-        train, val = ebt.download_dataset(spec["dataset"])  # their own train / test split
+        train, val = download_dataset(spec["dataset"])  # their own train / test split
         source = spec["dataset"]
     else:
-        named = ebt.image_folder(spec["data"]) if spec["dataset"] == "folder" else ebt.sample_photos()
-        train, val = ebt.held_out_strips(named, spec["image_size"])
+        named = image_folder(spec["data"]) if spec["dataset"] == "folder" else sample_photos()
+        train, val = held_out_strips(named, spec["image_size"])
         source = spec["data"] or "matplotlib's sample photo"
-    return ebt.ImageData(train, val, spec["image_size"], spec["noise_std"], source=source)
+    return ImageData(train, val, spec["image_size"], source=source)
 
 
 def train(args):
     kind = "image_" + args.model
-    ckpt = ebt.resume_checkpoint(args.out_dir, kind) if args.resume else None
+    ckpt = resume_checkpoint(args.out_dir, kind) if args.resume else None
     if ckpt:
         spec, cfg = ckpt["image_data"], ebt.ModelConfig.from_dict(ckpt["model_config"])
     else:
         dataset = "folder" if args.data else args.dataset
-        spec = {"dataset": dataset, "data": args.data, "noise_std": ebt.check_noise_std(args.noise_std),
-                "image_size": args.image_size or (28 if dataset == "mnist" else 32)}
+        spec = {"dataset": dataset, "data": args.data, "image_size": args.image_size or (28 if dataset == "mnist" else 32)}
     data = load_data(spec)
     if not ckpt:
+        thinking = RECIPES[args.recipe] if args.model == "ebt" else {}
         cfg = ebt.ModelConfig(
             model=kind, channels=data.channels, image_size=spec["image_size"], patch_size=args.patch_size,
-            n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, think_steps=args.think_steps,
-            landscapes=args.think_steps,
-            step_size=args.step_size, step_size_lr_mult=args.step_size_lr_mult or 3 * args.step_size)
+            n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, noise_t=args.noise_t, step_size=args.step_size,
+            step_size_lr_mult=args.step_size_lr_mult or 3 * args.step_size, **thinking)
     tc = ebt.TrainConfig(max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
                          warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                          eval_interval=args.eval_interval, eval_batches=args.eval_batches,
@@ -105,11 +276,11 @@ def train(args):
                          device=args.device, seed=args.seed)
     model = ebt.build_model(cfg, args.seed)
     ebt.train(model, data, tc, meta={"image_data": spec}, resume=bool(ckpt))
-    return {args.model: model.eval()}, data
+    return {Path(args.out_dir).name: model.eval()}, data
 
 
 def load_trained(dirs, device):
-    """The EBT and/or baseline checkpoints in dirs, and the data the first was trained on."""
+    """The image models in dirs (named by their directories), and the data they were trained on."""
     models, spec = {}, None
     for d in dirs:
         ckpt = ebt.load_checkpoint(Path(d) / "ckpt.pt", device)
@@ -118,113 +289,113 @@ def load_trained(dirs, device):
         if spec and ckpt["image_data"] != spec:
             raise ebt.UsageError(f"{d} was trained on other data than {dirs[0]} ({ckpt['image_data']} vs {spec})")
         spec = ckpt["image_data"]
-        models[ckpt["model_config"]["model"].removeprefix("image_")] = ebt.model_from_checkpoint(ckpt, device).eval()
+        models[Path(d).resolve().name] = ebt.model_from_checkpoint(ckpt, device).eval()
     return models, load_data(spec)
 
 
-def denoise_all(models, noisy, steps):
-    """Every prediction for one noisy batch: {"noisy", "baseline", "ebt 1".."ebt K"} -> images,
-    plus the EBT's mean energy at steps 0..K."""
-    out, energies = {"noisy": noisy}, []
-    if "baseline" in models:
-        with torch.no_grad():
-            out["baseline"] = models["baseline"].denoise(noisy)
-    if "ebt" in models:
-        traj = models["ebt"].predict(noisy, steps)
-        out.update({f"ebt {k}": y for k, y in enumerate(traj.ys[1:], 1)})
-        energies = [e.mean().item() for e in traj.energies]
+def denoise_all(models, noisy, t, passes, steps):
+    """Every model's denoising of one batch noised to step t: {(name, forward passes): images}, and
+    each EBT's mean energy along its steps (on each step's landscape)."""
+    out, energies = {("noisy input", 0): noisy}, {}
+    for name, model in models.items():
+        kind = model.config.model
+        if kind == "image_regressor":
+            with torch.no_grad():
+                out[name, 1] = model.denoise(noisy)
+        elif kind == "image_dit":
+            out.update({(name, p): model.denoise(noisy, t, p) for p in passes})
+        else:
+            traj = model.predict(noisy, steps or 4 * model.trained_steps())
+            out.update({(name, k): y for k, y in enumerate(traj.ys[1:], 1)})
+            energies[name] = [e.mean().item() for e in traj.energies]
     return out, energies
 
 
 def report(models, data, args, device):
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    think_steps = models["ebt"].config.think_steps if "ebt" in models else 0
-    steps = args.report_steps or 4 * think_steps
-    train_std = data.noise_std
-    levels = [ebt.check_noise_std(s) for s in args.eval_noise or (train_std, 2 * train_std, 3 * train_std)]
+    trained_t = next(iter(models.values())).config.noise_t
+    levels = args.eval_t or [k * (trained_t + 1) - 1 for k in (1, 2, 3)]
     g = torch.Generator().manual_seed(args.seed + 2)
-    _, clean = data.batch("val", REPORT_CROPS, generator=g)
+    clean, _ = data.batch("val", REPORT_CROPS, generator=g)
     clean = clean.to(device)
     detailed = clean.flatten(1).std(1).topk(GRID_CROPS).indices
-    rows, curves, grid = [], {}, None
-    for level in levels:
-        noisy = clean + level * torch.randn(clean.shape, generator=g).to(device)
-        preds, curves[level] = denoise_all(models, noisy, steps)
-        rows.append([ebt.psnr(y, clean).mean().item() for y in preds.values()])
+    table, curves, grid = {}, {}, None
+    for t in levels:
+        noisy = ebt.ddpm_noise(clean, t, torch.randn(clean.shape, generator=g).to(device))
+        preds, curves[t] = denoise_all(models, noisy, t, args.passes, args.report_steps)
+        for key, y in preds.items():
+            table.setdefault(key, {})[t] = ebt.psnr(y, clean).mean().item()
         if grid is None:  # the first level is the training level
-            grid = {name: y[detailed] for name, y in preds.items()} | {"clean": clean[detailed]}
-    names = [name + (" (1 pass)" if name == "baseline" else "") for name in preds]
-    table = ["| noise std | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for level, row in zip(levels, rows):
-        seen = "trained" if math.isclose(level, train_std) else "unseen"
-        table.append(f"| {level:g} ({seen}) | " + " | ".join(f"{v:.2f}" for v in row) + " |")
-    text = f"PSNR (dB) on {REPORT_CROPS} held-out {data.crop}x{data.crop} crops"
-    if "ebt" in models:
-        text += (f"; 'ebt k' = after k thinking steps, one forward and one backward pass each "
-                 f"(trained with {think_steps})")
-    text += ".\n\n" + "\n".join(table) + "\n"
+            grid = {name: preds[name, max(p for (n, p) in preds if n == name and p <= 10)][detailed]
+                    for name, _ in preds} | {"clean": clean[detailed]}
+    seen = lambda t: "trained" if t == trained_t else "unseen"
+    lines = ["| model | forward passes | " + " | ".join(f"t = {t} ({seen(t)})" for t in levels) + " |",
+             "|---|---|" + "---|" * len(levels)]
+    lines += [f"| {name} | {p} | " + " | ".join(f"{row[t]:.2f}" for t in levels) + " |"
+              for (name, p), row in table.items()]
+    text = (f"PSNR (dB, images in [-1, 1]) on {REPORT_CROPS} held-out {data.crop}x{data.crop} crops, DDPM noise at step "
+            "t; an EBT's forward passes are its thinking steps (each also a backward pass), a DiT's its DDIM "
+            "steps.\n\n" + "\n".join(lines) + "\n")
     (out / "psnr.md").write_text(text)
     print(text)
     plot_grid(grid, out / "grid.png")
-    plot_psnr(dict(zip(levels, rows)), list(preds), train_std, out / "psnr.png")
+    plot_psnr(table, levels, trained_t, out / "psnr.png")
     written = [out / "psnr.md", out / "psnr.png", out / "grid.png"]
-    if "ebt" in models:
-        plot_energy(curves, train_std, out / "energy.png")
+    if any(curves.values()):
+        plot_energy(curves, trained_t, out / "energy.png")
         written.append(out / "energy.png")
     print("wrote " + ", ".join(map(str, written)))
 
 
 def plot_grid(columns, path):
-    """One row per crop: noisy, baseline, EBT after each step, clean."""
-    from matplotlib.figure import Figure  # no pyplot: nothing global to set up or close
-    n_rows, n_cols = next(iter(columns.values())).shape[0], len(columns)
-    fig = Figure(figsize=(0.8 * n_cols, 0.8 * n_rows + 0.3))
-    axes = fig.subplots(n_rows, n_cols, squeeze=False)
+    """One row per crop: noisy, each model's denoising (the EBT at its last reported step, the DiT
+    at its most passes up to 10), clean."""
+    fig = ebt.figure(figsize=(0.9 * len(columns), 0.9 * GRID_CROPS + 0.4))
+    axes = fig.subplots(GRID_CROPS, len(columns), squeeze=False)
     for c, (name, images) in enumerate(columns.items()):
-        axes[0, c].set_title(name, fontsize=7)
-        for r in range(n_rows):
-            img = images[r].detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+        axes[0, c].set_title(name.removeprefix("out-image-"), fontsize=6)
+        for r in range(GRID_CROPS):
+            img = ((images[r].detach().float() + 1) / 2).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
             axes[r, c].imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1,
-                             interpolation="nearest")
+                              interpolation="nearest")
             axes[r, c].axis("off")
     fig.tight_layout(pad=0.2)
     fig.savefig(path, dpi=80)
 
 
-def plot_psnr(rows, names, train_std, path):
-    """PSNR against forward passes, one panel per noise level: the EBT's k-th thinking step
-    is its k-th forward pass (plus a backward), the baseline is a single pass."""
-    from matplotlib.figure import Figure  # no pyplot: nothing global to set up or close
-    fig = Figure(figsize=(3.2 * len(rows), 3.2), layout="constrained")
-    for ax, (level, row) in zip(fig.subplots(1, len(rows), squeeze=False)[0], rows.items()):
-        values = dict(zip(names, row))
-        ebt_steps = [n for n in names if n.startswith("ebt ")]
-        if ebt_steps:
-            ax.plot(range(1, len(ebt_steps) + 1), [values[n] for n in ebt_steps], marker="o", label="EBT")
-        if "baseline" in values:
-            ax.axhline(values["baseline"], color="C1", ls="--", label="baseline (1 pass)")
-            ax.plot([1], [values["baseline"]], marker="s", color="C1")
-        ax.axhline(values["noisy"], color="gray", ls=":", label="noisy input")
-        seen = "trained" if math.isclose(level, train_std) else "unseen"
-        ax.set(title=f"noise std {level:g} ({seen})", xlabel="forward passes", ylabel="PSNR (dB)")
+def plot_psnr(table, levels, trained_t, path):
+    """PSNR against forward passes, one panel per noise level, one curve per model."""
+    fig = ebt.figure(figsize=(3.4 * len(levels), 3.3), layout="constrained")
+    names = list(dict.fromkeys(name for name, _ in table))
+    for ax, t in zip(fig.subplots(1, len(levels), squeeze=False)[0], levels):
+        for i, name in enumerate(names):
+            points = sorted((p, row[t]) for (n, p), row in table.items() if n == name)
+            if name == "noisy input":
+                ax.axhline(points[0][1], color="gray", ls=":", label=name)
+            elif len(points) == 1:  # one pass
+                ax.axhline(points[0][1], color=f"C{i}", ls="--", lw=1)
+                ax.plot(*points[0], marker="s", color=f"C{i}", label=name.removeprefix("out-image-"))
+            else:
+                ax.plot(*zip(*points), marker="o", ms=3, color=f"C{i}", label=name.removeprefix("out-image-"))
+        ax.set(xscale="log", title=f"t = {t} ({'trained' if t == trained_t else 'unseen'})",
+               xlabel="forward passes", ylabel="PSNR (dB)")
         ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6)
     fig.savefig(path, dpi=90)
 
 
-def plot_energy(curves, train_std, path):
-    from matplotlib.figure import Figure  # no pyplot: nothing global to set up or close
-    fig = Figure(figsize=(6, 4))
+def plot_energy(curves, trained_t, path):
+    fig = ebt.figure(figsize=(6, 4), layout="constrained")
     ax = fig.subplots()
-    for level, energies in curves.items():
-        label = f"noise std {level:g}" + (" (trained)" if math.isclose(level, train_std) else "")
-        ax.plot(range(len(energies)), energies, marker="o", label=label)
-    ax.set_xlabel("thinking step (0 = the noisy input)")
-    ax.set_ylabel("mean energy")
-    ax.legend()
+    for t, per_model in curves.items():
+        for name, energies in per_model.items():
+            label = f"{name.removeprefix('out-image-')}, t = {t}" + (" (trained)" if t == trained_t else "")
+            ax.plot(range(len(energies)), energies, marker="o", label=label)
+    ax.set(xlabel="thinking step (0 = the noisy input; each on its step's landscape)", ylabel="mean energy")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
 
 
