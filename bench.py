@@ -50,8 +50,12 @@ def measure(kind, steps, args):
     """Time training steps of one configuration in this process."""
     device = ebt.pick_device(args.device)
     torch.manual_seed(0)
+    thinking = dict(think_steps=max(steps, 1), landscapes=max(steps, 1))
+    if args.s2:  # S2's options (train_text.py --recipe s2) without its replay buffer, at a fixed step count
+        thinking = dict(think_steps=max(steps, 1), landscapes=1, step_size=5.0, learn_step_size=False, langevin_std=3.0,
+                        random_step_size=2.0, truncate=True, detach=False)
     cfg = ebt.ModelConfig(model=kind, vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
-                          n_head=args.n_head, n_embd=args.n_embd, think_steps=max(steps, 1), landscapes=max(steps, 1))
+                          n_head=args.n_head, n_embd=args.n_embd, **thinking)
     model = ebt.build_model(cfg).to(device)
     opt = torch.optim.AdamW(ebt.param_groups(model, 0.1), lr=1e-4)
     x = torch.randint(args.vocab_size, (args.batch_size, args.block_size), device=device)
@@ -265,6 +269,7 @@ def main():
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--peak_tflops", type=float, default=989.0, help="for MFU on CUDA (H100/H200 dense bf16: 989)")
+    p.add_argument("--s2", action="store_true", help="the EBT with S2's options (no replay buffer)")
     p.add_argument("--one_backward", action="store_true",
                    help="backpropagate an EBT's loss at once, not one thinking step at a time (for comparison)")
     p.add_argument("--only", nargs="+", help="configurations to measure, e.g. transformer:0 ebt:2 (default: all)")
