@@ -326,8 +326,9 @@ def report(models, data, args, device):
         preds, curves[t] = denoise_all(models, noisy, t, args.passes, args.report_steps)
         for key, y in preds.items():
             table.setdefault(key, {})[t] = ebt.psnr(y, clean).mean().item()
-        if grid is None:  # the first level is the training level
-            grid = {name: preds[name, max(p for (n, p) in preds if n == name and p <= 10)][detailed]
+        if grid is None:  # the first level is the training level; an EBT as trained, a DiT at up to 10 passes
+            shown = {name: getattr(model, "trained_steps", lambda: 10)() for name, model in models.items()}
+            grid = {name: preds[name, max(p for (n, p) in preds if n == name and p <= shown.get(name, 0))][detailed]
                     for name, _ in preds} | {"clean": clean[detailed]}
     seen = lambda t: "trained" if t == trained_t else "unseen"
     lines = ["| model | forward passes | " + " | ".join(f"t = {t} ({seen(t)})" for t in levels) + " |",
@@ -349,8 +350,8 @@ def report(models, data, args, device):
 
 
 def plot_grid(columns, path):
-    """One row per crop: noisy, each model's denoising (the EBT at its last reported step, the DiT
-    at its most passes up to 10), clean."""
+    """One row per crop: noisy, each model's denoising (an EBT after its trained steps, the DiT at
+    its most passes up to 10), clean."""
     fig = ebt.figure(figsize=(0.9 * len(columns), 0.9 * GRID_CROPS + 0.4))
     axes = fig.subplots(GRID_CROPS, len(columns), squeeze=False)
     for c, (name, images) in enumerate(columns.items()):
