@@ -803,7 +803,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_interval: int = 250
     eval_batches: int = 20
-    eval_steps: int = 0           # EBT: think this many steps at evaluation (0: 2x think_steps)
+    eval_steps: int = 0           # EBT: think this many steps at evaluation (0: 2x the trained steps)
     log_interval: int = 10
     out_dir: str = "out"
     device: str = "auto"

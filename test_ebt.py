@@ -753,6 +753,31 @@ def test_torchrun_average_of_stepwise_backward_equals_one_process_single_backwar
             torch.testing.assert_close(got[n], p.grad, rtol=1e-10, atol=1e-13, msg=n)
 
 
+NAN_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {here!r})
+import ebt, test_ebt as T
+torch.distributed.init_process_group("gloo")
+rank = torch.distributed.get_rank()
+tok, data = T.words_data()
+model = ebt.build_model(T.tiny_config(vocab_size=tok.vocab_size, model="transformer"), seed=0)
+model = T.NaNAfter(model, 2 if rank == 1 else 10**9)  # only rank 1 goes bad
+tc = ebt.TrainConfig(max_steps=50, batch_size=2, eval_interval=100, log_interval=1, out_dir=sys.argv[1], device="cpu")
+try:
+    ebt.train(model, data, tc, log=lambda *a: None)
+except ebt.UsageError as e:
+    print(f"rank {{rank}} stopped: {{e}}")
+"""
+
+
+def test_torchrun_nan_on_one_rank_stops_every_rank(tmp_path):
+    script = tmp_path / "nan.py"
+    script.write_text(NAN_SCRIPT.format(here=str(HERE)))
+    r = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "rank 0 stopped" in r.stdout and "rank 1 stopped" in r.stdout and "NaN or infinite" in r.stdout
+
+
 def test_torchrun_s2_with_replay_buffer_keeps_ranks_in_step_and_resumes(tmp_path):
     """S2 under DDP: one step count per optimizer step on every rank (else the ranks' graphs
     and weights would drift), each rank's replay buffer saved with the checkpoint and restored."""
