@@ -1396,3 +1396,34 @@ def test_sampling_follows_the_distribution_top_k_and_temperature():
     top2 = ebt.sample_next(logits, top_k=2, generator=g)[:, 0]
     assert set(top2.tolist()) == {1, 2}
     assert (ebt.sample_next(logits[:3], temperature=0) == 2).all()
+
+
+def test_langevin_noise_goes_on_the_logits_before_every_step():
+    """With a flat energy the step is only the noise: y_k+1 = softmax(y_k + noise_k) (the paper's
+    code adds the noise to the logits, then normalises)."""
+    flat = lambda p, k: 0.0 * p.sum(-1)
+    y0 = torch.randn(2, 3, 5, dtype=torch.float64)
+    torch.manual_seed(11)
+    ys = ebt.think(flat, y0, 2, 1.0, normalize=lambda y: y.softmax(-1), langevin_std=3.0).ys
+    torch.manual_seed(11)
+    y1 = (y0 + 3.0 * torch.randn_like(y0)).softmax(-1)
+    y2 = (y1 + 3.0 * torch.randn_like(y1)).softmax(-1)
+    torch.testing.assert_close(ys[1], y1)
+    torch.testing.assert_close(ys[2], y2)
+
+
+@pytest.mark.parametrize("recipe, expected", [
+    ("s1", dict(think_steps=2, landscapes=2, random_steps=0, step_size=500.0, step_size_lr_mult=1500.0,
+                learn_step_size=True, langevin_std=0.0, random_step_size=1.0, truncate=False, detach=True,
+                replay_size=0, init_std=1.0)),
+    ("s2", dict(think_steps=2, landscapes=1, random_steps=1, step_size=5.0, learn_step_size=False, langevin_std=3.0,
+                random_step_size=2.0, truncate=True, detach=False, replay_size=192, replay_batch=0.5, init_std=1.0))])
+def test_recipes_are_the_papers_job_scripts(recipe, expected, tmp_path):
+    """ebt_s1.sh / ebt_s2.sh as DESIGN.md reads them; S1 at the paper's alpha 500 gets its lr x 1500."""
+    extra = ["--step_size", "500"] if recipe == "s1" else []
+    args = train_text.parse_args(["--recipe", recipe, "--device", "cpu", *extra])
+    cfg, _, _ = train_text.new_run(args, "cpu", synthetic_text(), log=lambda *a: None)
+    assert {k: getattr(cfg, k) for k in expected} == expected
+    model = ebt.build_model(cfg)
+    assert model.trained_steps() == (3 if recipe == "s2" else 2)  # S2 evaluates with 3
+    assert {model.draw_steps(__import__("random").Random(i)) for i in range(50)} == ({2, 3} if recipe == "s2" else {2})
