@@ -313,10 +313,9 @@ def init_weights(module):
 
 @dataclass
 class Trajectory:
-    """What one round of thinking went through; everything needed for a plot.
-    ys[k] is the state after k steps (ys[0] is the start), energies[k] the energy step k
-    descended, of ys[k] on that step's landscape; the last entry (final_energy) scores the
-    final state on the landscape of the last step taken, so it compares like with like."""
+    """What one round of thinking went through. ys[k]: the state after k steps (ys[0] the start);
+    energies[k]: the energy of ys[k] on step k's landscape; the last entry (final_energy) scores
+    the final state on the last step's landscape, so it compares like with like."""
     ys: list
     energies: list
     steps_used: torch.Tensor = None  # per position, when stopping adaptively
@@ -1200,7 +1199,8 @@ def train(model, data, tc, meta=None, resume=False, log=None):
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
-        if world > 1:
+        if world > 1:  # every rank reaches here before any tears down (gloo aborts otherwise)
+            torch.distributed.barrier()
             torch.distributed.destroy_process_group()
     return records
 
