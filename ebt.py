@@ -59,8 +59,8 @@ TEXT_KINDS = ("ebt", "transformer")
 IMAGE_KINDS = ("image_ebt", "image_dit", "image_regressor")
 MODEL_KINDS = TEXT_KINDS + IMAGE_KINDS
 VERIFY_LANGEVIN_STD = 1.0  # inference noise for self-verification candidates (the paper's)
-MAX_THINK_STEPS = 64
-DDPM_STEPS = 1000  # the image noise: a DDPM forward process over this many steps  # in training: each step keeps a second-order graph
+MAX_THINK_STEPS = 64  # in training: each step keeps a second-order graph
+DDPM_STEPS = 1000  # the image noise: a DDPM forward process over this many steps
 
 
 @dataclass
@@ -1005,9 +1005,8 @@ def prepare_out_dir(out, resume):
 
 
 def check_fits(cfg, batch_size, tokens, device):
-    """Refuse at once what cannot fit: the largest single tensor of a training step (activations
-    B x T x D, logits B x T x V, or the EBT's explicit attention scores B x H x T x T) alone
-    would outgrow the device. A lower bound: passing it does not promise a fit."""
+    """Refuse at once a batch whose largest single tensor (activations, logits, or the EBT's explicit
+    attention scores) alone would outgrow the device: a lower bound, passing it promises nothing."""
     sizes = {"activations": batch_size * tokens * cfg.n_embd, "logits": batch_size * tokens * cfg.vocab_size}
     if cfg.model == "ebt":
         sizes["attention scores"] = batch_size * cfg.n_head * tokens * tokens
@@ -1025,8 +1024,7 @@ def is_out_of_memory(e):
 
 
 def average_gradients(model, world):
-    """Data parallel: one all-reduce of all gradients, flattened, per optimizer step.
-    (DistributedDataParallel's hooks expect one backward per forward; an EBT runs several.)"""
+    """One all-reduce of all gradients, flattened (DDP's hooks can't take an EBT's several backwards)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     flat = torch.cat([g.flatten() for g in grads]) / world
     torch.distributed.all_reduce(flat)
@@ -1117,7 +1115,7 @@ def train(model, data, tc, meta=None, resume=False, log=None):
         f"{tc.batch_size * tc.grad_accum * world} x {data.tokens_per_sample} tokens per step")
     t0, t_last, start_step = time.time(), time.time(), step
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # since the last check, on the device
-    in_main_thread = threading.current_thread() is threading.main_thread()
+    in_main_thread, together = threading.current_thread() is threading.main_thread(), True  # all ranks end alike
     previous = signal.signal(signal.SIGTERM, interrupt) if in_main_thread else None
     try:
         while step < tc.max_steps:
@@ -1192,6 +1190,7 @@ def train(model, data, tc, meta=None, resume=False, log=None):
                 f"no checkpoint was written yet (the first comes at step {tc.eval_interval})")
         raise UsageError(f"training stopped: {e}; {kept}; try a lower --lr or --step_size") from None
     except RuntimeError as e:
+        together = False  # this rank alone: the others may be anywhere
         if not is_out_of_memory(e):
             raise
         raise UsageError(f"out of memory on {device} with batch {tc.batch_size} x {data.tokens_per_sample}: "
@@ -1199,8 +1198,9 @@ def train(model, data, tc, meta=None, resume=False, log=None):
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
-        if world > 1:  # every rank reaches here before any tears down (gloo aborts otherwise)
-            torch.distributed.barrier()
+        if world > 1:
+            if together:  # every rank reaches here before any tears down (gloo aborts otherwise)
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()
     return records
 
