@@ -427,7 +427,7 @@ class Thinker:
         or with truncate the last one (S2). With backward_scale (training), each step's loss x
         backward_scale is backpropagated at once: the steps' graphs share only the parameters (and
         what energy_fn reads, see TextEBT.forward), so the gradient is the same with one step's
-        second-order graph alive instead of all. Returns (trajectory, loss, per-step losses)."""
+        second-order graph alive instead of all. Returns (trajectory, loss, metrics as tensors)."""
         steps = steps or (self.draw_steps() if self.training else self.trained_steps())
         weights = [0.0] * (steps - 1) + [1.0] if self.config.truncate else [1.0 / steps] * steps
         early = backward_scale is not None and torch.is_grad_enabled()
@@ -442,7 +442,12 @@ class Thinker:
             return y
         traj = self.descend(energy_fn, y0, steps, on_step=learn)
         loss = sum(w * l for w, l in zip(weights, losses) if w)
-        return traj, loss, losses
+        metrics = {"loss": loss.detach(), "loss_first": losses[0].detach(), "loss_last": losses[-1].detach(),
+                   "energy_first": traj.energies[0].detach().mean(), "energy_last": traj.energies[-1].detach().mean(),
+                   "step_size": self.step_size().detach()}
+        if not self.training:
+            metrics["loss_per_step"] = torch.stack(losses).detach()
+        return traj, loss, metrics
 
     def param_groups(self, weight_decay):
         """AdamW groups: decay matrices, not gains; a learned step size has its own lr, no decay."""
@@ -579,18 +584,13 @@ class TextEBT(Thinker, nn.Module):
         if early:  # the steps' losses reach the context stream through these leaves; its backward runs once, last
             context = [tuple(t.detach().requires_grad_() for t in layer) for layer in kv]
         cross_entropy = lambda y, t: F.cross_entropy(y.flatten(0, 1), t.flatten())
-        traj, loss, losses = self.descend_and_learn(lambda p, k: self.energy(p, context, k), y0, targets,
-                                                    cross_entropy, steps, backward_scale)
+        traj, loss, metrics = self.descend_and_learn(lambda p, k: self.energy(p, context, k), y0, targets,
+                                                     cross_entropy, steps, backward_scale)
         if early:
             leaves = [t for layer in context for t in layer]
             torch.autograd.backward([t for layer in kv for t in layer], [t.grad for t in leaves])
         if self.training and self.replay is not None:
             self.replay.add(idx[:fresh], targets[:fresh], traj.ys[-1][:fresh])
-        metrics = {"loss": loss.detach(), "loss_first": losses[0].detach(), "loss_last": losses[-1].detach(),
-                   "energy_first": traj.energies[0].detach().mean(), "energy_last": traj.energies[-1].detach().mean(),
-                   "step_size": self.step_size().detach()}
-        if not self.training:
-            metrics["loss_per_step"] = torch.stack(losses).detach()
         return loss, metrics
 
 
@@ -1452,13 +1452,9 @@ class ImageEBT(Thinker, nn.Module):
         distance to the clean image (see TextEBT.forward for backward_scale). generator is
         accepted for evaluate() and unused: the starting point is the noisy image."""
         noisy = ddpm_noise(clean, self.config.noise_t, noise)
-        traj, loss, losses = self.descend_and_learn(self.energy, noisy, clean, F.smooth_l1_loss, steps, backward_scale)
-        metrics = {"loss": loss.detach(), "loss_first": losses[0].detach(), "loss_last": losses[-1].detach(),
-                   "psnr": psnr(traj.ys[-1].detach(), clean).mean(),
-                   "energy_first": traj.energies[0].detach().mean(), "energy_last": traj.energies[-1].detach().mean(),
-                   "step_size": self.step_size().detach()}
+        traj, loss, metrics = self.descend_and_learn(self.energy, noisy, clean, F.smooth_l1_loss, steps, backward_scale)
+        metrics["psnr"] = psnr(traj.ys[-1].detach(), clean).mean()
         if not self.training:
-            metrics["loss_per_step"] = torch.stack(losses).detach()
             metrics["psnr_per_step"] = torch.stack([psnr(y, clean).mean() for y in traj.ys[1:]])
         return loss, metrics
 

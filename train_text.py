@@ -27,11 +27,12 @@ PRESETS = {  # sizes and budgets; every entry can be overridden by its flag
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=16, max_steps=1500,
                 lr=2e-3, eval_interval=250, eval_batches=10, log_interval=25),
 }
+
+
 def s1_step_size(vocab_size):
     """S1's alpha: 0.25 sqrt(V), measured best of a sweep at V = 65 (2) and near the best at 50,257
     (56; 50 was best of 2, 50, 500), README "Choosing alpha". The paper's 500 was tuned at 50,277."""
     return round(0.25 * vocab_size ** 0.5, 1)
-
 
 
 RECIPES = {
@@ -102,7 +103,7 @@ def new_run(args, device, text, log):
     preset = args.preset or ("cpu" if device == "cpu" else "gpu")
     log(f"preset {preset}" + ("" if args.preset else f" (chosen for device {device}; --preset to change)"))
     if preset == "gpu" and device == "cpu":
-        log("warning: the gpu preset on a CPU takes hours and about 20 GB of memory; --preset cpu is sized for it")
+        log("warning: the gpu preset on a CPU takes hours and may not fit in memory; --preset cpu is sized for it")
     model, recipe = args.model or "ebt", args.recipe or "s1"
     tokenizer = ebt.CharTokenizer.fit(text) if (args.tokenizer or "char") == "char" else ebt.GPT2Tokenizer()
     values = {**PRESETS[preset], **(RECIPES[recipe] if model == "ebt" else {}), **given(args, MODEL_FLAGS + TRAIN_FLAGS)}
