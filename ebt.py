@@ -344,16 +344,19 @@ def think(energy_fn, y, steps, step_size, *, normalize=None, landscapes=None, cr
     final_energy: also score the final state (one more forward; training skips it).
     on_step: called as on_step(k, y) with the state after step k; returns the state to go on
         from (training backpropagates each step's loss there, see Thinker.descend_and_learn).
+        With create_graph, ys then keeps only the start and the last state.
     """
     normalize = normalize or (lambda t: t)
     landscape = lambda k: k if landscapes is None else min(k, landscapes - 1)
     ys, energies, active, steps_used = [y], [], None, None
     with torch.enable_grad():
         for k in range(steps):
-            start = y
+            start = y if tolerance is not None else None
             if langevin_std > 0:
                 y = y + langevin_std * torch.randn_like(y)
             x = normalize(y)
+            if create_graph and on_step is not None and k > 0:
+                ys[-1] = None  # on_step has taken it, and in training each state is (B, S, V)
             if detach or not create_graph or not x.requires_grad:
                 x = x.detach().requires_grad_()
             energy = energy_fn(x, landscape(k))
@@ -422,22 +425,25 @@ class Thinker:
                      random_step_size=cfg.random_step_size if train else 1.0,
                      tolerance=tolerance, final_energy=not train, on_step=on_step)
 
-    def descend_and_learn(self, energy_fn, y0, target, loss_fn, steps=None, backward_scale=None):
+    def descend_and_learn(self, energy_fn, y0, target, loss_fn, steps=None, backward_scale=None, leaves=()):
         """Think from y0 and score every step with loss_fn(y, target); the loss is their mean (S1),
         or with truncate the last one (S2). With backward_scale (training), each step's loss x
         backward_scale is backpropagated at once: the steps' graphs share only the parameters (and
-        what energy_fn reads, see TextEBT.forward), so the gradient is the same with one step's
-        second-order graph alive instead of all. Returns (trajectory, loss, metrics as tensors)."""
+        what energy_fn reads: `leaves`, see TextEBT.forward), so the gradient is the same with one
+        step's second-order graph alive instead of all. Only those receive gradients: the candidate
+        a step starts from would cost a (B, S, D) x (D, V) product and a (B, S, V) buffer.
+        Returns (trajectory, loss, metrics as tensors)."""
         steps = steps or (self.draw_steps() if self.training else self.trained_steps())
         weights = [0.0] * (steps - 1) + [1.0] if self.config.truncate else [1.0 / steps] * steps
         early = backward_scale is not None and torch.is_grad_enabled()
+        inputs = [p for p in self.parameters() if p.requires_grad] + list(leaves) if early else None
         losses = []
 
         def learn(k, y):
             loss = loss_fn(y, target)
             losses.append(loss.detach() if early else loss)
             if early and weights[k]:
-                (loss * (weights[k] * backward_scale)).backward()
+                (loss * (weights[k] * backward_scale)).backward(inputs=inputs)
                 return y.detach()
             return y
         traj = self.descend(energy_fn, y0, steps, on_step=learn)
@@ -584,10 +590,10 @@ class TextEBT(Thinker, nn.Module):
         if early:  # the steps' losses reach the context stream through these leaves; its backward runs once, last
             context = [tuple(t.detach().requires_grad_() for t in layer) for layer in kv]
         cross_entropy = lambda y, t: F.cross_entropy(y.flatten(0, 1), t.flatten())
+        leaves = [t for layer in context for t in layer] if early else ()
         traj, loss, metrics = self.descend_and_learn(lambda p, k: self.energy(p, context, k), y0, targets,
-                                                     cross_entropy, steps, backward_scale)
+                                                     cross_entropy, steps, backward_scale, leaves)
         if early:
-            leaves = [t for layer in context for t in layer]
             torch.autograd.backward([t for layer in kv for t in layer], [t.grad for t in leaves])
         if self.training and self.replay is not None:
             self.replay.add(idx[:fresh], targets[:fresh], traj.ys[-1][:fresh])
