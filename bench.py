@@ -11,6 +11,7 @@ resident set size minus its size before the first training step (torch itself an
 model are the same for all); on CUDA it is torch.cuda.max_memory_allocated.
 """
 import argparse
+import copy
 import json
 import resource
 import subprocess
@@ -57,6 +58,8 @@ def measure(kind, steps, args):
     cfg = ebt.ModelConfig(model=kind, vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                           n_head=args.n_head, n_embd=args.n_embd, **thinking)
     model = ebt.build_model(cfg).to(device)
+    if args.compile:
+        ebt.compile_model(model)
     opt = torch.optim.AdamW(ebt.param_groups(model, 0.1), lr=1e-4)
     x = torch.randint(args.vocab_size, (args.batch_size, args.block_size), device=device)
 
@@ -104,7 +107,8 @@ def time_generation(args, contexts=(64, 128, 256), new_tokens=16):
     torch.manual_seed(0)
     cfg = ebt.ModelConfig(vocab_size=args.vocab_size, block_size=max(contexts), n_layer=args.n_layer,
                           n_head=args.n_head, n_embd=args.n_embd)
-    model = ebt.build_model(cfg).to(device).eval()
+    reference = ebt.build_model(cfg).to(device).eval()
+    model = ebt.compile_model(copy.deepcopy(reference)) if args.compile else reference
     g = torch.Generator().manual_seed(0)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
@@ -119,10 +123,10 @@ def time_generation(args, contexts=(64, 128, 256), new_tokens=16):
             best = min(best, time.perf_counter() - t)
         return n / best
 
-    def reference_way(window):
-        y0 = model.initial_logits(*window.shape, device)
-        energy = lambda p, k: model.energy(p, model.context(window), k)  # both streams, every step
-        return ebt.think(energy, y0, 2, model.step_size().detach(), normalize=model.normalize,
+    def reference_way(window):  # always eager, as the paper's code runs
+        y0 = reference.initial_logits(*window.shape, device)
+        energy = lambda p, k: reference.energy(p, reference.context(window), k)  # both streams, every step
+        return ebt.think(energy, y0, 2, reference.step_size().detach(), normalize=reference.normalize,
                          landscapes=cfg.landscapes, final_energy=False).ys[-1][:, -1]
 
     rows = []
@@ -269,6 +273,8 @@ def main():
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--peak_tflops", type=float, default=989.0, help="for MFU on CUDA (H100/H200 dense bf16: 989)")
+    p.add_argument("--compile", action="store_true", help="torch.compile as train_text.py --compile does; "
+                   "generation then also compiles the thinking step (the reference's way stays eager)")
     p.add_argument("--s2", action="store_true", help="the EBT with S2's options (no replay buffer)")
     p.add_argument("--one_backward", action="store_true",
                    help="backpropagate an EBT's loss at once, not one thinking step at a time (for comparison)")

@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 class UsageError(Exception):
@@ -202,7 +203,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, L, q.device))
         return self.merge(y), (k, v)
 
-    def attend_predictions(self, x, rotary, context, double_backward):
+    def attend_predictions(self, x, rotary, context, explicit):
         """Attention for the prediction stream. x: (B, P, D) prediction tokens that stand
         for the next token after each of the last P context tokens. Prediction p sees the
         context up to its own position and itself, never another prediction.
@@ -211,8 +212,7 @@ class Attention(nn.Module):
         T, P = k_ctx.shape[-2], x.shape[1]
         q, k, v = self.heads(x, rotary, T - P + 1)  # prediction p sits one past its context token
         visible = causal_mask(P, T, x.device)  # (P, T)
-        if double_backward:
-            # Explicit softmax attention: the fused kernels have no second derivative.
+        if explicit:  # softmax attention written out: the fused kernels have no second derivative
             q = q * q.shape[-1] ** -0.5  # scaled once, here, rather than both score tensors
             to_context = (q @ k_ctx.transpose(-2, -1)).masked_fill(~visible, float("-inf"))  # (B, H, P, T)
             to_self = (q * k).sum(-1, keepdim=True)                                             # (B, H, P, 1)
@@ -221,14 +221,17 @@ class Attention(nn.Module):
         else:
             keys, values = torch.cat([k_ctx, k], dim=2), torch.cat([v_ctx, v], dim=2)
             only_self = torch.eye(P, dtype=torch.bool, device=x.device)
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=torch.cat([visible, only_self], dim=1))
+            # compiled (generation): the math backend, whose plain ops the compiler fuses; the fused
+            # kernel's backward is slow for a single query
+            with sdpa_kernel(SDPBackend.MATH) if torch.compiler.is_compiling() else contextlib.nullcontext():
+                y = F.scaled_dot_product_attention(q, keys, values, attn_mask=torch.cat([visible, only_self], dim=1))
         return self.merge(y)
 
-    def attend_all(self, x, double_backward):
+    def attend_all(self, x, explicit):
         """Bidirectional attention: every token sees every token (image patches).
         x: (B, T, D) with positions already added."""
         q, k, v = self.heads(x)
-        if double_backward:  # explicit softmax: the fused kernels have no second derivative
+        if explicit:  # explicit softmax: the fused kernels have no second derivative
             att = ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(dim=-1)  # (B, H, T, T)
             y = att @ v
         else:
@@ -265,14 +268,14 @@ class Block(nn.Module):
         x = x + a
         return x + self.mlp(self.mlp_norm(x)), kv
 
-    def forward_predictions(self, x, rotary, context, double_backward):
-        x = x + self.attn.attend_predictions(self.attn_norm(x), rotary, context, double_backward)
+    def forward_predictions(self, x, rotary, context, explicit):
+        x = x + self.attn.attend_predictions(self.attn_norm(x), rotary, context, explicit)
         return x + self.mlp(self.mlp_norm(x))
 
-    def forward_bidirectional(self, x, cond, double_backward):
+    def forward_bidirectional(self, x, cond, explicit):
         """Image patches: every patch sees every patch; cond (B, D) modulates the block."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(cond))[:, None].chunk(6, dim=-1)
-        x = x + gate1 * self.attn.attend_all(self.attn_norm(x) * (1 + scale1) + shift1, double_backward)
+        x = x + gate1 * self.attn.attend_all(self.attn_norm(x) * (1 + scale1) + shift1, explicit)
         return x + gate2 * self.mlp(self.mlp_norm(x) * (1 + scale2) + shift2)
 
 
@@ -321,8 +324,27 @@ class Trajectory:
     steps_used: torch.Tensor = None  # per position, when stopping adaptively
 
 
+def energy_and_gradient(energy_fn, x, landscape, create_graph):
+    """energy_fn(x, landscape) (B, ...) and the gradient of its sum with respect to x."""
+    energy = energy_fn(x, landscape)
+    (grad,) = torch.autograd.grad(energy.sum(), x, create_graph=create_graph)
+    return energy, grad
+
+
+def traced_energy_and_gradient(energy_fn, x, landscape, create_graph):
+    """The same by torch.func, which torch.compile traces whole (torch.autograd.grad would break
+    the graph): the compiled inference step (see compile_model)."""
+    def total(x):
+        energy = energy_fn(x, landscape)
+        return energy.sum(), energy
+    with torch.set_grad_enabled(create_graph):  # without it, no graph to the parameters
+        grad, (_, energy) = torch.func.grad_and_value(total, has_aux=True)(x)
+    return energy, grad
+
+
 def think(energy_fn, y, steps, step_size, *, normalize=None, landscapes=None, create_graph=False, detach=True,
-          truncate=False, langevin_std=0.0, random_step_size=1.0, tolerance=None, final_energy=True, on_step=None):
+          truncate=False, langevin_std=0.0, random_step_size=1.0, tolerance=None, final_energy=True, on_step=None,
+          gradient=energy_and_gradient):
     """Minimise energy_fn(x, landscape) -> (B, ...) energies by gradient descent.
 
     Each step scores the candidate x = normalize(y) (text: the distribution softmax(y);
@@ -345,6 +367,7 @@ def think(energy_fn, y, steps, step_size, *, normalize=None, landscapes=None, cr
     on_step: called as on_step(k, y) with the state after step k; returns the state to go on
         from (training backpropagates each step's loss there, see Thinker.descend_and_learn).
         With create_graph, ys then keeps only the start and the last state.
+    gradient: how (energy, dE/dx) are computed (traced_energy_and_gradient when compiled).
     """
     normalize = normalize or (lambda t: t)
     landscape = lambda k: k if landscapes is None else min(k, landscapes - 1)
@@ -359,7 +382,8 @@ def think(energy_fn, y, steps, step_size, *, normalize=None, landscapes=None, cr
                 ys[-1] = None  # on_step has taken it, and in training each state is (B, S, V)
             if detach or not create_graph or not x.requires_grad:
                 x = x.detach().requires_grad_()
-            energy = energy_fn(x, landscape(k))
+            keep_graph = create_graph and (not truncate or k == steps - 1)
+            energy, grad = gradient(energy_fn, x, landscape(k), keep_graph)
             if tolerance is not None:
                 if active is None:
                     active = torch.ones_like(energy, dtype=torch.bool)
@@ -375,8 +399,6 @@ def think(energy_fn, y, steps, step_size, *, normalize=None, landscapes=None, cr
                 shape = energy.shape + (1,) * (x.dim() - energy.dim())
                 factor = torch.empty(shape, device=x.device, dtype=x.dtype).uniform_(1 / random_step_size, random_step_size)
             alpha = step_size * factor if random_step_size > 1 else step_size
-            keep_graph = create_graph and (not truncate or k == steps - 1)
-            (grad,) = torch.autograd.grad(energy.sum(), x, create_graph=keep_graph)
             # without create_graph, y still depends on a learnable step size
             y = (x if create_graph else x.detach()) - alpha * grad
             if active is not None:  # a frozen position keeps its state
@@ -397,6 +419,7 @@ class Thinker:
     The model defines self.config, self.raw_step_size and self.normalize (None: the identity)."""
     thinks = True  # forward takes steps= and generator= (see evaluate)
     normalize = None
+    inference_gradient = staticmethod(energy_and_gradient)  # compile_model swaps in a compiled one
 
     def step_size(self):
         """alpha, kept >= 1e-3 in value; the gradient passes the clamp, so alpha can come back."""
@@ -423,7 +446,8 @@ class Thinker:
                      create_graph=train, detach=cfg.detach, truncate=cfg.truncate,
                      langevin_std=cfg.langevin_std if train else langevin_std,
                      random_step_size=cfg.random_step_size if train else 1.0,
-                     tolerance=tolerance, final_energy=not train, on_step=on_step)
+                     tolerance=tolerance, final_energy=not train, on_step=on_step,
+                     gradient=energy_and_gradient if train else self.inference_gradient)
 
     def descend_and_learn(self, energy_fn, y0, target, loss_fn, steps=None, backward_scale=None, leaves=()):
         """Think from y0 and score every step with loss_fn(y, target); the loss is their mean (S1),
@@ -515,10 +539,11 @@ class TextEBT(Thinker, nn.Module):
         """probs: (B, P, V) candidate distributions of the next token after each of the last P
         context tokens. Returns energies (B, P)."""
         x = self.pred_emb(probs) + self.step_emb.weight[landscape]
-        # second derivatives are needed only when training through the descent
-        double_backward = self.training and torch.is_grad_enabled()
+        # attention written out where training differentiates it twice, or where it is compiled:
+        # the compiler fuses it, while the fused kernel's backward is slow for a single query
+        explicit = self.training and torch.is_grad_enabled()
         for block, kv in zip(self.trunk.blocks, context):
-            x = block.forward_predictions(x, self.trunk.rotary, kv, double_backward)
+            x = block.forward_predictions(x, self.trunk.rotary, kv, explicit)
         return self.energy_head(self.norm(x)).squeeze(-1)
 
     def initial_logits(self, B, P, device, generator=None):
@@ -813,7 +838,7 @@ class TrainConfig:
     out_dir: str = "out"
     device: str = "auto"
     seed: int = 1337
-    compile: bool = False         # torch.compile what needs no double backward (see compile_model)
+    compile: bool = False         # torch.compile the model and its thinking (see compile_model)
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval"):
@@ -850,10 +875,18 @@ def autocast(device):
 
 
 def compile_model(model):
-    """torch.compile has no double backward, so an EBT compiles only its context stream; the
-    Transformer++ compiles whole. Bound methods keep the parameter names of checkpoints."""
-    target = model.trunk if getattr(model, "thinks", False) else model
-    target.forward = torch.compile(target.forward)
+    """torch.compile the Transformer++ whole. For an EBT: its context stream, and at inference each
+    thinking step (energy and gradient, traced by torch.func) and each generated token whole
+    (context, thinking, choice of candidate). Training thinks eagerly: in torch 2.13 a compiled
+    training-mode step gave wrong gradients once the compiler had seen changing shapes (README
+    "Speed and memory"). Bound methods keep checkpoints' parameter names."""
+    if not getattr(model, "thinks", False):
+        model.forward = torch.compile(model.forward)
+        return model
+    model.inference_gradient = torch.compile(traced_energy_and_gradient)
+    if hasattr(model, "trunk"):  # the image EBT has no context stream
+        model.trunk.forward = torch.compile(model.trunk.forward)
+        model.next_token = torch.compile(model.next_token)
     return model
 
 
@@ -1418,11 +1451,11 @@ class PatchTransformer(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.norm = RMSNorm(cfg.n_embd)
 
-    def forward(self, img, cond, double_backward=False):
+    def forward(self, img, cond, explicit=False):
         """img: (B, C, S, S); cond: (B, D). Returns (B, N, D)."""
         x = self.patch_emb(patchify(img, self.patch_size)) + self.pos_emb.weight
         for block in self.blocks:
-            x = block.forward_bidirectional(x, cond, double_backward)
+            x = block.forward_bidirectional(x, cond, explicit)
         return self.norm(x)
 
 
@@ -1446,8 +1479,8 @@ class ImageEBT(Thinker, nn.Module):
         """img: (B, C, S, S) candidates. Returns energies (B,)."""
         cond = self.step_emb.weight[landscape].expand(len(img), -1)
         # second derivatives are needed only when training through the descent
-        double_backward = self.training and torch.is_grad_enabled()
-        return self.energy_head(self.body(img, cond, double_backward)).squeeze(-1).mean(1)
+        explicit = self.training and torch.is_grad_enabled()
+        return self.energy_head(self.body(img, cond, explicit)).squeeze(-1).mean(1)
 
     def predict(self, noisy, steps=None, step_size=None):
         """Think from the noisy image (B, C, S, S). Returns a Trajectory of images and energies (B,)."""
