@@ -264,6 +264,8 @@ def parse_args(argv=None):
     s("--seed", type=int, default=1337, help="(default: %(default)s)")
     s("--device", default="auto", help="auto, cpu, cuda or mps (default: %(default)s)")
     s("--plots", help="save the thinking plots (or, with --eval, the evaluation plot) as PNGs in this directory")
+    s("--compile", action="store_true", help="torch.compile an EBT's tokens (context, thinking and choice in one "
+      "graph) and thinking: about 3x the tokens/s on a CPU once compiled (about a minute)")
     g = p.add_argument_group("thinking (EBT)")
     g.add_argument("--steps", type=int, help="thinking steps per token, may exceed training (default: as trained)")
     g.add_argument("--step_size", type=float, help="override the learned step size alpha")
@@ -314,6 +316,8 @@ def main(argv=None):
                 if getattr(args, k) is not None}
     overrides = {} if args.init_std is None else {"init_std": args.init_std}
     model, tokenizer = ebt.text_model_from_checkpoint(ckpt, device, **overrides)
+    if args.compile:
+        ebt.compile_model(model)
     if args.eval:
         return evaluate_thinking(model, tokenizer, args)
     if args.plots:

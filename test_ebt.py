@@ -1,4 +1,5 @@
 """nanoEBT tests. Run: python -m pytest -q test_ebt.py  (a few minutes on 2 CPU cores, no network)."""
+import copy
 import gzip
 import io
 import json
@@ -821,6 +822,28 @@ def test_cached_generation_matches_full_recompute(kind, device):
     torch.testing.assert_close(cached.logits, full.logits, rtol=0, atol=1e-9)
     if kind == "ebt":
         torch.testing.assert_close(cached.energy, full.energy, rtol=0, atol=1e-9)
+
+
+def test_compiled_generation_and_evaluation_match_eager():
+    """--compile compiles each generated token whole (context, thinking by a torch.func gradient,
+    choice of candidate) and evaluation's thinking: same tokens, logits and energies as eager,
+    also once the context has grown (changing shapes) and the window restarted."""
+    from torch._dynamo.utils import counters
+    model = tiny_model(step_size=0.1)
+    compiled = ebt.compile_model(copy.deepcopy(model))
+    graphs = counters["stats"]["unique_graphs"]
+    prompt = torch.randint(13, (1, 3), generator=torch.Generator().manual_seed(1))
+    eager, fast = (ebt.generate(m, prompt, 15, generator=torch.Generator().manual_seed(0)) for m in (model, compiled))
+    assert torch.equal(fast.idx, eager.idx)
+    torch.testing.assert_close(fast.logits, eager.logits, rtol=0, atol=1e-10)
+    torch.testing.assert_close(fast.energy, eager.energy, rtol=0, atol=1e-10)
+    assert counters["stats"]["unique_graphs"] > graphs  # compiled, not run eagerly behind our back
+    idx = torch.randint(13, (3, 16), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for m in (model, compiled):
+        torch.manual_seed(5)
+        losses.append(m(idx, idx, steps=3)[1]["loss_per_step"])
+    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=1e-10)
 
 
 def test_transformer_generation_logits_are_the_last_position_of_a_full_pass():

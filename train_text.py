@@ -89,8 +89,8 @@ def parse_args(argv=None):
     s("--resume", action="store_true", help="continue from out_dir/ckpt.pt with its settings; flags given override")
     s("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps (default: %(default)s)")
     s("--seed", type=int, help=f"fixes the initial weights, batches and noise (default: {t.seed})")
-    s("--compile", action="store_true", help="torch.compile the Transformer++, or the EBT's context stream "
-      "(torch.compile has no double backward, so the prediction stream stays eager)")
+    s("--compile", action="store_true", help="torch.compile the Transformer++, or the EBT's context stream and "
+      "its thinking at evaluation (training's thinking stays eager: see README \"Speed and memory\")")
     return p.parse_args(argv)
 
 
