@@ -562,20 +562,21 @@ class TextEBT(Thinker, nn.Module):
         y0 = self.initial_logits(*idx.shape, idx.device) if y0 is None else y0
         return self.descend(lambda p, k: self.energy(p, context, k), y0, steps, step_size, tolerance, langevin_std)
 
-    def think_candidates(self, context, P, candidates=1, generator=None, *, steps=None, step_size=None,
+    def think_candidates(self, context, P, candidates=1, generator=None, *, y0=None, steps=None, step_size=None,
                          langevin_std=None, tolerance=None):
         """Think from `candidates` random starts about each of the last P positions of a
         context, all sharing its (k, v): only the prediction tokens are run. langevin_std
         defaults to the paper's inference noise, 1, when there are several candidates (the
-        softmax all but erases their different starts), else 0. Returns a Trajectory with ys
-        (B, N, P, V), energies (B, N, P) and, when stopping adaptively, steps_used (B, N, P)."""
+        softmax all but erases their different starts), else 0. y0: the starts (B * N, P, V), drawn
+        here if None. Returns a Trajectory with ys (B, N, P, V), energies (B, N, P) and, when
+        stopping adaptively, steps_used (B, N, P)."""
         k0 = context[0][0]
         B, N = k0.shape[0], candidates
         if langevin_std is None:
             langevin_std = VERIFY_LANGEVIN_STD if N > 1 else 0.0
         if N > 1:  # a view, not a copy: every candidate reads the same keys and values
             context = [tuple(t[:, None].expand(B, N, *t.shape[1:]).flatten(0, 1) for t in kv) for kv in context]
-        y0 = self.initial_logits(B * N, P, k0.device, generator)
+        y0 = self.initial_logits(B * N, P, k0.device, generator) if y0 is None else y0
         traj = self.predict(None, steps, step_size, y0=y0, context=context, tolerance=tolerance,
                             langevin_std=langevin_std)
         per_candidate = lambda t: None if t is None else t.unflatten(0, (B, N))
@@ -588,8 +589,10 @@ class TextEBT(Thinker, nn.Module):
         keeping the candidate with the lowest final energy (self-verification).
         knobs: steps, step_size, langevin_std, tolerance (see think).
         Returns the kept logits (B, V), the cache and per-token diagnostics."""
+        # drawn first: the compiler cannot trace the generator, so a compiled token breaks here only
+        y0 = self.initial_logits(len(idx) * candidates, 1, idx.device, generator)
         cache = self.context(idx, cache)
-        traj = self.think_candidates(cache, 1, candidates, generator, **knobs)
+        traj = self.think_candidates(cache, 1, candidates, y0=y0, **knobs)
         final = traj.energies[-1]  # (B, N, 1)
         steps_used = traj.steps_used if traj.steps_used is not None else torch.full_like(
             final, len(traj.ys) - 1, dtype=torch.long)
