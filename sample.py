@@ -265,7 +265,8 @@ def parse_args(argv=None):
     s("--device", default="auto", help="auto, cpu, cuda or mps (default: %(default)s)")
     s("--plots", help="save the thinking plots (or, with --eval, the evaluation plot) as PNGs in this directory")
     s("--compile", action="store_true", help="torch.compile an EBT's tokens (context, thinking and choice in one "
-      "graph) and thinking: about 3x the tokens/s on a CPU once compiled (about a minute)")
+      "graph): 3.6x the tokens/s on a CPU once compiled, but compiling takes 30-90 s, so it pays from a few "
+      "thousand tokens")
     g = p.add_argument_group("thinking (EBT)")
     g.add_argument("--steps", type=int, help="thinking steps per token, may exceed training (default: as trained)")
     g.add_argument("--step_size", type=float, help="override the learned step size alpha")
