@@ -203,7 +203,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, L, q.device))
         return self.merge(y), (k, v)
 
-    def attend_predictions(self, x, rotary, context, explicit):
+    def attend_predictions(self, x, rotary, context, double_backward):
         """Attention for the prediction stream. x: (B, P, D) prediction tokens that stand
         for the next token after each of the last P context tokens. Prediction p sees the
         context up to its own position and itself, never another prediction.
@@ -212,7 +212,8 @@ class Attention(nn.Module):
         T, P = k_ctx.shape[-2], x.shape[1]
         q, k, v = self.heads(x, rotary, T - P + 1)  # prediction p sits one past its context token
         visible = causal_mask(P, T, x.device)  # (P, T)
-        if explicit:  # softmax attention written out: the fused kernels have no second derivative
+        if double_backward:
+            # Explicit softmax attention: the fused kernels have no second derivative.
             q = q * q.shape[-1] ** -0.5  # scaled once, here, rather than both score tensors
             to_context = (q @ k_ctx.transpose(-2, -1)).masked_fill(~visible, float("-inf"))  # (B, H, P, T)
             to_self = (q * k).sum(-1, keepdim=True)                                             # (B, H, P, 1)
@@ -227,11 +228,11 @@ class Attention(nn.Module):
                 y = F.scaled_dot_product_attention(q, keys, values, attn_mask=torch.cat([visible, only_self], dim=1))
         return self.merge(y)
 
-    def attend_all(self, x, explicit):
+    def attend_all(self, x, double_backward):
         """Bidirectional attention: every token sees every token (image patches).
         x: (B, T, D) with positions already added."""
         q, k, v = self.heads(x)
-        if explicit:  # explicit softmax: the fused kernels have no second derivative
+        if double_backward:  # explicit softmax: the fused kernels have no second derivative
             att = ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(dim=-1)  # (B, H, T, T)
             y = att @ v
         else:
@@ -268,14 +269,14 @@ class Block(nn.Module):
         x = x + a
         return x + self.mlp(self.mlp_norm(x)), kv
 
-    def forward_predictions(self, x, rotary, context, explicit):
-        x = x + self.attn.attend_predictions(self.attn_norm(x), rotary, context, explicit)
+    def forward_predictions(self, x, rotary, context, double_backward):
+        x = x + self.attn.attend_predictions(self.attn_norm(x), rotary, context, double_backward)
         return x + self.mlp(self.mlp_norm(x))
 
-    def forward_bidirectional(self, x, cond, explicit):
+    def forward_bidirectional(self, x, cond, double_backward):
         """Image patches: every patch sees every patch; cond (B, D) modulates the block."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(cond))[:, None].chunk(6, dim=-1)
-        x = x + gate1 * self.attn.attend_all(self.attn_norm(x) * (1 + scale1) + shift1, explicit)
+        x = x + gate1 * self.attn.attend_all(self.attn_norm(x) * (1 + scale1) + shift1, double_backward)
         return x + gate2 * self.mlp(self.mlp_norm(x) * (1 + scale2) + shift2)
 
 
@@ -539,11 +540,10 @@ class TextEBT(Thinker, nn.Module):
         """probs: (B, P, V) candidate distributions of the next token after each of the last P
         context tokens. Returns energies (B, P)."""
         x = self.pred_emb(probs) + self.step_emb.weight[landscape]
-        # attention written out where training differentiates it twice, or where it is compiled:
-        # the compiler fuses it, while the fused kernel's backward is slow for a single query
-        explicit = self.training and torch.is_grad_enabled()
+        # second derivatives are needed only when training through the descent
+        double_backward = self.training and torch.is_grad_enabled()
         for block, kv in zip(self.trunk.blocks, context):
-            x = block.forward_predictions(x, self.trunk.rotary, kv, explicit)
+            x = block.forward_predictions(x, self.trunk.rotary, kv, double_backward)
         return self.energy_head(self.norm(x)).squeeze(-1)
 
     def initial_logits(self, B, P, device, generator=None):
@@ -1454,11 +1454,11 @@ class PatchTransformer(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.norm = RMSNorm(cfg.n_embd)
 
-    def forward(self, img, cond, explicit=False):
+    def forward(self, img, cond, double_backward=False):
         """img: (B, C, S, S); cond: (B, D). Returns (B, N, D)."""
         x = self.patch_emb(patchify(img, self.patch_size)) + self.pos_emb.weight
         for block in self.blocks:
-            x = block.forward_bidirectional(x, cond, explicit)
+            x = block.forward_bidirectional(x, cond, double_backward)
         return self.norm(x)
 
 
@@ -1482,8 +1482,8 @@ class ImageEBT(Thinker, nn.Module):
         """img: (B, C, S, S) candidates. Returns energies (B,)."""
         cond = self.step_emb.weight[landscape].expand(len(img), -1)
         # second derivatives are needed only when training through the descent
-        explicit = self.training and torch.is_grad_enabled()
-        return self.energy_head(self.body(img, cond, explicit)).squeeze(-1).mean(1)
+        double_backward = self.training and torch.is_grad_enabled()
+        return self.energy_head(self.body(img, cond, double_backward)).squeeze(-1).mean(1)
 
     def predict(self, noisy, steps=None, step_size=None):
         """Think from the noisy image (B, C, S, S). Returns a Trajectory of images and energies (B,)."""
