@@ -824,21 +824,22 @@ def test_cached_generation_matches_full_recompute(kind, device):
         torch.testing.assert_close(cached.energy, full.energy, rtol=0, atol=1e-9)
 
 
-def test_compiled_generation_and_evaluation_match_eager():
+@pytest.mark.parametrize("device", ["cpu", *CUDA])
+def test_compiled_generation_and_evaluation_match_eager(device):
     """--compile compiles each generated token whole (context, thinking by a torch.func gradient,
     choice of candidate) and evaluation's thinking: same tokens, logits and energies as eager,
     also once the context has grown (changing shapes) and the window restarted."""
     from torch._dynamo.utils import counters
-    model = tiny_model(step_size=0.1)
+    model = tiny_model(step_size=0.1).to(device)
     compiled = ebt.compile_model(copy.deepcopy(model))
     graphs = counters["stats"]["unique_graphs"]
-    prompt = torch.randint(13, (1, 3), generator=torch.Generator().manual_seed(1))
+    prompt = torch.randint(13, (1, 3), generator=torch.Generator().manual_seed(1)).to(device)
     eager, fast = (ebt.generate(m, prompt, 15, generator=torch.Generator().manual_seed(0)) for m in (model, compiled))
     assert torch.equal(fast.idx, eager.idx)
     torch.testing.assert_close(fast.logits, eager.logits, rtol=0, atol=1e-10)
     torch.testing.assert_close(fast.energy, eager.energy, rtol=0, atol=1e-10)
     assert counters["stats"]["unique_graphs"] > graphs  # compiled, not run eagerly behind our back
-    idx = torch.randint(13, (3, 16), generator=torch.Generator().manual_seed(0))
+    idx = torch.randint(13, (3, 16), generator=torch.Generator().manual_seed(0)).to(device)
     losses = []
     for m in (model, compiled):
         torch.manual_seed(5)
