@@ -44,6 +44,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+# Thinking sharpens candidates until some probabilities fall below float32's normal range
+# (1e-38); CPUs compute with such denormal numbers many times slower (a training step ~6%),
+# and they mean nothing here, so they are flushed to zero. (GPU kernels flush them already.)
+torch.set_flush_denormal(True)
 
 class UsageError(Exception):
     """A problem with the user's input: reported as one line, exit code 2."""
@@ -153,13 +157,13 @@ class Rotary(nn.Module):
         self.register_buffer("cos", torch.cat([angles.cos(), angles.cos()], -1), persistent=False)  # (P, Dh)
         self.register_buffer("sin", torch.cat([-angles.sin(), angles.sin()], -1), persistent=False)
 
-    def forward(self, x, start):
-        """x: (B, H, T, Dh), token t sits at position start + t."""
+    def forward(self, x, start, scale=1.0):
+        """x: (B, H, T, Dh), token t sits at position start + t; scale multiplies the result."""
         T = x.shape[-2]
         if start + T > self.cos.shape[0]:
             raise ValueError(f"position {start + T} exceeds the rotary table ({self.cos.shape[0]})")
-        cos = self.cos[start:start + T].to(x.dtype)
-        sin = self.sin[start:start + T].to(x.dtype)
+        cos = self.cos[start:start + T].to(x.dtype) * scale  # (T, Dh): scaling the tables is free
+        sin = self.sin[start:start + T].to(x.dtype) * scale
         return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
@@ -210,16 +214,23 @@ class Attention(nn.Module):
         context: this layer's cached context (k, v), each (B, H, T, Dh)."""
         k_ctx, v_ctx = context
         T, P = k_ctx.shape[-2], x.shape[1]
-        q, k, v = self.heads(x, rotary, T - P + 1)  # prediction p sits one past its context token
+        start = T - P + 1  # prediction p sits one past its context token
         visible = causal_mask(P, T, x.device)  # (P, T)
         if double_backward:
-            # Explicit softmax attention: the fused kernels have no second derivative.
-            q = q * q.shape[-1] ** -0.5  # scaled once, here, rather than both score tensors
-            to_context = (q @ k_ctx.transpose(-2, -1)).masked_fill(~visible, float("-inf"))  # (B, H, P, T)
-            to_self = (q * k).sum(-1, keepdim=True)                                             # (B, H, P, 1)
+            # Explicit softmax attention: the fused kernels have no second derivative. Training
+            # differentiates this twice, so every op saved counts three times: a rotation keeps the
+            # dot product of two vectors at one position, so a prediction scores its own key
+            # unrotated and only the query is rotated; the scale rides on the rotary tables; the
+            # mask is added (its backward is free), not filled.
+            q, k, v = self.heads(x)
+            scale = q.shape[-1] ** -0.5
+            to_self = (q * k).sum(-1, keepdim=True) * scale  # (B, H, P, 1)
+            hidden = torch.zeros(P, T, dtype=q.dtype, device=x.device).masked_fill_(~visible, float("-inf"))
+            to_context = rotary(q, start, scale) @ k_ctx.transpose(-2, -1) + hidden  # (B, H, P, T)
             att_context, att_self = torch.cat([to_context, to_self], dim=-1).softmax(dim=-1).split([T, 1], dim=-1)
             y = att_context @ v_ctx + att_self * v
         else:
+            q, k, v = self.heads(x, rotary, start)
             keys, values = torch.cat([k_ctx, k], dim=2), torch.cat([v_ctx, v], dim=2)
             only_self = torch.eye(P, dtype=torch.bool, device=x.device)
             # compiled (generation): the math backend, whose plain ops the compiler fuses; the fused
@@ -613,16 +624,21 @@ class TextEBT(Thinker, nn.Module):
         fresh = len(idx)
         if self.training and self.replay is not None:
             idx, targets, y0 = self.replay.extend(idx, targets, y0, round(self.config.replay_batch * fresh))
-        context = kv = self.context(idx)
         early = backward_scale is not None and torch.is_grad_enabled()
-        if early:  # the steps' losses reach the context stream through these leaves; its backward runs once, last
-            context = [tuple(t.detach().requires_grad_() for t in layer) for layer in kv]
+        if early:
+            # The steps' losses reach the context stream through its keys and values as leaves.
+            # Its graph is not kept through the thinking steps: the stream runs again at the end,
+            # to take their summed gradient (one more forward, for the memory of all its activations).
+            with torch.no_grad():
+                context = [tuple(t.requires_grad_() for t in layer) for layer in self.context(idx)]
+        else:
+            context = self.context(idx)
         cross_entropy = lambda y, t: F.cross_entropy(y.flatten(0, 1), t.flatten())
         leaves = [t for layer in context for t in layer] if early else ()
         traj, loss, metrics = self.descend_and_learn(lambda p, k: self.energy(p, context, k), y0, targets,
                                                      cross_entropy, steps, backward_scale, leaves)
         if early:
-            torch.autograd.backward([t for layer in kv for t in layer], [t.grad for t in leaves])
+            torch.autograd.backward([t for layer in self.context(idx) for t in layer], [t.grad for t in leaves])
         if self.training and self.replay is not None:
             self.replay.add(idx[:fresh], targets[:fresh], traj.ys[-1][:fresh])
         return loss, metrics
