@@ -34,6 +34,8 @@ def flops_per_step(cfg, B, S, steps):
     the logits (F: input gradients only), and the backward of both through the loss, which
     needs weight and input gradients of the forward and of the gradient computation (4F).
     So EBT ~ (3 + 6K) F against 3F, i.e. 3x, 5x, 7x for K = 1, 2, 3 thinking steps.
+    These are model FLOPs (what MFU counts): nanoEBT runs the context stream's forward once
+    more, trading F of recomputation for the memory of its activations (TextEBT.forward).
     """
     D, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab_size
     hidden = cfg.mlp_hidden

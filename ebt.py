@@ -46,7 +46,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # Thinking sharpens candidates until some probabilities fall below float32's normal range
 # (1e-38); CPUs compute with such denormal numbers many times slower (a training step ~6%),
-# and they mean nothing here, so they are flushed to zero. (GPU kernels flush them already.)
+# and they mean nothing here, so the CPU flushes them to zero.
 torch.set_flush_denormal(True)
 
 class UsageError(Exception):
@@ -162,8 +162,9 @@ class Rotary(nn.Module):
         T = x.shape[-2]
         if start + T > self.cos.shape[0]:
             raise ValueError(f"position {start + T} exceeds the rotary table ({self.cos.shape[0]})")
-        cos = self.cos[start:start + T].to(x.dtype) * scale  # (T, Dh): scaling the tables is free
-        sin = self.sin[start:start + T].to(x.dtype) * scale
+        cos, sin = self.cos[start:start + T].to(x.dtype), self.sin[start:start + T].to(x.dtype)  # (T, Dh)
+        if scale != 1.0:  # on the tables: far smaller than x
+            cos, sin = cos * scale, sin * scale
         return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
@@ -225,7 +226,7 @@ class Attention(nn.Module):
             q, k, v = self.heads(x)
             scale = q.shape[-1] ** -0.5
             to_self = (q * k).sum(-1, keepdim=True) * scale  # (B, H, P, 1)
-            hidden = torch.zeros(P, T, dtype=q.dtype, device=x.device).masked_fill_(~visible, float("-inf"))
+            hidden = torch.zeros(P, T, dtype=q.dtype, device=x.device).masked_fill_(~visible, float("-inf"))  # (P, T)
             to_context = rotary(q, start, scale) @ k_ctx.transpose(-2, -1) + hidden  # (B, H, P, T)
             att_context, att_self = torch.cat([to_context, to_self], dim=-1).softmax(dim=-1).split([T, 1], dim=-1)
             y = att_context @ v_ctx + att_self * v

@@ -7,8 +7,8 @@ Train a text EBT (or the Transformer++ baseline) on Tiny Shakespeare (shipped) o
     python train_text.py --data my.txt --tokenizer gpt2
     python train_text.py --resume               # continue out-text/ckpt.pt with its own settings
 
-Measured (README "On one GPU"): the default command on one H100 trains at 117k tokens/s,
-0.15 s a step, 7.4 GB peak; the 5000 steps take about 13 minutes (the Transformer++: 1.19M
+Measured (README "On one GPU", an earlier version: memory is lower now): the default command
+on one H100 trains at 117k tokens/s, 0.15 s a step, 7.4 GB peak; the 5000 steps take about 13 minutes (the Transformer++: 1.19M
 tokens/s, 1.3 GB, 1.4 minutes); the validation loss is lowest near step 500 (1.61; the
 Transformer++ 1.53), both overfit after. On 2 CPU cores the cpu preset takes about 6 minutes.
 
