@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # Thinking sharpens candidates until some probabilities fall below float32's normal range
-# (1e-38); CPUs compute with such denormal numbers many times slower (a training step ~6%),
-# and they mean nothing here, so the CPU flushes them to zero.
+# (1e-38); CPUs compute with such denormal numbers many times slower, and they mean nothing
+# here, so the CPU flushes them to zero.
 torch.set_flush_denormal(True)
 
 class UsageError(Exception):
