@@ -5,6 +5,7 @@ KV cache, recomputing the context stream per token, and recomputing everything p
 
     python bench.py                      # CPU preset size (4 layers, width 128, batch 16 x 64)
     python bench.py --device cuda --n_layer 6 --n_embd 384 --n_head 6 --block_size 256 --batch_size 64
+    python bench.py --only transformer:0 ebt:2 --no_generation --profile   # where a step's time goes
 
 Each configuration runs in its own process. Peak memory on CPU is that process's peak
 resident set size minus its size before the first training step (torch itself and the
@@ -92,6 +93,13 @@ def measure(kind, steps, args):
         peak = torch.cuda.max_memory_allocated()
     else:  # what training added to the process: peak RSS minus the RSS with the model built
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+    if args.profile:  # where a step's time goes, to stderr (main passes it on)
+        with torch.profiler.profile() as prof:
+            step()
+            sync()
+        sort = "self_device_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+        print(f"{kind}, {steps} thinking steps: one training step\n"
+              + prof.key_averages().table(sort_by=sort, row_limit=15), file=sys.stderr)
     flops = flops_per_step(cfg, args.batch_size, args.block_size, steps)
     return {"model": kind, "steps": steps, "step_s": dt, "tokens_per_s": args.batch_size * args.block_size / dt,
             "peak_mb": peak / 2**20, "tflops": flops / dt / 1e12, "device": device}
@@ -282,6 +290,8 @@ def main():
                    help="backpropagate an EBT's loss at once, not one thinking step at a time (for comparison)")
     p.add_argument("--only", nargs="+", help="configurations to measure, e.g. transformer:0 ebt:2 (default: all)")
     p.add_argument("--no_generation", action="store_true", help="training only")
+    p.add_argument("--profile", action="store_true", help="also print the torch profiler's operators of one training "
+                   "step of each configuration, by self time (to stderr)")
     p.add_argument("--syncs", action="store_true", help="count device-to-host reads per training step, by call site")
     p.add_argument("--gpu_check", metavar="OUT", help="the README's 'On one GPU' measurements, JSON in OUT")
     p.add_argument("--seconds", type=float, default=240, help="--gpu_check: wall time of the default text run")
@@ -303,6 +313,8 @@ def main():
         r = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", one], capture_output=True, text=True)
         if r.returncode:
             sys.exit(r.stderr)
+        if args.profile:
+            sys.stderr.write(r.stderr)
         rows.append(json.loads(r.stdout))
     base = rows[0]  # the first configuration is the reference of the ratios
     print(f"device {base['device']}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
