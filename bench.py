@@ -7,13 +7,17 @@ KV cache, recomputing the context stream per token, and recomputing everything p
     python bench.py --device cuda --n_layer 6 --n_embd 384 --n_head 6 --block_size 256 --batch_size 64
     python bench.py --only transformer:0 ebt:2 --no_generation --profile   # where a step's time goes
 
-Each configuration runs in its own process. Peak memory on CPU is that process's peak
-resident set size minus its size before the first training step (torch itself and the
-model are the same for all); on CUDA it is torch.cuda.max_memory_allocated.
+Each configuration runs in its own process. Peak memory on CUDA is
+torch.cuda.max_memory_allocated. On CPU it is a process's peak resident set size minus its
+size before the first training step (torch itself and the model are the same for all): the
+memory column from a second process in which glibc returns every freed block, so that it
+follows what is allocated, as on CUDA (allocated_memory_env); the resident-set column from
+the timing process, which also counts what glibc keeps after it is freed.
 """
 import argparse
 import copy
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -103,6 +107,25 @@ def measure(kind, steps, args):
     flops = flops_per_step(cfg, args.batch_size, args.block_size, steps)
     return {"model": kind, "steps": steps, "step_s": dt, "tokens_per_s": args.batch_size * args.block_size / dt,
             "peak_mb": peak / 2**20, "tflops": flops / dt / 1e12, "device": device}
+
+
+def allocated_memory_env():
+    """The environment for a CPU memory measurement: glibc's malloc keeps freed blocks for reuse,
+    so a process's resident set also counts memory no tensor holds any more, and how much depends
+    on the order of allocations. With every block of 64 kB or more mapped on its own (and so
+    returned when freed), the peak resident set follows the peak of what is allocated, which is
+    what torch.cuda.max_memory_allocated measures on a GPU. Slower, so no timing is taken from it."""
+    return {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def measure_in_subprocess(one, argv, env=None, echo_stderr=False):
+    """measure() of one "kind:steps" in a fresh process: each configuration's peak is its own."""
+    r = subprocess.run([sys.executable, __file__, *argv, "--one", one], capture_output=True, text=True, env=env)
+    if r.returncode:
+        sys.exit(r.stderr)
+    if echo_stderr:
+        sys.stderr.write(r.stderr)
+    return json.loads(r.stdout)
 
 
 def time_generation(args, contexts=(64, 128, 256), new_tokens=16):
@@ -308,26 +331,28 @@ def main():
         kind, steps = args.one.split(":")
         print(json.dumps(measure(kind, int(steps), args)))
         return
+    cuda = ebt.pick_device(args.device).startswith("cuda")
     rows = []
     for one in args.only or ("transformer:0", "ebt:1", "ebt:2", "ebt:3"):
-        r = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", one], capture_output=True, text=True)
-        if r.returncode:
-            sys.exit(r.stderr)
-        if args.profile:
-            sys.stderr.write(r.stderr)
-        rows.append(json.loads(r.stdout))
+        row = measure_in_subprocess(one, sys.argv[1:], echo_stderr=args.profile)
+        if not cuda:  # memory again, with glibc returning every freed block (see allocated_memory_env)
+            allocated = measure_in_subprocess(one, [a for a in sys.argv[1:] if a != "--profile"]
+                                              + ["--iters", "1", "--warmup", "2"], env=allocated_memory_env())
+            row["resident_mb"], row["peak_mb"] = row["peak_mb"], allocated["peak_mb"]
+        rows.append(row)
     base = rows[0]  # the first configuration is the reference of the ratios
     print(f"device {base['device']}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{args.n_layer} layers x {args.n_embd} wide, batch {args.batch_size} x {args.block_size}")
-    cuda = base["device"].startswith("cuda")
+    last = " MFU |" if cuda else " peak resident set (MB) | x Transformer++ resident set |"
     print("| model | step (ms) | tokens/s | x Transformer++ time | peak training memory (MB) | x Transformer++ memory |"
-          + (" MFU |" if cuda else ""))
-    print("|---|---|---|---|---|---|" + ("---|" if cuda else ""))
+          + last)
+    print("|---|---|---|---|---|---|" + "---|" * last.count("|"))
     for r in rows:
         name = "Transformer++" if r["model"] == "transformer" else f"EBT, {r['steps']} step{'s' * (r['steps'] > 1)}"
         print(f"| {name} | {r['step_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | {r['step_s'] / base['step_s']:.2f} | "
               f"{r['peak_mb']:.0f} | {r['peak_mb'] / base['peak_mb']:.2f} |"
-              + (f" {100 * r['tflops'] / args.peak_tflops:.1f}% |" if cuda else ""))
+              + (f" {100 * r['tflops'] / args.peak_tflops:.1f}% |" if cuda else
+                 f" {r['resident_mb']:.0f} | {r['resident_mb'] / base['resident_mb']:.2f} |"))
     if args.no_generation:
         return
     print("\nEBT generation, 2 thinking steps, 1 candidate (tokens/s; speed-up of the cache in brackets)")
