@@ -49,6 +49,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 # here, so the CPU flushes them to zero.
 torch.set_flush_denormal(True)
 
+
 class UsageError(Exception):
     """A problem with the user's input: reported as one line, exit code 2."""
 
