@@ -30,7 +30,9 @@ import ebt
 
 
 def flops_per_step(cfg, B, S, steps):
-    """Model FLOPs of one training step (matmuls only; elementwise work is small).
+    """Model FLOPs of one training step (matmuls only). Elementwise work is left out: at the CPU
+    preset it is about half of a Transformer++ step's time and more of an EBT step's (it is
+    differentiated twice), so measured time ratios sit above these FLOP ratios at small widths.
 
     One forward of one stream over B x S tokens costs F = 2 * B * S * (weights a token
     meets) + attention. A Transformer++ step is forward + backward = 3F. An EBT step is
