@@ -14,10 +14,11 @@ Reading order:
   1. configuration
   2. transformer blocks shared by every model (RMSNorm, rotary, SwiGLU, adaLN-Zero)
   3. think(): the descent loop, one implementation for text and images
-  4. the autoregressive text EBT, and the Transformer++ baseline
+  4. the autoregressive text EBT (with its per-token thinking: candidates, next_token), and the
+     Transformer++ baseline
   5. text data and tokenizers
   6. the training loop, checkpoints and command-line helpers
-  7. thinking at inference: KV-cached generation, self-verification, evaluation
+  7. thinking at inference: KV-cached generation, self-verification, evaluation (built on 4)
   8. images: DDPM noise, the denoising EBT, a diffusion transformer, a one-pass regressor
 
 Paper: "Energy-Based Transformers are Scalable Learners and Thinkers",
@@ -65,7 +66,7 @@ TEXT_KINDS = ("ebt", "transformer")
 IMAGE_KINDS = ("image_ebt", "image_dit", "image_regressor")
 MODEL_KINDS = TEXT_KINDS + IMAGE_KINDS
 VERIFY_LANGEVIN_STD = 1.0  # inference noise for self-verification candidates (the paper's)
-MAX_THINK_STEPS = 64  # in training: each step keeps a second-order graph
+MAX_THINK_STEPS = 64  # training: each step is a second-order forward and backward
 DDPM_STEPS = 1000  # the image noise: a DDPM forward process over this many steps
 
 
@@ -78,7 +79,7 @@ class ModelConfig:
     n_head: int = 6
     n_embd: int = 384
     mlp_hidden: int = 0           # SwiGLU hidden width; 0 = n_embd, the paper's sizes (xxs: 6 x 384, 6.18M)
-    # thinking (EBT only); the defaults are the paper's S1 recipe (train_text.py --recipe s1)
+    # thinking (EBT only); the defaults are the paper's S1 values (train_text.py's s1 rescales alpha to the vocabulary)
     think_steps: int = 2          # descent steps during training
     landscapes: int = 2           # step embeddings; step k uses min(k, landscapes - 1). S2: 1, one landscape
     step_size: float = 500.0      # alpha (initial value when learned)
@@ -89,7 +90,7 @@ class ModelConfig:
     langevin_std: float = 0.0     # std of Gaussian noise added to the logits before each step
     random_step_size: float = 1.0  # s > 1: each token's alpha drawn from U[alpha/s, alpha*s]
     random_steps: int = 0         # train with think_steps + U{0..random_steps} steps (one count per batch)
-    truncate: bool = False        # train the last step only: its gradient keeps the graph, the loss is its CE
+    truncate: bool = False        # train the last step only: its gradient keeps the graph, the loss is that step's
     detach: bool = True           # cut the graph between steps (False: backprop the whole path)
     replay_size: int = 0          # replay buffer: keep the final logits of the last N training sequences
     replay_batch: float = 0.5     # ... and add this fraction of a batch of them, started where they ended
@@ -134,7 +135,7 @@ class ModelConfig:
 
 
 # -----------------------------------------------------------------------------
-# 2. Transformer blocks (Llama style: RMSNorm, rotary positions, SwiGLU, no biases)
+# 2. Transformer blocks (Llama style: RMSNorm, rotary positions, SwiGLU, no biases but adaLN's)
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps=1e-6):
@@ -182,7 +183,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
     def heads(self, x, rotary=None, start=0):
-        """Queries, keys, values, each (B, H, T, Dh); rotary=None: positions are already in x."""
+        """Queries, keys, values, each (B, H, T, Dh); rotary=None: q and k come back unrotated."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
         if rotary is None:
@@ -227,8 +228,8 @@ class Attention(nn.Module):
             q, k, v = self.heads(x)
             scale = q.shape[-1] ** -0.5
             to_self = (q * k).sum(-1, keepdim=True) * scale  # (B, H, P, 1)
-            hidden = torch.zeros(P, T, dtype=q.dtype, device=x.device).masked_fill_(~visible, float("-inf"))  # (P, T)
-            to_context = rotary(q, start, scale) @ k_ctx.transpose(-2, -1) + hidden  # (B, H, P, T)
+            mask_bias = torch.zeros(P, T, dtype=q.dtype, device=x.device).masked_fill_(~visible, float("-inf"))  # (P, T)
+            to_context = rotary(q, start, scale) @ k_ctx.transpose(-2, -1) + mask_bias  # (B, H, P, T)
             att_context, att_self = torch.cat([to_context, to_self], dim=-1).softmax(dim=-1).split([T, 1], dim=-1)
             y = att_context @ v_ctx + att_self * v
         else:
@@ -388,7 +389,7 @@ def think(energy_fn, y, steps, step_size, *, normalize=None, landscapes=None, cr
     ys, energies, active, steps_used = [y], [], None, None
     with torch.enable_grad():
         for k in range(steps):
-            start = y if tolerance is not None else None
+            before = y if tolerance is not None else None
             if langevin_std > 0:
                 y = y + langevin_std * torch.randn_like(y)
             x = normalize(y)
@@ -413,10 +414,10 @@ def think(energy_fn, y, steps, step_size, *, normalize=None, landscapes=None, cr
                 shape = energy.shape + (1,) * (x.dim() - energy.dim())
                 factor = torch.empty(shape, device=x.device, dtype=x.dtype).uniform_(1 / random_step_size, random_step_size)
             alpha = step_size * factor if random_step_size > 1 else step_size
-            # without create_graph, y still depends on a learnable step size
+            # inference: no graph back to x (alpha may still carry one, if learned)
             y = (x if create_graph else x.detach()) - alpha * grad
             if active is not None:  # a frozen position keeps its state
-                y = torch.where(active.reshape(active.shape + (1,) * (y.dim() - active.dim())), y, start)
+                y = torch.where(active.reshape(active.shape + (1,) * (y.dim() - active.dim())), y, before)
             if on_step is not None:
                 y = on_step(k, y)
             energies.append(energy if keep_graph else energy.detach())
@@ -425,6 +426,11 @@ def think(energy_fn, y, steps, step_size, *, normalize=None, landscapes=None, cr
         with torch.no_grad():
             energies.append(energy_fn(normalize(y.detach()), landscape(len(ys) - 2)))
     return Trajectory(ys, energies, steps_used)
+
+
+def backward_requested(backward_scale):
+    """Models given a backward_scale backpropagate their own loss (scaled by it), when grad is on."""
+    return backward_scale is not None and torch.is_grad_enabled()
 
 
 class Thinker:
@@ -441,7 +447,7 @@ class Thinker:
         return raw + (raw.clamp(min=1e-3) - raw).detach()
 
     def trained_steps(self):
-        """The most steps training takes (S2: 2 or 3, so 3): what evaluation thinks by default."""
+        """The most steps training takes (S2: 2 or 3, so 3): what inference thinks by default."""
         return self.config.think_steps + self.config.random_steps
 
     def draw_steps(self, rng=random):
@@ -465,27 +471,37 @@ class Thinker:
 
     def descend_and_learn(self, energy_fn, y0, target, loss_fn, steps=None, backward_scale=None, leaves=()):
         """Think from y0 and score every step with loss_fn(y, target); the loss is their mean (S1),
-        or with truncate the last one (S2). With backward_scale (training), each step's loss x
-        backward_scale is backpropagated at once: the steps' graphs share only the parameters (and
-        what energy_fn reads: `leaves`, see TextEBT.forward), so the gradient is the same with one
-        step's second-order graph alive instead of all. Only those receive gradients: the candidate
-        a step starts from would cost a (B, S, D) x (D, V) product and a (B, S, V) buffer.
+        or with truncate the last one (S2). With backward_scale (training), loss x backward_scale
+        is backpropagated here into the parameters and `leaves` (what energy_fn reads, see
+        TextEBT.forward), not into the candidate a step starts from, which would cost a
+        (B, S, D) x (D, V) product and a (B, S, V) buffer. When the graph is cut between steps
+        (detach) or only the last step is trained (truncate), the weighted steps' graphs share only
+        the parameters and the leaves, so each step's loss is backpropagated at once: the same
+        gradient with one step's second-order graph alive instead of all. Otherwise (detach=False
+        without truncate) a later step's loss reaches back through the earlier steps, and the
+        whole descent is backpropagated once at the end.
         Returns (trajectory, loss, metrics as tensors)."""
         steps = steps or (self.draw_steps() if self.training else self.trained_steps())
         weights = [0.0] * (steps - 1) + [1.0] if self.config.truncate else [1.0 / steps] * steps
-        early = backward_scale is not None and torch.is_grad_enabled()
-        inputs = [p for p in self.parameters() if p.requires_grad] + list(leaves) if early else None
+        backward_here = backward_requested(backward_scale)
+        stepwise = backward_here and (self.config.detach or self.config.truncate)
+        inputs = [p for p in self.parameters() if p.requires_grad] + list(leaves) if backward_here else None
         losses = []
 
         def learn(k, y):
             loss = loss_fn(y, target)
-            losses.append(loss.detach() if early else loss)
-            if early and weights[k]:
+            losses.append(loss.detach() if stepwise else loss)
+            if stepwise and weights[k]:
                 (loss * (weights[k] * backward_scale)).backward(inputs=inputs)
                 return y.detach()
             return y
         traj = self.descend(energy_fn, y0, steps, on_step=learn)
         loss = sum(w * l for w, l in zip(weights, losses) if w)
+        if backward_here and not stepwise:
+            (loss * backward_scale).backward(inputs=inputs)
+            loss = loss.detach()
+        # energy_last: in training the energy the last step started from (no final scoring), in
+        # evaluation the final state's
         metrics = {"loss": loss.detach(), "loss_first": losses[0].detach(), "loss_last": losses[-1].detach(),
                    "energy_first": traj.energies[0].detach().mean(), "energy_last": traj.energies[-1].detach().mean(),
                    "step_size": self.step_size().detach()}
@@ -596,16 +612,16 @@ class TextEBT(Thinker, nn.Module):
         return Trajectory([per_candidate(y) for y in traj.ys], [per_candidate(e) for e in traj.energies],
                           per_candidate(traj.steps_used))
 
-    def next_token(self, idx, cache, generator=None, candidates=1, **knobs):
+    def next_token(self, idx, cache, generator=None, candidates=1, **thinking):
         """One step of generation: extend the context cache with idx (B, T_new), then think about
         the token after it with one prediction token per candidate against the cached keys,
         keeping the candidate with the lowest final energy (self-verification).
-        knobs: steps, step_size, langevin_std, tolerance (see think).
+        thinking: steps, step_size, langevin_std, tolerance (see think).
         Returns the kept logits (B, V), the cache and per-token diagnostics."""
         # drawn first: the compiler cannot trace the generator, so a compiled token breaks here only
         y0 = self.initial_logits(len(idx) * candidates, 1, idx.device, generator)
         cache = self.context(idx, cache)
-        traj = self.think_candidates(cache, 1, candidates, y0=y0, **knobs)
+        traj = self.think_candidates(cache, 1, candidates, y0=y0, **thinking)
         final = traj.energies[-1]  # (B, N, 1)
         steps_used = traj.steps_used if traj.steps_used is not None else torch.full_like(
             final, len(traj.ys) - 1, dtype=torch.long)
@@ -617,17 +633,17 @@ class TextEBT(Thinker, nn.Module):
 
     def forward(self, idx, targets, steps=None, generator=None, backward_scale=None):
         """Cross-entropy after each thinking step; the loss is their mean, or with truncate the
-        last one. In training with a replay buffer, half a batch of earlier sequences joins the
-        batch, each starting from the logits its last descent ended at.
-        backward_scale: backpropagate loss x backward_scale here, one thinking step at a time
-        (see Thinker.descend_and_learn), and return the loss detached.
+        last one. In training with a replay buffer, replay_batch x the batch of earlier sequences
+        joins the batch, each starting from the logits its last descent ended at.
+        backward_scale: backpropagate loss x backward_scale here (one thinking step at a time
+        where the steps' graphs allow, see Thinker.descend_and_learn), and return the loss detached.
         Metrics are tensors: reading them synchronises with the device."""
         y0 = self.initial_logits(*idx.shape, idx.device, generator)
         fresh = len(idx)
         if self.training and self.replay is not None:
             idx, targets, y0 = self.replay.extend(idx, targets, y0, round(self.config.replay_batch * fresh))
-        early = backward_scale is not None and torch.is_grad_enabled()
-        if early:
+        backward_here = backward_requested(backward_scale)
+        if backward_here:
             # The steps' losses reach the context stream through its keys and values as leaves.
             # Its graph is not kept through the thinking steps: the stream runs again at the end,
             # to take their summed gradient (one more forward, for the memory of all its activations).
@@ -636,10 +652,10 @@ class TextEBT(Thinker, nn.Module):
         else:
             context = self.context(idx)
         cross_entropy = lambda y, t: F.cross_entropy(y.flatten(0, 1), t.flatten())
-        leaves = [t for layer in context for t in layer] if early else ()
+        leaves = [t for layer in context for t in layer] if backward_here else ()
         traj, loss, metrics = self.descend_and_learn(lambda p, k: self.energy(p, context, k), y0, targets,
                                                      cross_entropy, steps, backward_scale, leaves)
-        if early:
+        if backward_here:
             torch.autograd.backward([t for layer in self.context(idx) for t in layer], [t.grad for t in leaves])
         if self.training and self.replay is not None:
             self.replay.add(idx[:fresh], targets[:fresh], traj.ys[-1][:fresh])
@@ -667,7 +683,7 @@ class ReplayBuffer:
 
     def add(self, idx, targets, logits):
         new = {"idx": idx, "targets": targets, "logits": logits.detach()}
-        self.kept = {k: torch.cat([self.kept[k], t])[-self.size:] if self.kept else t for k, t in new.items()}
+        self.kept = {k: (torch.cat([self.kept[k], t]) if self.kept else t)[-self.size:] for k, t in new.items()}
 
 
 def keep_lowest(x, final_energy):
@@ -675,7 +691,6 @@ def keep_lowest(x, final_energy):
     final energy (B, N, P) is lowest (never a NaN one, unless all are). Returns (B, P, ...)."""
     best = final_energy.nan_to_num(nan=float("inf")).argmin(1, keepdim=True)  # (B, 1, P)
     return torch.take_along_dim(x, best.reshape(best.shape + (1,) * (x.dim() - 3)), dim=1).squeeze(1)
-
 
 
 # -----------------------------------------------------------------------------
@@ -706,9 +721,10 @@ class Transformer(nn.Module):
         loss = backpropagated(F.cross_entropy(logits.flatten(0, 1), targets.flatten()), backward_scale)
         return loss, {"loss": loss.detach()}
 
+
 def backpropagated(loss, backward_scale):
     """What models do with backward_scale: backpropagate loss x backward_scale, return it detached."""
-    if backward_scale is None or not torch.is_grad_enabled():
+    if not backward_requested(backward_scale):
         return loss
     (loss * backward_scale).backward()
     return loss.detach()
@@ -767,8 +783,6 @@ def text_or_shakespeare(path=None):
 
 
 class CharTokenizer:
-    name = "char"
-
     def __init__(self, chars):
         self.chars = list(chars)
         self.index = {c: i for i, c in enumerate(self.chars)}
@@ -792,8 +806,6 @@ class CharTokenizer:
 
 
 class GPT2Tokenizer:
-    name = "gpt2"
-
     def __init__(self):
         try:
             import tiktoken
@@ -873,14 +885,10 @@ class TrainConfig:
 
 
 def pick_device(name="auto"):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
     available = {"cpu": True, "cuda": torch.cuda.is_available(),
                  "mps": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())}
+    if name == "auto":
+        return "cuda" if available["cuda"] else "mps" if available["mps"] else "cpu"
     if name.split(":")[0] not in available:
         raise UsageError(f"unknown device {name!r}; use auto, cpu, cuda or mps")
     if not available[name.split(":")[0]]:
@@ -896,8 +904,9 @@ def autocast(device):
 
 
 def compile_model(model):
-    """torch.compile the Transformer++ whole. For an EBT: its context stream, and at inference each
-    thinking step (energy and gradient, traced by torch.func) and each generated token whole
+    """torch.compile the forward (the loss) of a model that does not think: the Transformer++ (its
+    generation stays eager), the DiT, the image regressor. For an EBT: its context stream, and at
+    inference each thinking step (energy and gradient, traced by torch.func) and each generated token whole
     (context, thinking, choice of candidate). Training thinks eagerly: in torch 2.13 a compiled
     training-mode step gave wrong gradients once the compiler had seen changing shapes (README
     "Speed and memory"). Bound methods keep checkpoints' parameter names."""
@@ -964,7 +973,7 @@ def evaluate(model, data, tc, device):
     """Mean validation metrics over fixed batches and fixed starting noise, so evaluations
     at different times are comparable. Models that think (model.thinks) think for
     tc.eval_steps (default twice the trained steps) and report the loss after each step;
-    their "loss" is the one after the trained number of steps."""
+    their "loss" (and "psnr") is the one after the trained number of steps."""
     model.eval()
     g = torch.Generator().manual_seed(tc.seed + 1)
     thinks = getattr(model, "thinks", False)
@@ -978,8 +987,11 @@ def evaluate(model, data, tc, device):
             totals[k] = totals.get(k, 0) + v.double()
     model.train()
     m = {k: (v / tc.eval_batches).tolist() for k, v in totals.items()}
-    if thinks:
-        m["loss"] = m["loss_per_step"][min(model.trained_steps(), len(m["loss_per_step"])) - 1]
+    if thinks:  # "loss" (and an image EBT's "psnr") after the trained number of steps
+        trained = min(model.trained_steps(), len(m["loss_per_step"])) - 1
+        m["loss"] = m["loss_per_step"][trained]
+        if "psnr_per_step" in m:
+            m["psnr"] = m["psnr_per_step"][trained]
     return m
 
 
@@ -1000,9 +1012,10 @@ def plot_metrics(records, path):
         smooth = list(itertools.accumulate(losses, lambda avg, loss: 0.9 * avg + 0.1 * loss))
         ax.plot(steps, smooth, color="C0", label="train loss (smoothed; raw faint)")
     K = len(val[0].get("loss_per_step", [])) if val else 0
-    for k in sorted({0, K // 2 - 1, K - 1}) if K else []:
+    trained = val[0]["loss_per_step"].index(val[0]["loss"]) if K else None  # evaluate() took "loss" from there
+    for k in sorted({0, trained, K - 1}) if K else []:
         ax.plot([r["step"] for r in val], [r["loss_per_step"][k] for r in val], marker="o",
-                label=f"val loss, {k + 1} thinking step{'s' if k else ''}")
+                label=f"val loss, {k + 1} thinking step{'s' if k else ''}{' (as trained)' if k == trained else ''}")
     if val and not K:
         ax.plot([r["step"] for r in val], [r["loss"] for r in val], marker="o", label="val loss")
     ax.set(xlabel="optimizer step", ylabel="loss (nats per token)", title=f"training: {Path(path).parent.name}")
@@ -1173,7 +1186,8 @@ def train(model, data, tc, meta=None, resume=False, log=None):
     tokens_per_step = tc.batch_size * tc.grad_accum * world * data.tokens_per_sample
     log(f"{model.config.model}: {n_params / 1e6:.2f}M parameters, device {device} x {world}, "
         f"{tc.batch_size * tc.grad_accum * world} x {data.tokens_per_sample} tokens per step")
-    t0, t_last, start_step = time.time(), time.time(), step
+    t0, start_step = time.time(), step
+    t_last, step_last = t0, step  # throughput since the last log or evaluation
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # since the last check, on the device
     in_main_thread, together = threading.current_thread() is threading.main_thread(), True  # all ranks end alike
     previous = signal.signal(signal.SIGTERM, interrupt) if in_main_thread else None
@@ -1210,8 +1224,8 @@ def train(model, data, tc, meta=None, resume=False, log=None):
                 metrics["loss"] /= world
             if master and logging:
                 metrics, now = {k: v.item() for k, v in metrics.items()}, time.time()
-                tok_s = tokens_per_step * (step - max(start_step, step - tc.log_interval)) / max(now - t_last, 1e-9)
-                t_last = now
+                tok_s = tokens_per_step * (step - step_last) / max(now - t_last, 1e-9)
+                t_last, step_last = now, step
                 eta = (now - t0) / (step - start_step) * (tc.max_steps - step)
                 cuda = device.startswith("cuda")
                 memory = {"peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20} if cuda else {}
@@ -1236,7 +1250,7 @@ def train(model, data, tc, meta=None, resume=False, log=None):
                 checkpoint()
                 if master:
                     plot_metrics(records, out / "loss.png")
-                t_last = time.time()  # throughput counts training only
+                t_last, step_last = time.time(), step  # throughput counts training only
     except KeyboardInterrupt:
         if bool(nonfinite):
             log(f"interrupted at step {step}; not saved: the run had become non-finite")
@@ -1330,7 +1344,7 @@ class Generation:
     energy: torch.Tensor = None            # (B, n) final energy of the kept candidate: low = confident
     candidate_energy: torch.Tensor = None  # (B, n, N) final energy of every candidate
     steps_used: torch.Tensor = None        # (B, n) descent steps the kept candidate took
-    trajectory: list = None                # n tensors (B, K+1): the kept candidate's energy after each step
+    trajectory: list = None                # n tensors (B, K+1): the kept candidate's energy at the start and after each step
 
 
 def sample_next(logits, temperature=1.0, top_k=None, generator=None):
@@ -1360,7 +1374,7 @@ def generate(model, idx, num_tokens, temperature=1.0, top_k=None, generator=None
     use_cache=False recomputes the whole window for every token: same windows, same result.
     thinking (EBT only): candidates, steps, step_size, langevin_std, tolerance (see next_token).
     """
-    if thinking and not getattr(model, "thinks", False):
+    if thinking:
         require_ebt(model, "thinking options (" + ", ".join(sorted(thinking)) + ")")
     if idx.shape[1] < 1:
         raise UsageError("the prompt is empty; give at least one token")
@@ -1411,8 +1425,7 @@ def thinking_curves(model, ids, steps=(1, 2, 4, 8), candidates=(1, 2, 4, 8), win
     by_steps = {k: ppl(traj.ys[k][:, 0]) for k in steps}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the noise, seeded
         torch.manual_seed(seed)
-        traj = model.think_candidates(context, x.shape[1], max(candidates), g,
-                                      langevin_std=VERIFY_LANGEVIN_STD if max(candidates) > 1 else 0.0)
+        traj = model.think_candidates(context, x.shape[1], max(candidates), g)
     final = traj.energies[-1]  # (W, N, S)
     by_candidates = {n: ppl(keep_lowest(traj.ys[-1][:, :n], final[:, :n])) for n in candidates}
     return {"steps": by_steps, "candidates": by_candidates}
@@ -1566,22 +1579,22 @@ class ImageDiT(nn.Module):
 
 
 class ImageRegressor(nn.Module):
-    """The same transformer, same size, trained to output the clean image in one forward pass
-    (its conditioning vector is a learned constant). The simplest, and at this size strong,
-    baseline."""
+    """The same transformer, same size, trained to output the clean image in one forward pass.
+    With nothing to condition on, its conditioning vector is zero, so the blocks' shift, scale and
+    gate are learned constants: the adaLN biases (the adaLN weights multiply zero and stay zero).
+    The simplest, and at this size strong, baseline."""
 
     def __init__(self, cfg):
         super().__init__()
         assert cfg.model == "image_regressor"
         self.config = cfg
         self.body = PatchTransformer(cfg)
-        self.cond = nn.Parameter(torch.zeros(cfg.n_embd))
         self.out = nn.Linear(cfg.n_embd, cfg.channels * cfg.patch_size ** 2, bias=False)
         self.out.zero_init = True  # predicts a correction to its input: it starts as the identity
         self.apply(init_weights)
 
     def denoise(self, noisy):
-        patches = self.out(self.body(noisy, self.cond.expand(len(noisy), -1)))  # (B, N, C*p*p)
+        patches = self.out(self.body(noisy, noisy.new_zeros(len(noisy), self.config.n_embd)))  # (B, N, C*p*p)
         return noisy + unpatchify(patches, self.config.patch_size, self.config.channels)
 
     def forward(self, clean, noise, backward_scale=None):

@@ -325,9 +325,12 @@ def gradients(model, backward_scale, batch, seed=4):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("recipe", ["s1", "s2"])
+@pytest.mark.parametrize("recipe", ["s1", "s2", "chained"])
 def test_one_step_at_a_time_backward_gives_the_single_backward_gradients(recipe):
-    kw = S2_OPTIONS | dict(replay_size=0) if recipe == "s2" else dict(langevin_std=0.3, random_step_size=2.0)
+    """chained (detach=False, every step trained): a later step's loss reaches back through the
+    earlier steps, so the model backpropagates the whole descent at the end."""
+    kw = {"s1": dict(langevin_std=0.3, random_step_size=2.0), "s2": S2_OPTIONS | dict(replay_size=0),
+          "chained": dict(langevin_std=0.3, detach=False)}[recipe]
     model = tiny_ebt(**(dict(step_size=0.5) | kw)).train()
     g = torch.Generator().manual_seed(6)
     batch = torch.randint(13, (3, 16), generator=g), torch.randint(13, (3, 16), generator=g)
@@ -430,6 +433,9 @@ def test_replay_buffer_keeps_the_last_sequences_and_restarts_them_where_they_end
     for i in range(3):  # batches of 2: tokens i, logits i
         buffer.add(torch.full((2, 4), i), torch.full((2, 4), i), torch.full((2, 4, 3), float(i)))
     assert buffer.kept["idx"][:, 0].tolist() == [0, 1, 1, 2, 2]  # the oldest sequence fell out
+    small = ebt.ReplayBuffer(3)
+    small.add(torch.arange(5)[:, None], torch.arange(5)[:, None], torch.zeros(5, 1, 2))
+    assert small.kept["idx"][:, 0].tolist() == [2, 3, 4]  # a first batch larger than the buffer
     torch.manual_seed(0)
     idx, targets, y0 = buffer.extend(torch.full((2, 4), 9), torch.full((2, 4), 9), torch.zeros(2, 4, 3), 3)
     assert idx.shape == (5, 4) and (idx[:2] == 9).all()
@@ -518,6 +524,38 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     assert torch.equal(model.out[0], loaded.out[0]) and torch.equal(model.out[1], loaded.out[1])
     for f in ("metrics.jsonl", "loss.png"):
         assert (tmp_path / "out" / f).stat().st_size > 0
+
+
+def test_logged_throughput_counts_the_steps_since_the_last_log_or_evaluation(tmp_path, monkeypatch):
+    """A clock that moves one second per training batch: every logged tokens/s is then one
+    step's tokens, also after an evaluation between logs and at a last step off the log grid."""
+    tok, data = words_data()
+    model = ebt.build_model(tiny_config(model="transformer", vocab_size=tok.vocab_size))
+    clock = [0.0]
+    forward = model.forward
+
+    def timed_forward(*a, **kw):
+        clock[0] += model.training
+        return forward(*a, **kw)
+    monkeypatch.setattr(model, "forward", timed_forward)
+    monkeypatch.setattr(ebt.time, "time", lambda: clock[0])
+    tc = tiny_train_config(tmp_path, max_steps=7, log_interval=2, eval_interval=3)
+    records = ebt.train(model, data, tc, log=lambda *a: None)
+    logged = [(r["step"], r["tokens_per_s"]) for r in records if r["kind"] == "train"]
+    assert logged == [(s, float(tc.batch_size * data.tokens_per_sample)) for s in (2, 4, 6, 7)]
+
+
+def test_loss_plot_shows_the_trained_step_count_whatever_eval_thinks(tmp_path, monkeypatch):
+    figures = []
+    make = ebt.figure
+    monkeypatch.setattr(ebt, "figure", lambda **kw: figures.append(make(**kw)) or figures[-1])
+    for per_step, trained in (([3.0, 2.0, 1.5, 1.4], 2), ([3.0], 1), ([3.0, 2.0, 1.5], 3)):
+        records = [{"kind": "eval", "step": s, "loss_per_step": per_step, "loss": per_step[trained - 1]}
+                   for s in (10, 20)]
+        ebt.plot_metrics(records, tmp_path / "loss.png")
+        labels = [line.get_label() for line in figures[-1].axes[0].get_lines()]
+        assert len(labels) == len(set(labels)) and sum("as trained" in label for label in labels) == 1, labels
+        assert f"val loss, {trained} thinking step{'s' if trained > 1 else ''} (as trained)" in labels
 
 
 class InterruptAt:
@@ -1044,6 +1082,17 @@ def held_out_crops(n=64, t=99):
     """(noisy at DDPM step t, clean) validation crops, both in [-1, 1]."""
     clean, noise = photo_data().batch("val", n, generator=torch.Generator().manual_seed(5))
     return ebt.ddpm_noise(clean, t, noise), clean
+
+
+def test_image_ebt_evaluation_reports_psnr_at_the_trained_steps(tmp_path):
+    model = ebt.build_model(tiny_image_config(model="image_ebt", think_steps=2), seed=0)
+    with torch.no_grad():  # untrained, the zero-initialised head would leave every step at its input
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    tc = ebt.TrainConfig(batch_size=4, eval_batches=1, eval_steps=5, out_dir=str(tmp_path), device="cpu", seed=0)
+    m = ebt.evaluate(model, photo_data(), tc, "cpu")
+    assert len(m["psnr_per_step"]) == 5 and len(set(m["psnr_per_step"])) == 5
+    assert m["psnr"] == m["psnr_per_step"][1] and m["loss"] == m["loss_per_step"][1]
 
 
 @pytest.fixture(scope="module")
