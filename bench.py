@@ -28,6 +28,8 @@ import torch
 
 import ebt
 
+HERE = Path(__file__).resolve().parent
+
 
 def flops_per_step(cfg, B, S, steps):
     """Model FLOPs of one training step (matmuls only). Elementwise work is left out: at the CPU
@@ -47,11 +49,11 @@ def flops_per_step(cfg, B, S, steps):
     D, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab_size
     hidden = cfg.mlp_hidden
     per_token = L * (3 * D * D + D * D + 3 * D * hidden)  # qkv, proj, SwiGLU weights
-    attention = L * 2 * S * D  # QK^T and AV for a causal average of S/2 keys, x2 FLOPs/MAC
+    attention = L * S * D  # multiply-adds of QK^T and AV per token, over a causal average of S/2 keys
     if cfg.model == "transformer":
-        F = 2 * B * S * (per_token + D * V) + 2 * B * S * attention
+        F = 2 * B * S * (per_token + attention + D * V)
         return 3 * F
-    F = 2 * B * S * per_token + 2 * B * S * attention
+    F = 2 * B * S * (per_token + attention)
     F_pred = F + 2 * B * S * (D * V + D)  # prediction embedding and energy head
     return 3 * F + steps * 6 * F_pred
 
@@ -62,8 +64,8 @@ def measure(kind, steps, args):
     torch.manual_seed(0)
     thinking = dict(think_steps=max(steps, 1), landscapes=max(steps, 1))
     if args.s2:  # S2's options (train_text.py --recipe s2) without its replay buffer, at a fixed step count
-        thinking = dict(think_steps=max(steps, 1), landscapes=1, step_size=5.0, learn_step_size=False, langevin_std=3.0,
-                        random_step_size=2.0, truncate=True, detach=False)
+        import train_text
+        thinking = {**train_text.RECIPES["s2"], "think_steps": max(steps, 1), "random_steps": 0, "replay_size": 0}
     cfg = ebt.ModelConfig(model=kind, vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                           n_head=args.n_head, n_embd=args.n_embd, **thinking)
     model = ebt.build_model(cfg).to(device)
@@ -81,7 +83,7 @@ def measure(kind, steps, args):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    rss_before = peak_rss()
     for _ in range(args.warmup):
         step()
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -98,7 +100,7 @@ def measure(kind, steps, args):
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated()
     else:  # what training added to the process: peak RSS minus the RSS with the model built
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+        peak = peak_rss() - rss_before
     if args.profile:  # where a step's time goes, to stderr (main passes it on)
         with torch.profiler.profile() as prof:
             step()
@@ -109,6 +111,11 @@ def measure(kind, steps, args):
     flops = flops_per_step(cfg, args.batch_size, args.block_size, steps)
     return {"model": kind, "steps": steps, "step_s": dt, "tokens_per_s": args.batch_size * args.block_size / dt,
             "peak_mb": peak / 2**20, "tflops": flops / dt / 1e12, "device": device}
+
+
+def peak_rss():
+    """This process's peak resident set in bytes (ru_maxrss is in kB on Linux, in bytes on macOS)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def allocated_memory_env():
@@ -213,20 +220,24 @@ def count_syncs(steps=20, log_interval=10):
 
 def run_until(argv, out_dir, seconds=None, step=None):
     """Run a training command; stop it with SIGTERM (it saves) after `seconds` or once it has
-    logged `step`. Returns its metrics records."""
+    logged `step`. Returns its metrics records and its output."""
     import signal
-    proc = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    t0, metrics = time.time(), Path(out_dir) / "metrics.jsonl"
-    while proc.poll() is None:
-        time.sleep(1)
-        done = seconds is not None and time.time() - t0 > seconds
-        if step is not None and metrics.exists():
-            done = done or any(r["kind"] == "train" and r["step"] >= step for r in ebt.read_records(metrics))
-        if done:
-            proc.send_signal(signal.SIGTERM)
-            break
-    output = proc.communicate()[0]
-    if proc.returncode:
+    import tempfile
+    t0, metrics, done = time.time(), Path(out_dir) / "metrics.jsonl", False
+    with tempfile.TemporaryFile("w+") as output:  # a file, not a pipe: a pipe nobody reads fills and blocks
+        proc = subprocess.Popen([sys.executable, *argv], stdout=output, stderr=subprocess.STDOUT, text=True)
+        while proc.poll() is None:
+            time.sleep(1)
+            done = seconds is not None and time.time() - t0 > seconds
+            if step is not None and metrics.exists():
+                done = done or any(r["kind"] == "train" and r["step"] >= step for r in ebt.read_records(metrics))
+            if done:
+                proc.send_signal(signal.SIGTERM)
+                break
+        proc.wait()
+        output.seek(0)
+        output = output.read()
+    if proc.returncode not in (0, 130 if done else 0):  # 130: stopped by us, saved
         sys.exit(f"{' '.join(argv)} failed:\n{output[-3000:]}")
     return ebt.read_records(metrics), output
 
@@ -253,16 +264,18 @@ def gpu_check(out, args):
     runs = Path(tempfile.mkdtemp())  # checkpoints stay out of OUT: only the summary and logs go there
     cuda = torch.cuda.is_available()
     result = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__}
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "test_ebt.py", "-m", "cuda"], capture_output=True, text=True)
-    result["cuda_tests"] = r.stdout.strip().splitlines()[-1]
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", str(HERE / "test_ebt.py"), "-m", "cuda"],
+                       capture_output=True, text=True, cwd=HERE)
+    result["cuda_tests"] = (r.stdout.strip().splitlines() or [f"pytest printed nothing: {r.stderr[-500:]}"])[-1]
     print("cuda tests:", result["cuda_tests"], flush=True)
     max_steps = train_text.PRESETS["gpu"]["max_steps"]
     device = ["--device", args.device]
-    records, log = run_until(["train_text.py", *device, "--out_dir", str(runs / "ebt")], runs / "ebt", seconds=args.seconds)
+    train = str(HERE / "train_text.py")
+    records, log = run_until([train, *device, "--out_dir", str(runs / "ebt")], runs / "ebt", seconds=args.seconds)
     (out / "ebt.log").write_text(log)
     result["ebt"] = summarise_run(records, max_steps)
     print("python train_text.py:", result["ebt"], flush=True)
-    records, log = run_until(["train_text.py", *device, "--model", "transformer", "--out_dir", str(runs / "transformer")],
+    records, log = run_until([train, *device, "--model", "transformer", "--out_dir", str(runs / "transformer")],
                              runs / "transformer", step=result["ebt"]["steps"])
     (out / "transformer.log").write_text(log)
     result["transformer"] = summarise_run(records, max_steps)
@@ -284,16 +297,16 @@ def gpu_check(out, args):
             result["gpt2_vocab"] = {"batch_size": batch, **rows}
             break
     print("GPT-2 vocabulary:", result["gpt2_vocab"], flush=True)
-    (out / "gpu_check.json").write_text(json.dumps(result, indent=1))
+    ebt.write_atomically(out / "gpu_check.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
     result["alpha_at_gpt2_vocab"] = {}  # S1's alpha with the CPU preset's model at V = 50,257 (65 ids used)
     for alpha in args.alphas:
         d = runs / f"alpha{alpha:g}"
-        records, _ = run_until(["train_text.py", *device, "--preset", "cpu", "--vocab_size", "50257", "--step_size",
+        records, _ = run_until([train, *device, "--preset", "cpu", "--vocab_size", "50257", "--step_size",
                                 f"{alpha:g}", "--max_steps", str(args.sweep_steps), "--eval_interval",
                                 str(args.sweep_steps), "--out_dir", str(d)], d)
         result["alpha_at_gpt2_vocab"][alpha] = [r["loss"] for r in records if r["kind"] == "eval"][-1]
         print(f"alpha {alpha:g} at V=50257: val loss {result['alpha_at_gpt2_vocab'][alpha]:.4f}", flush=True)
-    (out / "gpu_check.json").write_text(json.dumps(result, indent=1))
+    ebt.write_atomically(out / "gpu_check.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
 
 
 def main():
@@ -333,6 +346,10 @@ def main():
         kind, steps = args.one.split(":")
         print(json.dumps(measure(kind, int(steps), args)))
         return
+    for one in args.only or ():
+        kind, _, steps = one.partition(":")
+        if not ((kind == "transformer" and steps == "0") or (kind == "ebt" and steps.isdigit() and int(steps) > 0)):
+            raise ebt.UsageError(f"--only {one}: each configuration is transformer:0 or ebt:K with K >= 1 thinking steps")
     cuda = ebt.pick_device(args.device).startswith("cuda")
     rows = []
     for one in args.only or ("transformer:0", "ebt:1", "ebt:2", "ebt:3"):

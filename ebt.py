@@ -928,13 +928,18 @@ def lr_at(step, tc):
     return tc.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def save_checkpoint(path, state):
-    """Write to a temporary file, then rename: a crash never leaves a truncated checkpoint."""
+def write_atomically(path, write):
+    """write(tmp) to a temporary file, then rename it to path: a crash leaves the old file or the
+    new one, never a truncated one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    write(tmp)
     os.replace(tmp, path)
+
+
+def save_checkpoint(path, state):
+    write_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path, device="cpu"):
@@ -1068,10 +1073,11 @@ def interrupt(signum, frame):
 
 
 def prepare_out_dir(out, resume):
-    """Never overwrite an earlier run; remove what a crash during a save left behind."""
+    """Never overwrite an earlier run's checkpoint (a run killed before its first one left only
+    its log, which a fresh start replaces); remove what a crash during a save left behind."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out_dir {out} is a file, not a directory; pass a directory")
-    if not resume and ((out / "ckpt.pt").exists() or (out / "metrics.jsonl").exists()):
+    if not resume and (out / "ckpt.pt").exists():
         raise UsageError(f"{out} already holds a run; continue it with --resume, or pass another --out_dir")
     for stale in out.glob("*.tmp") if out.is_dir() else ():
         stale.unlink()
@@ -1150,13 +1156,14 @@ def train(model, data, tc, meta=None, resume=False, log=None):
                 replay.kept = {k: t.to(device) for k, t in (kept if master else kept["replay"]).items()}
         if log_path.exists():
             records = [r for r in read_records(log_path) if r["step"] <= step]
-        log(f"resumed from {ckpt_path} at step {step}")
+        log(f"resumed from {ckpt_path} at step {step}" + (
+            f"; nothing to train: max_steps is {tc.max_steps} (raise --max_steps to go on)" if step >= tc.max_steps else ""))
     if world > 1:  # every rank starts from rank 0's weights
         for t in model.state_dict().values():
             torch.distributed.broadcast(t, 0)
     if master:
         out.mkdir(parents=True, exist_ok=True)
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        write_atomically(log_path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in records)))
 
     def checkpoint():
         nonlocal saved
@@ -1259,6 +1266,7 @@ def train(model, data, tc, meta=None, resume=False, log=None):
             if master:
                 plot_metrics(records, out / "loss.png")
             log(f"interrupted at step {step}; saved {ckpt_path} (continue with --resume)")
+        raise  # the driver stops here (exit code 130), before any report on a half-trained model
     except NonFiniteError as e:
         kept = (f"the last good checkpoint is {ckpt_path} (step {saved})" if saved is not None else
                 f"no checkpoint was written yet (the first comes at step {tc.eval_interval})")

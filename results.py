@@ -11,12 +11,12 @@ Runs: the Transformer++ and the EBT with the paper's recipes S1 and S2, each tra
 length in --lengths (optimizer steps; the learning-rate schedule follows each length) and seed,
 at equal batch. Every run is an ordinary train_text.py command, printed before it starts, so
 runs can also be launched by hand (in parallel) into the same directories; an interrupted run
-is resumed. From scratch, everything takes about 3 hours on 2 CPU cores.
+is resumed. From scratch, everything takes 2 to 3 hours on 2 CPU cores.
 
 Evaluation: cross-entropy on --windows random windows of the validation split and of an
-out-of-distribution text (Python's pydoc_data.topics), after 1..12 thinking steps (one
-candidate, no noise) and with the best of N = 1..16 candidates (at the trained steps, each
-with the paper's inference Langevin noise, std 1, the lowest final energy kept).
+out-of-distribution text (Python's pydoc_data.topics), after 1, 2, 3, 4, 6, 8 and 12 thinking
+steps (one candidate, no noise) and with the best of N = 1, 2, 4, 8 and 16 candidates (at the
+trained steps, each with the paper's inference Langevin noise, std 1, the lowest final energy kept).
 
 Writes results.md (every table) and the plots gap.png, thinking_steps.png, candidates.png and
 gains.png to assets/ (--report_dir), the image report (train_image.py --compare of the EBT S1
@@ -62,21 +62,23 @@ def parse_args(argv=None):
     return args
 
 
-def ensure_trained(main, argv, out_dir):
+def ensure_trained(main, argv, out_dir, expect=None):
     """Train (or finish training) the run in out_dir with a driver's main() unless its
-    checkpoint is complete."""
+    checkpoint is complete. expect: config values an existing run must have (an earlier
+    results.py with another --preset left its runs in the same directories)."""
     path = Path(out_dir) / "ckpt.pt"
     if path.exists():
         ckpt = ebt.load_checkpoint(path)
+        saved = {**ckpt["model_config"], **ckpt["train_config"]}
+        wrong = ", ".join(f"{k} {saved.get(k)} (not {v})" for k, v in (expect or {}).items() if saved.get(k) != v)
+        if wrong:
+            raise ebt.UsageError(f"{out_dir} holds a run with other settings: {wrong}; pass another --out_dir")
         if ckpt["step"] >= ckpt["train_config"]["max_steps"]:
             return
         argv = argv + ["--resume"] if main is train_image.main else [
             "--resume", "--out_dir", str(out_dir), "--device", argv[argv.index("--device") + 1]]
     print(f"$ python {main.__module__}.py {' '.join(argv)}", flush=True)
-    main(argv)
-    ckpt = ebt.load_checkpoint(path)
-    if ckpt["step"] < ckpt["train_config"]["max_steps"]:  # Ctrl-C: train() saved and returned
-        raise ebt.UsageError(f"training of {out_dir} stopped at step {ckpt['step']}; run results.py again to resume")
+    main(argv)  # a Ctrl-C saves the run and stops results.py (run it again to resume)
 
 
 def curves(path, windows, device):
@@ -248,7 +250,7 @@ def main(argv=None):
         m, n, s = key
         argv = ["--preset", args.preset, *MODELS[m][1], "--max_steps", str(n), "--seed", str(s),
                 "--out_dir", str(dirs[key]), "--device", args.device]
-        ensure_trained(train_text.main, argv, dirs[key])
+        ensure_trained(train_text.main, argv, dirs[key], {**train_text.PRESETS[args.preset], "max_steps": n, "seed": s})
 
     runs = {}
     for key, d in dirs.items():
@@ -276,9 +278,10 @@ def main(argv=None):
         "at each training length (negative: thinking helps)\n\n" + gains_table(runs, lengths, seeds, "S2"),
         "5. S1, the same\n\n" + gains_table(runs, lengths, seeds, "S1"),
     ])
-    (report_dir / "results.md").write_text("# Results\n\nMade by `python results.py` (see README, Results).\n\n"
-                                           + report + "\n")
-    (out / "results.json").write_text(json.dumps({f"{m}|{n}|{s}": c for (m, n, s), c in runs.items()}, indent=1) + "\n")
+    results_md = "# Results\n\nMade by `python results.py` (see README, Results).\n\n" + report + "\n"
+    ebt.write_atomically(report_dir / "results.md", lambda tmp: tmp.write_text(results_md))
+    numbers = json.dumps({f"{m}|{n}|{s}": c for (m, n, s), c in runs.items()}, indent=1) + "\n"
+    ebt.write_atomically(out / "results.json", lambda tmp: tmp.write_text(numbers))
     print(report)
     print(f"wrote {report_dir / 'results.md'} and the plots in {report_dir}, {out / 'results.json'}")
     image_dirs = [out / f"image-{name}" for name in IMAGE_RUNS]

@@ -261,9 +261,10 @@ def parse_args(argv=None):
     s("--num_tokens", type=int, default=300, help="(default: %(default)s)")
     s("--temperature", type=float, default=1.0, help="0 = most likely token (default: %(default)s)")
     s("--top_k", type=int, help="sample among the k most likely tokens only")
-    s("--seed", type=int, default=1337, help="(default: %(default)s)")
+    s("--seed", type=int, default=1337, help="of the sampling (--eval's windows and noise are fixed) (default: %(default)s)")
     s("--device", default="auto", help="auto, cpu, cuda or mps (default: %(default)s)")
-    s("--plots", help="save the thinking plots (or, with --eval, the evaluation plot) as PNGs in this directory")
+    s("--plots", help="save the thinking plots (or, with --eval, the evaluation plot) as PNGs in this directory; "
+      "they think with --steps, the other thinking options apply to the sampled text")
     s("--compile", action="store_true", help="torch.compile an EBT's tokens (context, thinking and choice in one "
       "graph): 3.6x the tokens/s on a CPU once compiled, but compiling takes 30-90 s, so it pays from a few "
       "thousand tokens")
@@ -277,7 +278,8 @@ def parse_args(argv=None):
     g.add_argument("--init_std", type=float, help="std of the random starting logits (default: as trained)")
     m = p.add_argument_group("other modes")
     m.add_argument("--eval", action="store_true", help="perplexity vs thinking steps and candidates on val and OOD text")
-    m.add_argument("--data", help="--eval: the training text, whose last 10%% is the validation split (default: Tiny Shakespeare, shipped)")
+    m.add_argument("--data", help="--eval: the training text, whose last 10%% is the validation split (default: the "
+                   "checkpoint's own, recorded at training)")
     m.add_argument("--ood", help="--eval: out-of-distribution text file (default: Python's pydoc_data.topics)")
     m.add_argument("--windows", type=int, default=64, help="--eval: random windows of block_size tokens per text (default: %(default)s)")
     args = p.parse_args(argv)
@@ -288,12 +290,29 @@ def parse_args(argv=None):
                            ("langevin_std", at_least(0), "finite and >= 0"), ("tolerance", at_least(0), "finite and >= 0"),
                            ("init_std", at_least(0), "finite and >= 0"), ("windows", at_least(1), ">= 1")):
         ebt.check_flag(getattr(args, name), name, lambda v: ok(v) and abs(v) != float("inf"), what)
+    if args.eval:
+        for name in ("steps", "step_size", "candidates", "langevin_std", "tolerance", "top_k"):
+            if getattr(args, name) is not None:
+                raise ebt.UsageError(f"--{name} applies to sampling; --eval sweeps thinking steps and candidates "
+                                     "itself, as trained")
     return args
 
 
-def evaluate_thinking(model, tokenizer, args):
-    val, ood, dropped = validation_and_ood(tokenizer, model.config.block_size, ebt.text_or_shakespeare(args.data),
-                                               ebt.read_text(args.ood) if args.ood else None)
+def training_text(ckpt_path, data=None):
+    """The text a checkpoint was trained on: data if given, else the path it recorded (None: Tiny
+    Shakespeare); checked against its checksum."""
+    recorded = ebt.load_checkpoint(ckpt_path).get("data", {})
+    path = data or recorded.get("path")
+    text = ebt.text_or_shakespeare(path)
+    if recorded.get("sha256") not in (None, ebt.sha256_text(text)):
+        raise ebt.UsageError(f"{path or 'Tiny Shakespeare'} is not the text {ckpt_path} was trained on (checksum); "
+                             "pass that text with --data (another text goes in --ood)")
+    return text
+
+
+def evaluate_thinking(model, tokenizer, text, args):
+    val, ood, dropped = validation_and_ood(tokenizer, model.config.block_size, text,
+                                           ebt.read_text(args.ood) if args.ood else None)
     ood_name = Path(args.ood).name if args.ood else "pydoc_data.topics"
     print(f"OOD text {ood_name}: {len(ood)} tokens kept, {dropped} characters outside the vocabulary dropped")
     trained = model.trained_steps() if getattr(model, "thinks", False) else 1
@@ -320,7 +339,7 @@ def main(argv=None):
     if args.compile:
         ebt.compile_model(model)
     if args.eval:
-        return evaluate_thinking(model, tokenizer, args)
+        return evaluate_thinking(model, tokenizer, training_text(ckpt, args.data), args)
     if args.plots:
         ebt.require_ebt(model, "--plots")
     idx = torch.tensor([tokenizer.encode(args.prompt)], device=device)

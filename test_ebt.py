@@ -580,7 +580,8 @@ def test_interrupt_then_resume_continues_exactly(tmp_path):
 
     straight, _ = run(tiny_train_config(tmp_path / "a"), words_data()[1])
     tc = tiny_train_config(tmp_path / "b")
-    run(tc, InterruptAt(words_data()[1], 4))  # Ctrl-C during step 5
+    with pytest.raises(KeyboardInterrupt):  # saved, then passed on: the driver exits 130
+        run(tc, InterruptAt(words_data()[1], 4))  # Ctrl-C during step 5
     assert ebt.load_checkpoint(tmp_path / "b" / "out" / "ckpt.pt")["step"] == 4
     resumed, records = run(tc, words_data()[1], resume=True)
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
@@ -679,6 +680,8 @@ def bad_inputs(tmp_path, text_file):
         "resume missing checkpoint": (d + ["--resume", "--out_dir", str(tmp_path / "none")], "does not exist"),
         "resume corrupt checkpoint": (d + ["--resume", "--out_dir", str(corrupt)], "corrupt"),
         "resume other model kind": (d + ["--resume", "--model", "ebt", "--out_dir", str(other)], "transformer"),
+        "resume the baseline with a recipe": (d + ["--resume", "--recipe", "s2", "--out_dir", str(other)], "EBT option"),
+        "thinking option for the baseline": (d + ["--model", "transformer", "--step_size", "5"], "EBT option"),
         "unavailable device": (d + ["--device", "cuda:7"] if not torch.cuda.is_available() else d + ["--device", "tpu"],
                                "device"),
     }
@@ -698,7 +701,7 @@ def test_offline_download_names_the_data_flag(tmp_path, monkeypatch):
         raise OSError("network unreachable")
     monkeypatch.setattr(train_image.urllib.request, "urlopen", offline)
     with pytest.raises(ebt.UsageError, match="--data"):
-        train_image.download("https://example.com/corpus.txt", tmp_path / "ts.txt", "0" * 64)
+        train_image.download("https://example.com/corpus.txt", tmp_path / "ts.txt")
     assert not (tmp_path / "ts.txt").exists()
 
 
@@ -1040,6 +1043,20 @@ def sample_checkpoints(tmp_path):
     return paths
 
 
+def test_sample_eval_reads_the_text_the_checkpoint_was_trained_on(tmp_path, text_file, capsys):
+    tok = ebt.CharTokenizer.fit(text_file.read_text())
+    cfg = tiny_config(vocab_size=tok.vocab_size)
+    ckpt = tmp_path / "ckpt.pt"
+    ebt.save_checkpoint(ckpt, {"model": ebt.build_model(cfg).state_dict(), "model_config": ebt.asdict(cfg),
+                               "tokenizer": tok.state(), "data": {"path": str(text_file),
+                                                                  "sha256": ebt.sha256_text(text_file.read_text())}})
+    sample.main(["--ckpt", str(ckpt), "--eval", "--windows", "2", "--device", "cpu", "--ood", str(text_file)])
+    out = capsys.readouterr().out
+    assert out.startswith("OOD text words.txt: ") and "perplexity" in out
+    with pytest.raises(ebt.UsageError, match="not the text"):
+        sample.main(["--ckpt", str(ckpt), "--eval", "--data", str(HERE / "README.md"), "--device", "cpu"])
+
+
 def test_sample_generates_and_saves_plots(sample_checkpoints, tmp_path):
     r = run_script("sample.py", "--ckpt", str(sample_checkpoints["ebt"]), "--prompt", "the cat", "--num_tokens", "12",
                    "--steps", "3", "--candidates", "2", "--tolerance", "1e-4", "--top_k", "5", "--device", "cpu",
@@ -1240,6 +1257,22 @@ def test_train_image_driver_end_to_end(tmp_path, monkeypatch):
         assert row in table, row
     for f in ("grid.png", "energy.png", "psnr.png"):
         assert (tmp_path / "out-image-compare" / f).stat().st_size > 0
+    # resume keeps the run's own settings; a training flag given overrides, a model flag must agree
+    train_image.main(["--resume", "--max_steps", "6", "--device", "cpu", "--report_steps", "1", "--passes", "1"])
+    ckpt = ebt.load_checkpoint("out-image-ebt/ckpt.pt")
+    assert ckpt["step"] == 6 and ckpt["train_config"]["batch_size"] == 4 and ckpt["train_config"]["eval_interval"] == 4
+    with pytest.raises(ebt.UsageError, match="--n_embd 64 conflicts"):
+        train_image.main(["--resume", "--n_embd", "64", "--device", "cpu"])
+    with pytest.raises(ebt.UsageError, match="--recipe s2 conflicts"):
+        train_image.main(["--resume", "--recipe", "s2", "--device", "cpu"])
+    # report levels past the DDPM chain are left out; a DiT shown at its fewest passes when all are above 10
+    train_image.main(["--model", "regressor", "--noise_t", "400", "--out_dir", "late", *tiny])
+    assert "t = 801 (unseen)" in (tmp_path / "late" / "psnr.md").read_text()
+    train_image.main(["--compare", "out-image-dit", "--passes", "12", "--device", "cpu"])
+    import shutil
+    shutil.copytree("out-image-ebt", "copy/out-image-ebt")
+    with pytest.raises(ebt.UsageError, match="named out-image-ebt"):
+        train_image.main(["--compare", "out-image-ebt", "copy/out-image-ebt", "--device", "cpu"])
 
 
 def test_train_image_bad_inputs_exit_2(tmp_path, monkeypatch):
@@ -1251,11 +1284,33 @@ def test_train_image_bad_inputs_exit_2(tmp_path, monkeypatch):
     import matplotlib.image
     matplotlib.image.imsave(small / "tiny.png", np.zeros((20, 20, 3)))
     cases = [["--data", str(empty)], ["--data", str(corrupt)], ["--data", str(small)],
-             ["--noise_t", "0"], ["--dataset", "mnist"]]
+             ["--noise_t", "0"], ["--dataset", "mnist"], ["--data", str(small), "--dataset", "mnist"]]
     for args in cases:
         r = run_script("train_image.py", *args, "--max_steps", "1", "--out_dir", str(tmp_path / "out"))
         assert r.returncode == 2, (args, r.stderr)
         assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    for f in ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz"):  # a download cut short, cached
+        (tmp_path / "cache" / "mnist").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "cache" / "mnist" / f).write_bytes(gzip.compress(b"\0\0\x08\x03")[:-6])
+    r = run_script("train_image.py", "--dataset", "mnist", "--max_steps", "1", "--out_dir", str(tmp_path / "out"))
+    assert r.returncode == 2 and "corrupt or truncated" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+# --- bench.py
+
+def test_bench_flop_count_is_a_counted_forward_times_three():
+    """A Transformer++ step is 3 forwards: the matrix products torch's FLOP counter sees in a forward,
+    plus causal attention counted by hand (query i meets i + 1 keys), which the counter leaves out."""
+    import bench
+    from torch.utils.flop_counter import FlopCounterMode
+    B, S = 3, 32
+    cfg = tiny_config(model="transformer", block_size=S)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        ebt.build_model(cfg).logits(torch.randint(cfg.vocab_size, (B, S)))
+    matmuls = counter.get_total_flops()
+    attention = 2 * 2 * B * cfg.n_layer * cfg.n_embd * S * (S + 1) // 2  # QK^T and AV, 2 FLOPs a multiply-add
+    assert matmuls > 0 and attention > 0.1 * matmuls
+    assert bench.flops_per_step(cfg, B, S, 0) == pytest.approx(3 * (matmuls + attention), rel=0.01)
 
 
 # --- results.py: every table and plot of the README's Results from one command
@@ -1287,6 +1342,8 @@ def test_results_trains_what_is_missing_then_reports_from_checkpoints(tmp_path, 
     results.main(argv)  # everything is trained now: only the report is made again
     assert "$ python " not in capsys.readouterr().out
     assert (tmp_path / "results.md").read_text() == report
+    with pytest.raises(ebt.UsageError, match="other settings"):  # runs of another preset are not reused
+        results.main([*argv, "--preset", "gpu"])
 
 
 # --- Mixed precision (the CUDA path runs under bf16 autocast; CPU autocast runs the same code)
@@ -1389,8 +1446,11 @@ def test_resume_restores_the_runs_settings_and_refuses_a_conflict(tmp_path, text
     assert ckpt["step"] == 6 and ckpt["train_config"]["lr"] == 0.004 and ckpt["train_config"]["batch_size"] == 4
     assert ckpt["model_config"]["n_embd"] == 16 and ckpt["model_config"]["replay_size"] == 192
     assert "notice: --max_steps 6 overrides the checkpoint's 4" in stdout
+    code, stdout, err = cli(train_text.main, "--resume", "--out_dir", out, "--device", "cpu")
+    assert code == 0 and "nothing to train" in stdout and ebt.load_checkpoint(tmp_path / "out" / "ckpt.pt")["step"] == 6
     for conflict, message in ((["--n_embd", "32"], "--n_embd 32 conflicts"), (["--tokenizer", "gpt2"], "tokenizer"),
-                              (["--data", str(HERE / "README.md")], "not the text")):
+                              (["--data", str(HERE / "README.md")], "not the text"),
+                              (["--recipe", "s1"], "started from recipe s2"), (["--preset", "gpu"], "preset cpu")):
         code, _, err = cli(train_text.main, "--resume", "--out_dir", out, "--device", "cpu", *conflict)
         assert code == 2 and message in err and err.count("\n") == 1, err
 
@@ -1403,7 +1463,7 @@ def test_sigterm_saves_like_ctrl_c_and_a_stale_temporary_file_is_removed(tmp_pat
         pass
     proc.terminate()  # SIGTERM, what schedulers send
     rest = proc.communicate(timeout=60)[0]
-    assert proc.returncode == 0 and "interrupted at step" in rest
+    assert proc.returncode == 130 and "interrupted at step" in rest
     step = ebt.load_checkpoint(out / "ckpt.pt")["step"]
     assert step >= 3
     (out / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")  # what a crash during a save leaves
@@ -1451,6 +1511,7 @@ def test_bad_input_is_one_line_and_exit_2_in_process(tmp_path, text_file, sample
                         ("--langevin_std", "nan"), ("--steps", "100000"), ("--top_k", "0")):
         cases.append((sample.main, [*ckpt, flag, value], flag))
     cases += [(sample.main, [*ckpt, "--eval", "--windows", "0"], "--windows"),
+              (sample.main, [*ckpt, "--eval", "--steps", "3"], "applies to sampling"),
               (sample.main, ["--ckpt", str(tmp_path), "--device", "cpu"], "is a directory"),
               (sample.main, [*ckpt, "--num_token", "3"], "unrecognized arguments")]
     for args, message in ((["--image_size", "0"], "--image_size"), (["--report_steps", "-1"], "--report_steps"),
@@ -1506,10 +1567,10 @@ def test_langevin_noise_goes_on_the_logits_before_every_step():
     ("s2", dict(think_steps=2, landscapes=1, random_steps=1, step_size=5.0, learn_step_size=False, langevin_std=3.0,
                 random_step_size=2.0, truncate=True, detach=False, replay_size=192, replay_batch=0.5, init_std=1.0))])
 def test_recipes_are_the_papers_job_scripts(recipe, expected, tmp_path):
-    """ebt_s1.sh / ebt_s2.sh as DESIGN.md reads them; S1 at the paper's alpha 500 gets its lr x 1500."""
+    """The paper's job scripts ebt_s1.sh / ebt_s2.sh; S1 at the paper's alpha 500 gets its lr x 1500."""
     extra = ["--step_size", "500"] if recipe == "s1" else []
     args = train_text.parse_args(["--recipe", recipe, "--device", "cpu", *extra])
-    cfg, _, _ = train_text.new_run(args, "cpu", synthetic_text(), log=lambda *a: None)
+    cfg, _, _, _ = train_text.new_run(args, "cpu", synthetic_text(), log=lambda *a: None)
     assert {k: getattr(cfg, k) for k in expected} == expected
     model = ebt.build_model(cfg)
     assert model.trained_steps() == (3 if recipe == "s2" else 2)  # S2 evaluates with 3

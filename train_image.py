@@ -16,7 +16,6 @@ what --compare writes, for several checkpoints): psnr.md, PSNR against forward p
 model at every noise level; psnr.png, the same as a plot; grid.png, a few denoised validation
 crops; energy.png (an EBT's), the mean energy along the thinking steps.
 """
-import hashlib
 import os
 import urllib.request
 from pathlib import Path
@@ -33,47 +32,51 @@ RECIPES = {  # the image EBT: S1 as the paper's image runs (one step); S2 with t
     "s2": dict(think_steps=2, landscapes=1, random_steps=1, random_step_size=2.0, truncate=True, detach=False),
 }
 CACHE_DIR = Path(os.environ.get("NANOEBT_CACHE", Path.home() / ".cache" / "nanoebt"))
+_m, _t = ebt.ModelConfig(), ebt.TrainConfig()
+MODEL_DEFAULTS = dict(patch_size=_m.patch_size, n_layer=3, n_head=4, n_embd=96, noise_t=_m.noise_t, step_size=1000.0)
+TRAIN_DEFAULTS = dict(max_steps=800, batch_size=32, lr=1e-3, warmup_steps=50, weight_decay=_t.weight_decay,
+                      grad_clip=_t.grad_clip, eval_interval=200, eval_batches=4, eval_steps=_t.eval_steps,
+                      log_interval=50, seed=_t.seed)
 
 
 def parse_args(argv=None):
+    # model and training flags default to None, so that a resumed run knows what was given
     p = ebt.ArgumentParser(description=__doc__)
-    m, t, s = ebt.ModelConfig(), ebt.TrainConfig(), p.add_argument
+    s = p.add_argument
+    default = lambda k, note="": f"{note}(default: {MODEL_DEFAULTS.get(k, TRAIN_DEFAULTS.get(k))})"
     s("--model", choices=("ebt", "dit", "regressor"), default="ebt", help="(default: %(default)s)")
-    s("--recipe", choices=RECIPES, default="s1", help="the EBT's (default: %(default)s)")
+    s("--recipe", choices=RECIPES, help="the EBT's (default: s1)")
     s("--compare", nargs="+", metavar="OUT_DIR", help="report on trained checkpoints instead of training")
-    s("--dataset", choices=("photos", "mnist", "cifar10"), default="photos",
-      help="photos: matplotlib's sample photo, bottom fifth held out (default: %(default)s)")
+    s("--dataset", choices=("photos", "mnist", "cifar10"),
+      help="photos: matplotlib's sample photo, bottom fifth held out (default: photos)")
     s("--data", help="a folder of PNG/JPEG images instead (bottom fifth of each held out)")
     s("--image_size", type=int, help="crop size (default: 28 for mnist, else 32)")
-    s("--patch_size", type=int, default=m.patch_size, help="(default: %(default)s)")
-    s("--n_layer", type=int, default=3, help="(default: %(default)s)")
-    s("--n_head", type=int, default=4, help="(default: %(default)s)")
-    s("--n_embd", type=int, default=96, help="(default: %(default)s)")
-    s("--noise_t", type=int, default=m.noise_t, help="training noise, a DDPM step (default: %(default)s)")
-    s("--eval_t", type=int, nargs="+", help="report noise levels, DDPM steps (default: noise_t, 2x and 3x its + 1)")
+    for k in ("patch_size", "n_layer", "n_head", "n_embd"):
+        s(f"--{k}", type=int, help=default(k))
+    s("--noise_t", type=int, help=default("noise_t", "training noise, a DDPM step "))
+    s("--eval_t", type=int, nargs="+", help="report noise levels, DDPM steps (default: k (noise_t + 1) - 1 for "
+      "k = 1, 2, 3 up to 1000: 99 199 299)")
     s("--passes", type=int, nargs="+", default=list(DIT_PASSES), help="the DiT's DDIM passes in the report "
       "(default: %(default)s)")
     g = p.add_argument_group("thinking (EBT)")
-    g.add_argument("--step_size", type=float, default=1000.0,
-                   help="initial alpha; grows with the number of patches, the energy is their mean (default: %(default)s)")
+    g.add_argument("--step_size", type=float, help=default(
+        "step_size", "initial alpha; grows with the number of patches, the energy is their mean "))
     g.add_argument("--step_size_lr_mult", type=float, help="alpha's lr / base lr (default: 3x --step_size)")
-    g.add_argument("--eval_steps", type=int, default=t.eval_steps, help="thinking steps at evaluation, 0 = 2x trained (default: %(default)s)")
+    g.add_argument("--eval_steps", type=int, help=default("eval_steps", "thinking steps at evaluation, 0 = 2x trained "))
     g.add_argument("--report_steps", type=int, help="thinking steps in the report (default: 4x the trained steps)")
-    s("--max_steps", type=int, default=800, help="(default: %(default)s)")
-    s("--batch_size", type=int, default=32, help="(default: %(default)s)")
-    s("--lr", type=float, default=1e-3, help="(default: %(default)s)")
-    s("--warmup_steps", type=int, default=50, help="(default: %(default)s)")
-    s("--weight_decay", type=float, default=t.weight_decay, help="(default: %(default)s)")
-    s("--grad_clip", type=float, default=t.grad_clip, help="0 = off (default: %(default)s)")
-    s("--eval_interval", type=int, default=200, help="(default: %(default)s)")
-    s("--eval_batches", type=int, default=4, help="(default: %(default)s)")
-    s("--log_interval", type=int, default=50, help="(default: %(default)s)")
+    for k, kind in (("max_steps", int), ("batch_size", int), ("lr", float), ("warmup_steps", int),
+                    ("weight_decay", float), ("grad_clip", float), ("eval_interval", int), ("eval_batches", int),
+                    ("log_interval", int)):
+        s(f"--{k}", type=kind, help=default(k, "0 = off " if k == "grad_clip" else ""))
     s("--out_dir", help="checkpoint, metrics and report (default: out-image-MODEL, or out-image-compare)")
-    s("--resume", action="store_true", help="continue from out_dir/ckpt.pt")
+    s("--resume", action="store_true", help="continue from out_dir/ckpt.pt with its settings; training flags "
+      "given override them, model and data flags must agree")
     s("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps (default: %(default)s)")
-    s("--seed", type=int, default=t.seed, help="(default: %(default)s)")
+    s("--seed", type=int, help=default("seed"))
     args = p.parse_args(argv)
     args.out_dir = args.out_dir or ("out-image-compare" if args.compare else f"out-image-{args.model}")
+    if args.data and args.dataset:
+        raise ebt.UsageError(f"--data {args.data} and --dataset {args.dataset}: give one (--data is a folder of images)")
     ebt.check_flag(args.image_size, "image_size", lambda v: v >= 1, ">= 1")
     ebt.check_flag(args.report_steps, "report_steps", lambda v: v >= 1, ">= 1")
     for name, values in (("noise_t", [args.noise_t]), ("eval_t", args.eval_t or [])):
@@ -161,7 +164,7 @@ def held_out_strips(named_images, crop):
     return train, val
 
 
-def download(url, path, sha256=None, hint="pass a local copy with --data PATH"):
+def download(url, path, hint="pass a local copy with --data PATH"):
     """Fetch url into path once (atomically); later calls reuse the cached file.
     hint: what the user can do instead, appended to the error."""
     path = Path(path)
@@ -174,8 +177,6 @@ def download(url, path, sha256=None, hint="pass a local copy with --data PATH"):
             data = r.read()
     except OSError as e:
         raise ebt.UsageError(f"could not download {url} ({e}); {hint}") from None
-    if sha256 and hashlib.sha256(data).hexdigest() != sha256:
-        raise ebt.UsageError(f"{url} downloaded with an unexpected checksum; {hint}")
     tmp.write_bytes(data)
     os.replace(tmp, path)
     return path
@@ -220,15 +221,24 @@ def read_cifar10(path):
 
 def download_dataset(name):
     """MNIST or CIFAR-10 as (train, val) uint8 tensors (N, C, H, W), downloaded once and cached."""
+    import pickle
+    import tarfile
     hint = lambda p: f"no network? put the file at {p}, or use the default photos or --data DIR"
+
+    def read(reader, path):  # a cached file cut short (or not the dataset) is named, not traced back
+        try:
+            return reader(path)
+        except (OSError, EOFError, ValueError, tarfile.TarError, pickle.UnpicklingError) as e:
+            raise ebt.UsageError(f"{path} is corrupt or truncated ({type(e).__name__}); delete it to download it "
+                                 "again") from None
     if name == "mnist":
         split = []
         for f in ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz"):
             path = download(MNIST_URL + f, CACHE_DIR / "mnist" / f, hint=hint(CACHE_DIR / "mnist" / f))
-            split.append(torch.from_numpy(read_idx(path).copy())[:, None])  # (N, 1, 28, 28)
+            split.append(torch.from_numpy(read(read_idx, path).copy())[:, None])  # (N, 1, 28, 28)
         return tuple(split)
     path = CACHE_DIR / "cifar-10-python.tar.gz"
-    train, test = read_cifar10(download(CIFAR10_URL, path, hint=hint(path)))
+    train, test = read(read_cifar10, download(CIFAR10_URL, path, hint=hint(path)))
     return torch.from_numpy(train), torch.from_numpy(test)
 
 
@@ -254,27 +264,49 @@ def load_data(spec):
     return ImageData(train, val, spec["image_size"], source=source)
 
 
+def given(args, names):
+    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+
+
+def resumed_configs(args, ckpt):
+    """The checkpoint's configs and data; training flags given override them, the rest must agree."""
+    spec, cfg = ckpt["image_data"], ebt.ModelConfig.from_dict(ckpt["model_config"])
+    dataset = "folder" if args.data else args.dataset
+    agree = {**{k: (v, getattr(cfg, k)) for k, v in given(args, (*MODEL_DEFAULTS, "step_size_lr_mult")).items()},
+             **{k: (v, spec[k]) for k, v in dict(image_size=args.image_size, data=args.data, dataset=dataset).items()
+                if v is not None}}
+    if args.recipe:
+        agree["recipe"] = (args.recipe, next((r for r, kw in RECIPES.items()
+                                              if all(getattr(cfg, k) == v for k, v in kw.items())), "another"))
+    for k, (v, saved) in agree.items():
+        if v != saved:
+            raise ebt.UsageError(f"--{k} {v} conflicts with the checkpoint's {saved}; resume without it, "
+                                 "or start a new run in another --out_dir")
+    train = {k: v for k, v in ckpt["train_config"].items() if k in TRAIN_DEFAULTS}
+    for k, v in given(args, TRAIN_DEFAULTS).items():
+        if train[k] != v:
+            print(f"notice: --{k} {v} overrides the checkpoint's {train[k]}")
+            train[k] = v
+    return spec, cfg, train
+
+
 def train(args):
     kind = "image_" + args.model
     ckpt = resume_checkpoint(args.out_dir, kind) if args.resume else None
     if ckpt:
-        spec, cfg = ckpt["image_data"], ebt.ModelConfig.from_dict(ckpt["model_config"])
+        spec, cfg, train_values = resumed_configs(args, ckpt)
+        data = load_data(spec)
     else:
-        dataset = "folder" if args.data else args.dataset
+        dataset = "folder" if args.data else args.dataset or "photos"
         spec = {"dataset": dataset, "data": args.data, "image_size": args.image_size or (28 if dataset == "mnist" else 32)}
-    data = load_data(spec)
-    if not ckpt:
-        thinking = RECIPES[args.recipe] if args.model == "ebt" else {}
-        cfg = ebt.ModelConfig(
-            model=kind, channels=data.channels, image_size=spec["image_size"], patch_size=args.patch_size,
-            n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, noise_t=args.noise_t, step_size=args.step_size,
-            step_size_lr_mult=args.step_size_lr_mult or 3 * args.step_size, **thinking)
-    tc = ebt.TrainConfig(max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
-                         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-                         eval_interval=args.eval_interval, eval_batches=args.eval_batches,
-                         eval_steps=args.eval_steps, log_interval=args.log_interval, out_dir=args.out_dir,
-                         device=args.device, seed=args.seed)
-    model = ebt.build_model(cfg, args.seed)
+        data = load_data(spec)
+        values = {**MODEL_DEFAULTS, **given(args, MODEL_DEFAULTS)}
+        thinking = RECIPES[args.recipe or "s1"] if args.model == "ebt" else {}
+        cfg = ebt.ModelConfig(model=kind, channels=data.channels, image_size=spec["image_size"], **values,
+                              step_size_lr_mult=args.step_size_lr_mult or 3 * values["step_size"], **thinking)
+        train_values = {**TRAIN_DEFAULTS, **given(args, TRAIN_DEFAULTS)}
+    tc = ebt.TrainConfig(**train_values, out_dir=args.out_dir, device=args.device)
+    model = ebt.build_model(cfg, tc.seed)
     ebt.train(model, data, tc, meta={"image_data": spec}, resume=bool(ckpt))
     return {Path(args.out_dir).name: model.eval()}, data
 
@@ -288,8 +320,11 @@ def load_trained(dirs, device):
             raise ebt.UsageError(f"{d}/ckpt.pt is not an image model checkpoint")
         if spec and ckpt["image_data"] != spec:
             raise ebt.UsageError(f"{d} was trained on other data than {dirs[0]} ({ckpt['image_data']} vs {spec})")
-        spec = ckpt["image_data"]
-        models[Path(d).resolve().name] = ebt.model_from_checkpoint(ckpt, device).eval()
+        spec, name = ckpt["image_data"], Path(d).resolve().name
+        if name in models:
+            raise ebt.UsageError(f"two --compare directories are named {name}; the report names models by "
+                                 "their directory, so give them different names")
+        models[name] = ebt.model_from_checkpoint(ckpt, device).eval()
     return models, load_data(spec)
 
 
@@ -315,8 +350,8 @@ def report(models, data, args, device):
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     trained_t = next(iter(models.values())).config.noise_t
-    levels = args.eval_t or [k * (trained_t + 1) - 1 for k in (1, 2, 3)]
-    g = torch.Generator().manual_seed(args.seed + 2)
+    levels = args.eval_t or [t for t in (k * (trained_t + 1) - 1 for k in (1, 2, 3)) if t <= ebt.DDPM_STEPS]
+    g = torch.Generator().manual_seed((TRAIN_DEFAULTS["seed"] if args.seed is None else args.seed) + 2)
     clean, _ = data.batch("val", REPORT_CROPS, generator=g)
     clean = clean.to(device)
     detailed = clean.flatten(1).std(1).topk(GRID_CROPS).indices
@@ -328,7 +363,8 @@ def report(models, data, args, device):
             table.setdefault(key, {})[t] = ebt.psnr(y, clean).mean().item()
         if grid is None:  # the first level is the training level; an EBT as trained, a DiT at up to 10 passes
             shown = {name: getattr(model, "trained_steps", lambda: 10)() for name, model in models.items()}
-            grid = {name: preds[name, max(p for (n, p) in preds if n == name and p <= shown.get(name, 0))][detailed]
+            grid = {name: preds[name, max((p for (n, p) in preds if n == name and p <= shown.get(name, 0)),
+                                          default=min(p for (n, p) in preds if n == name))][detailed]
                     for name, _ in preds} | {"clean": clean[detailed]}
     seen = lambda t: "trained" if t == trained_t else "unseen"
     lines = ["| model | forward passes | " + " | ".join(f"t = {t} ({seen(t)})" for t in levels) + " |",
@@ -338,7 +374,7 @@ def report(models, data, args, device):
     text = (f"PSNR (dB, images in [-1, 1]) on {REPORT_CROPS} held-out {data.crop}x{data.crop} crops, DDPM noise at step "
             "t; an EBT's forward passes are its thinking steps (each also a backward pass), a DiT's its DDIM "
             "steps.\n\n" + "\n".join(lines) + "\n")
-    (out / "psnr.md").write_text(text)
+    ebt.write_atomically(out / "psnr.md", lambda tmp: tmp.write_text(text))
     print(text)
     plot_grid(grid, out / "grid.png")
     plot_psnr(table, levels, trained_t, out / "psnr.png")

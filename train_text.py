@@ -45,6 +45,7 @@ MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "mlp_hidden", "block_size", *RECIP
                "init_std", "replay_batch")
 TRAIN_FLAGS = ("batch_size", "max_steps", "lr", "warmup_steps", "grad_accum", "weight_decay", "grad_clip",
                "eval_interval", "eval_batches", "eval_steps", "log_interval", "seed")
+EBT_FLAGS = ("recipe", *RECIPES["s1"], "step_size_lr_mult", "init_std", "replay_batch", "eval_steps")  # thinking
 
 
 def parse_args(argv=None):
@@ -53,7 +54,7 @@ def parse_args(argv=None):
     m, t, s = ebt.ModelConfig(), ebt.TrainConfig(), p.add_argument
     preset_help = lambda k: f"(default: from --preset: gpu {PRESETS['gpu'][k]}, cpu {PRESETS['cpu'][k]})"
     recipe_help = lambda k: f"(default: from --recipe: s1 {RECIPES['s1'][k]}, s2 {RECIPES['s2'][k]})"
-    s("--preset", choices=PRESETS, help="size and budget (default: gpu if CUDA or MPS is available, else cpu)")
+    s("--preset", choices=PRESETS, help="size and budget (default: gpu when --device is or picks cuda or mps, else cpu)")
     s("--model", choices=ebt.TEXT_KINDS, help="(default: ebt)")
     s("--recipe", choices=RECIPES, help="the paper's training recipe for the EBT (default: s1)")
     for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_steps", "eval_interval",
@@ -105,6 +106,8 @@ def new_run(args, device, text, log):
     if preset == "gpu" and device == "cpu":
         log("warning: the gpu preset on a CPU takes hours and may not fit in memory; --preset cpu is sized for it")
     model, recipe = args.model or "ebt", args.recipe or "s1"
+    if model != "ebt" and given(args, EBT_FLAGS):
+        raise ebt.UsageError(f"--{next(iter(given(args, EBT_FLAGS)))} is an EBT option; --model {model} does not think")
     tokenizer = ebt.CharTokenizer.fit(text) if (args.tokenizer or "char") == "char" else ebt.GPT2Tokenizer()
     values = {**PRESETS[preset], **(RECIPES[recipe] if model == "ebt" else {}), **given(args, MODEL_FLAGS + TRAIN_FLAGS)}
     if model == "ebt":
@@ -118,11 +121,20 @@ def new_run(args, device, text, log):
         raise ebt.UsageError(f"--vocab_size {vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
     cfg = ebt.ModelConfig(model=model, vocab_size=vocab_size, **{k: v for k, v in values.items() if k in MODEL_FLAGS})
     tc = ebt.TrainConfig(**{k: v for k, v in values.items() if k in TRAIN_FLAGS})
-    return cfg, tc, tokenizer
+    return cfg, tc, tokenizer, {"preset": preset, "recipe": recipe if model == "ebt" else None}
 
 
 def resumed_run(args, ckpt, log):
-    """The checkpoint's own configs; training flags given override them, model flags must agree."""
+    """The checkpoint's own configs; training flags given override them, model flags (and the
+    preset and recipe it started from) must agree."""
+    started = ckpt.get("started", {})
+    if ckpt["model_config"]["model"] != "ebt" and given(args, EBT_FLAGS):
+        raise ebt.UsageError(f"--{next(iter(given(args, EBT_FLAGS)))} is an EBT option; {args.out_dir} holds a "
+                             f"{ckpt['model_config']['model']}, which does not think")
+    for k, v in given(args, ("preset", "recipe")).items():
+        if started.get(k, v) != v:
+            raise ebt.UsageError(f"--{k} {v}: the run in {args.out_dir} started from {k} {started[k]}; resume "
+                                 "without it, or start a new run in another --out_dir")
     cfg = ebt.ModelConfig.from_dict(ckpt["model_config"])
     for k, v in given(args, MODEL_FLAGS + ("model", "vocab_size")).items():
         if getattr(cfg, k) != v:
@@ -136,7 +148,7 @@ def resumed_run(args, ckpt, log):
         if train[k] != v:
             log(f"notice: --{k} {v} overrides the checkpoint's {train[k]}")
             train[k] = v
-    return cfg, ebt.TrainConfig(**train), ebt.tokenizer_from_state(ckpt["tokenizer"])
+    return cfg, ebt.TrainConfig(**train), ebt.tokenizer_from_state(ckpt["tokenizer"]), started
 
 
 def main(argv=None, log=None):
@@ -150,12 +162,14 @@ def main(argv=None, log=None):
         if ebt.sha256_text(text) != ckpt["data"]["sha256"]:
             raise ebt.UsageError(f"{data_path or 'the data'} is not the text {args.out_dir}/ckpt.pt was trained on "
                                  "(checksum); resume with the same --data or start a new --out_dir")
-        cfg, tc, tokenizer = resumed_run(args, ckpt, log)
+        cfg, tc, tokenizer, started = resumed_run(args, ckpt, log)
     else:
-        cfg, tc, tokenizer = new_run(args, device, text, log)
-    tc.out_dir, tc.device, tc.compile = args.out_dir, args.device, args.compile
-    data = ebt.TextData(tokenizer.encode(text), cfg.block_size, source=args.data or "Tiny Shakespeare")
-    meta = {"tokenizer": tokenizer.state(), "data": {"path": data_path, "sha256": ebt.sha256_text(text)}}
+        cfg, tc, tokenizer, started = new_run(args, device, text, log)
+    tc.out_dir, tc.device = args.out_dir, args.device
+    tc.compile = args.compile or bool(ckpt and ckpt["train_config"].get("compile"))
+    data = ebt.TextData(tokenizer.encode(text), cfg.block_size, source=data_path or "Tiny Shakespeare")
+    meta = {"tokenizer": tokenizer.state(), "data": {"path": data_path, "sha256": ebt.sha256_text(text)},
+            "started": started}
     ebt.train(ebt.build_model(cfg, tc.seed), data, tc, meta=meta, resume=bool(ckpt), log=log)
 
 
