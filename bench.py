@@ -310,13 +310,12 @@ def gpu_check(out, args):
 
 
 def main():
+    import train_text
+    cpu = train_text.PRESETS["cpu"]  # the default size: train_text.py's CPU preset
     p = ebt.ArgumentParser(description=__doc__)
     p.add_argument("--device", default="auto")
-    p.add_argument("--n_layer", type=int, default=4)
-    p.add_argument("--n_head", type=int, default=4)
-    p.add_argument("--n_embd", type=int, default=128)
-    p.add_argument("--block_size", type=int, default=64)
-    p.add_argument("--batch_size", type=int, default=16)
+    for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size"):
+        p.add_argument(f"--{k}", type=int, default=cpu[k], help="(default: %(default)s, the CPU preset's)")
     p.add_argument("--vocab_size", type=int, default=65)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)

@@ -446,6 +446,11 @@ class Thinker:
         raw = self.raw_step_size
         return raw + (raw.clamp(min=1e-3) - raw).detach()
 
+    def differentiates_twice(self):
+        """Whether the energy's gradient will itself be differentiated: only in training through
+        the descent (then attention must be explicit: the fused kernels have no second derivative)."""
+        return self.training and torch.is_grad_enabled()
+
     def trained_steps(self):
         """The most steps training takes (S2: 2 or 3, so 3): what inference thinks by default."""
         return self.config.think_steps + self.config.random_steps
@@ -569,8 +574,7 @@ class TextEBT(Thinker, nn.Module):
         """probs: (B, P, V) candidate distributions of the next token after each of the last P
         context tokens. Returns energies (B, P)."""
         x = self.pred_emb(probs) + self.step_emb.weight[landscape]
-        # second derivatives are needed only when training through the descent
-        double_backward = self.training and torch.is_grad_enabled()
+        double_backward = self.differentiates_twice()
         for block, kv in zip(self.trunk.blocks, context):
             x = block.forward_predictions(x, self.trunk.rotary, kv, double_backward)
         return self.energy_head(self.norm(x)).squeeze(-1)
@@ -1520,8 +1524,7 @@ class ImageEBT(Thinker, nn.Module):
     def energy(self, img, landscape):
         """img: (B, C, S, S) candidates. Returns energies (B,)."""
         cond = self.step_emb.weight[landscape].expand(len(img), -1)
-        # second derivatives are needed only when training through the descent
-        double_backward = self.training and torch.is_grad_enabled()
+        double_backward = self.differentiates_twice()
         return self.energy_head(self.body(img, cond, double_backward)).squeeze(-1).mean(1)
 
     def predict(self, noisy, steps=None, step_size=None):
