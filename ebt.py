@@ -1321,6 +1321,11 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see --help)")
 
 
+def given_flags(args, names):
+    """The flags among names that the user gave (the drivers' defaults are None where this matters)."""
+    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+
+
 def check_flag(value, name, ok, what):
     """One-line UsageError for a flag value that is NaN or out of range: ok(value) must hold."""
     if value is not None and (value != value or not ok(value)):

@@ -264,15 +264,12 @@ def load_data(spec):
     return ImageData(train, val, spec["image_size"], source=source)
 
 
-def given(args, names):
-    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
-
-
 def resumed_configs(args, ckpt):
     """The checkpoint's configs and data; training flags given override them, the rest must agree."""
     spec, cfg = ckpt["image_data"], ebt.ModelConfig.from_dict(ckpt["model_config"])
     dataset = "folder" if args.data else args.dataset
-    agree = {**{k: (v, getattr(cfg, k)) for k, v in given(args, (*MODEL_DEFAULTS, "step_size_lr_mult")).items()},
+    model_flags = ebt.given_flags(args, (*MODEL_DEFAULTS, "step_size_lr_mult"))
+    agree = {**{k: (v, getattr(cfg, k)) for k, v in model_flags.items()},
              **{k: (v, spec[k]) for k, v in dict(image_size=args.image_size, data=args.data, dataset=dataset).items()
                 if v is not None}}
     if args.recipe:
@@ -283,7 +280,7 @@ def resumed_configs(args, ckpt):
             raise ebt.UsageError(f"--{k} {v} conflicts with the checkpoint's {saved}; resume without it, "
                                  "or start a new run in another --out_dir")
     train = {k: v for k, v in ckpt["train_config"].items() if k in TRAIN_DEFAULTS}
-    for k, v in given(args, TRAIN_DEFAULTS).items():
+    for k, v in ebt.given_flags(args, TRAIN_DEFAULTS).items():
         if train[k] != v:
             print(f"notice: --{k} {v} overrides the checkpoint's {train[k]}")
             train[k] = v
@@ -300,11 +297,11 @@ def train(args):
         dataset = "folder" if args.data else args.dataset or "photos"
         spec = {"dataset": dataset, "data": args.data, "image_size": args.image_size or (28 if dataset == "mnist" else 32)}
         data = load_data(spec)
-        values = {**MODEL_DEFAULTS, **given(args, MODEL_DEFAULTS)}
+        values = {**MODEL_DEFAULTS, **ebt.given_flags(args, MODEL_DEFAULTS)}
         thinking = RECIPES[args.recipe or "s1"] if args.model == "ebt" else {}
         cfg = ebt.ModelConfig(model=kind, channels=data.channels, image_size=spec["image_size"], **values,
                               step_size_lr_mult=args.step_size_lr_mult or 3 * values["step_size"], **thinking)
-        train_values = {**TRAIN_DEFAULTS, **given(args, TRAIN_DEFAULTS)}
+        train_values = {**TRAIN_DEFAULTS, **ebt.given_flags(args, TRAIN_DEFAULTS)}
     tc = ebt.TrainConfig(**train_values, out_dir=args.out_dir, device=args.device)
     model = ebt.build_model(cfg, tc.seed)
     ebt.train(model, data, tc, meta={"image_data": spec}, resume=bool(ckpt))

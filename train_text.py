@@ -95,8 +95,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def given(args, names):
-    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+def refuse_thinking_flags(args, model):
+    """An EBT option given for a model that does not think is an error, not silently dropped."""
+    thinking = ebt.given_flags(args, EBT_FLAGS)
+    if model != "ebt" and thinking:
+        raise ebt.UsageError(f"--{next(iter(thinking))} is an EBT option; the {model} model does not think")
 
 
 def new_run(args, device, text, log):
@@ -106,10 +109,10 @@ def new_run(args, device, text, log):
     if preset == "gpu" and device == "cpu":
         log("warning: the gpu preset on a CPU takes hours and may not fit in memory; --preset cpu is sized for it")
     model, recipe = args.model or "ebt", args.recipe or "s1"
-    if model != "ebt" and given(args, EBT_FLAGS):
-        raise ebt.UsageError(f"--{next(iter(given(args, EBT_FLAGS)))} is an EBT option; --model {model} does not think")
+    refuse_thinking_flags(args, model)
     tokenizer = ebt.CharTokenizer.fit(text) if (args.tokenizer or "char") == "char" else ebt.GPT2Tokenizer()
-    values = {**PRESETS[preset], **(RECIPES[recipe] if model == "ebt" else {}), **given(args, MODEL_FLAGS + TRAIN_FLAGS)}
+    values = {**PRESETS[preset], **(RECIPES[recipe] if model == "ebt" else {}),
+              **ebt.given_flags(args, MODEL_FLAGS + TRAIN_FLAGS)}
     if model == "ebt":
         if values.get("landscapes") is None:  # S1: one per step
             values["landscapes"] = values["think_steps"]
@@ -128,15 +131,13 @@ def resumed_run(args, ckpt, log):
     """The checkpoint's own configs; training flags given override them, model flags (and the
     preset and recipe it started from) must agree."""
     started = ckpt.get("started", {})
-    if ckpt["model_config"]["model"] != "ebt" and given(args, EBT_FLAGS):
-        raise ebt.UsageError(f"--{next(iter(given(args, EBT_FLAGS)))} is an EBT option; {args.out_dir} holds a "
-                             f"{ckpt['model_config']['model']}, which does not think")
-    for k, v in given(args, ("preset", "recipe")).items():
+    refuse_thinking_flags(args, ckpt["model_config"]["model"])
+    for k, v in ebt.given_flags(args, ("preset", "recipe")).items():
         if started.get(k, v) != v:
             raise ebt.UsageError(f"--{k} {v}: the run in {args.out_dir} started from {k} {started[k]}; resume "
                                  "without it, or start a new run in another --out_dir")
     cfg = ebt.ModelConfig.from_dict(ckpt["model_config"])
-    for k, v in given(args, MODEL_FLAGS + ("model", "vocab_size")).items():
+    for k, v in ebt.given_flags(args, MODEL_FLAGS + ("model", "vocab_size")).items():
         if getattr(cfg, k) != v:
             raise ebt.UsageError(f"--{k} {v} conflicts with the checkpoint's {getattr(cfg, k)}; "
                                  "resume without it, or start a new run in another --out_dir")
@@ -144,7 +145,7 @@ def resumed_run(args, ckpt, log):
         raise ebt.UsageError(f"--tokenizer {args.tokenizer} conflicts with the checkpoint's "
                              f"{ckpt['tokenizer']['kind']}; resume without it or use another --out_dir")
     train = {k: v for k, v in ckpt["train_config"].items() if k in TRAIN_FLAGS}
-    for k, v in given(args, TRAIN_FLAGS).items():
+    for k, v in ebt.given_flags(args, TRAIN_FLAGS).items():
         if train[k] != v:
             log(f"notice: --{k} {v} overrides the checkpoint's {train[k]}")
             train[k] = v
