@@ -370,13 +370,15 @@ def test_cuda_training_uses_fused_adamw_with_the_step_size_group(tmp_path, monke
 
 def test_random_step_size_is_drawn_per_token_within_half_to_twice_alpha():
     torch.manual_seed(0)
-    x0 = torch.randn(3, 7, 5, dtype=torch.float64) + 3
-    quadratic = lambda x, k: 0.5 * x.pow(2).sum(-1)  # (B, P) energies, gradient x
-    y1 = ebt.think(quadratic, x0, 1, 2.0, create_graph=True, random_step_size=2.0).ys[1]
-    alpha = 1 - y1 / x0  # per entry
+    x0 = torch.randn(40, 50, 5, dtype=torch.float64) + 3
+    quadratic = lambda x, k: 0.5 * x.pow(2).sum(-1)  # (B, P) energies, gradient x: y <- (1 - alpha) y
+    ys = ebt.think(quadratic, x0, 2, 2.0, create_graph=True, random_step_size=2.0).ys
+    alpha = 1 - ys[1] / x0  # per entry
     assert torch.allclose(alpha, alpha[..., :1].expand_as(alpha))  # one per token ...
     assert alpha[..., 0].std() > 0.2 and alpha[0, :, 0].std() > 0.2  # ... and tokens of one sequence differ
-    assert alpha.min() >= 1.0 - 1e-12 and alpha.max() <= 4.0 + 1e-12
+    assert alpha.min() >= 1.0 - 1e-12 and alpha.max() <= 4.0 + 1e-12  # alpha x U[1/2, 2], all of it:
+    assert alpha.min() < 1.05 and alpha.max() > 3.9 and abs(alpha.mean() - 2.5) < 0.05
+    torch.testing.assert_close(ys[2] / x0, (1 - alpha) ** 2)  # the same factor at the second step
 
 
 def test_adaptive_stopping_compares_energies_on_the_same_landscape():
@@ -440,13 +442,20 @@ def test_replay_buffer_keeps_the_last_sequences_and_restarts_them_where_they_end
     idx, targets, y0 = buffer.extend(torch.full((2, 4), 9), torch.full((2, 4), 9), torch.zeros(2, 4, 3), 3)
     assert idx.shape == (5, 4) and (idx[:2] == 9).all()
     torch.testing.assert_close(y0[2:, 0, 0], idx[2:, 0].double().float())  # each starts from its own logits
-    model = tiny_ebt(replay_size=6, landscapes=1, truncate=True, detach=False)
+    model = tiny_ebt(replay_size=6, landscapes=1, truncate=True, detach=False, step_size=0.5).train()
     g = torch.Generator().manual_seed(5)
-    for _ in range(3):
+    x = torch.randint(13, (4, 16), generator=g)
+    model(x, x, generator=torch.Generator().manual_seed(9))  # empty buffer: the batch alone
+    y0 = model.initial_logits(4, 16, "cpu", torch.Generator().manual_seed(9))
+    final = model.eval().predict(x, y0=y0).ys[-1]  # the same descent, at inference
+    model.train()
+    assert torch.equal(model.replay.kept["idx"], x) and not model.replay.kept["logits"].requires_grad
+    torch.testing.assert_close(model.replay.kept["logits"], final, rtol=1e-9, atol=1e-9)  # where it ended
+    for _ in range(2):  # now half a batch is replayed each time; only the fresh sequences are kept
         x = torch.randint(13, (4, 16), generator=g)
         model(x, x)
+        assert torch.equal(model.replay.kept["idx"][-4:], x)
     assert len(model.replay.kept["idx"]) == 6 and model.replay.kept["logits"].shape == (6, 16, 13)
-    assert not model.replay.kept["logits"].requires_grad
 
 
 def test_system2_options_run_and_train():
@@ -491,7 +500,8 @@ def test_ebt_and_transformer_learn_well_below_unigram_entropy(trained_models):
     for kind, (model, data, records, tc) in trained_models.items():
         val = [r for r in records if r["kind"] == "eval"][-1]
         loss = val["loss_per_step"][model.config.think_steps - 1] if kind == "ebt" else val["loss"]
-        assert loss < 0.6 * floor, (kind, loss, floor)
+        # the text's character-bigram entropy is 1.05 nats: below 0.75 needs more context than one character
+        assert loss < 0.6 * floor and loss < 0.75, (kind, loss, floor)
 
 
 def test_thinking_moves_the_random_start_to_the_answer(trained_models):
@@ -501,7 +511,7 @@ def test_thinking_moves_the_random_start_to_the_answer(trained_models):
     x, y = data.batch("val", 16, generator=torch.Generator().manual_seed(0))
     traj = model.predict(x)
     ce = [F.cross_entropy(t.flatten(0, 1), y.flatten()).item() for t in traj.ys]
-    assert ce[0] > math.log(model.config.vocab_size) and ce[-1] < 0.3 * ce[0], ce
+    assert ce[0] > math.log(model.config.vocab_size) and ce[-1] < 0.75, ce  # bigram entropy 1.05
     model.train()
 
 
@@ -572,10 +582,16 @@ class InterruptAt:
         return self.data.batch(split, batch_size, generator)
 
 
-def test_interrupt_then_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("replay", [False, True])
+def test_interrupt_then_resume_continues_exactly(tmp_path, replay):
+    """replay: S2's options with a replay buffer, which the checkpoint carries."""
+    thinking = dict(random_step_size=2.0, langevin_std=0.1)
+    if replay:
+        thinking |= dict(landscapes=1, random_steps=1, truncate=True, detach=False, replay_size=8)
+
     def run(tc, data, resume=False):
         torch.manual_seed(123)  # different from tc.seed: resume must restore, not re-seed
-        model = ebt.build_model(tiny_config(vocab_size=VOCAB, random_step_size=2.0, langevin_std=0.1))
+        model = ebt.build_model(tiny_config(vocab_size=VOCAB, **thinking))
         return model, ebt.train(model, data, tc, resume=resume, log=lambda *a: None)
 
     straight, _ = run(tiny_train_config(tmp_path / "a"), words_data()[1])
@@ -586,7 +602,7 @@ def test_interrupt_then_resume_continues_exactly(tmp_path):
     resumed, records = run(tc, words_data()[1], resume=True)
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
     for (n, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=n)
+        assert torch.equal(a, b), n
 
 
 class NaNAfter(torch.nn.Module):
@@ -1148,6 +1164,23 @@ def test_ddim_from_step_0_is_the_identity():
         torch.testing.assert_close(model.denoise(x, 0, passes), x)
 
 
+def test_ddim_with_the_true_noise_walks_the_forward_process_back_to_the_clean_image(monkeypatch):
+    """Deterministic DDIM: given the noise that made x_t, every pass lands on the forward process's
+    own x_s = sqrt(abar_s) x_0 + sqrt(1 - abar_s) noise at its next step s, and the last on x_0."""
+    model = ebt.build_model(tiny_image_config(model="image_dit"), seed=0)
+    g = torch.Generator().manual_seed(3)
+    clean, noise = torch.randn(2, 3, 16, 16, generator=g), torch.randn(2, 3, 16, 16, generator=g)
+    seen = []
+    monkeypatch.setattr(model, "predicted_noise", lambda x, t: seen.append((x, t[0].item())) or noise)
+    for passes in (1, 3, 10):
+        seen.clear()
+        out = model.denoise(ebt.ddpm_noise(clean, 99, noise), 99, passes)
+        torch.testing.assert_close(out, clean, rtol=1e-5, atol=1e-5)
+        assert len(seen) == passes and seen[0][1] == 99
+        for x, t in seen:
+            torch.testing.assert_close(x, ebt.ddpm_noise(clean, t, noise), rtol=1e-5, atol=1e-5)
+
+
 def test_untrained_adaln_zero_ebt_returns_its_input():
     model = ebt.build_model(tiny_image_config(), seed=0).eval()
     noisy, _ = held_out_crops(4)
@@ -1415,16 +1448,23 @@ def tiny_run(*extra):
             "--log_interval", "1", "--device", "cpu", *extra]
 
 
-def test_progress_lines_are_flushed_when_output_goes_to_a_pipe(tmp_path):
-    """Under nohup or with output to a file the log used to be block-buffered: nothing for minutes."""
-    proc = subprocess.Popen([sys.executable, "train_text.py", *tiny_run("--max_steps", "100000", "--out_dir",
-                             str(tmp_path / "out"))], cwd=HERE, stdout=subprocess.PIPE, text=True)
-    try:
-        lines = [proc.stdout.readline() for _ in range(3)]  # would block on a buffered pipe
-        assert lines[0].startswith("preset cpu") and lines[2].startswith("step 1/")
-    finally:
-        proc.kill()
-        proc.wait()
+def test_progress_lines_are_flushed_when_output_goes_to_a_pipe(tmp_path, monkeypatch):
+    """Under nohup or with output to a file the log used to be block-buffered: nothing for minutes.
+    Every line must reach the stream's flush as it is printed."""
+    class Stream(io.StringIO):
+        unflushed = lines = 0
+
+        def write(self, text):
+            self.unflushed += text.count("\n")
+            return super().write(text)
+
+        def flush(self):
+            self.lines += self.unflushed
+            self.unflushed = 0
+    stream = Stream()
+    monkeypatch.setattr(sys, "stdout", stream)
+    train_text.main(tiny_run("--max_steps", "3", "--out_dir", str(tmp_path / "out")))
+    assert stream.lines >= 5 and stream.unflushed == 0, stream.getvalue()
 
 
 def test_the_same_command_twice_refuses_and_keeps_the_first_run(tmp_path):
@@ -1459,8 +1499,10 @@ def test_sigterm_saves_like_ctrl_c_and_a_stale_temporary_file_is_removed(tmp_pat
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "train_text.py", *tiny_run("--max_steps", "100000", "--eval_interval",
                              "100000", "--out_dir", str(out))], cwd=HERE, stdout=subprocess.PIPE, text=True)
-    while not proc.stdout.readline().startswith("step 3/"):
-        pass
+    line = proc.stdout.readline()
+    while line and not line.startswith("step 3/"):
+        line = proc.stdout.readline()
+    assert line, "training ended before step 3"
     proc.terminate()  # SIGTERM, what schedulers send
     rest = proc.communicate(timeout=60)[0]
     assert proc.returncode == 130 and "interrupted at step" in rest
@@ -1469,9 +1511,15 @@ def test_sigterm_saves_like_ctrl_c_and_a_stale_temporary_file_is_removed(tmp_pat
     (out / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")  # what a crash during a save leaves
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"kind": "train", "st')  # a line torn by a crash mid-write
-    code, _, err = cli(train_text.main, "--resume", "--out_dir", str(out), "--max_steps", str(step + 1), "--device", "cpu")
+    resume = lambda max_steps: cli(train_text.main, "--resume", "--out_dir", str(out), "--max_steps", str(max_steps),
+                                   "--device", "cpu")
+    code, stdout, err = resume(step)  # nothing to train, so nothing saved: only the start removes the file
+    assert code == 0 and "nothing to train" in stdout, err
+    assert not (out / "ckpt.pt.tmp").exists()
+    code, _, err = resume(step + 1)
     assert code == 0, err
-    assert not (out / "ckpt.pt.tmp").exists() and ebt.load_checkpoint(out / "ckpt.pt")["step"] == step + 1
+    assert ebt.load_checkpoint(out / "ckpt.pt")["step"] == step + 1
+    assert [r["step"] for r in ebt.read_records(out / "metrics.jsonl") if r["kind"] == "train"][-2:] == [step, step + 1]
 
 
 def test_nan_before_the_first_evaluation_says_no_checkpoint_exists(tmp_path):
