@@ -742,6 +742,16 @@ def test_offline_download_names_the_data_flag(tmp_path, monkeypatch):
     assert not (tmp_path / "ts.txt").exists()
 
 
+def test_gpt2_tokenizer_without_its_files_is_a_one_line_error(tmp_path, monkeypatch):
+    import tiktoken
+
+    def offline(name):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    code, _, err = cli(train_text.main, "--tokenizer", "gpt2", "--device", "cpu", "--out_dir", str(tmp_path / "o"))
+    assert code == 2 and err.count("\n") == 1 and "--tokenizer char" in err and "network unreachable" in err, err
+
+
 def test_gpt2_tokenizer_round_trip():
     try:
         tok = ebt.GPT2Tokenizer()
