@@ -515,25 +515,14 @@ class Thinker:
         return traj, loss, metrics
 
     def param_groups(self, weight_decay):
-        """AdamW groups: decay matrices, not gains; a learned step size has its own lr, no decay."""
+        """AdamW groups (decay_groups, section 6): decay matrices, not gains; a learned step size has
+        its own lr, no decay."""
         others = [p for n, p in self.named_parameters() if n != "raw_step_size"]
         groups = decay_groups(others, weight_decay)
         if self.raw_step_size.requires_grad:
             groups.append({"params": [self.raw_step_size], "weight_decay": 0.0,
                            "lr_mult": self.config.step_size_lr_mult})
         return groups
-
-
-def param_groups(model, weight_decay):
-    """AdamW groups: the model's own (a thinker's step size), else decay_groups."""
-    return model.param_groups(weight_decay) if hasattr(model, "param_groups") else decay_groups(
-        model.parameters(), weight_decay)
-
-
-def decay_groups(params, weight_decay):
-    params = [p for p in params if p.requires_grad]
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, "lr_mult": 1.0},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_mult": 1.0}]
 
 
 # -----------------------------------------------------------------------------
@@ -922,6 +911,18 @@ def compile_model(model):
         model.trunk.forward = torch.compile(model.trunk.forward)
         model.next_token = torch.compile(model.next_token)
     return model
+
+
+def param_groups(model, weight_decay):
+    """AdamW groups: the model's own (a thinker's step size), else decay_groups."""
+    return model.param_groups(weight_decay) if hasattr(model, "param_groups") else decay_groups(
+        model.parameters(), weight_decay)
+
+
+def decay_groups(params, weight_decay):
+    params = [p for p in params if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, "lr_mult": 1.0},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_mult": 1.0}]
 
 
 def lr_at(step, tc):
