@@ -337,6 +337,8 @@ def main():
     p.add_argument("--sweep_steps", type=int, default=600, help="--gpu_check: steps of each of those runs")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one "kind:steps" and print JSON
     args = p.parse_args()
+    ebt.check_flag(args.iters, "iters", lambda v: v >= 1, ">= 1")
+    ebt.check_flag(args.warmup, "warmup", lambda v: v >= 0, ">= 0")
     if args.syncs:
         return count_syncs()
     if args.gpu_check:
@@ -361,13 +363,13 @@ def main():
     base = rows[0]  # the first configuration is the reference of the ratios
     print(f"device {base['device']}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{args.n_layer} layers x {args.n_embd} wide, batch {args.batch_size} x {args.block_size}")
-    last = " MFU |" if cuda else " peak resident set (MB) | x Transformer++ resident set |"
-    print("| model | step (ms) | tokens/s | x Transformer++ time | peak training memory (MB) | x Transformer++ memory |"
-          + last)
+    name = lambda r: "Transformer++" if r["model"] == "transformer" else f"EBT, {r['steps']} step{'s' * (r['steps'] > 1)}"
+    ref = name(base)
+    last = " MFU |" if cuda else f" peak resident set (MB) | x {ref} resident set |"
+    print(f"| model | step (ms) | tokens/s | x {ref} time | peak training memory (MB) | x {ref} memory |" + last)
     print("|---|---|---|---|---|---|" + "---|" * last.count("|"))
     for r in rows:
-        name = "Transformer++" if r["model"] == "transformer" else f"EBT, {r['steps']} step{'s' * (r['steps'] > 1)}"
-        print(f"| {name} | {r['step_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | {r['step_s'] / base['step_s']:.2f} | "
+        print(f"| {name(r)} | {r['step_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | {r['step_s'] / base['step_s']:.2f} | "
               f"{r['peak_mb']:.0f} | {r['peak_mb'] / base['peak_mb']:.2f} |"
               + (f" {100 * r['tflops'] / args.peak_tflops:.1f}% |" if cuda else
                  f" {r['resident_mb']:.0f} | {r['resident_mb'] / base['resident_mb']:.2f} |"))

@@ -739,18 +739,18 @@ SHAKESPEARE = Path(__file__).resolve().parent / "data" / "tinyshakespeare.txt.gz
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
 
-def read_text(path):
+def read_text(path, flag="--data"):
     path = Path(path)
     if path.is_dir():
-        raise UsageError(f"data file {path} is a directory; pass a text file with --data")
+        raise UsageError(f"{flag} {path} is a directory; pass a text file with {flag}")
     if not path.is_file():
-        raise UsageError(f"data file {path} does not exist; pass an existing text file with --data")
+        raise UsageError(f"{flag} {path} does not exist; pass an existing text file with {flag}")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"data file {path} is not readable UTF-8 text ({e})") from None
+        raise UsageError(f"{flag} {path} is not readable UTF-8 text ({e})") from None
     if not text:
-        raise UsageError(f"data file {path} is empty; pass a text file with --data")
+        raise UsageError(f"{flag} {path} is empty; pass a text file with {flag}")
     return text
 
 
@@ -1029,7 +1029,8 @@ def plot_metrics(records, path):
     if val and not K:
         ax.plot([r["step"] for r in val], [r["loss"] for r in val], marker="o", label="val loss")
     ax.set(xlabel="optimizer step", ylabel="loss (nats per token)", title=f"training: {Path(path).parent.name}")
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # nothing yet when stopped before the first log
+        ax.legend()
     ax.grid(alpha=0.3)
     fig.savefig(path, dpi=100)
 
@@ -1423,10 +1424,11 @@ def generate(model, idx, num_tokens, temperature=1.0, top_k=None, generator=None
 @torch.no_grad()
 def thinking_curves(model, ids, steps=(1, 2, 4, 8), candidates=(1, 2, 4, 8), windows=16, seed=0):
     """Perplexity on fixed windows of a 1-D token tensor, after each number of thinking steps
-    (one candidate), and with each number of candidates (at the trained number of steps,
-    keeping the lowest final energy; with several, each thinks with the paper's inference noise).
-    One descent covers every step count, and the candidates for N are the first N of
-    max(candidates). Flat for the Transformer. Repeatable: seed fixes windows, starts and noise."""
+    (one candidate), and with each number N of candidates at the trained number of steps, keeping
+    the lowest final energy. N = 1 is thinking as trained, without noise (the steps curve at the
+    trained count): what self-verification is measured against. N > 1: the first N of max(candidates)
+    candidates, each thinking with the paper's inference noise. One descent covers every step count.
+    Flat for the Transformer. Repeatable: seed fixes windows, starts and noise."""
     if len(ids) <= model.config.block_size:
         raise UsageError(f"{len(ids)} tokens are too few to evaluate on: "
                          f"need more than block_size={model.config.block_size}")
@@ -1438,14 +1440,15 @@ def thinking_curves(model, ids, steps=(1, 2, 4, 8), candidates=(1, 2, 4, 8), win
     if not getattr(model, "thinks", False):
         flat = ppl(model.logits(x)[0])
         return {"steps": {k: flat for k in steps}, "candidates": {n: flat for n in candidates}}
-    context = model.context(x)
-    traj = model.think_candidates(context, x.shape[1], 1, g, steps=max(steps))
+    context, trained = model.context(x), model.trained_steps()
+    traj = model.think_candidates(context, x.shape[1], 1, g, steps=max(*steps, trained))
     by_steps = {k: ppl(traj.ys[k][:, 0]) for k in steps}
+    single = ppl(traj.ys[trained][:, 0])
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the noise, seeded
         torch.manual_seed(seed)
         traj = model.think_candidates(context, x.shape[1], max(candidates), g)
     final = traj.energies[-1]  # (W, N, S)
-    by_candidates = {n: ppl(keep_lowest(traj.ys[-1][:, :n], final[:, :n])) for n in candidates}
+    by_candidates = {n: single if n == 1 else ppl(keep_lowest(traj.ys[-1][:, :n], final[:, :n])) for n in candidates}
     return {"steps": by_steps, "candidates": by_candidates}
 
 

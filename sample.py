@@ -290,6 +290,8 @@ def parse_args(argv=None):
                            ("langevin_std", at_least(0), "finite and >= 0"), ("tolerance", at_least(0), "finite and >= 0"),
                            ("init_std", at_least(0), "finite and >= 0"), ("windows", at_least(1), ">= 1")):
         ebt.check_flag(getattr(args, name), name, lambda v: ok(v) and abs(v) != float("inf"), what)
+    if args.plots and Path(args.plots).is_file():
+        raise ebt.UsageError(f"--plots {args.plots} is a file; pass a directory for the PNGs")
     if args.eval:
         for name in ("steps", "step_size", "candidates", "langevin_std", "tolerance", "top_k"):
             if getattr(args, name) is not None:
@@ -312,7 +314,7 @@ def training_text(ckpt_path, data=None):
 
 def evaluate_thinking(model, tokenizer, text, args):
     val, ood, dropped = validation_and_ood(tokenizer, model.config.block_size, text,
-                                           ebt.read_text(args.ood) if args.ood else None)
+                                           ebt.read_text(args.ood, "--ood") if args.ood else None)
     ood_name = Path(args.ood).name if args.ood else "pydoc_data.topics"
     print(f"OOD text {ood_name}: {len(ood)} tokens kept, {dropped} characters outside the vocabulary dropped")
     trained = model.trained_steps() if getattr(model, "thinks", False) else 1
@@ -338,6 +340,7 @@ def main(argv=None):
     model, tokenizer = ebt.text_model_from_checkpoint(ckpt, device, **overrides)
     if args.compile:
         ebt.compile_model(model)
+        print("compiling: the first tokens take 30-90 s", file=sys.stderr, flush=True)
     if args.eval:
         return evaluate_thinking(model, tokenizer, training_text(ckpt, args.data), args)
     if args.plots:

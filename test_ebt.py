@@ -1073,8 +1073,10 @@ def test_thinking_curves_are_the_perplexity_of_each_step_count_on_the_seeded_win
     tokenizer = ebt.CharTokenizer.fit(synthetic_text())
     ids = torch.tensor(tokenizer.encode(synthetic_text(300)))
     model = tiny_model(vocab_size=tokenizer.vocab_size, step_size=0.5)
-    curves = ebt.thinking_curves(model, ids, steps=(1, 3), candidates=(1,), windows=3, seed=4)
-    assert curves == ebt.thinking_curves(model, ids, steps=(1, 3), candidates=(1,), windows=3, seed=4)
+    curves = ebt.thinking_curves(model, ids, steps=(1, 3), candidates=(1, 4), windows=3, seed=4)
+    assert curves == ebt.thinking_curves(model, ids, steps=(1, 3), candidates=(1, 4), windows=3, seed=4)
+    trained = ebt.thinking_curves(model, ids, steps=(model.trained_steps(),), candidates=(1,), windows=3, seed=4)
+    assert curves["candidates"][1] == trained["steps"][model.trained_steps()]  # one candidate: as trained, no noise
     g = torch.Generator().manual_seed(4)
     x, y = ebt.random_windows(ids, model.config.block_size, 3, g)
     y0 = model.initial_logits(*x.shape, "cpu", g)
@@ -1608,11 +1610,16 @@ def test_bad_input_is_one_line_and_exit_2_in_process(tmp_path, text_file, sample
         cases.append((sample.main, [*ckpt, flag, value], flag))
     cases += [(sample.main, [*ckpt, "--eval", "--windows", "0"], "--windows"),
               (sample.main, [*ckpt, "--eval", "--steps", "3"], "applies to sampling"),
+              (sample.main, [*ckpt, "--plots", str(a_file)], "--plots"),
+              (sample.main, [*ckpt, "--eval", "--ood", str(tmp_path / "nope.txt")], "--ood"),
               (sample.main, ["--ckpt", str(tmp_path), "--device", "cpu"], "is a directory"),
               (sample.main, [*ckpt, "--num_token", "3"], "unrecognized arguments")]
     for args, message in ((["--image_size", "0"], "--image_size"), (["--report_steps", "-1"], "--report_steps"),
-                          (["--eval_t", "2000"], "--eval_t"), (["--max_step", "1"], "unrecognized")):
-        cases.append((train_image.main, [*args, "--out_dir", str(tmp_path / "img")], message))
+                          (["--eval_t", "2000"], "--eval_t"), (["--max_step", "1"], "unrecognized"),
+                          (["--model", "dit", "--recipe", "s2"], "EBT option"), (["--data", str(a_file)], "is a file"),
+                          (["--compare", str(tmp_path), "--out_dir", str(a_file)], "is a file")):
+        cases.append((train_image.main, args if "--out_dir" in args else [*args, "--out_dir", str(tmp_path / "img")],
+                      message))
     for main, argv, message in cases:
         code, _, err = cli(main, *argv)
         assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, (argv, err)
@@ -1656,6 +1663,12 @@ def test_langevin_noise_goes_on_the_logits_before_every_step():
     y2 = (y1 + 3.0 * torch.randn_like(y1)).softmax(-1)
     torch.testing.assert_close(ys[1], y1)
     torch.testing.assert_close(ys[2], y2)
+
+
+def test_the_baseline_trains_beside_the_ebt_by_default():
+    """python train_text.py, then python train_text.py --model transformer (README): two directories."""
+    assert train_text.parse_args([]).out_dir == "out-text"
+    assert train_text.parse_args(["--model", "transformer"]).out_dir == "out-text-transformer"
 
 
 def test_default_s1_step_size_is_a_quarter_of_the_square_root_of_the_vocabulary():

@@ -77,6 +77,12 @@ def parse_args(argv=None):
     args.out_dir = args.out_dir or ("out-image-compare" if args.compare else f"out-image-{args.model}")
     if args.data and args.dataset:
         raise ebt.UsageError(f"--data {args.data} and --dataset {args.dataset}: give one (--data is a folder of images)")
+    if Path(args.out_dir).is_file():
+        raise ebt.UsageError(f"--out_dir {args.out_dir} is a file, not a directory; pass a directory")
+    if args.model != "ebt" and not args.compare:
+        thinking = ebt.given_flags(args, ("recipe", "step_size", "step_size_lr_mult", "eval_steps", "report_steps"))
+        if thinking:
+            raise ebt.UsageError(f"--{next(iter(thinking))} is an EBT option; the {args.model} does not think")
     ebt.check_flag(args.image_size, "image_size", lambda v: v >= 1, ">= 1")
     ebt.check_flag(args.report_steps, "report_steps", lambda v: v >= 1, ">= 1")
     for name, values in (("noise_t", [args.noise_t]), ("eval_t", args.eval_t or [])):
@@ -136,7 +142,7 @@ def image_folder(path):
     """Every PNG or JPEG file in a folder, as (name, (3, H, W) image) pairs."""
     path = Path(path)
     if not path.is_dir():
-        raise ebt.UsageError(f"image folder {path} does not exist")
+        raise ebt.UsageError(f"--data {path} " + ("is a file; pass a folder of images" if path.exists() else "does not exist"))
     files = sorted(f for f in path.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg"))
     if not files:
         raise ebt.UsageError(f"image folder {path} has no PNG or JPEG files")

@@ -3,7 +3,7 @@ Train a text EBT (or the Transformer++ baseline) on Tiny Shakespeare (shipped) o
 
     python train_text.py                        # EBT, recipe S1; preset from the device (gpu, else cpu)
     python train_text.py --recipe s2            # the paper's System 2 recipe
-    python train_text.py --model transformer    # the baseline, same backbone and batch
+    python train_text.py --model transformer    # the baseline, same backbone and batch, in out-text-transformer/
     python train_text.py --data my.txt --tokenizer gpt2
     python train_text.py --resume               # continue out-text/ckpt.pt with its own settings
 
@@ -86,13 +86,16 @@ def parse_args(argv=None):
     s("--tokenizer", choices=("char", "gpt2"), help="(default: char)")
     s("--vocab_size", type=int, help="pad the vocabulary to this many ids; the extra ones never occur "
       "(default: the tokenizer's; measures what a large vocabulary costs without its data)")
-    s("--out_dir", default="out-text", help="checkpoint, metrics.jsonl and loss.png go here (default: %(default)s)")
+    s("--out_dir", help="checkpoint, metrics.jsonl and loss.png go here (default: out-text, for the Transformer++ "
+      "out-text-transformer)")
     s("--resume", action="store_true", help="continue from out_dir/ckpt.pt with its settings; flags given override")
     s("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps (default: %(default)s)")
     s("--seed", type=int, help=f"fixes the initial weights, batches and noise (default: {t.seed})")
     s("--compile", action="store_true", help="torch.compile the Transformer++, or the EBT's context stream and "
       "its thinking at evaluation (training's thinking stays eager: see README \"Speed and memory\")")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.out_dir = args.out_dir or ("out-text-transformer" if args.model == "transformer" else "out-text")
+    return args
 
 
 def refuse_thinking_flags(args, model):
