@@ -1600,21 +1600,22 @@ class ImageDiT(nn.Module):
 
 class ImageRegressor(nn.Module):
     """The same transformer, same size, trained to output the clean image in one forward pass.
-    With nothing to condition on, its conditioning vector is zero, so the blocks' shift, scale and
-    gate are learned constants: the adaLN biases (the adaLN weights multiply zero and stay zero).
-    The simplest, and at this size strong, baseline."""
+    With nothing to condition on, its conditioning vector is a zero buffer, so the blocks' shift,
+    scale and gate are learned constants: the adaLN biases (the adaLN weights multiply zero and stay
+    zero). The simplest, and at this size strong, baseline."""
 
     def __init__(self, cfg):
         super().__init__()
         assert cfg.model == "image_regressor"
         self.config = cfg
         self.body = PatchTransformer(cfg)
+        self.register_buffer("cond", torch.zeros(cfg.n_embd))  # in the state_dict: older checkpoints load
         self.out = nn.Linear(cfg.n_embd, cfg.channels * cfg.patch_size ** 2, bias=False)
         self.out.zero_init = True  # predicts a correction to its input: it starts as the identity
         self.apply(init_weights)
 
     def denoise(self, noisy):
-        patches = self.out(self.body(noisy, noisy.new_zeros(len(noisy), self.config.n_embd)))  # (B, N, C*p*p)
+        patches = self.out(self.body(noisy, self.cond.expand(len(noisy), -1)))  # (B, N, C*p*p)
         return noisy + unpatchify(patches, self.config.patch_size, self.config.channels)
 
     def forward(self, clean, noise, backward_scale=None):

@@ -272,8 +272,8 @@ def main(argv=None):
         "at equal optimizer steps and batch\n\n" + learning_table(runs, lengths, seeds),
         f"2. CE against thinking steps (1 candidate, no noise), {main_length} optimizer steps\n\n"
         + steps_table(runs, main_length, seeds),
-        f"3. CE against self-verification candidates (trained steps, Langevin noise 1, lowest final energy "
-        f"kept), {main_length} optimizer steps\n\n" + candidates_table(runs, main_length, seeds),
+        f"3. CE against self-verification candidates (trained steps; N > 1 with Langevin noise 1, lowest final "
+        f"energy kept; N = 1 without noise), {main_length} optimizer steps\n\n" + candidates_table(runs, main_length, seeds),
         "4. S2: what thinking changes, as a perplexity change against its trained steps and one candidate, "
         "at each training length (negative: thinking helps)\n\n" + gains_table(runs, lengths, seeds, "S2"),
         "5. S1, the same\n\n" + gains_table(runs, lengths, seeds, "S1"),

@@ -80,7 +80,7 @@ def parse_args(argv=None):
     if Path(args.out_dir).is_file():
         raise ebt.UsageError(f"--out_dir {args.out_dir} is a file, not a directory; pass a directory")
     if args.model != "ebt" and not args.compare:
-        thinking = ebt.given_flags(args, ("recipe", "step_size", "step_size_lr_mult", "eval_steps", "report_steps"))
+        thinking = ebt.given_flags(args, ("recipe", "step_size", "step_size_lr_mult", "eval_steps"))
         if thinking:
             raise ebt.UsageError(f"--{next(iter(thinking))} is an EBT option; the {args.model} does not think")
     ebt.check_flag(args.image_size, "image_size", lambda v: v >= 1, ">= 1")
@@ -327,7 +327,10 @@ def load_trained(dirs, device):
         if name in models:
             raise ebt.UsageError(f"two --compare directories are named {name}; the report names models by "
                                  "their directory, so give them different names")
-        models[name] = ebt.model_from_checkpoint(ckpt, device).eval()
+        try:
+            models[name] = ebt.model_from_checkpoint(ckpt, device).eval()
+        except (RuntimeError, KeyError, TypeError) as e:
+            raise ebt.UsageError(f"{d}/ckpt.pt does not fit its own config ({str(e).splitlines()[0]})") from None
     return models, load_data(spec)
 
 
