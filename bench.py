@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 import ebt
+import train_text
 
 HERE = Path(__file__).resolve().parent
 
@@ -64,7 +65,6 @@ def measure(kind, steps, args):
     torch.manual_seed(0)
     thinking = dict(think_steps=max(steps, 1), landscapes=max(steps, 1))
     if args.s2:  # S2's options (train_text.py --recipe s2) without its replay buffer, at a fixed step count
-        import train_text
         thinking = {**train_text.RECIPES["s2"], "think_steps": max(steps, 1), "random_steps": 0, "replay_size": 0}
     cfg = ebt.ModelConfig(model=kind, vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                           n_head=args.n_head, n_embd=args.n_embd, **thinking)
@@ -259,7 +259,6 @@ def gpu_check(out, args):
     benchmark at the size given (the GPU preset: --n_layer 6 --n_head 6 --n_embd 384
     --block_size 256 --batch_size 64), and the largest batch that trains at a GPT-2 vocabulary."""
     import tempfile
-    import train_text
     out.mkdir(parents=True, exist_ok=True)
     runs = Path(tempfile.mkdtemp())  # checkpoints stay out of OUT: only the summary and logs go there
     cuda = torch.cuda.is_available()
@@ -310,7 +309,6 @@ def gpu_check(out, args):
 
 
 def main():
-    import train_text
     cpu = train_text.PRESETS["cpu"]  # the default size: train_text.py's CPU preset
     p = ebt.ArgumentParser(description=__doc__)
     p.add_argument("--device", default="auto")

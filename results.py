@@ -16,7 +16,8 @@ is resumed. From scratch, everything takes 2 to 3 hours on 2 CPU cores.
 Evaluation: cross-entropy on --windows random windows of the validation split and of an
 out-of-distribution text (Python's pydoc_data.topics), after 1, 2, 3, 4, 6, 8 and 12 thinking
 steps (one candidate, no noise) and with the best of N = 1, 2, 4, 8 and 16 candidates (at the
-trained steps, each with the paper's inference Langevin noise, std 1, the lowest final energy kept).
+trained steps, the lowest final energy kept; for N > 1 each with the paper's inference Langevin
+noise, std 1; N = 1 is one candidate without noise, what the best of N is measured against).
 
 Writes results.md (every table) and the plots gap.png, thinking_steps.png, candidates.png and
 gains.png to assets/ (--report_dir), the image report (train_image.py --compare of the EBT S1
