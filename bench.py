@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+import cli
 import ebt
 import train_text
 
@@ -61,7 +62,7 @@ def flops_per_step(cfg, B, S, steps):
 
 def measure(kind, steps, args):
     """Time training steps of one configuration in this process."""
-    device = ebt.pick_device(args.device)
+    device = cli.pick_device(args.device)
     torch.manual_seed(0)
     thinking = dict(think_steps=max(steps, 1), landscapes=max(steps, 1))
     if args.s2:  # S2's options (train_text.py --recipe s2) without its replay buffer, at a fixed step count
@@ -76,10 +77,10 @@ def measure(kind, steps, args):
 
     def step():  # as train() does it: the model backpropagates (an EBT one thinking step at a time)
         with ebt.autocast(device):
-            if args.one_backward:  # for comparison: the whole descent's graph alive, one backward
+            if args.one_backward or kind == "transformer":  # the EBT, for comparison: one backward of it all
                 model(x, x)[0].backward()
             else:
-                model(x, x, backward_scale=1.0)
+                model.learn(x, x, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -144,8 +145,8 @@ def time_generation(args, contexts=(64, 128, 256), new_tokens=16):
     - context recompute: generate(use_cache=False), the context stream re-run per token;
     - the reference's way: per token, each thinking step runs both streams over the whole
       window again (the paper's code re-runs all 2C tokens at every step), read off the last
-      prediction; no final energy, so it does a little less than the cached path."""
-    device = ebt.pick_device(args.device)
+      prediction; like the cached path it scores the final state."""
+    device = cli.pick_device(args.device)
     torch.manual_seed(0)
     cfg = ebt.ModelConfig(vocab_size=args.vocab_size, block_size=max(contexts), n_layer=args.n_layer,
                           n_head=args.n_head, n_embd=args.n_embd)
@@ -167,9 +168,9 @@ def time_generation(args, contexts=(64, 128, 256), new_tokens=16):
 
     def reference_way(window):  # always eager, as the paper's code runs
         y0 = reference.initial_logits(*window.shape, device)
-        energy = lambda p, k: reference.energy(p, reference.context(window), k)  # both streams, every step
-        return ebt.think(energy, y0, 2, reference.step_size().detach(), normalize=reference.normalize,
-                         landscapes=cfg.landscapes, final_energy=False).ys[-1][:, -1]
+        energy = lambda p, k: reference.energy(p, reference.context(window), min(k, cfg.landscapes - 1))
+        return ebt.think(energy, y0, 2, reference.step_size().detach(),  # both streams again at every step
+                         normalize=reference.normalize).ys[-1][:, -1]
 
     rows = []
     for C in contexts:
@@ -201,10 +202,9 @@ def count_syncs(steps=20, log_interval=10):
             return func(*args, **(kwargs or {}))
 
     ebt.evaluate = lambda *a, **k: {"loss": 0.0}
-    ebt.plot_metrics = lambda *a, **k: None
     torch.manual_seed(0)
     rng = random.Random(0)
-    tok = ebt.CharTokenizer.fit("abcdefgh ")
+    tok = cli.CharTokenizer.fit("abcdefgh ")
     data = ebt.TextData(tok.encode("".join(rng.choice("abcdefgh ") for _ in range(5000))), 16)
     model = ebt.build_model(ebt.ModelConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
     adamw = torch.optim.AdamW  # fused, as on CUDA: no per-parameter reads of the step counters
@@ -230,7 +230,7 @@ def run_until(argv, out_dir, seconds=None, step=None):
             time.sleep(1)
             done = seconds is not None and time.time() - t0 > seconds
             if step is not None and metrics.exists():
-                done = done or any(r["kind"] == "train" and r["step"] >= step for r in ebt.read_records(metrics))
+                done = done or any(r["kind"] == "train" and r["step"] >= step for r in cli.read_records(metrics))
             if done:
                 proc.send_signal(signal.SIGTERM)
                 break
@@ -239,7 +239,7 @@ def run_until(argv, out_dir, seconds=None, step=None):
         output = output.read()
     if proc.returncode not in (0, 130 if done else 0):  # 130: stopped by us, saved
         sys.exit(f"{' '.join(argv)} failed:\n{output[-3000:]}")
-    return ebt.read_records(metrics), output
+    return cli.read_records(metrics), output
 
 
 def summarise_run(records, max_steps):
@@ -310,7 +310,7 @@ def gpu_check(out, args):
 
 def main():
     cpu = train_text.PRESETS["cpu"]  # the default size: train_text.py's CPU preset
-    p = ebt.ArgumentParser(description=__doc__)
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--device", default="auto")
     for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size"):
         p.add_argument(f"--{k}", type=int, default=cpu[k], help="(default: %(default)s, the CPU preset's)")
@@ -335,8 +335,8 @@ def main():
     p.add_argument("--sweep_steps", type=int, default=600, help="--gpu_check: steps of each of those runs")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one "kind:steps" and print JSON
     args = p.parse_args()
-    ebt.check_flag(args.iters, "iters", lambda v: v >= 1, ">= 1")
-    ebt.check_flag(args.warmup, "warmup", lambda v: v >= 0, ">= 0")
+    cli.check_range(args.iters, "iters", lambda v: v >= 1, ">= 1")
+    cli.check_range(args.warmup, "warmup", lambda v: v >= 0, ">= 0")
     if args.syncs:
         return count_syncs()
     if args.gpu_check:
@@ -349,7 +349,7 @@ def main():
         kind, _, steps = one.partition(":")
         if not ((kind == "transformer" and steps == "0") or (kind == "ebt" and steps.isdigit() and int(steps) > 0)):
             raise ebt.UsageError(f"--only {one}: each configuration is transformer:0 or ebt:K with K >= 1 thinking steps")
-    cuda = ebt.pick_device(args.device).startswith("cuda")
+    cuda = cli.pick_device(args.device).startswith("cuda")
     rows = []
     for one in args.only or ("transformer:0", "ebt:1", "ebt:2", "ebt:3"):
         row = measure_in_subprocess(one, sys.argv[1:], echo_stderr=args.profile)
@@ -383,4 +383,4 @@ def main():
 
 
 if __name__ == "__main__":
-    ebt.run_cli(main)
+    cli.run(main)

@@ -28,6 +28,7 @@ import json
 import math
 from pathlib import Path
 
+import cli
 import ebt
 import sample
 import train_image
@@ -44,7 +45,7 @@ CANDIDATES = (1, 2, 4, 8, 16)
 
 
 def parse_args(argv=None):
-    p = ebt.ArgumentParser(description=__doc__)
+    p = cli.ArgumentParser(description=__doc__)
     s = p.add_argument
     s("--seeds", type=int, nargs="+", default=[1337, 1338], help="(default: %(default)s)")
     s("--lengths", type=int, nargs="+", default=[250, 500, 1000, 2000],
@@ -64,20 +65,19 @@ def parse_args(argv=None):
 
 
 def ensure_trained(main, argv, out_dir, expect=None):
-    """Train (or finish training) the run in out_dir with a driver's main() unless its
-    checkpoint is complete. expect: config values an existing run must have (an earlier
+    """Train (or finish training) the run in out_dir with a driver's main() unless its checkpoint is
+    complete: the same command, resumed. expect: config values an existing run must have (an earlier
     results.py with another --preset left its runs in the same directories)."""
     path = Path(out_dir) / "ckpt.pt"
     if path.exists():
-        ckpt = ebt.load_checkpoint(path)
+        ckpt = cli.load_checkpoint(path)
         saved = {**ckpt["model_config"], **ckpt["train_config"]}
         wrong = ", ".join(f"{k} {saved.get(k)} (not {v})" for k, v in (expect or {}).items() if saved.get(k) != v)
         if wrong:
             raise ebt.UsageError(f"{out_dir} holds a run with other settings: {wrong}; pass another --out_dir")
         if ckpt["step"] >= ckpt["train_config"]["max_steps"]:
             return
-        argv = argv + ["--resume"] if main is train_image.main else [
-            "--resume", "--out_dir", str(out_dir), "--device", argv[argv.index("--device") + 1]]
+        argv = [*argv, "--resume"]
     print(f"$ python {main.__module__}.py {' '.join(argv)}", flush=True)
     main(argv)  # a Ctrl-C saves the run and stops results.py (run it again to resume)
 
@@ -85,11 +85,11 @@ def ensure_trained(main, argv, out_dir, expect=None):
 def curves(path, windows, device):
     """Cross-entropy (nats per token) against thinking steps and candidates, on the validation
     split and on the OOD text: {"val" | "ood": {"steps" | "candidates": {k: CE}}, "trained": K}."""
-    model, tokenizer = ebt.text_model_from_checkpoint(path, device)
-    val, ood, _ = sample.validation_and_ood(tokenizer, model.config.block_size, ebt.shakespeare())
-    out = {"trained": model.trained_steps() if getattr(model, "thinks", False) else 1}
+    model, tokenizer = cli.load_text_model(path, device)
+    val, ood, _ = sample.validation_and_ood(tokenizer, model.config.block_size, cli.shakespeare())
+    out = {"trained": model.trained_steps() if isinstance(model, ebt.Thinker) else 1}
     for split, ids in (("val", val), ("ood", ood)):
-        ppl = ebt.thinking_curves(model, ids, STEPS, CANDIDATES, windows=windows, seed=0)
+        ppl = sample.thinking_curves(model, ids, STEPS, CANDIDATES, windows=windows, seed=0)
         out[split] = {kind: {k: math.log(p) for k, p in c.items()} for kind, c in ppl.items()}
     return out
 
@@ -168,7 +168,7 @@ def gains_table(runs, lengths, seeds, model):
 # Plots -------------------------------------------------------------------------
 
 def plot_gap(runs, lengths, seeds, path):
-    fig = ebt.figure(figsize=(9, 3.6), layout="constrained")
+    fig = cli.figure(figsize=(9, 3.6), layout="constrained")
     ce_ax, gap_ax = fig.subplots(1, 2)
     for i, m in enumerate(MODELS):
         ce_ax.plot(lengths, [mean([at_trained(runs[m, n, s]) for s in seeds]) for n in lengths], marker="o",
@@ -194,7 +194,7 @@ def plot_gap(runs, lengths, seeds, path):
 def plot_curves(runs, length, seeds, kind, xlabel, path, title):
     """One panel per text: each model's mean CE over seeds, the range shaded; the
     Transformer++ (which does not think) dashed."""
-    fig = ebt.figure(figsize=(9, 3.6), layout="constrained")
+    fig = cli.figure(figsize=(9, 3.6), layout="constrained")
     for ax, (split, name) in zip(fig.subplots(1, 2), (("val", "validation (Tiny Shakespeare)"),
                                                        ("ood", "OOD (pydoc_data.topics)"))):
         for i, m in enumerate(MODELS):
@@ -221,7 +221,7 @@ def plot_curves(runs, length, seeds, kind, xlabel, path, title):
 
 def plot_gains(runs, lengths, seeds, path):
     """S2's thinking gains (perplexity change) against training length, val and OOD."""
-    fig = ebt.figure(figsize=(9, 3.6), layout="constrained")
+    fig = cli.figure(figsize=(9, 3.6), layout="constrained")
     for ax, (split, name) in zip(fig.subplots(1, 2), (("val", "validation"), ("ood", "OOD"))):
         for i, kind in enumerate(("2x steps", "4x steps", "best of 4", "best of 16")):
             values = [[gains(runs[m, n, s], split)[kind] for s in seeds] for n in lengths for m in ("S2",)]
@@ -242,7 +242,7 @@ def main(argv=None):
     args = parse_args(argv)
     out, report_dir = Path(args.out_dir), Path(args.report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
-    device = ebt.pick_device(args.device)
+    device = cli.pick_device(args.device)
     lengths, seeds = sorted(args.lengths), args.seeds
     dirs = {(m, n, s): out / f"{prefix}-{n}-seed{s}" for m, (prefix, _) in MODELS.items() for n in lengths for s in seeds}
     # the main comparison (the shortest length of 1500 steps or more) first: it matters most
@@ -293,4 +293,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    ebt.run_cli(main)
+    cli.run(main)

@@ -10,11 +10,13 @@ plots of thinking live here too (a notebook imports them: `import sample`).
 """
 import sys
 import time
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+import cli
 import ebt
 
 # -----------------------------------------------------------------------------
@@ -38,7 +40,7 @@ def thinking_table(results, trained_steps):
 
 def plot_thinking_curves(results, trained_steps, title="perplexity vs thinking"):
     """results: {label: thinking_curves(...)} -> a Figure: perplexity against steps and candidates."""
-    fig = ebt.figure(figsize=(8, 3.4), layout="constrained")
+    fig = cli.figure(figsize=(8, 3.4), layout="constrained")
     by_steps, by_candidates = fig.subplots(1, 2)
     for label, r in results.items():
         by_steps.plot(list(r["steps"]), list(r["steps"].values()), marker="o", label=label)
@@ -77,7 +79,7 @@ def token_label(tokenizer, i):
 def think_on_text(model, tokenizer, text, steps=None, seed=0):
     """Think about every next token of a text (its last block_size + 1 tokens) from fixed random
     starts, for `steps` steps (default 4x the trained number: where thinking longer goes)."""
-    ebt.require_ebt(model, "plotting the energy")
+    cli.require_ebt(model, "plotting the energy")
     ids = torch.tensor(tokenizer.encode(text)[-(model.config.block_size + 1):])
     if len(ids) < 2:
         raise ebt.UsageError(f"the text {text!r} is too short to plot: it needs at least 2 tokens")
@@ -100,7 +102,7 @@ def step_axis_label(model):
 def plot_energy_trajectories(model, energies, title, labels=None):
     """Energy (T, K+1) against thinking step, one faint line per token and their mean."""
     from matplotlib import colormaps
-    fig = ebt.figure(figsize=(6, 3.4), layout="constrained")
+    fig = cli.figure(figsize=(6, 3.4), layout="constrained")
     ax = fig.subplots()
     colors = colormaps["viridis"](torch.linspace(0, 1, len(energies)).numpy())
     for e, c in zip(energies, colors):
@@ -124,7 +126,7 @@ def plot_generation(model, generation, row=0):
     """The energy trajectories of generated tokens: what generate() returned (one row of its
     batch). Positions that stopped early (adaptive stopping) end early. Returns (Figure,
     energies (n, K+1), NaN after a stop)."""
-    ebt.require_ebt(model, "plotting a generation's energies")
+    cli.require_ebt(model, "plotting a generation's energies")
     if not generation.trajectory:
         raise ebt.UsageError("the generation has no thinking trajectories (no new tokens, or not an EBT)")
     K = max(t.shape[-1] for t in generation.trajectory)
@@ -140,7 +142,7 @@ def plot_energy_heatmap(model, tokenizer, text, steps=None, seed=0):
     Returns (Figure, energies (T, K+1))."""
     thought = think_on_text(model, tokenizer, text, steps, seed)
     energies = thought.energies()
-    fig = ebt.figure(figsize=(max(5, 0.16 * len(energies) + 1.5), 2.6), layout="constrained")
+    fig = cli.figure(figsize=(max(5, 0.16 * len(energies) + 1.5), 2.6), layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(energies.T.numpy(), aspect="auto", cmap="magma", interpolation="nearest")
     ax.set_xticks(range(len(thought.labels)), thought.labels, fontsize=7, family="monospace")
@@ -176,7 +178,7 @@ def plot_energy_landscape(model, tokenizer, text, position=-1, steps=None, seed=
             model.energy(chunk[:, None].softmax(-1), [(k.expand(len(chunk), -1, -1, -1), w.expand(len(chunk), -1, -1, -1))
                                           for k, w in context], min(len(path) - 2, model.config.landscapes - 1))[:, 0]
             for chunk in points.split(64)]).reshape(grid, grid).float().cpu()
-    fig = ebt.figure(figsize=(5, 4), layout="constrained")
+    fig = cli.figure(figsize=(5, 4), layout="constrained")
     ax = fig.subplots()
     filled = ax.contourf(a.numpy(), b.numpy(), energies.numpy(), levels=20, cmap="viridis")
     fig.colorbar(filled, ax=ax, label="energy")
@@ -199,7 +201,7 @@ def plot_distribution_sharpening(model, tokenizer, text, position=-1, steps=None
     entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1)
     target = thought.ids[1:][position].item()
     labels = [token_label(tokenizer, i) + (" (true)" if i == target else "") for i in shown]
-    fig = ebt.figure(figsize=(5, 0.3 * len(shown) + 1.6), layout="constrained")
+    fig = cli.figure(figsize=(5, 0.3 * len(shown) + 1.6), layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(probs[:, shown].T.numpy(), aspect="auto", cmap="Blues", vmin=0, interpolation="nearest")
     for k in range(len(probs)):
@@ -216,7 +218,38 @@ def plot_distribution_sharpening(model, tokenizer, text, position=-1, steps=None
 
 
 # -----------------------------------------------------------------------------
-# Text to evaluate thinking on
+# Thinking evaluated on text: perplexity against steps and candidates
+
+
+@torch.no_grad()
+def thinking_curves(model, ids, steps=(1, 2, 4, 8), candidates=(1, 2, 4, 8), windows=16, seed=0):
+    """Perplexity on fixed windows of a 1-D token tensor after each number of thinking steps (one
+    candidate), and with each number N of candidates at the trained steps, keeping the lowest final
+    energy. N = 1 is thinking as trained, without noise (the steps curve at the trained count): what
+    self-verification is measured against; N > 1: the first N of max(candidates), each with the paper's
+    inference noise. Flat for the Transformer++. Repeatable: seed fixes windows, starts and noise."""
+    if len(ids) <= model.config.block_size:
+        raise ebt.UsageError(f"{len(ids)} tokens are too few to evaluate on: need more than "
+                             f"block_size={model.config.block_size}")
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    x, y = (t.to(device) for t in ebt.random_windows(ids, model.config.block_size, windows, g))
+    ppl = lambda logits: math.exp(ebt.cross_entropy(logits.float(), y).item())
+    if not isinstance(model, ebt.TextEBT):
+        flat = ppl(model.logits(x)[0])
+        return {"steps": {k: flat for k in steps}, "candidates": {n: flat for n in candidates}}
+    context, trained = model.context(x), model.trained_steps()
+    traj = model.think_candidates(context, x.shape[1], 1, g, steps=max(*steps, trained))
+    by_steps = {k: ppl(traj.ys[k][:, 0]) for k in steps}
+    single = ppl(traj.ys[trained][:, 0])
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the noise, seeded
+        torch.manual_seed(seed)
+        traj = model.think_candidates(context, x.shape[1], max(candidates), g)
+    final = traj.energies[-1]  # (W, N, S)
+    by_candidates = {n: single if n == 1 else ppl(ebt.keep_lowest(traj.ys[-1][:, :n], final[:, :n]))
+                     for n in candidates}
+    return {"steps": by_steps, "candidates": by_candidates}
+
 
 def pydoc_topics_text():
     """The English documentation Python ships (pydoc_data.topics): out-of-distribution text
@@ -228,7 +261,7 @@ def pydoc_topics_text():
 def in_vocabulary(text, tokenizer):
     """The text without the characters a char tokenizer lacks (GPT-2 BPE covers everything),
     and how many were dropped."""
-    if not isinstance(tokenizer, ebt.CharTokenizer):
+    if not isinstance(tokenizer, cli.CharTokenizer):
         return text, 0
     kept = "".join(c for c in text if c in tokenizer.index)
     return kept, len(text) - len(kept)
@@ -253,7 +286,7 @@ PLOTS = {"energy_per_step": plot_energy_per_step, "energy_heatmap": plot_energy_
 
 
 def parse_args(argv=None):
-    p = ebt.ArgumentParser(description=__doc__)
+    p = cli.ArgumentParser(description=__doc__)
     s = p.add_argument
     s("--out_dir", default="out-text", help="directory holding ckpt.pt (default: %(default)s)")
     s("--ckpt", help="checkpoint file (default: OUT_DIR/ckpt.pt)")
@@ -283,13 +316,7 @@ def parse_args(argv=None):
     m.add_argument("--ood", help="--eval: out-of-distribution text file (default: Python's pydoc_data.topics)")
     m.add_argument("--windows", type=int, default=64, help="--eval: random windows of block_size tokens per text (default: %(default)s)")
     args = p.parse_args(argv)
-    positive, at_least = (lambda v: v > 0), (lambda n: lambda v: v >= n)
-    for name, ok, what in (("num_tokens", at_least(0), ">= 0"), ("temperature", at_least(0), "finite and >= 0"),
-                           ("top_k", at_least(1), ">= 1"), ("steps", lambda v: 1 <= v <= 10_000, "in 1..10000"),
-                           ("step_size", positive, "finite and > 0"), ("candidates", at_least(1), ">= 1"),
-                           ("langevin_std", at_least(0), "finite and >= 0"), ("tolerance", at_least(0), "finite and >= 0"),
-                           ("init_std", at_least(0), "finite and >= 0"), ("windows", at_least(1), ">= 1")):
-        ebt.check_flag(getattr(args, name), name, lambda v: ok(v) and abs(v) != float("inf"), what)
+    cli.check_sampling(args)
     if args.plots and Path(args.plots).is_file():
         raise ebt.UsageError(f"--plots {args.plots} is a file; pass a directory for the PNGs")
     if args.eval:
@@ -303,10 +330,10 @@ def parse_args(argv=None):
 def training_text(ckpt_path, data=None):
     """The text a checkpoint was trained on: data if given, else the path it recorded (None: Tiny
     Shakespeare); checked against its checksum."""
-    recorded = ebt.load_checkpoint(ckpt_path).get("data", {})
+    recorded = cli.load_checkpoint(ckpt_path).get("data", {})
     path = data or recorded.get("path")
-    text = ebt.text_or_shakespeare(path)
-    if recorded.get("sha256") not in (None, ebt.sha256_text(text)):
+    text = cli.text_or_shakespeare(path)
+    if recorded.get("sha256") not in (None, cli.sha256_text(text)):
         raise ebt.UsageError(f"{path or 'Tiny Shakespeare'} is not the text {ckpt_path} was trained on (checksum); "
                              "pass that text with --data (another text goes in --ood)")
     return text
@@ -314,13 +341,13 @@ def training_text(ckpt_path, data=None):
 
 def evaluate_thinking(model, tokenizer, text, args):
     val, ood, dropped = validation_and_ood(tokenizer, model.config.block_size, text,
-                                           ebt.read_text(args.ood, "--ood") if args.ood else None)
+                                           cli.read_text(args.ood, "--ood") if args.ood else None)
     ood_name = Path(args.ood).name if args.ood else "pydoc_data.topics"
     print(f"OOD text {ood_name}: {len(ood)} tokens kept, {dropped} characters outside the vocabulary dropped")
-    trained = model.trained_steps() if getattr(model, "thinks", False) else 1
+    trained = model.trained_steps() if isinstance(model, ebt.Thinker) else 1
     steps = sorted({1, 2, 3, trained, 2 * trained, 3 * trained, 4 * trained})
     sources = {"val": val, f"OOD: {ood_name}": ood}
-    results = {name: ebt.thinking_curves(model, ids, steps, windows=args.windows) for name, ids in sources.items()}
+    results = {name: thinking_curves(model, ids, steps, windows=args.windows) for name, ids in sources.items()}
     print(thinking_table(results, trained))
     if args.plots:
         path = Path(args.plots) / "thinking_curves.png"
@@ -331,20 +358,20 @@ def evaluate_thinking(model, tokenizer, text, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = ebt.pick_device(args.device)
+    device = cli.pick_device(args.device)
     torch.manual_seed(args.seed)
     ckpt = args.ckpt or Path(args.out_dir) / "ckpt.pt"
     thinking = {k: getattr(args, k) for k in ("steps", "step_size", "candidates", "langevin_std", "tolerance")
                 if getattr(args, k) is not None}
     overrides = {} if args.init_std is None else {"init_std": args.init_std}
-    model, tokenizer = ebt.text_model_from_checkpoint(ckpt, device, **overrides)
+    model, tokenizer = cli.load_text_model(ckpt, device, **overrides)
     if args.compile:
         ebt.compile_model(model)
         print("compiling: the first tokens take 30-90 s", file=sys.stderr, flush=True)
     if args.eval:
         return evaluate_thinking(model, tokenizer, training_text(ckpt, args.data), args)
     if args.plots:
-        ebt.require_ebt(model, "--plots")
+        cli.require_ebt(model, "--plots")
     idx = torch.tensor([tokenizer.encode(args.prompt)], device=device)
     t0 = time.time()
     out = ebt.generate(model, idx, args.num_tokens, args.temperature, args.top_k,
@@ -367,4 +394,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    ebt.run_cli(main)
+    cli.run(main)

@@ -16,81 +16,152 @@ what --compare writes, for several checkpoints): psnr.md, PSNR against forward p
 model at every noise level; psnr.png, the same as a plot; grid.png, a few denoised validation
 crops; energy.png (an EBT's), the mean energy along the thinking steps.
 """
+import math
 import os
 import urllib.request
 from pathlib import Path
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
+import cli
 import ebt
+from ebt import UsageError
 
 REPORT_CROPS = 128  # validation crops behind every number in the report
 GRID_CROPS = 4      # rows of grid.png: the report crops with the most detail (pixel std)
 DIT_PASSES = (1, 3, 10, 30, 100)
+DEFAULTS = dict(patch_size=4, n_layer=3, n_head=4, n_embd=96, step_size=1000.0, step_size_lr_mult=None,
+                max_steps=800, batch_size=32, lr=1e-3, warmup_steps=50, eval_interval=200, eval_batches=4,
+                log_interval=50)
 RECIPES = {  # the image EBT: S1 as the paper's image runs (one step); S2 with the text S2's structure
     "s1": dict(think_steps=1, landscapes=1, random_steps=0, random_step_size=1.0, truncate=False, detach=True),
     "s2": dict(think_steps=2, landscapes=1, random_steps=1, random_step_size=2.0, truncate=True, detach=False),
 }
+MODEL_FLAGS = ("image_size", "patch_size", "n_layer", "n_head", "n_embd", "noise_t")
+TRAIN_FLAGS = ("max_steps", "batch_size", "lr", "warmup_steps", "weight_decay", "grad_clip", "eval_interval",
+               "eval_batches", "log_interval", "seed")
+THINKING = tuple(k for k in cli.THINKING if k not in ("init_std", "replay_size", "replay_batch"))  # text's own
 CACHE_DIR = Path(os.environ.get("NANOEBT_CACHE", Path.home() / ".cache" / "nanoebt"))
-_m, _t = ebt.ModelConfig(), ebt.TrainConfig()
-MODEL_DEFAULTS = dict(patch_size=_m.patch_size, n_layer=3, n_head=4, n_embd=96, noise_t=_m.noise_t, step_size=1000.0)
-TRAIN_DEFAULTS = dict(max_steps=800, batch_size=32, lr=1e-3, warmup_steps=50, weight_decay=_t.weight_decay,
-                      grad_clip=_t.grad_clip, eval_interval=200, eval_batches=4, eval_steps=_t.eval_steps,
-                      log_interval=50, seed=_t.seed)
 
+
+# -----------------------------------------------------------------------------
+# The baselines, on the EBT's transformer (ebt.PatchTransformer) and at its size
+
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding (B, dim) of DDPM steps t (B,)."""
+    freqs = torch.exp(-math.log(10_000) * torch.arange(dim // 2, device=t.device) / (dim // 2))
+    angles = t.float()[:, None] * freqs
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+class ImageDiT(nn.Module):
+    """The paper's image baseline, a Diffusion Transformer: conditioned on the DDPM step t through
+    adaLN-Zero, it predicts the noise; trained on t in 1..noise_t; denoises with DDIM."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.body = ebt.PatchTransformer(cfg)
+        self.time_mlp = nn.Sequential(nn.Linear(cfg.n_embd, cfg.n_embd), nn.SiLU(), nn.Linear(cfg.n_embd, cfg.n_embd))
+        self.out = nn.Linear(cfg.n_embd, cfg.channels * cfg.patch_size ** 2, bias=False)
+        self.out.zero_init = True
+        self.apply(ebt.init_weights)
+
+    def predicted_noise(self, x, t):
+        """x: (B, C, S, S) at DDPM steps t (B,). Returns the noise in x, (B, C, S, S)."""
+        cond = self.time_mlp(timestep_embedding(t, self.config.n_embd))
+        return ebt.unpatchify(self.out(self.body(x, cond)), self.config.patch_size, self.config.channels)
+
+    def forward(self, clean, noise):
+        t = torch.randint(1, self.config.noise_t + 1, (len(clean),), device=clean.device)
+        loss = F.mse_loss(self.predicted_noise(ebt.ddpm_noise(clean, t, noise), t), noise)
+        return loss, {"loss": loss.detach()}
+
+    @torch.no_grad()
+    def denoise(self, noisy, t, passes):
+        """Deterministic DDIM from step t down to 0 in `passes` evaluations of the model."""
+        times = torch.linspace(t, 0, passes + 1).round().long().tolist()
+        x = noisy
+        for now, later in zip(times, times[1:]):
+            a_now, a_later = ebt.alpha_bar(now).item(), ebt.alpha_bar(later).item()
+            noise = self.predicted_noise(x, torch.full((len(x),), now, device=x.device))
+            clean = (x - (1 - a_now) ** 0.5 * noise) / a_now ** 0.5
+            x = a_later ** 0.5 * clean + (1 - a_later) ** 0.5 * noise
+        return x
+
+
+class ImageRegressor(nn.Module):
+    """The same transformer trained to output the clean image in one forward pass. With nothing to
+    condition on, its conditioning vector is a zero buffer, so the blocks' shift, scale and gate are
+    learned constants (the adaLN biases). The simplest, and at this size strong, baseline."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.body = ebt.PatchTransformer(cfg)
+        self.register_buffer("cond", torch.zeros(cfg.n_embd))
+        self.out = nn.Linear(cfg.n_embd, cfg.channels * cfg.patch_size ** 2, bias=False)
+        self.out.zero_init = True  # predicts a correction to its input: it starts as the identity
+        self.apply(ebt.init_weights)
+
+    def denoise(self, noisy):
+        patches = self.out(self.body(noisy, self.cond.expand(len(noisy), -1)))  # (B, N, C*p*p)
+        return noisy + ebt.unpatchify(patches, self.config.patch_size, self.config.channels)
+
+    def forward(self, clean, noise):
+        pred = self.denoise(ebt.ddpm_noise(clean, self.config.noise_t, noise))
+        loss = F.smooth_l1_loss(pred, clean)
+        return loss, {"loss": loss.detach(), "psnr": ebt.psnr(pred.detach(), clean).mean()}
+
+
+ebt.MODELS.update(image_dit=ImageDiT, image_regressor=ImageRegressor)
+
+
+# -----------------------------------------------------------------------------
+# Flags
 
 def parse_args(argv=None):
-    # model and training flags default to None, so that a resumed run knows what was given
-    p = ebt.ArgumentParser(description=__doc__)
+    p = cli.ArgumentParser(description=__doc__)
     s = p.add_argument
-    default = lambda k, note="": f"{note}(default: {MODEL_DEFAULTS.get(k, TRAIN_DEFAULTS.get(k))})"
-    s("--model", choices=("ebt", "dit", "regressor"), default="ebt", help="(default: %(default)s)")
+    s("--model", choices=("ebt", "dit", "regressor"), help="(default: ebt)")
     s("--recipe", choices=RECIPES, help="the EBT's (default: s1)")
     s("--compare", nargs="+", metavar="OUT_DIR", help="report on trained checkpoints instead of training")
     s("--dataset", choices=("photos", "mnist", "cifar10"),
       help="photos: matplotlib's sample photo, bottom fifth held out (default: photos)")
     s("--data", help="a folder of PNG/JPEG images instead (bottom fifth of each held out)")
-    s("--image_size", type=int, help="crop size (default: 28 for mnist, else 32)")
-    for k in ("patch_size", "n_layer", "n_head", "n_embd"):
-        s(f"--{k}", type=int, help=default(k))
-    s("--noise_t", type=int, help=default("noise_t", "training noise, a DDPM step "))
+    cli.add_flags(p, ebt.ModelConfig, MODEL_FLAGS, {**DEFAULTS, "image_size": "28 for mnist, else 32"})
+    cli.add_flags(p, ebt.TrainConfig, TRAIN_FLAGS, DEFAULTS)
+    g = p.add_argument_group("thinking (EBT)")
+    cli.add_flags(g, ebt.ModelConfig, THINKING[:-1], {
+        **DEFAULTS, "step_size_lr_mult": "3 x step_size",
+        **{k: f"from --recipe: s1 {RECIPES['s1'][k]}, s2 {RECIPES['s2'][k]}" for k in RECIPES["s1"]}})
+    cli.add_flags(g, ebt.TrainConfig, ("eval_steps",))
+    g.add_argument("--report_steps", type=int, help="thinking steps in the report (default: 4x the trained steps)")
     s("--eval_t", type=int, nargs="+", help="report noise levels, DDPM steps (default: k (noise_t + 1) - 1 for "
       "k = 1, 2, 3 up to 1000: 99 199 299)")
     s("--passes", type=int, nargs="+", default=list(DIT_PASSES), help="the DiT's DDIM passes in the report "
       "(default: %(default)s)")
-    g = p.add_argument_group("thinking (EBT)")
-    g.add_argument("--step_size", type=float, help=default(
-        "step_size", "initial alpha; grows with the number of patches, the energy is their mean "))
-    g.add_argument("--step_size_lr_mult", type=float, help="alpha's lr / base lr (default: 3x --step_size)")
-    g.add_argument("--eval_steps", type=int, help=default("eval_steps", "thinking steps at evaluation, 0 = 2x trained "))
-    g.add_argument("--report_steps", type=int, help="thinking steps in the report (default: 4x the trained steps)")
-    for k, kind in (("max_steps", int), ("batch_size", int), ("lr", float), ("warmup_steps", int),
-                    ("weight_decay", float), ("grad_clip", float), ("eval_interval", int), ("eval_batches", int),
-                    ("log_interval", int)):
-        s(f"--{k}", type=kind, help=default(k, "0 = off " if k == "grad_clip" else ""))
     s("--out_dir", help="checkpoint, metrics and report (default: out-image-MODEL, or out-image-compare)")
     s("--resume", action="store_true", help="continue from out_dir/ckpt.pt with its settings; training flags "
       "given override them, model and data flags must agree")
     s("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps (default: %(default)s)")
-    s("--seed", type=int, help=default("seed"))
     args = p.parse_args(argv)
-    args.out_dir = args.out_dir or ("out-image-compare" if args.compare else f"out-image-{args.model}")
+    args.out_dir = args.out_dir or ("out-image-compare" if args.compare else f"out-image-{args.model or 'ebt'}")
+    args.model = args.model and f"image_{args.model}"  # the config's kind
+    cli.check_out_dir(args.out_dir)
     if args.data and args.dataset:
-        raise ebt.UsageError(f"--data {args.data} and --dataset {args.dataset}: give one (--data is a folder of images)")
-    if Path(args.out_dir).is_file():
-        raise ebt.UsageError(f"--out_dir {args.out_dir} is a file, not a directory; pass a directory")
-    if args.model != "ebt" and not args.compare:
-        thinking = ebt.given_flags(args, ("recipe", "step_size", "step_size_lr_mult", "eval_steps"))
-        if thinking:
-            raise ebt.UsageError(f"--{next(iter(thinking))} is an EBT option; the {args.model} does not think")
-    ebt.check_flag(args.image_size, "image_size", lambda v: v >= 1, ">= 1")
-    ebt.check_flag(args.report_steps, "report_steps", lambda v: v >= 1, ">= 1")
-    for name, values in (("noise_t", [args.noise_t]), ("eval_t", args.eval_t or [])):
-        for v in values:
-            ebt.check_flag(v, name, lambda v: 1 <= v <= ebt.DDPM_STEPS, f"a DDPM step in 1..{ebt.DDPM_STEPS}")
-    ebt.check_flag(min(args.passes), "passes", lambda v: v >= 1, ">= 1")
+        raise UsageError(f"--data {args.data} and --dataset {args.dataset}: give one (--data is a folder of images)")
+    cli.check_range(args.report_steps, "report_steps", lambda v: v >= 1, ">= 1")
+    for v in args.eval_t or []:
+        cli.check_range(v, "eval_t", lambda v: 1 <= v <= ebt.DDPM_STEPS, f"a DDPM step in 1..{ebt.DDPM_STEPS}")
+    cli.check_range(min(args.passes), "passes", lambda v: v >= 1, ">= 1")
     return args
 
+
+# -----------------------------------------------------------------------------
+# Image data
 
 # Image data: images are (C, H, W) tensors, float in [0, 1] or uint8 (the downloaded datasets,
 # four times smaller in memory); batches are in [-1, 1].
@@ -104,9 +175,9 @@ class ImageData:
         """train, val: sequences of (C, H, W) images (a list, or one (N, C, H, W) tensor)."""
         for split, images in (("train", train), ("val", val)):
             if len(images) == 0:
-                raise ebt.UsageError(f"{source}: no {split} images")
+                raise UsageError(f"{source}: no {split} images")
             if min(min(img.shape[-2:]) for img in images) < crop:
-                raise ebt.UsageError(f"{source}: some {split} images are smaller than the {crop}x{crop} crop; "
+                raise UsageError(f"{source}: some {split} images are smaller than the {crop}x{crop} crop; "
                                      "use a smaller --image_size")
         self.split = {"train": train, "val": val}
         self.crop, self.channels = crop, train[0].shape[0]
@@ -130,7 +201,7 @@ def read_image(path):
     try:
         a = matplotlib.image.imread(path)
     except Exception as e:
-        raise ebt.UsageError(f"{path} is not a readable PNG or JPEG image ({type(e).__name__})") from None
+        raise UsageError(f"{path} is not a readable PNG or JPEG image ({type(e).__name__})") from None
     a = torch.from_numpy(a.copy())
     a = a.float() if a.is_floating_point() else a.float() / 255  # PNG reads as float, JPEG as uint8
     a = a[..., None] if a.dim() == 2 else a                       # (H, W, channels)
@@ -142,10 +213,10 @@ def image_folder(path):
     """Every PNG or JPEG file in a folder, as (name, (3, H, W) image) pairs."""
     path = Path(path)
     if not path.is_dir():
-        raise ebt.UsageError(f"--data {path} " + ("is a file; pass a folder of images" if path.exists() else "does not exist"))
+        raise UsageError(f"--data {path} " + ("is a file; pass a folder of images" if path.exists() else "does not exist"))
     files = sorted(f for f in path.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg"))
     if not files:
-        raise ebt.UsageError(f"image folder {path} has no PNG or JPEG files")
+        raise UsageError(f"image folder {path} has no PNG or JPEG files")
     return [(f.name, read_image(f)) for f in files]
 
 
@@ -163,7 +234,7 @@ def held_out_strips(named_images, crop):
         H, W = img.shape[-2:]
         n_val = max(crop, H // 5)
         if H - n_val < crop or W < crop:
-            raise ebt.UsageError(f"{name} is {H}x{W} pixels: too small for {crop}x{crop} crops plus a held-out "
+            raise UsageError(f"{name} is {H}x{W} pixels: too small for {crop}x{crop} crops plus a held-out "
                              f"strip (needs at least {2 * crop} rows and {crop} columns); use a smaller --image_size")
         train.append(img[:, :H - n_val])
         val.append(img[:, H - n_val:])
@@ -182,7 +253,7 @@ def download(url, path, hint="pass a local copy with --data PATH"):
         with urllib.request.urlopen(url, timeout=30) as r:
             data = r.read()
     except OSError as e:
-        raise ebt.UsageError(f"could not download {url} ({e}); {hint}") from None
+        raise UsageError(f"could not download {url} ({e}); {hint}") from None
     tmp.write_bytes(data)
     os.replace(tmp, path)
     return path
@@ -200,7 +271,7 @@ def read_idx(path):
     with gzip.open(path, "rb") as f:
         data = f.read()
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
-        raise ebt.UsageError(f"{path} is not a gzipped uint8 IDX file")
+        raise UsageError(f"{path} is not a gzipped uint8 IDX file")
     ndim = data[3]
     shape = tuple(int(n) for n in np.frombuffer(data, dtype=">i4", count=ndim, offset=4))
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
@@ -221,7 +292,7 @@ def read_cifar10(path):
                 batch = pickle.load(tar.extractfile(member), encoding="bytes")
                 (test if name == "test_batch" else train).append(np.asarray(batch[b"data"], dtype=np.uint8))
     if not train or not test:
-        raise ebt.UsageError(f"{path} is not the CIFAR-10 python tarball (no data_batch_* / test_batch)")
+        raise UsageError(f"{path} is not the CIFAR-10 python tarball (no data_batch_* / test_batch)")
     return tuple(np.concatenate(parts).reshape(-1, 3, 32, 32) for parts in (train, test))
 
 
@@ -235,7 +306,7 @@ def download_dataset(name):
         try:
             return reader(path)
         except (OSError, EOFError, ValueError, tarfile.TarError, pickle.UnpicklingError) as e:
-            raise ebt.UsageError(f"{path} is corrupt or truncated ({type(e).__name__}); delete it to download it "
+            raise UsageError(f"{path} is corrupt or truncated ({type(e).__name__}); delete it to download it "
                                  "again") from None
     if name == "mnist":
         split = []
@@ -248,18 +319,14 @@ def download_dataset(name):
     return torch.from_numpy(train), torch.from_numpy(test)
 
 
-def resume_checkpoint(out_dir, model_kind):
-    """The checkpoint to resume in out_dir, checked to hold the same kind of model."""
-    path = Path(out_dir) / "ckpt.pt"
-    ckpt = ebt.load_checkpoint(path)
-    if ckpt["model_config"].get("model") != model_kind:
-        raise ebt.UsageError(f"checkpoint {path} holds a {ckpt['model_config'].get('model')!r} model, not "
-                         f"{model_kind!r}; use the same --model or another --out_dir")
-    return ckpt
+def data_spec(ckpt):
+    """What data a checkpoint was trained on: dataset (photos, mnist, cifar10 or folder), data, image_size."""
+    started = ckpt.get("image_data") or ckpt["started"]
+    return {"dataset": started["dataset"], "data": started["data"], "image_size": ckpt["model_config"]["image_size"]}
 
 
 def load_data(spec):
-    """ImageData from a spec stored in checkpoints: dataset, data folder, crop size."""
+    """ImageData from a data spec (data_spec)."""
     if spec["dataset"] in ("mnist", "cifar10"):
         train, val = download_dataset(spec["dataset"])  # their own train / test split
         source = spec["dataset"]
@@ -270,47 +337,29 @@ def load_data(spec):
     return ImageData(train, val, spec["image_size"], source=source)
 
 
-def resumed_configs(args, ckpt):
-    """The checkpoint's configs and data; training flags given override them, the rest must agree."""
-    spec, cfg = ckpt["image_data"], ebt.ModelConfig.from_dict(ckpt["model_config"])
-    dataset = "folder" if args.data else args.dataset
-    model_flags = ebt.given_flags(args, (*MODEL_DEFAULTS, "step_size_lr_mult"))
-    agree = {**{k: (v, getattr(cfg, k)) for k, v in model_flags.items()},
-             **{k: (v, spec[k]) for k, v in dict(image_size=args.image_size, data=args.data, dataset=dataset).items()
-                if v is not None}}
-    if args.recipe:
-        agree["recipe"] = (args.recipe, next((r for r, kw in RECIPES.items()
-                                              if all(getattr(cfg, k) == v for k, v in kw.items())), "another"))
-    for k, (v, saved) in agree.items():
-        if v != saved:
-            raise ebt.UsageError(f"--{k} {v} conflicts with the checkpoint's {saved}; resume without it, "
-                                 "or start a new run in another --out_dir")
-    train = {k: v for k, v in ckpt["train_config"].items() if k in TRAIN_DEFAULTS}
-    for k, v in ebt.given_flags(args, TRAIN_DEFAULTS).items():
-        if train[k] != v:
-            print(f"notice: --{k} {v} overrides the checkpoint's {train[k]}")
-            train[k] = v
-    return spec, cfg, train
+# -----------------------------------------------------------------------------
+# Training and the report
 
-
-def train(args):
-    kind = "image_" + args.model
-    ckpt = resume_checkpoint(args.out_dir, kind) if args.resume else None
-    if ckpt:
-        spec, cfg, train_values = resumed_configs(args, ckpt)
-        data = load_data(spec)
-    else:
-        dataset = "folder" if args.data else args.dataset or "photos"
-        spec = {"dataset": dataset, "data": args.data, "image_size": args.image_size or (28 if dataset == "mnist" else 32)}
-        data = load_data(spec)
-        values = {**MODEL_DEFAULTS, **ebt.given_flags(args, MODEL_DEFAULTS)}
-        thinking = RECIPES[args.recipe or "s1"] if args.model == "ebt" else {}
-        cfg = ebt.ModelConfig(model=kind, channels=data.channels, image_size=spec["image_size"], **values,
-                              step_size_lr_mult=args.step_size_lr_mult or 3 * values["step_size"], **thinking)
-        train_values = {**TRAIN_DEFAULTS, **ebt.given_flags(args, TRAIN_DEFAULTS)}
-    tc = ebt.TrainConfig(**train_values, out_dir=args.out_dir, device=args.device)
+def train(args, device):
+    cli.prepare_out_dir(args.out_dir, args.resume)
+    ckpt = cli.load_checkpoint(Path(args.out_dir) / "ckpt.pt", needs=cli.RESUMABLE) if args.resume else None
+    if ckpt and ckpt["model_config"]["model"] not in ebt.IMAGE_KINDS:
+        raise UsageError(f"{args.out_dir}/ckpt.pt holds a {ckpt['model_config']['model']!r} model; resume it with "
+                         "train_text.py")
+    kind = ckpt["model_config"]["model"] if ckpt else args.model or "image_ebt"
+    cli.refuse_thinking(args, kind, THINKING + ("recipe",))
+    dataset = "folder" if args.data else args.dataset or "photos"
+    started = (ckpt.get("started") or {"recipe": None, "dataset": data_spec(ckpt)["dataset"],
+                                       "data": data_spec(ckpt)["data"]}) if ckpt else {
+        "recipe": args.recipe or "s1" if kind == "image_ebt" else None, "dataset": dataset, "data": args.data}
+    layers = [DEFAULTS, RECIPES[started["recipe"]] if kind == "image_ebt" else {},
+              {"model": kind, "channels": 1 if dataset == "mnist" else 3, "image_size": 28 if dataset == "mnist" else 32}]
+    derive = lambda values: values.update(step_size_lr_mult=values["step_size_lr_mult"] or 3 * values["step_size"])
+    cfg, tc = cli.configs(args, layers, ckpt, derive)
+    tc.out_dir, tc.device = args.out_dir, device
+    data = load_data({**started, "image_size": cfg.image_size})
     model = ebt.build_model(cfg, tc.seed)
-    ebt.train(model, data, tc, meta={"image_data": spec}, resume=bool(ckpt))
+    ebt.train(model, data, tc, meta={"started": started}, resume=bool(ckpt), log=cli.RunLog())
     return {Path(args.out_dir).name: model.eval()}, data
 
 
@@ -318,19 +367,16 @@ def load_trained(dirs, device):
     """The image models in dirs (named by their directories), and the data they were trained on."""
     models, spec = {}, None
     for d in dirs:
-        ckpt = ebt.load_checkpoint(Path(d) / "ckpt.pt", device)
-        if "image_data" not in ckpt:
-            raise ebt.UsageError(f"{d}/ckpt.pt is not an image model checkpoint")
-        if spec and ckpt["image_data"] != spec:
-            raise ebt.UsageError(f"{d} was trained on other data than {dirs[0]} ({ckpt['image_data']} vs {spec})")
-        spec, name = ckpt["image_data"], Path(d).resolve().name
+        ckpt = cli.load_checkpoint(Path(d) / "ckpt.pt", device)
+        if ckpt["model_config"]["model"] not in ebt.IMAGE_KINDS:
+            raise UsageError(f"{d}/ckpt.pt is not an image model checkpoint")
+        if spec and data_spec(ckpt) != spec:
+            raise UsageError(f"{d} was trained on other data than {dirs[0]} ({data_spec(ckpt)} vs {spec})")
+        spec, name = data_spec(ckpt), Path(d).resolve().name
         if name in models:
-            raise ebt.UsageError(f"two --compare directories are named {name}; the report names models by "
-                                 "their directory, so give them different names")
-        try:
-            models[name] = ebt.model_from_checkpoint(ckpt, device).eval()
-        except (RuntimeError, KeyError, TypeError) as e:
-            raise ebt.UsageError(f"{d}/ckpt.pt does not fit its own config ({str(e).splitlines()[0]})") from None
+            raise UsageError(f"two --compare directories are named {name}; the report names models by "
+                             "their directory, so give them different names")
+        models[name] = cli.load_model(ckpt, device)
     return models, load_data(spec)
 
 
@@ -339,14 +385,13 @@ def denoise_all(models, noisy, t, passes, steps):
     each EBT's mean energy along its steps (on each step's landscape)."""
     out, energies = {("noisy input", 0): noisy}, {}
     for name, model in models.items():
-        kind = model.config.model
-        if kind == "image_regressor":
+        if isinstance(model, ImageRegressor):
             with torch.no_grad():
                 out[name, 1] = model.denoise(noisy)
-        elif kind == "image_dit":
+        elif isinstance(model, ImageDiT):
             out.update({(name, p): model.denoise(noisy, t, p) for p in passes})
         else:
-            traj = model.predict(noisy, steps or 4 * model.trained_steps())
+            traj = model.think(model.energy, noisy, steps or 4 * model.trained_steps())
             out.update({(name, k): y for k, y in enumerate(traj.ys[1:], 1)})
             energies[name] = [e.mean().item() for e in traj.energies]
     return out, energies
@@ -357,7 +402,7 @@ def report(models, data, args, device):
     out.mkdir(parents=True, exist_ok=True)
     trained_t = next(iter(models.values())).config.noise_t
     levels = args.eval_t or [t for t in (k * (trained_t + 1) - 1 for k in (1, 2, 3)) if t <= ebt.DDPM_STEPS]
-    g = torch.Generator().manual_seed((TRAIN_DEFAULTS["seed"] if args.seed is None else args.seed) + 2)
+    g = torch.Generator().manual_seed((ebt.TrainConfig.seed if args.seed is None else args.seed) + 2)
     clean, _ = data.batch("val", REPORT_CROPS, generator=g)
     clean = clean.to(device)
     detailed = clean.flatten(1).std(1).topk(GRID_CROPS).indices
@@ -368,7 +413,7 @@ def report(models, data, args, device):
         for key, y in preds.items():
             table.setdefault(key, {})[t] = ebt.psnr(y, clean).mean().item()
         if grid is None:  # the first level is the training level; an EBT as trained, a DiT at up to 10 passes
-            shown = {name: getattr(model, "trained_steps", lambda: 10)() for name, model in models.items()}
+            shown = {name: model.trained_steps() if isinstance(model, ebt.Thinker) else 10 for name, model in models.items()}
             grid = {name: preds[name, max((p for (n, p) in preds if n == name and p <= shown.get(name, 0)),
                                           default=min(p for (n, p) in preds if n == name))][detailed]
                     for name, _ in preds} | {"clean": clean[detailed]}
@@ -394,7 +439,7 @@ def report(models, data, args, device):
 def plot_grid(columns, path):
     """One row per crop: noisy, each model's denoising (an EBT after its trained steps, the DiT at
     its most passes up to 10), clean."""
-    fig = ebt.figure(figsize=(0.9 * len(columns), 0.9 * GRID_CROPS + 0.4))
+    fig = cli.figure(figsize=(0.9 * len(columns), 0.9 * GRID_CROPS + 0.4))
     axes = fig.subplots(GRID_CROPS, len(columns), squeeze=False)
     for c, (name, images) in enumerate(columns.items()):
         axes[0, c].set_title(name.removeprefix("out-image-"), fontsize=6)
@@ -409,7 +454,7 @@ def plot_grid(columns, path):
 
 def plot_psnr(table, levels, trained_t, path):
     """PSNR against forward passes, one panel per noise level, one curve per model."""
-    fig = ebt.figure(figsize=(3.4 * len(levels), 3.3), layout="constrained")
+    fig = cli.figure(figsize=(3.4 * len(levels), 3.3), layout="constrained")
     names = list(dict.fromkeys(name for name, _ in table))
     for ax, t in zip(fig.subplots(1, len(levels), squeeze=False)[0], levels):
         for i, name in enumerate(names):
@@ -429,7 +474,7 @@ def plot_psnr(table, levels, trained_t, path):
 
 
 def plot_energy(curves, trained_t, path):
-    fig = ebt.figure(figsize=(6, 4), layout="constrained")
+    fig = cli.figure(figsize=(6, 4), layout="constrained")
     ax = fig.subplots()
     for t, per_model in curves.items():
         for name, energies in per_model.items():
@@ -444,14 +489,11 @@ def plot_energy(curves, trained_t, path):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = ebt.pick_device(args.device)
-    if args.compare:
-        models, data = load_trained(args.compare, device)
-    else:
-        models, data = train(args)
+    device = cli.pick_device(args.device)
+    models, data = load_trained(args.compare, device) if args.compare else train(args, device)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one report
         report(models, data, args, device)
 
 
 if __name__ == "__main__":
-    ebt.run_cli(main)
+    cli.run(main)

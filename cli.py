@@ -1,0 +1,417 @@
+"""
+What the drivers share and a reader of EBTs need not read: flags made from the config dataclasses
+and their resolution (preset, recipe, checkpoint, flags given), run directories and their log
+(progress lines, metrics.jsonl, loss.png), checked reading of text, tokenizers and checkpoints, and
+errors as one line with exit code 2.
+"""
+import argparse
+import contextlib
+import gzip
+import hashlib
+import itertools
+import json
+import os
+import signal
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+import ebt
+from ebt import UsageError
+
+SHAKESPEARE = Path(__file__).resolve().parent / "data" / "tinyshakespeare.txt.gz"  # ships with nanoEBT
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+THINKING = ("think_steps", "landscapes", "step_size", "learn_step_size", "step_size_lr_mult", "init_std",
+            "langevin_std", "random_step_size", "random_steps", "truncate", "detach", "replay_size", "replay_batch",
+            "eval_steps")  # options of a model that thinks
+
+
+# -----------------------------------------------------------------------------
+# Errors as one line
+
+def run(main):
+    """Run a driver's main(): user errors and running out of memory become one line on stderr and exit
+    code 2; Ctrl-C, and SIGTERM (how schedulers stop jobs), one line and exit code 130 (training saves
+    before it gets here)."""
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        main()
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except RuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
+        print("error: out of memory; lower the sizes (--batch_size, --block_size, --candidates, --windows)",
+              file=sys.stderr)
+        sys.exit(2)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def is_out_of_memory(e):
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(e) or "out of memory" in str(e)
+
+
+# -----------------------------------------------------------------------------
+# Flags
+
+class ArgumentParser(argparse.ArgumentParser):
+    """No prefix abbreviations (--max_step is not taken for --max_steps); errors are UsageErrors."""
+
+    def __init__(self, **kw):
+        super().__init__(allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")
+
+
+def add_flags(parser, config, names, defaults=None):
+    """A flag per config field in names, its help the field's; every default is None, so that what was
+    given is known (given()). defaults: name -> what the default is, where it is not the field's."""
+    by_name = {f.name: f for f in fields(config)}
+    for name in names:
+        f = by_name[name]
+        shown = (defaults or {}).get(name, f.default)
+        kind = {"type": f.type} if f.type is not bool else {"action": argparse.BooleanOptionalAction}
+        parser.add_argument(f"--{name}", **kind, help=f"{f.metadata['help']} (default: {shown})")
+
+
+def given(args, names):
+    """The flags among names that were given."""
+    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+
+
+def configs(args, layers, ckpt=None, derive=None, log=print):
+    """The ModelConfig and TrainConfig of a run, by one rule for every driver. A new run: the fields'
+    defaults, then the layers in order (a preset, a recipe, the data's sizes), then the flags given,
+    then derive(values) for what is still None. A resumed run: the checkpoint's own; a model flag
+    given must agree with it, a training flag given overrides it (with a notice), and a flag of
+    ckpt["started"] (preset, recipe, data) must agree with what the run started from."""
+    model_names = [f.name for f in fields(ebt.ModelConfig)]
+    train_names = [f.name for f in fields(ebt.TrainConfig) if f.name not in ("out_dir", "device")]  # the driver's
+    if ckpt is None:
+        values = {k: v for layer in layers for k, v in layer.items()}
+        values.update(given(args, model_names + train_names))
+        if derive:
+            derive(values)
+        model = {k: v for k, v in values.items() if k in model_names}
+        train = {k: v for k, v in values.items() if k in train_names}
+    else:
+        model, train = dict(ckpt["model_config"]), dict(ckpt["train_config"])
+        started = ckpt.get("started", {})
+        for k, v in {**given(args, model_names), **given(args, started)}.items():
+            saved = model[k] if k in model_names else started[k]
+            if saved != v:
+                raise UsageError(f"--{k} {v} conflicts with the run in {args.out_dir}, which has {saved}; resume "
+                                 "without it, or start a new run in another --out_dir")
+        for k, v in given(args, train_names).items():
+            if train[k] != v:
+                log(f"notice: --{k} {v} overrides the checkpoint's {train[k]}")
+                train[k] = v
+    try:
+        return ebt.ModelConfig(**model), ebt.TrainConfig(**train)
+    except ebt.ConfigError as e:
+        raise UsageError(f"--{e.name} {e.value}: {e.why}") from None
+
+
+def refuse_thinking(args, model, names=THINKING + ("recipe",)):
+    """An EBT option given for a model that does not think is an error, not silently dropped."""
+    if model not in ("ebt", "image_ebt") and given(args, names):
+        raise UsageError(f"--{next(iter(given(args, names)))} is an EBT option; the {model} model does not think")
+
+
+def check_sampling(args):
+    """sample.py's values for ebt.generate, each checked here once."""
+    for name, ok, what in (("num_tokens", lambda v: v >= 0, ">= 0"), ("temperature", ebt.finite, "finite and >= 0"),
+                           ("top_k", lambda v: v >= 1, ">= 1"), ("candidates", lambda v: v >= 1, ">= 1"),
+                           ("steps", lambda v: 1 <= v <= 10_000, "in 1..10000"),
+                           ("step_size", lambda v: ebt.finite(v) and v > 0, "finite and > 0"),
+                           ("langevin_std", ebt.finite, "finite and >= 0"), ("tolerance", ebt.finite, "finite and >= 0"),
+                           ("windows", lambda v: v >= 1, ">= 1")):
+        check_range(getattr(args, name), name, ok, what)
+
+
+def check_range(value, name, ok, what):
+    """One-line UsageError for a flag value that is NaN or out of range: ok(value) must hold."""
+    if value is not None and (value != value or not ok(value)):
+        raise UsageError(f"--{name} {value}: must be {what}")
+
+
+def pick_device(name="auto"):
+    if name == "auto":
+        return ebt.best_device()
+    kind = name.split(":")[0]
+    if kind not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"unknown device {name!r}; use auto, cpu, cuda or mps")
+    if ebt.best_device() != kind and kind != "cpu":
+        raise UsageError(f"device {name!r} is not available on this machine; use --device auto or cpu")
+    return name
+
+
+# -----------------------------------------------------------------------------
+# Run directories and their log
+
+def check_out_dir(out, flag="--out_dir"):
+    if Path(out).exists() and not Path(out).is_dir():
+        raise UsageError(f"{flag} {out} is a file, not a directory; pass a directory")
+
+
+def prepare_out_dir(out, resume):
+    """Never overwrite an earlier run's checkpoint (a run killed before its first one left only its log,
+    which a new start replaces); remove what a crash during a save left behind."""
+    out = Path(out)
+    check_out_dir(out)
+    if not resume and (out / "ckpt.pt").exists():
+        raise UsageError(f"{out} already holds a run; continue it with --resume, or pass another --out_dir")
+    for stale in out.glob("*.tmp") if out.is_dir() else ():
+        stale.unlink()
+
+
+def check_fits(cfg, batch_size, tokens, device):
+    """Refuse at once a batch whose largest single tensor (activations, logits, or the EBT's explicit
+    attention scores) alone would outgrow the device: a lower bound, passing it promises nothing."""
+    sizes = {"activations": batch_size * tokens * cfg.n_embd, "logits": batch_size * tokens * cfg.vocab_size}
+    if cfg.model == "ebt":
+        sizes["attention scores"] = batch_size * cfg.n_head * tokens * tokens
+    what, largest = max(sizes.items(), key=lambda kv: kv[1])
+    memory = (torch.cuda.get_device_properties(torch.device(device)).total_memory if device.startswith("cuda")
+              else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))  # CPU: physical memory
+    if 4 * largest > memory:
+        raise UsageError(f"batch {batch_size} x {tokens} tokens cannot fit on {device}: its {what} alone take "
+                         f"{4 * largest / 2**30:,.0f} GiB of {memory / 2**30:,.0f}; "
+                         "lower --batch_size (--grad_accum keeps the batch) or --block_size")
+
+
+def printed(*args):
+    print(*args, flush=True)  # flushed: progress shows in files and under nohup
+
+
+class RunLog:
+    """ebt.train()'s log for the drivers: progress lines, out_dir/metrics.jsonl (the train and eval
+    records; a resumed run keeps those up to its step) and out_dir/loss.png after each evaluation."""
+
+    def __init__(self, say=printed):
+        self.say = say
+
+    def __call__(self, r):
+        if r["kind"] == "start":
+            self.start, self.out = r, Path(r["out_dir"])
+            path = self.out / "metrics.jsonl"
+            self.records = [x for x in read_records(path) if x["step"] <= r["step"]] if r["resumed"] and \
+                path.exists() else []
+            ebt.write_atomically(path, lambda tmp: tmp.write_text("".join(json.dumps(x) + "\n" for x in self.records)))
+            if r["resumed"]:
+                self.say(f"resumed from {self.out / 'ckpt.pt'} at step {r['step']}" + (
+                    f"; nothing to train: max_steps is {r['max_steps']} (raise --max_steps to go on)"
+                    if r["step"] >= r["max_steps"] else ""))
+            return self.say(f"{r['model']}: {r['parameters'] / 1e6:.2f}M parameters, device {r['device']} x "
+                            f"{r['world']}, {r['tokens_per_step']:,} tokens per step")
+        if r["kind"] == "message":
+            self.say(r["text"])
+            return plot_metrics(self.records, self.out / "loss.png")
+        self.records.append(r)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(r) + "\n")
+        if r["kind"] == "eval":
+            steps = f" after 1..{len(r['loss_per_step'])} thinking steps:" if "loss_per_step" in r else ""
+            psnr = " | PSNR " + " ".join(f"{p:.2f}" for p in r["psnr_per_step"]) if "psnr_per_step" in r else ""
+            self.say(f"eval step {r['step']} | val loss{steps} "
+                     + " ".join(f"{loss:.4f}" for loss in r.get("loss_per_step", [r["loss"]])) + psnr)
+            return plot_metrics(self.records, self.out / "loss.png")
+        line = f"step {r['step']}/{self.start['max_steps']} | loss {r['loss']:.4f}"
+        if "loss_first" in r:  # each step's energy on that step's own landscape
+            line += (f" (step1 {r['loss_first']:.3f}, last {r['loss_last']:.3f}) | E at step1 {r['energy_first']:.2f},"
+                     f" at last {r['energy_last']:.2f} | alpha {r['step_size']:.1f}")
+        line += f" | psnr {r['psnr']:.2f}" if "psnr" in r else ""
+        line += f" | peak {r['peak_mem_mb'] / 1024:.1f} GB" if "peak_mem_mb" in r else ""
+        eta = int(r["elapsed_s"] / (r["step"] - self.start["step"]) * (self.start["max_steps"] - r["step"]))
+        self.say(line + f" | {r['tokens_per_s'] / 1e3:.1f}k tok/s | ETA " + (
+            f"{eta // 3600}h{eta // 60 % 60:02d}m" if eta >= 3600 else f"{eta // 60}m{eta % 60:02d}s"))
+
+
+def read_records(path):
+    """The records of a metrics.jsonl; a last line torn by a crash mid-write is skipped."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            records.append(json.loads(line))
+    return records
+
+
+def figure(**kw):
+    """A matplotlib Figure (no pyplot state) that Jupyter shows as a picture by itself."""
+    import io
+    from matplotlib.figure import Figure
+    fig = Figure(**kw)
+
+    def png():
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=90)
+        return buffer.getvalue()
+    fig._repr_png_ = png
+    return fig
+
+
+def plot_metrics(records, path):
+    """Loss curve PNG from the metrics log: the training loss smoothed (raw, faint), and the validation
+    loss (an EBT's after 1, the trained and the most evaluated thinking steps)."""
+    fig = figure(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
+    train, val = ([r for r in records if r["kind"] == kind] for kind in ("train", "eval"))
+    if train:
+        steps, losses = [r["step"] for r in train], [r["loss"] for r in train]
+        ax.plot(steps, losses, color="C0", alpha=0.25, lw=0.8)
+        smooth = list(itertools.accumulate(losses, lambda avg, loss: 0.9 * avg + 0.1 * loss))
+        ax.plot(steps, smooth, color="C0", label="train loss (smoothed; raw faint)")
+    K = len(val[0].get("loss_per_step", [])) if val else 0
+    trained = val[0]["loss_per_step"].index(val[0]["loss"]) if K else None  # evaluate() took "loss" from there
+    for k in sorted({0, trained, K - 1}) if K else []:
+        ax.plot([r["step"] for r in val], [r["loss_per_step"][k] for r in val], marker="o",
+                label=f"val loss, {k + 1} thinking step{'s' if k else ''}{' (as trained)' if k == trained else ''}")
+    if val and not K:
+        ax.plot([r["step"] for r in val], [r["loss"] for r in val], marker="o", label="val loss")
+    ax.set(xlabel="optimizer step", ylabel="loss (nats per token)", title=f"training: {Path(path).parent.name}")
+    if ax.get_legend_handles_labels()[0]:  # nothing yet when stopped before the first log
+        ax.legend()
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=100)
+
+
+# -----------------------------------------------------------------------------
+# Text, tokenizers and checkpoints, read with one-line errors
+
+def read_text(path, flag="--data"):
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a directory; pass a text file with {flag}")
+    if not path.is_file():
+        raise UsageError(f"{flag} {path} does not exist; pass an existing text file with {flag}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{flag} {path} is not readable UTF-8 text ({e})") from None
+    if not text:
+        raise UsageError(f"{flag} {path} is empty; pass a text file with {flag}")
+    return text
+
+
+def sha256_text(text):
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def shakespeare():
+    """Tiny Shakespeare, from the compressed copy in data/ (checked against its checksum)."""
+    try:
+        raw = gzip.decompress(SHAKESPEARE.read_bytes())
+    except OSError as e:
+        raise UsageError(f"{SHAKESPEARE} is missing or damaged ({e}); restore it from git, or pass --data") from None
+    if hashlib.sha256(raw).hexdigest() != SHAKESPEARE_SHA256:
+        raise UsageError(f"{SHAKESPEARE} does not hold Tiny Shakespeare (checksum); restore it from git, or pass --data")
+    return raw.decode("utf-8")
+
+
+def text_or_shakespeare(path=None):
+    return read_text(path) if path else shakespeare()
+
+
+class CharTokenizer:
+    def __init__(self, chars):
+        self.chars = list(chars)
+        self.index = {c: i for i, c in enumerate(self.chars)}
+        self.vocab_size = len(self.chars)
+
+    @classmethod
+    def fit(cls, text):
+        return cls(sorted(set(text)))
+
+    def encode(self, text):
+        missing = sorted(set(text) - set(self.index))
+        if missing:
+            raise UsageError(f"characters not in the vocabulary: {''.join(missing)!r}")
+        return [self.index[c] for c in text]
+
+    def decode(self, ids):
+        return "".join(self.chars[i] for i in ids)
+
+    def state(self):
+        return {"kind": "char", "chars": "".join(self.chars)}
+
+
+class GPT2Tokenizer:
+    def __init__(self):
+        try:
+            import tiktoken
+            self.enc = tiktoken.get_encoding("gpt2")
+        except Exception as e:  # tiktoken fetches its BPE files on first use
+            raise UsageError(f"could not load the gpt2 tokenizer through tiktoken ({type(e).__name__}: {e}); "
+                             "it needs its files cached or network access, or use --tokenizer char") from None
+        self.vocab_size = self.enc.n_vocab
+
+    def encode(self, text):
+        return self.enc.encode_ordinary(text)
+
+    def decode(self, ids):
+        return self.enc.decode(list(ids))
+
+    def state(self):
+        return {"kind": "gpt2"}
+
+
+def tokenizer_from_state(state):
+    return CharTokenizer(state["chars"]) if state["kind"] == "char" else GPT2Tokenizer()
+
+
+def load_checkpoint(path, device="cpu", needs=("model", "model_config")):
+    """A checkpoint, checked to be one and to hold `needs` (to resume: the optimizer, configs and step too)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"checkpoint {path} is a directory; pass the ckpt.pt file inside it")
+    if not path.is_file():
+        raise UsageError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise UsageError(f"checkpoint {path} is unreadable or corrupt ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise UsageError(f"checkpoint {path} is not a nanoEBT checkpoint")
+    missing = [k for k in needs if k not in ckpt]
+    if missing:
+        raise UsageError(f"checkpoint {path} holds no {', '.join(missing)}: it cannot be resumed; start a new run "
+                         "in another --out_dir")
+    return ckpt
+
+
+RESUMABLE = ("model", "model_config", "optimizer", "train_config", "step")
+
+
+def load_model(ckpt, device="cpu", **overrides):
+    """The model a checkpoint holds, in eval mode. overrides: config fields to change (e.g. init_std)."""
+    try:
+        model = ebt.build_model(ebt.ModelConfig(**{**ckpt["model_config"], **overrides}))
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise UsageError(f"the checkpoint does not fit its own config ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval()
+
+
+def load_text_model(path, device="cpu", **overrides):
+    """(model in eval mode, tokenizer) from a text checkpoint."""
+    ckpt = load_checkpoint(path, device)
+    if "tokenizer" not in ckpt:
+        raise UsageError(f"checkpoint {path} holds no tokenizer: it is not a text model")
+    return load_model(ckpt, device, **overrides), tokenizer_from_state(ckpt["tokenizer"])
+
+
+def require_ebt(model, what):
+    if not isinstance(model, ebt.Thinker):
+        raise UsageError(f"{what} needs an EBT; this checkpoint holds a {model.config.model!r} model")
