@@ -24,8 +24,8 @@ from ebt import UsageError
 SHAKESPEARE = Path(__file__).resolve().parent / "data" / "tinyshakespeare.txt.gz"  # ships with nanoEBT
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 THINKING = ("think_steps", "landscapes", "step_size", "learn_step_size", "step_size_lr_mult", "init_std",
-            "langevin_std", "random_step_size", "random_steps", "truncate", "detach", "replay_size", "replay_batch",
-            "eval_steps")  # options of a model that thinks
+            "langevin_std", "random_step_size", "random_steps", "truncate", "detach", "replay_size",
+            "replay_batch")  # the ModelConfig fields of a model that thinks; with --eval_steps and --recipe, its flags
 
 
 # -----------------------------------------------------------------------------
@@ -124,7 +124,7 @@ def configs(args, layers, ckpt=None, derive=None, log=print):
         raise UsageError(f"--{e.name} {e.value}: {e.why}") from None
 
 
-def refuse_thinking(args, model, names=THINKING + ("recipe",)):
+def refuse_thinking(args, model, names=THINKING + ("eval_steps", "recipe")):
     """An EBT option given for a model that does not think is an error, not silently dropped."""
     if model not in ("ebt", "image_ebt") and given(args, names):
         raise UsageError(f"--{next(iter(given(args, names)))} is an EBT option; the {model} model does not think")

@@ -322,8 +322,8 @@ def init_weights(module):
 
 @dataclass
 class Trajectory:
-    """ys[k]: the state after k steps (ys[0] the start); energies[k]: the energy of ys[k] on step k's
-    landscape, at inference one more: the final state's, on the last step's landscape (like with like)."""
+    """ys[k]: the state after k steps (ys[0] the start; with a hand-off, the start and the last). energies[k]:
+    state k's on step k's landscape; at inference also the final state's, on the last step's (like with like)."""
     ys: list
     energies: list
     steps_used: torch.Tensor = None  # per position, thinking adaptively
@@ -370,7 +370,8 @@ def think(energy_fn, y, steps, step_size, *, normalize=None, create_graph=False,
             keep_graph = create_graph and (not truncate or k == steps - 1)
             energy, grad = gradient(energy_fn, x, k, keep_graph)
             y = (x if create_graph else x.detach()) - step_size * grad  # inference: no graph back to x
-            if on_step is not None:
+            if on_step is not None:  # the hand-off takes each state; keep the start only, (B, S, V) each
+                del ys[1:]
                 y = on_step(k, y)
             ys.append(y)
             energies.append(energy if keep_graph else energy.detach())
@@ -470,7 +471,7 @@ class Thinker:
 
         def backward_step(k, y):  # think()'s hand-off
             loss = loss_fn(y, target)
-            losses.append(loss)
+            losses.append(loss.detach() if stepwise else loss)
             if stepwise and (k == steps - 1 or not cfg.truncate):
                 (loss * ((1.0 if cfg.truncate else 1.0 / steps) * scale)).backward(inputs=inputs)
                 return y.detach()
@@ -604,9 +605,8 @@ class TextEBT(Thinker, nn.Module):
 
 
 def keep_lowest(x, final_energy):
-    """Self-verification: from x (B, N, P, ...) keep, at every position, the candidate whose final
-    energy (B, N, P) is lowest (never a NaN one, unless all are). Returns (B, P, ...)."""
-    best = final_energy.nan_to_num(nan=float("inf")).argmin(1, keepdim=True)  # (B, 1, P)
+    """Self-verification: from x (B, N, P, ...), at every position the candidate of lowest final energy."""
+    best = final_energy.nan_to_num(nan=float("inf")).argmin(1, keepdim=True)  # (B, 1, P), never a NaN one
     return torch.take_along_dim(x, best.reshape(best.shape + (1,) * (x.dim() - 3)), dim=1).squeeze(1)
 
 

@@ -42,7 +42,7 @@ RECIPES = {  # the image EBT: S1 as the paper's image runs (one step); S2 with t
 MODEL_FLAGS = ("image_size", "patch_size", "n_layer", "n_head", "n_embd", "noise_t")
 TRAIN_FLAGS = ("max_steps", "batch_size", "lr", "warmup_steps", "weight_decay", "grad_clip", "eval_interval",
                "eval_batches", "log_interval", "seed")
-THINKING = tuple(k for k in cli.THINKING if k not in ("init_std", "replay_size", "replay_batch"))  # text's own
+THINKING = tuple(k for k in cli.THINKING if k not in ("init_std", "replay_size", "replay_batch"))  # not text's own
 CACHE_DIR = Path(os.environ.get("NANOEBT_CACHE", Path.home() / ".cache" / "nanoebt"))
 
 
@@ -134,7 +134,7 @@ def parse_args(argv=None):
     cli.add_flags(p, ebt.ModelConfig, MODEL_FLAGS, {**DEFAULTS, "image_size": "28 for mnist, else 32"})
     cli.add_flags(p, ebt.TrainConfig, TRAIN_FLAGS, DEFAULTS)
     g = p.add_argument_group("thinking (EBT)")
-    cli.add_flags(g, ebt.ModelConfig, THINKING[:-1], {
+    cli.add_flags(g, ebt.ModelConfig, THINKING, {
         **DEFAULTS, "step_size_lr_mult": "3 x step_size",
         **{k: f"from --recipe: s1 {RECIPES['s1'][k]}, s2 {RECIPES['s2'][k]}" for k in RECIPES["s1"]}})
     cli.add_flags(g, ebt.TrainConfig, ("eval_steps",))
@@ -347,10 +347,9 @@ def train(args, device):
         raise UsageError(f"{args.out_dir}/ckpt.pt holds a {ckpt['model_config']['model']!r} model; resume it with "
                          "train_text.py")
     kind = ckpt["model_config"]["model"] if ckpt else args.model or "image_ebt"
-    cli.refuse_thinking(args, kind, THINKING + ("recipe",))
+    cli.refuse_thinking(args, kind, THINKING + ("eval_steps", "recipe"))
     dataset = "folder" if args.data else args.dataset or "photos"
-    started = (ckpt.get("started") or {"recipe": None, "dataset": data_spec(ckpt)["dataset"],
-                                       "data": data_spec(ckpt)["data"]}) if ckpt else {
+    started = ckpt.get("started", data_spec(ckpt)) if ckpt else {
         "recipe": args.recipe or "s1" if kind == "image_ebt" else None, "dataset": dataset, "data": args.data}
     layers = [DEFAULTS, RECIPES[started["recipe"]] if kind == "image_ebt" else {},
               {"model": kind, "channels": 1 if dataset == "mnist" else 3, "image_size": 28 if dataset == "mnist" else 32}]

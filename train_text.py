@@ -52,8 +52,9 @@ def parse_args(argv=None):
     recipe = {k: f"from --recipe: s1 {RECIPES['s1'][k]}, s2 {RECIPES['s2'][k]}" for k in RECIPES["s1"]}
     recipe.update(landscapes="s1 think_steps, s2 1", step_size="s1 0.25 sqrt(vocabulary), s2 5",
                   step_size_lr_mult="3 x step_size")
-    cli.add_flags(p.add_argument_group("thinking (EBT)"), ebt.ModelConfig, cli.THINKING[:-1], recipe)
-    cli.add_flags(p.add_argument_group("thinking (EBT)"), ebt.TrainConfig, ("eval_steps",))
+    thinking = p.add_argument_group("thinking (EBT)")
+    cli.add_flags(thinking, ebt.ModelConfig, cli.THINKING, recipe)
+    cli.add_flags(thinking, ebt.TrainConfig, ("eval_steps",))
     s("--data", help="text file to train on (default: Tiny Shakespeare, shipped in data/)")
     s("--tokenizer", choices=("char", "gpt2"), help="(default: char)")
     s("--out_dir", help="checkpoint, metrics.jsonl and loss.png (default: out-text, the Transformer++ out-text-transformer)")
@@ -88,7 +89,7 @@ def main(argv=None, log=cli.printed):
         log(f"preset {started['preset']}" + ("" if args.preset else f" (chosen for device {device}; --preset to change)"))
         if started["preset"] == "gpu" and device == "cpu":
             log("warning: the gpu preset on a CPU takes hours and may not fit in memory; --preset cpu is sized for it")
-    if (args.vocab_size or tokenizer.vocab_size) < tokenizer.vocab_size:
+    if args.vocab_size is not None and args.vocab_size < tokenizer.vocab_size:
         raise ebt.UsageError(f"--vocab_size {args.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
 
     def derive(values):  # S1: a landscape per step, alpha from the vocabulary; alpha's lr follows alpha
