@@ -66,7 +66,8 @@ def measure(kind, steps, args):
     torch.manual_seed(0)
     thinking = dict(think_steps=max(steps, 1), landscapes=max(steps, 1))
     if args.s2:  # S2's options (train_text.py --recipe s2) without its replay buffer, at a fixed step count
-        thinking = {**train_text.RECIPES["s2"], "think_steps": max(steps, 1), "random_steps": 0, "replay_size": 0}
+        thinking = {**train_text.RECIPES["s2"], "think_steps": max(steps, 1), "random_steps": 0, "replay_size": 0,
+                    "step_size_lr_mult": 3 * train_text.RECIPES["s2"]["step_size"]}
     cfg = ebt.ModelConfig(model=kind, vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                           n_head=args.n_head, n_embd=args.n_embd, **thinking)
     model = ebt.build_model(cfg).to(device)

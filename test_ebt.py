@@ -1308,6 +1308,17 @@ def test_bench_flop_count_is_a_counted_forward_times_three():
     assert bench.flops_per_step(cfg, B, S, 0) == pytest.approx(3 * (matmuls + attention), rel=0.01)
 
 
+@pytest.mark.parametrize("one, s2", [("transformer:0", False), ("ebt:2", False), ("ebt:3", True)])
+def test_bench_measures_a_training_step_of_each_configuration(one, s2):
+    import argparse
+    import bench
+    args = argparse.Namespace(device="cpu", vocab_size=13, block_size=16, n_layer=1, n_head=2, n_embd=16,
+                              batch_size=2, iters=1, warmup=1, compile=False, s2=s2, one_backward=False, profile=False)
+    kind, steps = one.split(":")
+    row = bench.measure(kind, int(steps), args)
+    assert row["model"] == kind and row["steps"] == int(steps) and row["step_s"] > 0 and row["tflops"] > 0
+
+
 @pytest.mark.slow
 def test_results_trains_what_is_missing_then_reports_from_checkpoints(tmp_path, monkeypatch, capsys):
     import results
