@@ -309,7 +309,7 @@ def gpu_check(out, args):
     ebt.write_atomically(out / "gpu_check.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
 
 
-def main():
+def main(argv=None):
     cpu = train_text.PRESETS["cpu"]  # the default size: train_text.py's CPU preset
     p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--device", default="auto")
@@ -335,9 +335,14 @@ def main():
                    help="--gpu_check: S1 step sizes to train at a GPT-2-size vocabulary (default: %(default)s)")
     p.add_argument("--sweep_steps", type=int, default=600, help="--gpu_check: steps of each of those runs")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one "kind:steps" and print JSON
-    args = p.parse_args()
-    cli.check_range(args.iters, "iters", lambda v: v >= 1, ">= 1")
-    cli.check_range(args.warmup, "warmup", lambda v: v >= 0, ">= 0")
+    argv = sys.argv[1:] if argv is None else argv
+    args = p.parse_args(argv)
+    for name, low, high in (("iters", 1, 10_000), ("warmup", 0, 10_000), ("n_layer", 1, 10_000), ("n_head", 1, 10_000),
+                            ("n_embd", 1, 10**5), ("block_size", 1, 10**5), ("batch_size", 1, 10**5),
+                            ("vocab_size", 1, 10**7)):
+        cli.check_range(getattr(args, name), name, lambda v: low <= v <= high, f"in {low}..{high}")
+    if args.gpu_check:
+        cli.check_out_dir(args.gpu_check, "--gpu_check")
     if args.syncs:
         return count_syncs()
     if args.gpu_check:
@@ -353,9 +358,9 @@ def main():
     cuda = cli.pick_device(args.device).startswith("cuda")
     rows = []
     for one in args.only or ("transformer:0", "ebt:1", "ebt:2", "ebt:3"):
-        row = measure_in_subprocess(one, sys.argv[1:], echo_stderr=args.profile)
+        row = measure_in_subprocess(one, argv, echo_stderr=args.profile)
         if not cuda:  # memory again, with glibc returning every freed block (see allocated_memory_env)
-            allocated = measure_in_subprocess(one, [a for a in sys.argv[1:] if a != "--profile"]
+            allocated = measure_in_subprocess(one, [a for a in argv if a != "--profile"]
                                               + ["--iters", "1", "--warmup", "2"], env=allocated_memory_env())
             row["resident_mb"], row["peak_mb"] = row["peak_mb"], allocated["peak_mb"]
         rows.append(row)

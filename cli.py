@@ -6,6 +6,7 @@ errors as one line with exit code 2.
 """
 import argparse
 import contextlib
+import datetime
 import gzip
 import hashlib
 import itertools
@@ -13,6 +14,7 @@ import json
 import os
 import signal
 import sys
+import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -29,37 +31,91 @@ THINKING = ("think_steps", "landscapes", "step_size", "learn_step_size", "step_s
 
 
 # -----------------------------------------------------------------------------
-# Errors as one line
+# Errors as one line, signals, the process group
+
+DIST_TIMEOUT = float(os.environ.get("NANOEBT_DIST_TIMEOUT", 300))  # seconds a rank waits for another
+
 
 def run(main):
-    """Run a driver's main(): user errors and running out of memory become one line on stderr and exit
-    code 2; Ctrl-C, and SIGTERM (how schedulers stop jobs), one line and exit code 130 (training saves
-    before it gets here)."""
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    """Run a driver's main(): user errors, running out of memory, a failed write and a silent peer rank
+    become one line on stderr and exit code 2; Ctrl-C and SIGTERM (how schedulers stop jobs) exit 130,
+    training first saving at the end of its step (stop)."""
+    handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         main()
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(e)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except RuntimeError as e:
-        if not is_out_of_memory(e):
+    except (RuntimeError, OSError) as e:  # a file that cannot be written, a full disk: one line too
+        message = failure(e)
+        if message is None and not isinstance(e, OSError):
             raise
-        print("error: out of memory; lower the sizes (--batch_size, --block_size, --candidates, --windows)",
-              file=sys.stderr)
-        sys.exit(2)
+        fail(message or e)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
-def interrupt(signum, frame):
-    raise KeyboardInterrupt
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
-def is_out_of_memory(e):
-    return isinstance(e, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(e) or "out of memory" in str(e)
+def stop(signum, frame):
+    """Ctrl-C or SIGTERM. While training listens: ask it to save and end after this step, every rank
+    alike (a second Ctrl-C stops at once); otherwise stop at once."""
+    if not ebt.Stop.listening or (ebt.Stop.requested and signum == signal.SIGINT):
+        raise KeyboardInterrupt
+    ebt.Stop.requested = True
+
+
+def failure(e):
+    """The one line for a RuntimeError the user can act on, else None."""
+    text = str(e)
+    if isinstance(e, torch.cuda.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text:
+        return "out of memory; lower the sizes (--batch_size, --block_size, --candidates, --windows)"
+    if "PytorchStreamWriter" in text or "unexpected pos" in text:
+        return f"writing a file failed ({text.splitlines()[0]}): is the disk full? The previous checkpoint is kept"
+    if torch.distributed.is_initialized() and any(s in text for s in ("Timed out", "timeout", "closed by peer",
+                                                                       "Connection reset")):
+        silent = silent_ranks()
+        who = f"rank {', '.join(map(str, silent))}" if silent else "a peer rank"
+        return (f"{who} stopped answering: no reply within {DIST_TIMEOUT:g} s (stopped, crashed or far too slow; "
+                "NANOEBT_DIST_TIMEOUT sets the wait); the last checkpoint is kept")
+    return None
+
+
+def silent_ranks(wait=2.0):
+    """The ranks that do not answer through the rendezvous store within `wait` seconds (every rank that
+    is alive arrives here after the same failed collective), or None if the store is gone too."""
+    dist = torch.distributed
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"nanoebt/answering/{dist.get_rank()}", "1")
+        time.sleep(wait)
+        return [r for r in range(dist.get_world_size()) if not store.check([f"nanoebt/answering/{r}"])]
+    except Exception:  # the rank that hosts the store is the silent one
+        return None
+
+
+def join_process_group(device):
+    """Under torchrun (RANK set) join the process group, with a timeout so that a rank that stops answering
+    is named (failure) instead of waited for for 30 minutes: gloo for CPU tensors (the flags every rank
+    agrees on, ebt.any_rank) and, on GPUs, nccl for CUDA tensors. Returns (rank, world size, device)."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    dist = torch.distributed
+    if not dist.is_initialized():
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo",
+                                timeout=datetime.timedelta(seconds=DIST_TIMEOUT))
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 # -----------------------------------------------------------------------------
@@ -73,6 +129,13 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UsageError(f"{message} (see --help)")
+
+    def parse_args(self, argv=None, namespace=None):
+        args = super().parse_args(argv, namespace)
+        empty = [k for k, v in vars(args).items() if v == "" or v == [""]]
+        if empty:  # an empty path or name would silently mean the default
+            raise UsageError(f"--{empty[0]} is empty; give a value, or leave the flag out for its default")
+        return args
 
 
 def add_flags(parser, config, names, defaults=None):
@@ -119,9 +182,13 @@ def configs(args, layers, ckpt=None, derive=None, log=print):
                 log(f"notice: --{k} {v} overrides the checkpoint's {train[k]}")
                 train[k] = v
     try:
-        return ebt.ModelConfig(**model), ebt.TrainConfig(**train)
+        cfg, tc = ebt.ModelConfig(**model), ebt.TrainConfig(**train)
     except ebt.ConfigError as e:
         raise UsageError(f"--{e.name} {e.value}: {e.why}") from None
+    if cfg.replay_size and round(cfg.replay_batch * tc.batch_size) > cfg.replay_size:
+        raise UsageError(f"--replay_batch {cfg.replay_batch}: {round(cfg.replay_batch * tc.batch_size)} replayed "
+                         f"sequences a batch, more than the buffer's {cfg.replay_size} (--replay_size)")
+    return cfg, tc
 
 
 def refuse_thinking(args, model, names=THINKING + ("eval_steps", "recipe")):
@@ -132,12 +199,13 @@ def refuse_thinking(args, model, names=THINKING + ("eval_steps", "recipe")):
 
 def check_sampling(args):
     """sample.py's values for ebt.generate, each checked here once."""
-    for name, ok, what in (("num_tokens", lambda v: v >= 0, ">= 0"), ("temperature", ebt.finite, "finite and >= 0"),
+    for name, ok, what in (("num_tokens", lambda v: 0 <= v <= 10**7, "in 0..10^7"),
+                           ("temperature", ebt.finite, "finite and >= 0"),
                            ("top_k", lambda v: v >= 1, ">= 1"), ("candidates", lambda v: v >= 1, ">= 1"),
                            ("steps", lambda v: 1 <= v <= 10_000, "in 1..10000"),
                            ("step_size", lambda v: ebt.finite(v) and v > 0, "finite and > 0"),
                            ("langevin_std", ebt.finite, "finite and >= 0"), ("tolerance", ebt.finite, "finite and >= 0"),
-                           ("windows", lambda v: v >= 1, ">= 1")):
+                           ("windows", lambda v: v >= 1, ">= 1"), ("seed", lambda v: 0 <= v < 2**62, "in 0..2^62")):
         check_range(getattr(args, name), name, ok, what)
 
 
@@ -150,11 +218,13 @@ def check_range(value, name, ok, what):
 def pick_device(name="auto"):
     if name == "auto":
         return ebt.best_device()
-    kind = name.split(":")[0]
-    if kind not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"unknown device {name!r}; use auto, cpu, cuda or mps")
-    if ebt.best_device() != kind and kind != "cpu":
-        raise UsageError(f"device {name!r} is not available on this machine; use --device auto or cpu")
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and not index.isdigit()):
+        raise UsageError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    count = {"cpu": 1, "mps": int(ebt.best_device() == "mps"), "cuda": torch.cuda.device_count()}[kind]
+    if int(index or 0) >= count or (kind == "cpu" and index):
+        raise UsageError(f"device {name!r} is not available on this machine ({count} {kind} device"
+                         f"{'s' * (count != 1)}); use --device auto or cpu")
     return name
 
 
@@ -162,8 +232,16 @@ def pick_device(name="auto"):
 # Run directories and their log
 
 def check_out_dir(out, flag="--out_dir"):
-    if Path(out).exists() and not Path(out).is_dir():
+    """A directory that can be made and written to, checked before any work: no traceback at the end."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
         raise UsageError(f"{flag} {out} is a file, not a directory; pass a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".nanoebt-write-test").touch()
+        (out / ".nanoebt-write-test").unlink()
+    except OSError as e:
+        raise UsageError(f"{flag} {out} cannot be written ({e.strerror or e}); pass a directory you can write to") from None
 
 
 def prepare_out_dir(out, resume):
@@ -178,18 +256,22 @@ def prepare_out_dir(out, resume):
 
 
 def check_fits(cfg, batch_size, tokens, device):
-    """Refuse at once a batch whose largest single tensor (activations, logits, or the EBT's explicit
-    attention scores) alone would outgrow the device: a lower bound, passing it promises nothing."""
-    sizes = {"activations": batch_size * tokens * cfg.n_embd, "logits": batch_size * tokens * cfg.vocab_size}
+    """Refuse at once a model whose training state (weights, gradients, AdamW's two moments), or a batch
+    whose largest single tensor (activations, logits, or the EBT's explicit attention scores), would
+    alone outgrow the device: a lower bound, passing it promises nothing."""
+    weights = cfg.n_layer * (4 * cfg.n_embd ** 2 + 3 * cfg.n_embd * cfg.mlp_hidden) + 2 * cfg.vocab_size * cfg.n_embd
+    sizes = {"activations": batch_size * tokens * cfg.n_embd, "logits": batch_size * tokens * cfg.vocab_size,
+             "weights, gradients and optimizer state": 4 * weights}
     if cfg.model == "ebt":
         sizes["attention scores"] = batch_size * cfg.n_head * tokens * tokens
     what, largest = max(sizes.items(), key=lambda kv: kv[1])
     memory = (torch.cuda.get_device_properties(torch.device(device)).total_memory if device.startswith("cuda")
               else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))  # CPU: physical memory
     if 4 * largest > memory:
-        raise UsageError(f"batch {batch_size} x {tokens} tokens cannot fit on {device}: its {what} alone take "
-                         f"{4 * largest / 2**30:,.0f} GiB of {memory / 2**30:,.0f}; "
-                         "lower --batch_size (--grad_accum keeps the batch) or --block_size")
+        raise UsageError(f"{cfg.n_layer} layers x {cfg.n_embd}, batch {batch_size} x {tokens} tokens cannot fit "
+                         f"on {device}: the {what} alone take {4 * largest / 2**30:,.0f} GiB of "
+                         f"{memory / 2**30:,.0f}; lower --batch_size (--grad_accum keeps the batch), "
+                         "--block_size, --n_layer or --n_embd")
 
 
 def printed(*args):
@@ -197,54 +279,81 @@ def printed(*args):
 
 
 class RunLog:
-    """ebt.train()'s log for the drivers: progress lines, out_dir/metrics.jsonl (the train and eval
-    records; a resumed run keeps those up to its step) and out_dir/loss.png after each evaluation."""
+    """ebt.train()'s log for the drivers: progress lines with throughput and time left, out_dir/metrics.jsonl
+    (the train and eval records; a resumed run keeps those up to its step) and out_dir/loss.png."""
 
     def __init__(self, say=printed):
-        self.say = say
+        self.say, self.warned = say, False
 
     def __call__(self, r):
-        if r["kind"] == "start":
-            self.start, self.out = r, Path(r["out_dir"])
-            path = self.out / "metrics.jsonl"
-            self.records = [x for x in read_records(path) if x["step"] <= r["step"]] if r["resumed"] and \
-                path.exists() else []
-            ebt.write_atomically(path, lambda tmp: tmp.write_text("".join(json.dumps(x) + "\n" for x in self.records)))
-            if r["resumed"]:
-                self.say(f"resumed from {self.out / 'ckpt.pt'} at step {r['step']}" + (
-                    f"; nothing to train: max_steps is {r['max_steps']} (raise --max_steps to go on)"
-                    if r["step"] >= r["max_steps"] else ""))
-            return self.say(f"{r['model']}: {r['parameters'] / 1e6:.2f}M parameters, device {r['device']} x "
-                            f"{r['world']}, {r['tokens_per_step']:,} tokens per step")
-        if r["kind"] == "message":
-            self.say(r["text"])
-            return plot_metrics(self.records, self.out / "loss.png")
+        getattr(self, r["kind"])(r)
+
+    def start(self, r):
+        self.first, self.last, self.out = r, r, Path(r["out_dir"])
+        path = self.out / "metrics.jsonl"
+        self.records = [x for x in read_records(path) if x["step"] <= r["step"]] if r["resumed"] else []
+        ebt.write_atomically(path, lambda tmp: tmp.write_text("".join(json.dumps(x) + "\n" for x in self.records)))
+        if r["resumed"]:
+            self.say(f"resumed from {self.out / 'ckpt.pt'} at step {r['step']}" + (
+                f"; nothing to train: max_steps is {r['max_steps']} (raise --max_steps to go on)"
+                if r["step"] >= r["max_steps"] else ""))
+        self.say(f"{r['model']}: {r['parameters'] / 1e6:.2f}M parameters, device {r['device']} x {r['world']}, "
+                 f"{r['tokens_per_step']:,} tokens per step")
+
+    def keep(self, r):
         self.records.append(r)
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(r) + "\n")
-        if r["kind"] == "eval":
-            steps = f" after 1..{len(r['loss_per_step'])} thinking steps:" if "loss_per_step" in r else ""
-            psnr = " | PSNR " + " ".join(f"{p:.2f}" for p in r["psnr_per_step"]) if "psnr_per_step" in r else ""
-            self.say(f"eval step {r['step']} | val loss{steps} "
-                     + " ".join(f"{loss:.4f}" for loss in r.get("loss_per_step", [r["loss"]])) + psnr)
-            return plot_metrics(self.records, self.out / "loss.png")
-        line = f"step {r['step']}/{self.start['max_steps']} | loss {r['loss']:.4f}"
+
+    def train(self, r):
+        """A progress line; the throughput counts the steps since the last line or checkpoint."""
+        first, elapsed = self.first, r["time"] - self.first["time"]
+        r = {**r, "tokens_per_s": first["tokens_per_step"] * (r["step"] - self.last["step"]) / max(
+            r["time"] - self.last["time"], 1e-9), "elapsed_s": elapsed}
+        self.keep(r)
+        self.last = r
+        line = f"step {r['step']}/{first['max_steps']} | loss {r['loss']:.4f}"
         if "loss_first" in r:  # each step's energy on that step's own landscape
             line += (f" (step1 {r['loss_first']:.3f}, last {r['loss_last']:.3f}) | E at step1 {r['energy_first']:.2f},"
                      f" at last {r['energy_last']:.2f} | alpha {r['step_size']:.1f}")
         line += f" | psnr {r['psnr']:.2f}" if "psnr" in r else ""
         line += f" | peak {r['peak_mem_mb'] / 1024:.1f} GB" if "peak_mem_mb" in r else ""
-        eta = int(r["elapsed_s"] / (r["step"] - self.start["step"]) * (self.start["max_steps"] - r["step"]))
+        eta = int(elapsed / (r["step"] - first["step"]) * (first["max_steps"] - r["step"]))
         self.say(line + f" | {r['tokens_per_s'] / 1e3:.1f}k tok/s | ETA " + (
             f"{eta // 3600}h{eta // 60 % 60:02d}m" if eta >= 3600 else f"{eta // 60}m{eta % 60:02d}s"))
+        if r.get("step_size", 1) <= 1.001e-3 and not self.warned:  # ebt.Thinker.step_size's floor
+            self.warned = True
+            self.say("warning: alpha sits at its floor, 0.001: thinking hardly moves the candidate; "
+                     "lower --step_size_lr_mult or --lr")
+
+    def eval(self, r):
+        self.keep(r)
+        steps = f" after 1..{len(r['loss_per_step'])} thinking steps:" if "loss_per_step" in r else ""
+        psnr = " | PSNR " + " ".join(f"{p:.2f}" for p in r["psnr_per_step"]) if "psnr_per_step" in r else ""
+        self.say(f"eval step {r['step']} | val loss{steps} "
+                 + " ".join(f"{loss:.4f}" for loss in r.get("loss_per_step", [r["loss"]])) + psnr)
+
+    def saved(self, r):
+        self.last = r  # the next throughput leaves the evaluation and the save out
+        plot_metrics(self.records, self.out / "loss.png")
+
+    def message(self, r):
+        self.say(r["text"])
+        plot_metrics(self.records, self.out / "loss.png")
 
 
 def read_records(path):
-    """The records of a metrics.jsonl; a last line torn by a crash mid-write is skipped."""
+    """The records of a metrics.jsonl: one JSON object with a kind and a step per line; anything else (a
+    line torn by a crash mid-write, stray bytes) is skipped."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory; move it away (training writes its log there)")
     records = []
-    for line in Path(path).read_text().splitlines():
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines() if path.exists() else ():
         with contextlib.suppress(json.JSONDecodeError):
-            records.append(json.loads(line))
+            record = json.loads(line)
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and "kind" in record:
+                records.append(record)
     return records
 
 
@@ -340,8 +449,8 @@ class CharTokenizer:
             raise UsageError(f"characters not in the vocabulary: {''.join(missing)!r}")
         return [self.index[c] for c in text]
 
-    def decode(self, ids):
-        return "".join(self.chars[i] for i in ids)
+    def decode(self, ids):  # an id past the characters (a padded --vocab_size) reads as U+FFFD
+        return "".join(self.chars[i] if i < len(self.chars) else "\ufffd" for i in ids)
 
     def state(self):
         return {"kind": "char", "chars": "".join(self.chars)}
@@ -361,7 +470,7 @@ class GPT2Tokenizer:
         return self.enc.encode_ordinary(text)
 
     def decode(self, ids):
-        return self.enc.decode(list(ids))
+        return self.enc.decode([i if i < self.vocab_size else self.enc.eot_token for i in ids])
 
     def state(self):
         return {"kind": "gpt2"}
@@ -401,6 +510,8 @@ def load_model(ckpt, device="cpu", **overrides):
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, KeyError, TypeError) as e:
         raise UsageError(f"the checkpoint does not fit its own config ({str(e).splitlines()[0]})") from None
+    if not all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point()):
+        raise UsageError("the checkpoint's weights are not all finite (NaN or infinite): it cannot think or sample")
     return model.to(device).eval()
 
 

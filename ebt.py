@@ -117,6 +117,7 @@ class ModelConfig:
         c("step_size", finite(self.step_size) and self.step_size > 0, "must be finite and > 0")
         for n in ("step_size_lr_mult", "init_std", "langevin_std", "replay_batch"):
             c(n, finite(getattr(self, n)), "must be finite and >= 0")
+        c("step_size_lr_mult", self.step_size_lr_mult <= 1e6, "must be <= 1e6 (alpha would jump to its floor)")
         c("random_step_size", finite(self.random_step_size, low=1), "must be finite and >= 1")
         c("noise_t", 1 <= self.noise_t <= DDPM_STEPS, f"must be a DDPM step in 1..{DDPM_STEPS}")
         self.mlp_hidden = self.mlp_hidden or self.n_embd
@@ -143,6 +144,9 @@ class TrainConfig:
     def __post_init__(self):
         for n in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval"):
             check(self, n, getattr(self, n) >= 1, "must be >= 1")
+        for n, most in (("grad_accum", 1024), ("eval_batches", 1000), ("eval_steps", 1000)):  # passes, unlogged
+            check(self, n, getattr(self, n) <= most, f"must be <= {most}")
+        check(self, "seed", 0 <= self.seed < 2**62, "must be in 0..2^62 (torch's generators take 64 bits)")
         for n in ("lr", "warmup_steps", "weight_decay", "grad_clip", "eval_steps"):
             check(self, n, finite(getattr(self, n)), "must be finite and >= 0")
         check(self, "lr", self.lr > 0, "must be > 0")
@@ -699,37 +703,48 @@ class TextData:
 # -----------------------------------------------------------------------------
 # 6. The training loop
 
+class Stop:
+    """A stop signal, set by the drivers' handler (cli.run) while train() listens: every rank ends after
+    the same step, saved. Outside train(), and at a second Ctrl-C, the handler stops at once."""
+    listening = requested = False
+
+
 def train(model, data, tc, meta=None, resume=False, log=None):
     """AdamW with warm-up and cosine decay, clipping, accumulation, evaluation and checkpoints: one loop
-    for every model, also under torchrun (data parallel). data.batch(split, batch_size, generator) ->
-    (x, y). Each of N processes takes its slice of one global batch of N x tc.batch_size, so the run
-    matches one process with N times the batch; batches and noise are functions of (seed, step), so a
-    resumed run continues exactly; the host waits for the device only to log and evaluate. Rank 0
-    saves out_dir/ckpt.pt (with meta) and gives log every record (cli.RunLog); returns the records."""
-    rank, world, device = distributed_setup(best_device() if tc.device == "auto" else tc.device)
-    out, thinks, records = Path(tc.out_dir), isinstance(model, Thinker), []
-    report = lambda record: rank == 0 and (records.append(record), (log or print_record)(record))
+    for every model, also in a process group (data parallel; the drivers join it: cli.py). data.batch(split,
+    batch_size, generator) -> (x, y). Each of N processes takes its slice of one global batch of N x
+    tc.batch_size, so the run matches one process with N times the batch; batches and noise are functions
+    of (seed, step), so a resumed run continues exactly; the host waits for the device only to log and
+    evaluate. Rank 0 saves out_dir/ckpt.pt (with meta) and gives log every record (cli.RunLog)."""
+    dist = torch.distributed
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    group = dist.group.WORLD if world > 1 else None  # its CPU side (gloo) carries the flags every rank agrees on
+    device, out, thinks, records = best_device() if tc.device == "auto" else tc.device, Path(tc.out_dir), \
+        isinstance(model, Thinker), []
+    report = lambda record: rank == 0 and (records.append({**record, "time": time.time()}), (log or print)(records[-1]))
     model.to(device)
     if tc.compile:
         compile_model(model)
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95),
                                   fused=device.startswith("cuda"))
-    saved = restore(out, model, optimizer, rank, device) if resume else None  # the step of the last checkpoint
-    step = saved or 0
+    saved = restore(out, model, optimizer, rank, device, group) if resume else None  # the last checkpoint's step
+    step, stopping = saved or 0, False
     if world > 1:  # every rank starts from rank 0's weights
         for t in model.state_dict().values():
-            torch.distributed.broadcast(t, 0)
-    tokens = tc.batch_size * tc.grad_accum * world * data.tokens_per_sample  # per optimizer step
+            dist.broadcast(t, 0)
     report({"kind": "start", "step": step, "max_steps": tc.max_steps, "resumed": resume, "out_dir": str(out),
-            "model": model.config.model, "parameters": sum(p.numel() for p in model.parameters()),
-            "device": device, "world": world, "tokens_per_step": tokens})
-    throughput, together = Throughput(tokens, step, device), True  # together: every rank ends alike
+            "model": model.config.model, "parameters": sum(p.numel() for p in model.parameters()), "device": device,
+            "world": world, "tokens_per_step": tc.batch_size * tc.grad_accum * world * data.tokens_per_sample})
+    non_finite = lambda what: UsageError(f"training stopped: {what} became NaN or infinite by step {step}; " + (
+        f"the last good checkpoint is {out / 'ckpt.pt'} (step {saved})" if saved is not None else
+        f"no checkpoint was written yet (the first comes at step {tc.eval_interval})") + "; try a lower --lr")
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # since the last check, on the device
+    Stop.listening, Stop.requested = True, False
     try:
         while step < tc.max_steps:
             lr = lr_at(step, tc)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_mult"]
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = lr * param_group["lr_mult"]
             # one step count per optimizer step, the same on every rank and micro-step
             steps = model.draw_steps(random.Random(batch_seed(tc.seed, step, -1))) if thinks else None
             for micro in range(tc.grad_accum):
@@ -753,60 +768,44 @@ def train(model, data, tc, meta=None, resume=False, log=None):
 
             logging = step % tc.log_interval == 0 or step == tc.max_steps
             evaluating = step % tc.eval_interval == 0 or step == tc.max_steps
-            if (logging or evaluating) and not all_finite(nonfinite, world):
-                last = (f"the last good checkpoint is {out / 'ckpt.pt'} (step {saved})" if saved is not None else
-                        f"no checkpoint was written yet (the first comes at step {tc.eval_interval})")
-                raise UsageError(f"training stopped: the loss or the gradient became NaN or infinite by step "
-                                 f"{step}; {last}; try a lower --lr or --step_size")
+            if (logging or evaluating) and any_rank(nonfinite, group):
+                raise non_finite("the loss or the gradient")
             if logging:
                 if world > 1:  # the loss over the global batch
-                    torch.distributed.all_reduce(metrics["loss"])
+                    dist.all_reduce(metrics["loss"])
                     metrics["loss"] /= world
-                report({"kind": "train", "step": step, "lr": lr, "grad_norm": grad_norm.item(), **throughput(step),
+                memory = {"peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20} if device.startswith("cuda") else {}
+                report({"kind": "train", "step": step, "lr": lr, "grad_norm": grad_norm.item(), **memory,
                         **{k: v.item() for k, v in metrics.items()}})
-            if evaluating:
-                if rank == 0:
-                    report({"kind": "eval", "step": step, **evaluate(model, data, tc, device)})
-                saved = save(out, model, optimizer, tc, step, meta, rank)
-                throughput.restart(step)  # throughput counts training only
+            if evaluating:  # a checkpoint only of weights whose validation loss is finite
+                m = evaluate(model, data, tc, device) if rank == 0 else {"loss": 0.0}
+                if any_rank(not math.isfinite(m["loss"]), group):
+                    raise non_finite("the validation loss")
+                report({"kind": "eval", "step": step, **m})
+                saved = save(out, model, optimizer, tc, step, meta, rank, group)
+                report({"kind": "saved", "step": step})  # throughput counts training only
+            stopping = any_rank(Stop.requested, group)
+            if stopping:  # a stop signal: every rank ends after this step
+                raise KeyboardInterrupt
     except KeyboardInterrupt:
-        if not nonfinite:
-            save(out, model, optimizer, tc, step, meta, rank)
+        if (stopping or world == 1) and not nonfinite and saved != step:  # else this rank alone: no set to save
+            saved = save(out, model, optimizer, tc, step, meta, rank, group)
         report({"kind": "message", "step": step, "text": f"interrupted at step {step}; " + (
-            "not saved: the run had become non-finite" if nonfinite else
-            f"saved {out / 'ckpt.pt'} (continue with --resume)")})
+            f"saved {out / 'ckpt.pt'} (continue with --resume)" if saved == step else "not saved")})
         raise  # the driver stops here (exit code 130), before any report on a half-trained model
-    except RuntimeError:
-        together = False  # this rank alone: the others may be anywhere
-        raise
     finally:
-        if world > 1:
-            if together:  # every rank reaches here before any tears down (gloo aborts otherwise)
-                torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
+        Stop.listening = False
     return records
 
 
-def print_record(record):
-    """train()'s log by default: a line per record (the drivers format them: cli.RunLog)."""
-    print(record.get("text") or {k: v for k, v in record.items() if not isinstance(v, list)}, flush=True)
-
-
-class Throughput:
-    """Tokens per second since the last log or evaluation (evaluation time left out), and CUDA's peak memory."""
-
-    def __init__(self, tokens_per_step, step, device):
-        self.tokens, self.t0, self.cuda = tokens_per_step, time.time(), device.startswith("cuda")
-        self.restart(step)
-
-    def restart(self, step):
-        self.t, self.step = time.time(), step
-
-    def __call__(self, step):
-        t = time.time()
-        rate, self.t, self.step = self.tokens * (step - self.step) / max(t - self.t, 1e-9), t, step
-        return {"tokens_per_s": rate, "elapsed_s": t - self.t0,
-                **({"peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20} if self.cuda else {})}
+def any_rank(flag, group):
+    """Whether flag (a bool or a tensor) holds on any rank: one small all-reduce, on the CPU over gloo,
+    so that every rank takes the same decision."""
+    if group is None:
+        return bool(flag)
+    flag = torch.tensor([float(flag)])
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
+    return bool(flag)
 
 
 def best_device():
@@ -856,19 +855,6 @@ def compile_model(model):
     return model
 
 
-def distributed_setup(device):
-    """Under torchrun join the process group (nccl on GPUs, gloo on CPU): (rank, world size, device)."""
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if device.startswith("cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
 def average_gradients(model, world):
     """One all-reduce of all gradients, flattened (DDP's hooks can't take an EBT's several backwards)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -878,36 +864,36 @@ def average_gradients(model, world):
         g.copy_(new.view_as(g))
 
 
-def all_finite(nonfinite, world):
-    """One read of the device; under torchrun every rank takes the same decision."""
-    if world > 1:
-        nonfinite = nonfinite.float()
-        torch.distributed.all_reduce(nonfinite, op=torch.distributed.ReduceOp.MAX)
-    return not bool(nonfinite)
-
-
-def save(out, model, optimizer, tc, step, meta, rank):
-    """The run at `step` (returned), atomically: rank 0 writes out/ckpt.pt; with a replay buffer, every
-    other rank its own buffer to out/replay-rank{r}.pt."""
-    replay = {"replay": model.replay.kept} if isinstance(model, TextEBT) and model.replay is not None else {}
-    if replay and rank > 0:
-        write_atomically(out / f"replay-rank{rank}.pt", lambda tmp: torch.save({"step": step, **replay}, tmp))
+def save(out, model, optimizer, tc, step, meta, rank, group):
+    """The run at `step` (returned) as one set, each file atomic: every other rank's replay buffer
+    (out/replay-rank{r}-step{step}.pt), then rank 0's out/ckpt.pt, then the older buffers go."""
+    replay = model.replay if isinstance(model, TextEBT) else None
+    if replay is not None and rank > 0:
+        write_atomically(out / f"replay-rank{rank}-step{step}.pt", lambda tmp: torch.save(replay.kept, tmp))
+    any_rank(False, group)  # every buffer is written before the checkpoint that names its step
     if rank == 0:
         write_atomically(out / "ckpt.pt", lambda tmp: torch.save({
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_config": asdict(model.config),
-            "train_config": asdict(tc), "step": step, **replay, **(meta or {})}, tmp))
+            "train_config": asdict(tc), "step": step, **({"replay": replay.kept} if replay is not None else {}),
+            **(meta or {})}, tmp))
+    any_rank(False, group)
+    for older in out.glob(f"replay-rank{rank}-step*.pt") if replay is not None and rank > 0 else ():
+        if older.name != f"replay-rank{rank}-step{step}.pt":
+            older.unlink()
     return step
 
 
-def restore(out, model, optimizer, rank, device):
+def restore(out, model, optimizer, rank, device, group):
     """The run as save() left it in out (the drivers check the files first: cli.py). Returns the step."""
     ckpt = torch.load(out / "ckpt.pt", map_location=device, weights_only=True)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    own = out / f"replay-rank{rank}.pt"
-    kept = ckpt if rank == 0 else torch.load(own, map_location=device, weights_only=True) if own.exists() else {}
-    if isinstance(model, TextEBT) and model.replay is not None and kept.get("step") == ckpt["step"]:
-        model.replay.kept = kept["replay"]
+    if isinstance(model, TextEBT) and model.replay is not None:
+        own = out / f"replay-rank{rank}-step{ckpt['step']}.pt"
+        if any_rank(rank > 0 and not own.exists(), group):
+            raise UsageError(f"{out} has no replay buffer of step {ckpt['step']} for every process: the checkpoint "
+                             "and the per-rank files are not one set; resume as it was run, or start a new run")
+        model.replay.kept = ckpt["replay"] if rank == 0 else torch.load(own, map_location=device, weights_only=True)
     return ckpt["step"]
 
 
@@ -916,8 +902,11 @@ def write_atomically(path, write):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:  # a failed write (a full disk) leaves the old file and no part of the new one
+        tmp.unlink(missing_ok=True)
 
 
 # -----------------------------------------------------------------------------
@@ -973,19 +962,21 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
 
 
 @torch.no_grad()
-def generate(model, idx, num_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True, **thinking):
+def generate(model, idx, num_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True, on_token=None,
+             **thinking):
     """Sample num_tokens tokens after the prompt idx (B, T0) with either text model (in eval mode). A KV
     cache of the context stream makes a token cost one token through the trunk and, for an EBT, the
     thinking of one prediction token per candidate. The window holds at most block_size tokens, then
     restarts from the last block_size // 2; use_cache=False recomputes it for every token (the same
-    result). thinking (EBTs): candidates, steps, step_size, langevin_std, tolerance (next_token)."""
+    result). thinking (EBTs): candidates, steps, step_size, langevin_std, tolerance (next_token). on_token(n):
+    called after the n-th new token (progress)."""
     if thinking and not isinstance(model, TextEBT):
         raise UsageError(f"thinking ({', '.join(thinking)}) needs an EBT; this is a {model.config.model!r} model")
     if idx.shape[1] < 1:
         raise UsageError("the prompt is empty; give at least one token")
     block, keep = model.config.block_size, max(1, model.config.block_size // 2)
     start, cache, per_token = max(0, idx.shape[1] - block), None, []  # the window is idx[:, start:]
-    for _ in range(num_tokens):
+    for n in range(1, num_tokens + 1):
         if idx.shape[1] - start > block:
             start, cache = idx.shape[1] - keep, None
         cache = cache if use_cache else None
@@ -993,6 +984,8 @@ def generate(model, idx, num_tokens, temperature=1.0, top_k=None, generator=None
         logits, cache, diagnostics = model.next_token(idx[:, start + seen:], cache, generator, **thinking)
         per_token.append((logits, diagnostics))
         idx = torch.cat([idx, sample_next(logits, temperature, top_k, generator)], dim=1)
+        if on_token is not None:
+            on_token(n)
     out = Generation(idx, torch.stack([logits for logits, _ in per_token], 1) if per_token else None)
     if per_token and per_token[0][1]:
         stack = lambda name: torch.stack([d[name] for _, d in per_token], 1)

@@ -4,7 +4,7 @@ small scale, on character-level Tiny Shakespeare with the CPU preset of train_te
 the photo matplotlib ships with the defaults of train_image.py.
 
     python results.py                    # train what is missing in out-results/, then report
-    python results.py --seeds 1337       # one seed instead of two
+    python results.py --seeds 1337       # one seed instead of two: the report goes to out-results/report
     python results.py --lengths 2000     # one training length (the 1500+ step comparison)
 
 Runs: the Transformer++ and the EBT with the paper's recipes S1 and S2, each trained for every
@@ -51,7 +51,8 @@ def parse_args(argv=None):
     s("--lengths", type=int, nargs="+", default=[250, 500, 1000, 2000],
       help="training lengths in optimizer steps (default: %(default)s)")
     s("--out_dir", default="out-results", help="the runs, and results.json with every number (default: %(default)s)")
-    s("--report_dir", default="assets", help="results.md and the plots, as the README links them (default: %(default)s)")
+    s("--report_dir", help="results.md and the plots (default: assets/, where the README shows them, for the "
+      "default runs; else OUT_DIR/report, so that other settings never overwrite the shipped results)")
     s("--windows", type=int, default=64, help="evaluation windows of block_size tokens per text (default: %(default)s)")
     s("--device", default="auto", help="auto, cpu, cuda or mps (default: %(default)s)")
     s("--preset", default="cpu", choices=train_text.PRESETS, help="train_text.py preset (default: %(default)s)")
@@ -61,6 +62,12 @@ def parse_args(argv=None):
             raise ebt.UsageError(f"--{name} has repeated values")
     if min(args.lengths) < 1 or args.windows < 1:
         raise ebt.UsageError("--lengths and --windows must be >= 1")
+    for seed in args.seeds:
+        cli.check_range(seed, "seeds", lambda v: 0 <= v < 2**62, "in 0..2^62")
+    default = all(getattr(args, k) == p.get_default(k) for k in ("seeds", "lengths", "out_dir", "windows", "preset"))
+    args.report_dir = args.report_dir or ("assets" if default else str(Path(args.out_dir) / "report"))
+    cli.check_out_dir(args.out_dir)
+    cli.check_out_dir(args.report_dir, "--report_dir")
     return args
 
 

@@ -317,8 +317,8 @@ def parse_args(argv=None):
     m.add_argument("--windows", type=int, default=64, help="--eval: random windows of block_size tokens per text (default: %(default)s)")
     args = p.parse_args(argv)
     cli.check_sampling(args)
-    if args.plots and Path(args.plots).is_file():
-        raise ebt.UsageError(f"--plots {args.plots} is a file; pass a directory for the PNGs")
+    if args.plots:
+        cli.check_out_dir(args.plots, "--plots")
     if args.eval:
         for name in ("steps", "step_size", "candidates", "langevin_std", "tolerance", "top_k"):
             if getattr(args, name) is not None:
@@ -344,6 +344,9 @@ def evaluate_thinking(model, tokenizer, text, args):
                                            cli.read_text(args.ood, "--ood") if args.ood else None)
     ood_name = Path(args.ood).name if args.ood else "pydoc_data.topics"
     print(f"OOD text {ood_name}: {len(ood)} tokens kept, {dropped} characters outside the vocabulary dropped")
+    if dropped > 0.1 * (len(ood) + dropped):
+        print(f"warning: {100 * dropped / (len(ood) + dropped):.0f}% of {ood_name} is outside the model's vocabulary "
+              "and was dropped: its perplexity is of what is left", file=sys.stderr)
     trained = model.trained_steps() if isinstance(model, ebt.Thinker) else 1
     steps = sorted({1, 2, 3, trained, 2 * trained, 3 * trained, 4 * trained})
     sources = {"val": val, f"OOD: {ood_name}": ood}
@@ -374,8 +377,11 @@ def main(argv=None):
         cli.require_ebt(model, "--plots")
     idx = torch.tensor([tokenizer.encode(args.prompt)], device=device)
     t0 = time.time()
+    progress = lambda n: n % 1000 == 0 and print(f"{n}/{args.num_tokens} tokens, {time.time() - t0:.0f}s",
+                                                 file=sys.stderr, flush=True)
     out = ebt.generate(model, idx, args.num_tokens, args.temperature, args.top_k,
-                       torch.Generator().manual_seed(args.seed), **thinking)
+                       torch.Generator().manual_seed(args.seed), on_token=progress if args.num_tokens >= 2000 else None,
+                       **thinking)
     text = tokenizer.decode(out.idx[0].tolist())
     print(text)
     summary = f"{args.num_tokens} tokens in {time.time() - t0:.1f}s"

@@ -13,9 +13,11 @@ import math
 import os
 import pickle
 import random
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 import weakref
 from pathlib import Path
 
@@ -629,10 +631,11 @@ def test_logged_throughput_counts_the_steps_since_the_last_log_or_evaluation(tmp
         clock[0] += model.training
         return forward(*a, **kw)
     monkeypatch.setattr(model, "forward", timed_forward)
-    monkeypatch.setattr(ebt.time, "time", lambda: clock[0])
+    monkeypatch.setattr(ebt.time, "time", lambda: clock[0])  # the records' timestamps
     tc = train_config(tmp_path, max_steps=7, log_interval=2, eval_interval=3)
-    records = ebt.train(model, data, tc, log=quiet)
-    logged = [(r["step"], r["tokens_per_s"]) for r in records if r["kind"] == "train"]
+    ebt.train(model, data, tc, log=cli.RunLog(quiet))
+    logged = [(r["step"], r["tokens_per_s"]) for r in cli.read_records(tmp_path / "out" / "metrics.jsonl")
+              if r["kind"] == "train"]
     assert logged == [(s, float(tc.batch_size * data.tokens_per_sample)) for s in (2, 4, 6, 7)]
 
 
@@ -925,6 +928,12 @@ def checkpoints(tmp_path_factory):
     train_image.main(["--out_dir", str(tmp / "image"), *TINY_IMAGE, "--max_steps", "1", "--eval_interval", "1",
                       "--report_steps", "1", "--passes", "1"])  # later flags win
     paths["image"] = tmp / "image" / "ckpt.pt"
+    ckpt = torch.load(paths["ebt"], weights_only=True)
+    for name, content in (("nan", {**ckpt, "model": {k: v * float("nan") for k, v in ckpt["model"].items()}}),
+                          ("nostep", {k: v for k, v in ckpt.items() if k != "step"})):
+        paths[name] = tmp / name / "ckpt.pt"
+        paths[name].parent.mkdir()
+        torch.save(content, paths[name])
     paths["corrupt"] = tmp / "corrupt" / "ckpt.pt"
     paths["corrupt"].parent.mkdir()
     paths["corrupt"].write_bytes(b"not a checkpoint at all")
@@ -967,14 +976,14 @@ def test_ctrl_c_in_sample_is_one_line(checkpoints, monkeypatch):
 # Drivers, configuration and bad input
 
 def test_train_text_runs_end_to_end_and_resumes(text_file, tmp_path):
-    """As a user runs it: two processes, the second resuming the first's run."""
+    """As a user runs it (a process), then resumed."""
     common = [*TINY, "--data", str(text_file), "--out_dir", str(tmp_path / "o")]
     r = run_script("train_text.py", *common, "--max_steps", "2")
     assert r.returncode == 0, r.stderr
     assert "val loss after 1..4 thinking steps" in r.stdout
-    r = run_script("train_text.py", *common, "--max_steps", "4", "--resume")
-    assert r.returncode == 0, r.stderr
-    assert "resumed from" in r.stdout and "step 3/4" in r.stdout and "step 1/" not in r.stdout
+    code, stdout, err = run_cli(train_text.main, *common, "--max_steps", "4", "--resume")
+    assert code == 0, err
+    assert "resumed from" in stdout and "step 3/4" in stdout and "step 1/" not in stdout
     for f in ("ckpt.pt", "metrics.jsonl", "loss.png"):
         assert (tmp_path / "o" / f).stat().st_size > 0
 
@@ -1047,8 +1056,40 @@ BAD_INPUTS = {  # case: (driver, argv; {name} is a path of the bad_input_files f
     "image: mnist offline": ("image", ["--dataset", "mnist"], "could not download"),
     "image: compare into a file": ("image", ["--compare", "{image_dir}", "--out_dir", "{file}"], "is a file"),
     "image: resume a text run": ("image", ["--resume", "--out_dir", "{ebt_dir}"], "train_text.py"),
+    # what a hostile user tried: numbers past any use, places that cannot be written, empty values
+    "vocabulary -1": ("text", ["--vocab_size", "-1"], "smaller than the tokenizer"),
+    "seed past 64 bits": ("text", ["--seed", str(2**70)], "--seed"),
+    "a billion layers": ("text", ["--n_layer", "1000000000"], "cannot fit"),
+    "a billion evaluation steps": ("text", ["--eval_steps", "1000000000"], "--eval_steps"),
+    "a billion evaluation batches": ("text", ["--eval_batches", "1000000000"], "--eval_batches"),
+    "a billion micro-batches": ("text", ["--grad_accum", "1000000000"], "--grad_accum"),
+    "alpha's learning rate x 1e30": ("text", ["--step_size_lr_mult", "1e30"], "--step_size_lr_mult"),
+    "more replayed sequences than kept": ("text", ["--recipe", "s2", "--replay_batch", "20"], "more than the buffer"),
+    "out_dir under a file": ("text", ["--out_dir", "{file}/run"], "cannot be written"),
+    "out_dir in a read-only system folder": ("text", ["--out_dir", "/proc/nanoebt-run"], "cannot be written"),
+    "empty data": ("text", ["--data", ""], "--data is empty"),
+    "empty out_dir": ("text", ["--out_dir", ""], "--out_dir is empty"),
+    "cpu:7": ("text", ["--device", "cpu:7"], "not available"),
+    "resume a checkpoint without its step": ("text", ["--resume", "--out_dir", "{nostep_dir}"], "holds no step"),
+    "sample: seed past 64 bits": ("sample", ["--ckpt", "{ebt}", "--seed", str(2**70)], "--seed"),
+    "sample: a billion tokens": ("sample", ["--ckpt", "{ebt}", "--num_tokens", "1000000000"], "--num_tokens"),
+    "sample: plots under a file": ("sample", ["--ckpt", "{ebt}", "--plots", "{file}/plots"], "cannot be written"),
+    "sample: empty prompt": ("sample", ["--ckpt", "{ebt}", "--prompt", ""], "--prompt is empty"),
+    "sample: NaN weights": ("sample", ["--ckpt", "{nan}"], "not all finite"),
+    "image: out_dir under a file": ("image", ["--out_dir", "{file}/run"], "cannot be written"),
+    "image: compare into a folder under a file": ("image", ["--compare", "{image_dir}", "--out_dir", "{file}/x"],
+                                                  "cannot be written"),
+    "image: a billion passes": ("image", ["--passes", "1000000000"], "--passes"),
+    "image: a billion report steps": ("image", ["--report_steps", "1000000000"], "--report_steps"),
+    "results: seed past 64 bits": ("results", ["--seeds", str(2**70)], "--seeds"),
+    "results: out_dir under a file": ("results", ["--out_dir", "{file}/runs"], "cannot be written"),
+    "results: report_dir under a file": ("results", ["--report_dir", "{file}/report"], "cannot be written"),
+    "bench: batch 0": ("bench", ["--batch_size", "0"], "--batch_size 0"),
+    "bench: a billion iterations": ("bench", ["--iters", "1000000000"], "--iters"),
+    "bench: gpu check under a file": ("bench", ["--gpu_check", "{file}/gpu"], "cannot be written"),
 }
-DRIVERS = {"text": train_text.main, "sample": sample.main, "image": train_image.main}
+DRIVERS = {"text": train_text.main, "sample": sample.main, "image": train_image.main,
+           "results": lambda argv: __import__("results").main(argv), "bench": lambda argv: __import__("bench").main(argv)}
 
 
 @pytest.fixture
@@ -1078,8 +1119,10 @@ def bad_input_argv(case, paths):
                 "--max_steps", "1", *argv]
     elif driver == "sample":
         argv = ["--num_tokens", "2", "--device", "cpu", *argv]
-    else:
+    elif driver == "image":
         argv = ["--max_steps", "1", "--device", "cpu", "--out_dir", str(paths["tmp"] / "img"), *argv]
+    elif driver == "results":
+        argv = ["--device", "cpu", "--out_dir", str(paths["tmp"] / "results"), *argv]
     return DRIVERS[driver], argv
 
 
@@ -1121,6 +1164,99 @@ def test_flags_are_the_config_fields_with_their_help():
         assert f"--{f.name}" in help_text and " ".join(f.metadata["help"].split()) in help_text, f.name
     args = train_text.parse_args(["--no-truncate", "--think_steps", "3"])
     assert args.truncate is False and args.think_steps == 3 and args.langevin_std is None
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
+                                   RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 640 vs 548")])
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, error):
+    saves, save = [], torch.save
+
+    def full_after_one(obj, f):
+        saves.append(f)
+        if len(saves) > 1:  # the first checkpoint fits; then the disk is full, halfway through a write
+            Path(f).write_bytes(b"half")
+            raise error
+        save(obj, f)
+    monkeypatch.setattr(torch, "save", full_after_one)
+    code, _, err = run_cli(train_text.main, *TINY, "--out_dir", str(tmp_path / "o"))
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert ("No space left" if isinstance(error, OSError) else "disk full") in err
+    monkeypatch.undo()
+    assert cli.load_checkpoint(tmp_path / "o" / "ckpt.pt")["step"] == 2 and not list((tmp_path / "o").glob("*.tmp"))
+
+
+def test_a_metrics_log_with_stray_lines_is_read_past_and_a_directory_is_named(tmp_path):
+    out = tmp_path / "o"
+    assert run_cli(train_text.main, *TINY, "--max_steps", "2", "--out_dir", str(out))[0] == 0
+    with open(out / "metrics.jsonl", "ab") as f:  # a list, a record without a step, random bytes, a torn line
+        f.write(b'[1, 2]\n{"kind": "train"}\n\xff\xfe\x00garbage\n{"kind": "train", "st')
+    code, _, err = run_cli(train_text.main, "--resume", "--out_dir", str(out), "--max_steps", "3", "--device", "cpu")
+    assert code == 0, err
+    assert [r["step"] for r in cli.read_records(out / "metrics.jsonl") if r["kind"] == "train"] == [1, 2, 3]
+    (out / "metrics.jsonl").unlink()
+    (out / "metrics.jsonl").mkdir()
+    code, _, err = run_cli(train_text.main, "--resume", "--out_dir", str(out), "--max_steps", "4", "--device", "cpu")
+    assert code == 2 and "is a directory" in err and err.count("\n") == 1, err
+
+
+def test_a_stop_signal_ends_training_after_its_step_saved(tmp_path):
+    """Ctrl-C or SIGTERM while train() listens only asks it to stop (cli.stop): the step ends, is saved, and
+    training raises KeyboardInterrupt (exit code 130); outside train(), or a second Ctrl-C, stops at once."""
+    _, data = words_data()
+
+    def signal_during(record):  # as if the signal landed while the log drew its plot, mid-step
+        if record["kind"] == "train" and record["step"] == 3:
+            cli.stop(signal.SIGTERM, None)
+            cli.stop(signal.SIGTERM, None)  # torchrun's SIGTERM after the terminal's: still the same orderly stop
+    with pytest.raises(KeyboardInterrupt):
+        ebt.train(ebt.build_model(config(vocab_size=VOCAB)), data, train_config(tmp_path, max_steps=50,
+                                                                                 eval_interval=100), log=signal_during)
+    assert cli.load_checkpoint(tmp_path / "out" / "ckpt.pt")["step"] == 3 and not ebt.Stop.listening
+    with pytest.raises(KeyboardInterrupt):  # not training: at once
+        cli.stop(signal.SIGINT, None)
+    ebt.Stop.listening, ebt.Stop.requested = True, True
+    try:
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C: at once
+            cli.stop(signal.SIGINT, None)
+    finally:
+        ebt.Stop.listening = ebt.Stop.requested = False
+
+
+def test_a_checkpoint_is_never_of_weights_whose_validation_is_not_finite(tmp_path):
+    code, _, err = run_cli(train_text.main, *TINY, "--lr", "1e30", "--eval_interval", "1", "--out_dir",
+                           str(tmp_path / "o"))
+    assert code == 2 and "validation loss became NaN" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o" / "ckpt.pt").exists()
+
+
+def test_alpha_at_its_floor_is_warned_once():
+    said = []
+    log = cli.RunLog(said.append)
+    log({"kind": "start", "step": 0, "max_steps": 9, "resumed": False, "out_dir": "/tmp/nanoebt-test-runlog",
+         "model": "ebt", "parameters": 1, "device": "cpu", "world": 1, "tokens_per_step": 1, "time": 0.0})
+    for step, alpha in ((1, 2.0), (2, 0.001), (3, 0.001)):
+        log({"kind": "train", "step": step, "loss": 1.0, "loss_first": 1.0, "loss_last": 1.0, "energy_first": 0.0,
+             "energy_last": 0.0, "step_size": alpha, "time": float(step)})
+    assert sum("alpha sits at its floor" in line for line in said) == 1 and "floor" in said[-2]
+
+
+def test_sample_reads_past_ids_beyond_its_tokenizer_and_warns_when_the_ood_text_is_mostly_unknown(tmp_path,
+                                                                                                     text_file):
+    assert run_cli(train_text.main, *TINY, "--max_steps", "1", "--vocab_size", "40", "--data", str(text_file),
+                   "--out_dir", str(tmp_path / "o"))[0] == 0
+    code, out, err = run_cli(sample.main, "--out_dir", str(tmp_path / "o"), "--num_tokens", "50", "--temperature", "5",
+                             "--device", "cpu")
+    assert code == 0 and len(out) >= 50, err  # ids the tokenizer lacks read as U+FFFD, not a traceback
+    (tmp_path / "ood.txt").write_text("ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 " * 200)
+    code, out, err = run_cli(sample.main, "--out_dir", str(tmp_path / "o"), "--eval", "--windows", "1", "--ood",
+                             str(tmp_path / "ood.txt"), "--device", "cpu")
+    assert code == 0 and "warning: 95% of ood.txt is outside the model's vocabulary" in err, err
+
+
+def test_results_of_other_settings_never_overwrite_the_shipped_report(tmp_path):
+    import results
+    assert results.parse_args(["--seeds", "1", "--out_dir", str(tmp_path)]).report_dir == str(tmp_path / "report")
+    assert results.parse_args([]).report_dir == "assets"  # the README's own runs, by their defaults
 
 
 def test_gpt2_tokenizer_without_its_files_is_a_one_line_error(tmp_path, monkeypatch):
@@ -1558,8 +1694,9 @@ def test_train_image_driver_end_to_end(tmp_path, monkeypatch):
 DDP_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {here!r})
-import ebt, test_ebt as T, train_text
+import cli, ebt, test_ebt as T, train_text
 torch.set_num_threads(1)
+cli.join_process_group("cpu")
 batch_size, out, recipe, max_steps = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
 tok, data = T.words_data()
 s2 = {{**train_text.RECIPES["s2"], "step_size_lr_mult": 15.0, "replay_size": 8}}
@@ -1569,6 +1706,8 @@ tc = ebt.TrainConfig(max_steps=max_steps, batch_size=batch_size, grad_accum=2, l
 records = ebt.train(model, data, tc, resume=max_steps > 4, log=T.quiet)
 rank = int(__import__("os").environ.get("RANK", 0))
 torch.save({{"state": model.state_dict(), "records": records}}, f"{{out}}/rank{{rank}}.pt")
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()
 """
 
 
@@ -1654,6 +1793,7 @@ try:
     ebt.train(model, data, tc, log=T.quiet)
 except ebt.UsageError as e:
     print(f"rank {{rank}} stopped: {{e}}")
+torch.distributed.destroy_process_group()
 """
 
 
@@ -1667,20 +1807,65 @@ def test_torchrun_nan_on_one_rank_stops_every_rank(tmp_path):
         r.stdout[-2000:], r.stderr[-2000:])
 
 
+def spawn_ranks(argv, logs, env=None, world=2):
+    """The ranks of a run, started as torchrun starts them (its environment), each writing to its own log."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [subprocess.Popen([sys.executable, "train_text.py", *argv], cwd=HERE, stdout=open(logs / f"rank{r}.log", "w"),
+                             stderr=subprocess.STDOUT, env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT":
+                             str(port), "WORLD_SIZE": str(world), "RANK": str(r), "LOCAL_RANK": str(r),
+                             "OMP_NUM_THREADS": "1", **(env or {})}) for r in range(world)]
+
+
+def wait_for_step(procs, metrics, step, timeout=120):
+    t0 = time.time()
+    while not any(r["kind"] == "train" and r["step"] >= step for r in cli.read_records(metrics)):
+        assert time.time() - t0 < timeout and all(p.poll() is None for p in procs), "the run ended or hung"
+        time.sleep(0.05)
+
+
 @pytest.mark.slow
-def test_torchrun_s2_with_replay_buffer_keeps_ranks_in_step_and_resumes(tmp_path):
-    """S2 under data parallel: one step count per optimizer step on every rank (else the ranks' graphs and
-    weights would drift), each rank's replay buffer saved with the checkpoint and restored."""
-    script = tmp_path / "ddp_train.py"
-    script.write_text(DDP_SCRIPT.format(here=str(HERE)))
-    out = tmp_path / "ddp"
-    r = torchrun(script, 4, out, "s2", 4)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rank0, rank1 = (torch.load(out / f"rank{i}.pt")["state"] for i in (0, 1))
-    assert all(torch.equal(rank0[n], rank1[n]) for n in rank0)
-    kept = cli.load_checkpoint(out / "ckpt.pt")["replay"], torch.load(out / "replay-rank1.pt")
-    assert len(kept[0]["idx"]) == 8 and kept[1]["step"] == 4 and len(kept[1]["replay"]["idx"]) == 8
-    assert not torch.equal(kept[0]["idx"], kept[1]["replay"]["idx"])  # each rank keeps its own sequences
-    r = torchrun(script, 4, out, "s2", 6)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert cli.load_checkpoint(out / "ckpt.pt")["step"] == 6
+def test_sigterm_under_data_parallel_stops_every_rank_at_one_step_and_resumes_exactly(tmp_path, text_file):
+    """SIGTERM to every rank (what torchrun and schedulers send), at random steps, three times: each rank exits
+    130, the checkpoint and the per-rank replay buffers are one set, and the resumed S2 run ends exactly where
+    a straight run does."""
+    argv = [*TINY, "--recipe", "s2", "--data", str(text_file), "--max_steps", "40", "--eval_interval", "10"]
+    straight = spawn_ranks([*argv, "--out_dir", str(tmp_path / "straight")], tmp_path)
+    assert [p.wait(timeout=300) for p in straight] == [0, 0]
+    out, rng, step = tmp_path / "stopped", random.Random(0), 0
+    for attempt in range(3):
+        at = rng.randrange(step + 2, step + 12)  # past the last stop: only this launch's records reach it
+        procs = spawn_ranks([*argv, "--out_dir", str(out), *(["--resume"] if attempt else [])], tmp_path)
+        wait_for_step(procs, out / "metrics.jsonl", at)
+        for p in procs:
+            p.terminate()
+        assert [p.wait(timeout=60) for p in procs] == [130, 130], (tmp_path / "rank0.log").read_text()[-2000:]
+        step = cli.load_checkpoint(out / "ckpt.pt")["step"]
+        assert step >= at and [f.name for f in out.glob("replay-rank1-*")] == [f"replay-rank1-step{step}.pt"]
+    procs = spawn_ranks([*argv, "--out_dir", str(out), "--resume"], tmp_path)
+    assert [p.wait(timeout=300) for p in procs] == [0, 0], (tmp_path / "rank0.log").read_text()[-2000:]
+    a, b = (cli.load_checkpoint(d / "ckpt.pt") for d in (tmp_path / "straight", out))
+    assert a["step"] == b["step"] == 40
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    ranks = [torch.load(d / "replay-rank1-step40.pt") for d in (tmp_path / "straight", out)]
+    for k in a["replay"]:  # every rank's replay buffer as a straight run's, and each its own sequences
+        assert torch.equal(a["replay"][k], b["replay"][k]) and torch.equal(ranks[0][k], ranks[1][k])
+    assert not torch.equal(a["replay"]["idx"], ranks[0]["idx"])
+
+
+@pytest.mark.slow
+def test_a_stalled_rank_is_named_within_the_stated_time(tmp_path, text_file):
+    procs = spawn_ranks([*TINY, "--data", str(text_file), "--max_steps", "100000", "--out_dir", str(tmp_path / "o")],
+                        tmp_path, env={"NANOEBT_DIST_TIMEOUT": "2"})
+    wait_for_step(procs, tmp_path / "o" / "metrics.jsonl", 3)
+    procs[1].send_signal(signal.SIGSTOP)
+    t0 = time.time()
+    try:
+        assert procs[0].wait(timeout=60) == 2 and time.time() - t0 < 2 + 2 + 10  # the timeout, the store's wait
+    finally:
+        procs[1].kill()
+    err = (tmp_path / "rank0.log").read_text().splitlines()[-1]
+    assert err.startswith("error: rank 1 stopped answering: no reply within 2 s"), err

@@ -153,10 +153,11 @@ def parse_args(argv=None):
     cli.check_out_dir(args.out_dir)
     if args.data and args.dataset:
         raise UsageError(f"--data {args.data} and --dataset {args.dataset}: give one (--data is a folder of images)")
-    cli.check_range(args.report_steps, "report_steps", lambda v: v >= 1, ">= 1")
+    cli.check_range(args.report_steps, "report_steps", lambda v: 1 <= v <= 1000, "in 1..1000")
     for v in args.eval_t or []:
         cli.check_range(v, "eval_t", lambda v: 1 <= v <= ebt.DDPM_STEPS, f"a DDPM step in 1..{ebt.DDPM_STEPS}")
-    cli.check_range(min(args.passes), "passes", lambda v: v >= 1, ">= 1")
+    for v in args.passes:  # DDIM from step t takes at most t passes
+        cli.check_range(v, "passes", lambda v: 1 <= v <= ebt.DDPM_STEPS, f"in 1..{ebt.DDPM_STEPS}")
     return args
 
 
@@ -355,7 +356,7 @@ def train(args, device):
               {"model": kind, "channels": 1 if dataset == "mnist" else 3, "image_size": 28 if dataset == "mnist" else 32}]
     derive = lambda values: values.update(step_size_lr_mult=values["step_size_lr_mult"] or 3 * values["step_size"])
     cfg, tc = cli.configs(args, layers, ckpt, derive)
-    tc.out_dir, tc.device = args.out_dir, device
+    tc.out_dir, (_, _, tc.device) = args.out_dir, cli.join_process_group(device)
     data = load_data({**started, "image_size": cfg.image_size})
     model = ebt.build_model(cfg, tc.seed)
     ebt.train(model, data, tc, meta={"started": started}, resume=bool(ckpt), log=cli.RunLog())

@@ -102,8 +102,8 @@ def main(argv=None, log=cli.printed):
     layers = [] if ckpt else [PRESETS[started["preset"]], RECIPES[started["recipe"]] if model == "ebt" else {},
                               {"model": model, "vocab_size": tokenizer.vocab_size}]
     cfg, tc = cli.configs(args, layers, ckpt, derive, log)
-    tc.out_dir, tc.device = args.out_dir, device
     cli.check_fits(cfg, tc.batch_size, cfg.block_size, device)
+    tc.out_dir, (_, _, tc.device) = args.out_dir, cli.join_process_group(device)
     data = ebt.TextData(tokenizer.encode(text), cfg.block_size, source=path or "Tiny Shakespeare")
     meta = {"tokenizer": tokenizer.state(), "data": {"path": path, "sha256": cli.sha256_text(text)}, "started": started}
     ebt.train(ebt.build_model(cfg, tc.seed), data, tc, meta=meta, resume=bool(ckpt), log=cli.RunLog(log))
