@@ -1832,8 +1832,8 @@ def test_sigterm_under_data_parallel_stops_every_rank_at_one_step_and_resumes_ex
     130, the checkpoint and the per-rank replay buffers are one set, and the resumed S2 run ends exactly where
     a straight run does."""
     argv = [*TINY, "--recipe", "s2", "--data", str(text_file), "--max_steps", "40", "--eval_interval", "10"]
-    straight = spawn_ranks([*argv, "--out_dir", str(tmp_path / "straight")], tmp_path)
-    assert [p.wait(timeout=300) for p in straight] == [0, 0]
+    (tmp_path / "straight").mkdir()  # its ranks run beside the first stopped ones, their logs apart
+    straight = spawn_ranks([*argv, "--out_dir", str(tmp_path / "straight")], tmp_path / "straight")
     out, rng, step = tmp_path / "stopped", random.Random(0), 0
     for attempt in range(3):
         at = rng.randrange(step + 2, step + 12)  # past the last stop: only this launch's records reach it
@@ -1845,7 +1845,7 @@ def test_sigterm_under_data_parallel_stops_every_rank_at_one_step_and_resumes_ex
         step = cli.load_checkpoint(out / "ckpt.pt")["step"]
         assert step >= at and [f.name for f in out.glob("replay-rank1-*")] == [f"replay-rank1-step{step}.pt"]
     procs = spawn_ranks([*argv, "--out_dir", str(out), "--resume"], tmp_path)
-    assert [p.wait(timeout=300) for p in procs] == [0, 0], (tmp_path / "rank0.log").read_text()[-2000:]
+    assert [p.wait(timeout=300) for p in procs + straight] == [0, 0, 0, 0], (tmp_path / "rank0.log").read_text()[-2000:]
     a, b = (cli.load_checkpoint(d / "ckpt.pt") for d in (tmp_path / "straight", out))
     assert a["step"] == b["step"] == 40
     for name in a["model"]:
