@@ -335,6 +335,7 @@ class Trajectory:
 
 def energy_and_gradient(energy_fn, x, k, create_graph):
     """energy_fn(x, k) (B, ...) and the gradient of its sum with respect to x."""
+    x = x if x.requires_grad else x.detach().requires_grad_()
     energy = energy_fn(x, k)
     (grad,) = torch.autograd.grad(energy.sum(), x, create_graph=create_graph)
     return energy, grad
@@ -369,8 +370,8 @@ def think(energy_fn, y, steps, step_size, *, normalize=None, create_graph=False,
             if langevin_std > 0:
                 y = y + langevin_std * torch.randn_like(y)
             x = normalize(y)
-            if detach or not create_graph or not x.requires_grad:
-                x = x.detach().requires_grad_()
+            if detach or not create_graph:
+                x = x.detach()
             keep_graph = create_graph and (not truncate or k == steps - 1)
             energy, grad = gradient(energy_fn, x, k, keep_graph)
             y = (x if create_graph else x.detach()) - step_size * grad  # inference: no graph back to x
@@ -727,8 +728,8 @@ def train(model, data, tc, meta=None, resume=False, log=None):
         compile_model(model)
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95),
                                   fused=device.startswith("cuda"))
-    saved = restore(out, model, optimizer, rank, device, group) if resume else None  # the last checkpoint's step
-    step, stopping = saved or 0, False
+    saved, best = restore(out, model, optimizer, rank, device, group) if resume else (None, math.inf)  # the last
+    step, stopping = saved or 0, False  # checkpoint's step; the lowest validation loss so far
     if world > 1:  # every rank starts from rank 0's weights
         for t in model.state_dict().values():
             dist.broadcast(t, 0)
@@ -782,14 +783,15 @@ def train(model, data, tc, meta=None, resume=False, log=None):
                 if any_rank(not math.isfinite(m["loss"]), group):
                     raise non_finite("the validation loss")
                 report({"kind": "eval", "step": step, **m})
-                saved = save(out, model, optimizer, tc, step, meta, rank, group)
+                best, new_best = min(best, m["loss"]), m["loss"] < best and rank == 0
+                saved = save(out, model, optimizer, tc, step, meta, rank, group, best, new_best)
                 report({"kind": "saved", "step": step})  # throughput counts training only
             stopping = any_rank(Stop.requested, group)
             if stopping:  # a stop signal: every rank ends after this step
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
         if (stopping or world == 1) and not nonfinite and saved != step:  # else this rank alone: no set to save
-            saved = save(out, model, optimizer, tc, step, meta, rank, group)
+            saved = save(out, model, optimizer, tc, step, meta, rank, group, best)
         report({"kind": "message", "step": step, "text": f"interrupted at step {step}; " + (
             f"saved {out / 'ckpt.pt'} (continue with --resume)" if saved == step else "not saved")})
         raise  # the driver stops here (exit code 130), before any report on a half-trained model
@@ -864,18 +866,21 @@ def average_gradients(model, world):
         g.copy_(new.view_as(g))
 
 
-def save(out, model, optimizer, tc, step, meta, rank, group):
+def save(out, model, optimizer, tc, step, meta, rank, group, best, new_best=False):
     """The run at `step` (returned) as one set, each file atomic: every other rank's replay buffer
-    (out/replay-rank{r}-step{step}.pt), then rank 0's out/ckpt.pt, then the older buffers go."""
+    (out/replay-rank{r}-step{step}.pt), then rank 0's out/ckpt.pt, then the older buffers go. A new lowest
+    validation loss (best) also goes to out/best.pt, the model without what resuming needs."""
     replay = model.replay if isinstance(model, TextEBT) else None
     if replay is not None and rank > 0:
         write_atomically(out / f"replay-rank{rank}-step{step}.pt", lambda tmp: torch.save(replay.kept, tmp))
     any_rank(False, group)  # every buffer is written before the checkpoint that names its step
+    state = {"model": model.state_dict(), "model_config": asdict(model.config), "train_config": asdict(tc),
+             "step": step, "best_loss": best, **(meta or {})}
     if rank == 0:
-        write_atomically(out / "ckpt.pt", lambda tmp: torch.save({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_config": asdict(model.config),
-            "train_config": asdict(tc), "step": step, **({"replay": replay.kept} if replay is not None else {}),
-            **(meta or {})}, tmp))
+        write_atomically(out / "ckpt.pt", lambda tmp: torch.save({**state, "optimizer": optimizer.state_dict(),
+                                                                  **({"replay": replay.kept} if replay is not None else {})}, tmp))
+    if new_best:
+        write_atomically(out / "best.pt", lambda tmp: torch.save(state, tmp))
     any_rank(False, group)
     for older in out.glob(f"replay-rank{rank}-step*.pt") if replay is not None and rank > 0 else ():
         if older.name != f"replay-rank{rank}-step{step}.pt":
@@ -884,7 +889,7 @@ def save(out, model, optimizer, tc, step, meta, rank, group):
 
 
 def restore(out, model, optimizer, rank, device, group):
-    """The run as save() left it in out (the drivers check the files first: cli.py). Returns the step."""
+    """The run as save() left it in out (the drivers check the files first: cli.py): (step, best loss)."""
     ckpt = torch.load(out / "ckpt.pt", map_location=device, weights_only=True)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -894,7 +899,7 @@ def restore(out, model, optimizer, rank, device, group):
             raise UsageError(f"{out} has no replay buffer of step {ckpt['step']} for every process: the checkpoint "
                              "and the per-rank files are not one set; resume as it was run, or start a new run")
         model.replay.kept = ckpt["replay"] if rank == 0 else torch.load(own, map_location=device, weights_only=True)
-    return ckpt["step"]
+    return ckpt["step"], ckpt.get("best_loss", math.inf)
 
 
 def write_atomically(path, write):

@@ -289,7 +289,7 @@ def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__)
     s = p.add_argument
     s("--out_dir", default="out-text", help="directory holding ckpt.pt (default: %(default)s)")
-    s("--ckpt", help="checkpoint file (default: OUT_DIR/ckpt.pt)")
+    s("--ckpt", help="checkpoint file (default: OUT_DIR/best.pt, the lowest validation loss, else OUT_DIR/ckpt.pt)")
     s("--prompt", default="\n", help="text to continue (default: a newline)")
     s("--num_tokens", type=int, default=300, help="(default: %(default)s)")
     s("--temperature", type=float, default=1.0, help="0 = most likely token (default: %(default)s)")
@@ -363,7 +363,8 @@ def main(argv=None):
     args = parse_args(argv)
     device = cli.pick_device(args.device)
     torch.manual_seed(args.seed)
-    ckpt = args.ckpt or Path(args.out_dir) / "ckpt.pt"
+    best = Path(args.out_dir) / "best.pt"  # the run at its lowest validation loss, else its last checkpoint
+    ckpt = args.ckpt or (best if best.exists() else Path(args.out_dir) / "ckpt.pt")
     thinking = {k: getattr(args, k) for k in ("steps", "step_size", "candidates", "langevin_std", "tolerance")
                 if getattr(args, k) is not None}
     overrides = {} if args.init_std is None else {"init_std": args.init_std}
@@ -384,7 +385,7 @@ def main(argv=None):
                        **thinking)
     text = tokenizer.decode(out.idx[0].tolist())
     print(text)
-    summary = f"{args.num_tokens} tokens in {time.time() - t0:.1f}s"
+    summary = f"{args.num_tokens} tokens in {time.time() - t0:.1f}s from {ckpt}"
     if out.energy is not None and args.num_tokens:
         summary += (f" | final energy mean {out.energy.mean():.3f} (max {out.energy.max():.3f})"
                     f" | steps used mean {out.steps_used.float().mean():.2f} (max {out.steps_used.max()})")

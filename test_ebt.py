@@ -620,6 +620,19 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     assert (tmp_path / "out" / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_best_pt_holds_the_model_at_its_lowest_validation_loss_and_sample_reads_it(tmp_path, text_file):
+    out = tmp_path / "o"
+    assert run_cli(train_text.main, *TINY, "--max_steps", "12", "--eval_interval", "2", "--lr", "0.05",
+                   "--data", str(text_file), "--out_dir", str(out))[0] == 0
+    evals = [r for r in cli.read_records(out / "metrics.jsonl") if r["kind"] == "eval"]
+    lowest = min(evals, key=lambda r: r["loss"])
+    best, last = cli.load_checkpoint(out / "best.pt"), cli.load_checkpoint(out / "ckpt.pt")
+    assert best["step"] == lowest["step"] and best["best_loss"] == last["best_loss"] == lowest["loss"]
+    assert "optimizer" not in best and last["step"] == 12 != best["step"]  # this run's lowest is before its end
+    code, _, err = run_cli(sample.main, "--out_dir", str(out), "--num_tokens", "3", "--device", "cpu")
+    assert code == 0 and f"from {out / 'best.pt'}" in err, err
+
+
 def test_logged_throughput_counts_the_steps_since_the_last_log_or_evaluation(tmp_path, monkeypatch):
     """A clock that moves one second per training batch: every logged tokens/s is then one step's
     tokens, also after an evaluation between logs and at a last step off the log grid."""
