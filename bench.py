@@ -72,7 +72,7 @@ def measure(kind, steps, args):
                           n_head=args.n_head, n_embd=args.n_embd, **thinking)
     model = ebt.build_model(cfg).to(device)
     if args.compile:
-        ebt.compile_model(model)
+        cli.compile_model(model, args.compile_mode)
     opt = torch.optim.AdamW(ebt.param_groups(model, 0.1), lr=1e-4)
     x = torch.randint(args.vocab_size, (args.batch_size, args.block_size), device=device)
 
@@ -85,12 +85,16 @@ def measure(kind, steps, args):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    rss_before = peak_rss()
-    for _ in range(args.warmup):
+    rss_before, t0 = peak_rss(), time.perf_counter()
+    for _ in range(max(args.warmup, 1 if args.compile else 0)):
         step()
+    compile_s = time.perf_counter() - t0  # compiled: the warm-up compiles (the first step and each new shape)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    elif args.compile and Path("/proc/self/clear_refs").exists():  # leave the compiler's own peak out (Linux)
+        Path("/proc/self/clear_refs").write_text("5")
+        rss_before = peak_rss()
     times = []
     for _ in range(args.iters):  # the median step: this shared machine has noisy neighbours
         sync()
@@ -112,11 +116,15 @@ def measure(kind, steps, args):
               + prof.key_averages().table(sort_by=sort, row_limit=15), file=sys.stderr)
     flops = flops_per_step(cfg, args.batch_size, args.block_size, steps)
     return {"model": kind, "steps": steps, "step_s": dt, "tokens_per_s": args.batch_size * args.block_size / dt,
-            "peak_mb": peak / 2**20, "tflops": flops / dt / 1e12, "device": device}
+            "peak_mb": peak / 2**20, "tflops": flops / dt / 1e12, "device": device, "compile_s": compile_s}
 
 
 def peak_rss():
-    """This process's peak resident set in bytes (ru_maxrss is in kB on Linux, in bytes on macOS)."""
+    """This process's peak resident set in bytes: on Linux its high-water mark (which clear_refs resets),
+    else ru_maxrss (in bytes on macOS)."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        return next(int(line.split()[1]) * 1024 for line in status.read_text().splitlines() if line.startswith("VmHWM"))
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
@@ -152,7 +160,7 @@ def time_generation(args, contexts=(64, 128, 256), new_tokens=16):
     cfg = ebt.ModelConfig(vocab_size=args.vocab_size, block_size=max(contexts), n_layer=args.n_layer,
                           n_head=args.n_head, n_embd=args.n_embd)
     reference = ebt.build_model(cfg).to(device).eval()
-    model = ebt.compile_model(copy.deepcopy(reference)) if args.compile else reference
+    model = cli.compile_model(copy.deepcopy(reference)) if args.compile else reference
     g = torch.Generator().manual_seed(0)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
@@ -245,6 +253,8 @@ def run_until(argv, out_dir, seconds=None, step=None):
 
 def summarise_run(records, max_steps):
     train = [r for r in records if r["kind"] == "train"]
+    if not train:
+        return {"steps": 0, "note": "no training step was logged in the time given"}
     train = train[1:] or train  # the first interval includes start-up
     evals = [r for r in records if r["kind"] == "eval"]
     tok_s = sorted(r["tokens_per_s"] for r in train)[len(train) // 2]
@@ -255,58 +265,41 @@ def summarise_run(records, max_steps):
 
 
 def gpu_check(out, args):
-    """The GPU measurements of the README's "On one GPU", in one run: the CUDA tests, the default
-    `python train_text.py` for a fixed wall time and the Transformer++ over the same steps, this
-    benchmark at the size given (the GPU preset: --n_layer 6 --n_head 6 --n_embd 384
-    --block_size 256 --batch_size 64), and the largest batch that trains at a GPT-2 vocabulary."""
+    """Issue 23's GPU measurements, most telling first, each written to OUT/gpu_check.json as soon as it is
+    made (a run cut short keeps what it measured): this benchmark at the size given (the GPU preset:
+    --n_layer 6 --n_head 6 --n_embd 384 --block_size 256 --batch_size 64) eager, compiled, and compiled
+    as CUDA graphs (reduce-overhead); the default `python train_text.py` for --seconds, eager and
+    compiled, and the Transformer++ over the eager run's steps; the CUDA tests."""
     import tempfile
-    out.mkdir(parents=True, exist_ok=True)
     runs = Path(tempfile.mkdtemp())  # checkpoints stay out of OUT: only the summary and logs go there
     cuda = torch.cuda.is_available()
     result = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__}
+
+    def keep(name, value):
+        result[name] = value
+        print(f"{name}: {value}", flush=True)
+        ebt.write_atomically(out / "gpu_check.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
+    size = ["--device", args.device, "--n_layer", str(args.n_layer), "--n_head", str(args.n_head), "--n_embd",
+            str(args.n_embd), "--block_size", str(args.block_size), "--batch_size", str(args.batch_size)]
+    for name, extra in (("bench eager", []), ("bench compiled", ["--compile"]),
+                        ("bench CUDA graphs", ["--compile", "--compile_mode", "reduce-overhead", "--no_generation"])):
+        r = subprocess.run([sys.executable, __file__, *size, "--iters", str(args.iters), "--warmup", str(args.warmup),
+                            "--only", "transformer:0", "ebt:2", *extra], capture_output=True, text=True)
+        keep(name, r.stdout if r.returncode == 0 else r.stderr[-2000:])
+    max_steps, train = train_text.PRESETS["gpu"]["max_steps"], str(HERE / "train_text.py")
+    for name, extra in (("ebt", []), ("ebt compiled", ["--compile"])):
+        records, log = run_until([train, "--device", args.device, "--out_dir", str(runs / name), *extra], runs / name,
+                                 seconds=args.seconds)
+        (out / f"{name.replace(' ', '_')}.log").write_text(log)
+        keep(f"python train_text.py {' '.join(extra)}".strip(), summarise_run(records, max_steps))
+    records, log = run_until([train, "--device", args.device, "--model", "transformer", "--out_dir",
+                              str(runs / "transformer")], runs / "transformer",
+                             step=result["python train_text.py"]["steps"])
+    (out / "transformer.log").write_text(log)
+    keep("python train_text.py --model transformer", summarise_run(records, max_steps))
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", str(HERE / "test_ebt.py"), "-m", "cuda"],
                        capture_output=True, text=True, cwd=HERE)
-    result["cuda_tests"] = (r.stdout.strip().splitlines() or [f"pytest printed nothing: {r.stderr[-500:]}"])[-1]
-    print("cuda tests:", result["cuda_tests"], flush=True)
-    max_steps = train_text.PRESETS["gpu"]["max_steps"]
-    device = ["--device", args.device]
-    train = str(HERE / "train_text.py")
-    records, log = run_until([train, *device, "--out_dir", str(runs / "ebt")], runs / "ebt", seconds=args.seconds)
-    (out / "ebt.log").write_text(log)
-    result["ebt"] = summarise_run(records, max_steps)
-    print("python train_text.py:", result["ebt"], flush=True)
-    records, log = run_until([train, *device, "--model", "transformer", "--out_dir", str(runs / "transformer")],
-                             runs / "transformer", step=result["ebt"]["steps"])
-    (out / "transformer.log").write_text(log)
-    result["transformer"] = summarise_run(records, max_steps)
-    print("python train_text.py --model transformer:", result["transformer"], flush=True)
-    size = [*device, "--n_layer", str(args.n_layer), "--n_head", str(args.n_head), "--n_embd", str(args.n_embd),
-            "--block_size", str(args.block_size)]
-    r = subprocess.run([sys.executable, __file__, *size, "--batch_size", str(args.batch_size), "--iters", str(args.iters),
-                        "--warmup", str(args.warmup)], capture_output=True, text=True)
-    result["bench"] = r.stdout if r.returncode == 0 else r.stderr[-2000:]
-    print(result["bench"], flush=True)
-    result["gpt2_vocab"] = {}
-    for batch in (args.batch_size, 32, 16, 8, 4):  # the largest batch that trains at V = 50,257
-        rows = {}
-        for one in ("ebt:2", "transformer:0"):
-            r = subprocess.run([sys.executable, __file__, *size, "--vocab_size", "50257", "--batch_size", str(batch),
-                                "--iters", "3", "--warmup", "1", "--one", one], capture_output=True, text=True)
-            rows[one] = json.loads(r.stdout) if r.returncode == 0 else None
-        if rows["ebt:2"] is not None:
-            result["gpt2_vocab"] = {"batch_size": batch, **rows}
-            break
-    print("GPT-2 vocabulary:", result["gpt2_vocab"], flush=True)
-    ebt.write_atomically(out / "gpu_check.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
-    result["alpha_at_gpt2_vocab"] = {}  # S1's alpha with the CPU preset's model at V = 50,257 (65 ids used)
-    for alpha in args.alphas:
-        d = runs / f"alpha{alpha:g}"
-        records, _ = run_until([train, *device, "--preset", "cpu", "--vocab_size", "50257", "--step_size",
-                                f"{alpha:g}", "--max_steps", str(args.sweep_steps), "--eval_interval",
-                                str(args.sweep_steps), "--out_dir", str(d)], d)
-        result["alpha_at_gpt2_vocab"][alpha] = [r["loss"] for r in records if r["kind"] == "eval"][-1]
-        print(f"alpha {alpha:g} at V=50257: val loss {result['alpha_at_gpt2_vocab'][alpha]:.4f}", flush=True)
-    ebt.write_atomically(out / "gpu_check.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
+    keep("cuda tests", (r.stdout.strip().splitlines() or [f"pytest printed nothing: {r.stderr[-500:]}"])[-1])
 
 
 def main(argv=None):
@@ -321,6 +314,8 @@ def main(argv=None):
     p.add_argument("--peak_tflops", type=float, default=989.0, help="for MFU on CUDA (H100/H200 dense bf16: 989)")
     p.add_argument("--compile", action="store_true", help="torch.compile as train_text.py --compile does; "
                    "generation then also compiles the thinking step (the reference's way stays eager)")
+    p.add_argument("--compile_mode", choices=("default", "reduce-overhead", "max-autotune"),
+                   help="torch.compile's mode for the training step (reduce-overhead: CUDA graphs)")
     p.add_argument("--s2", action="store_true", help="the EBT with S2's options (no replay buffer)")
     p.add_argument("--one_backward", action="store_true",
                    help="backpropagate an EBT's loss at once, not one thinking step at a time (for comparison)")
@@ -330,10 +325,7 @@ def main(argv=None):
                    "step of each configuration, by self time (to stderr)")
     p.add_argument("--syncs", action="store_true", help="count device-to-host reads per training step, by call site")
     p.add_argument("--gpu_check", metavar="OUT", help="the README's 'On one GPU' measurements, JSON in OUT")
-    p.add_argument("--seconds", type=float, default=240, help="--gpu_check: wall time of the default text run")
-    p.add_argument("--alphas", type=float, nargs="*", default=[500, 50, 8],
-                   help="--gpu_check: S1 step sizes to train at a GPT-2-size vocabulary (default: %(default)s)")
-    p.add_argument("--sweep_steps", type=int, default=600, help="--gpu_check: steps of each of those runs")
+    p.add_argument("--seconds", type=float, default=90, help="--gpu_check: wall time of each default text run")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one "kind:steps" and print JSON
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
@@ -369,14 +361,17 @@ def main(argv=None):
           f"{args.n_layer} layers x {args.n_embd} wide, batch {args.batch_size} x {args.block_size}")
     name = lambda r: "Transformer++" if r["model"] == "transformer" else f"EBT, {r['steps']} step{'s' * (r['steps'] > 1)}"
     ref = name(base)
-    last = " MFU |" if cuda else f" peak resident set (MB) | x {ref} resident set |"
+    last = (" MFU |" if cuda else f" peak resident set (MB) | x {ref} resident set |") + (
+        " compiling (s) |" if args.compile else "")
     print(f"| model | step (ms) | tokens/s | x {ref} time | peak training memory (MB) | x {ref} memory |" + last)
     print("|---|---|---|---|---|---|" + "---|" * last.count("|"))
     for r in rows:
-        print(f"| {name(r)} | {r['step_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | {r['step_s'] / base['step_s']:.2f} | "
-              f"{r['peak_mb']:.0f} | {r['peak_mb'] / base['peak_mb']:.2f} |"
+        ratio = lambda k: f"{r[k] / base[k]:.2f}" if base[k] > 0 else "-"
+        print(f"| {name(r)} | {r['step_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | {ratio('step_s')} | "
+              f"{r['peak_mb']:.0f} | {ratio('peak_mb')} |"
               + (f" {100 * r['tflops'] / args.peak_tflops:.1f}% |" if cuda else
-                 f" {r['resident_mb']:.0f} | {r['resident_mb'] / base['resident_mb']:.2f} |"))
+                 f" {r['resident_mb']:.0f} | {ratio('resident_mb')} |")
+              + (f" {r['compile_s']:.0f} |" if args.compile else ""))
     if args.no_generation:
         return
     print("\nEBT generation, 2 thinking steps, 1 candidate (tokens/s; speed-up of the cache in brackets)")

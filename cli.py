@@ -7,6 +7,7 @@ errors as one line with exit code 2.
 import argparse
 import contextlib
 import datetime
+import functools
 import gzip
 import hashlib
 import itertools
@@ -116,6 +117,52 @@ def join_process_group(device):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def compile_model(model, mode=None):
+    """torch.compile what pays. A model that does not think: its loss. An EBT: its training step whole
+    (learning) and, at inference, each thinking step and, for text, each generated token and the context
+    stream. torch.compile cannot trace autograd.grad(create_graph=True), so the compiled EBT takes every
+    gradient of the energy by torch.func (ebt.traced_energy_and_gradient), in the same think(). mode:
+    torch.compile's (the training step's; "reduce-overhead" replays it as a CUDA graph)."""
+    if not isinstance(model, ebt.Thinker):
+        model.forward = torch.compile(model.forward, mode=mode)
+        return model
+    model.learn = learning(model, mode)
+    model.gradient = torch.compile(ebt.traced_energy_and_gradient)
+    if isinstance(model, ebt.TextEBT):
+        model.trunk.forward = torch.compile(model.trunk.forward)
+        model.next_token = torch.compile(model.next_token)
+    return model
+
+
+def learning(model, mode=None):
+    """A drop-in for model.learn as one compiled graph: torch.func.grad of the model's loss in training mode
+    (forward, through ebt.think) with respect to its parameters; what a graph cannot hold stays out of it:
+    the random start (a torch.Generator), the replay buffer's picks and its update."""
+    text = isinstance(model, ebt.TextEBT)
+    replay = model.replay if text else None
+
+    @functools.cache
+    def graph(steps):  # one per step count (S2: 2 and 3)
+        loss = lambda params, *args, **kw: torch.func.functional_call(model, params, args, {**kw, "steps": steps})
+        return torch.compile(torch.func.grad_and_value(loss, has_aux=True), dynamic=False, mode=mode)
+
+    def learn(x, y, scale, steps=None, generator=None):
+        kw, fresh, step = {}, len(x), graph(model.steps(steps))
+        if text:
+            kw["y0"] = model.initial_logits(*x.shape, x.device, generator)
+            if replay is not None:
+                x, y, kw["y0"] = replay.extend(x, y, kw["y0"], round(model.config.replay_batch * fresh))
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        grads, (_, metrics) = step({n: p.detach() for n, p in named}, x, y, **kw)
+        for n, p in named:
+            p.grad = grads[n] * scale if p.grad is None else p.grad + grads[n] * scale
+        final = metrics.pop("final", None)
+        if replay is not None:
+            replay.add(x[:fresh], y[:fresh], final[:fresh])
+        return metrics
+    return learn
 
 
 # -----------------------------------------------------------------------------

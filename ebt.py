@@ -139,7 +139,7 @@ class TrainConfig:
     out_dir: str = option("out", "checkpoint, metrics.jsonl and loss.png go here")
     device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda or mps")
     seed: int = option(1337, "fixes the initial weights, the batches and the noise")
-    compile: bool = option(False, "torch.compile the model and its thinking at inference")
+    compile: bool = option(False, "torch.compile the training step whole and thinking at inference (cli.py)")
 
     def __post_init__(self):
         for n in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval"):
@@ -410,7 +410,7 @@ class Thinker:
     and learning through it with the config's options. The model defines config, raw_step_size,
     normalize (None: the identity) and energy_dims (text: energies (B, P); images: (B,))."""
     normalize = None
-    inference_gradient = staticmethod(energy_and_gradient)  # compile_model swaps in a compiled one
+    gradient = staticmethod(energy_and_gradient)  # compiled (cli.compile_model): traced_energy_and_gradient
 
     def step_size(self):
         """alpha, kept >= 1e-3 in value; the gradient passes the clamp, so alpha can come back."""
@@ -452,7 +452,7 @@ class Thinker:
         on_landscape = lambda x, k: energy_fn(x, min(k, cfg.landscapes - 1))
         step_size = self.step_sizes(y0) if step_size is None else step_size
         options = dict(normalize=self.normalize, langevin_std=cfg.langevin_std if training else langevin_std,
-                       gradient=energy_and_gradient if training else self.inference_gradient)
+                       gradient=self.gradient)
         if tolerance is not None:
             return think_adaptively(on_landscape, y0, self.steps(steps), step_size, tolerance, **options)
         return think(on_landscape, y0, self.steps(steps), step_size, create_graph=training, detach=cfg.detach,
@@ -549,14 +549,15 @@ class TextEBT(Thinker, nn.Module):
             return self.config.init_std * torch.randn(shape, device=device, dtype=dtype)
         return self.config.init_std * torch.randn(shape, generator=generator, dtype=dtype).to(device)
 
-    def forward(self, idx, targets, steps=None, generator=None):
-        """Think from random logits at every position of idx (B, S): (Thinker.loss of the steps' cross-
-        entropies, metrics). In training mode the loss's graph runs through the whole descent."""
+    def forward(self, idx, targets, steps=None, generator=None, y0=None):
+        """Think from y0 (random logits if None) at every position of idx (B, S): (Thinker.loss of the steps'
+        cross-entropies, metrics). In training mode the loss's graph runs through the whole descent, and
+        the metrics hold the final logits (for a replay buffer: cli.compile_model)."""
         context = self.context(idx)
-        y0 = self.initial_logits(*idx.shape, idx.device, generator)
+        y0 = self.initial_logits(*idx.shape, idx.device, generator) if y0 is None else y0
         traj = self.think(lambda p, k: self.energy(p, context, k), y0, steps)
         losses = [cross_entropy(y, targets) for y in traj.ys[1:]]
-        return self.loss(losses), self.metrics(traj, losses)
+        return self.loss(losses), {**self.metrics(traj, losses), **({"final": traj.ys[-1]} if self.training else {})}
 
     def learn(self, idx, targets, scale, steps=None, generator=None):
         """One training batch: think, and backpropagate loss x scale a thinking step at a time where the graphs
@@ -720,16 +721,15 @@ def train(model, data, tc, meta=None, resume=False, log=None):
     dist = torch.distributed
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     group = dist.group.WORLD if world > 1 else None  # its CPU side (gloo) carries the flags every rank agrees on
-    device, out, thinks, records = best_device() if tc.device == "auto" else tc.device, Path(tc.out_dir), \
-        isinstance(model, Thinker), []
+    device = best_device() if tc.device == "auto" else tc.device
+    out, thinks, records = Path(tc.out_dir), isinstance(model, Thinker), []
     report = lambda record: rank == 0 and (records.append({**record, "time": time.time()}), (log or print)(records[-1]))
     model.to(device)
-    if tc.compile:
-        compile_model(model)
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95),
                                   fused=device.startswith("cuda"))
-    saved, best = restore(out, model, optimizer, rank, device, group) if resume else (None, math.inf)  # the last
-    step, stopping = saved or 0, False  # checkpoint's step; the lowest validation loss so far
+    # the step of the last checkpoint, and the lowest validation loss so far
+    saved, best = restore(out, model, optimizer, rank, device, group) if resume else (None, math.inf)
+    step, stopping = saved or 0, False
     if world > 1:  # every rank starts from rank 0's weights
         for t in model.state_dict().values():
             dist.broadcast(t, 0)
@@ -841,20 +841,6 @@ def lr_at(step, tc):
 def batch_seed(seed, step, micro_step):
     """Training's randomness is a function of (seed, step): a resumed run draws what a straight one would."""
     return seed + 1_000_003 * step + 7919 * micro_step
-
-
-def compile_model(model):
-    """torch.compile what pays: the loss of a model that does not think; an EBT's thinking at inference
-    (energy and gradient by torch.func) and, for text, each generated token whole and the context
-    stream. Training thinks eagerly: torch.compile cannot trace autograd.grad(create_graph=True)."""
-    if not isinstance(model, Thinker):
-        model.forward = torch.compile(model.forward)
-        return model
-    model.inference_gradient = torch.compile(traced_energy_and_gradient)
-    if isinstance(model, TextEBT):
-        model.trunk.forward = torch.compile(model.trunk.forward)
-        model.next_token = torch.compile(model.next_token)
-    return model
 
 
 def average_gradients(model, world):

@@ -370,7 +370,7 @@ def main(argv=None):
     overrides = {} if args.init_std is None else {"init_std": args.init_std}
     model, tokenizer = cli.load_text_model(ckpt, device, **overrides)
     if args.compile:
-        ebt.compile_model(model)
+        cli.compile_model(model)
         print("compiling: the first tokens take 30-90 s", file=sys.stderr, flush=True)
     if args.eval:
         return evaluate_thinking(model, tokenizer, training_text(ckpt, args.data), args)

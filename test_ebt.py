@@ -781,7 +781,7 @@ def test_compiled_generation_and_evaluation_match_eager(device):
     has grown (changing shapes) and the window restarted."""
     from torch._dynamo.utils import counters
     model = tiny(step_size=0.1).to(device).eval()
-    compiled = ebt.compile_model(copy.deepcopy(model))
+    compiled = cli.compile_model(copy.deepcopy(model))
     graphs = counters["stats"]["unique_graphs"]
     prompt = torch.randint(13, (1, 3), generator=torch.Generator().manual_seed(1)).to(device)
     eager, fast = (ebt.generate(m, prompt, 15, generator=torch.Generator().manual_seed(0)) for m in (model, compiled))
@@ -795,6 +795,36 @@ def test_compiled_generation_and_evaluation_match_eager(device):
         torch.manual_seed(5)
         losses.append(m(idx, idx, steps=3)[1]["loss_per_step"])
     torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=1e-10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", ["cpu", *CUDA])
+@pytest.mark.parametrize("recipe", ["s1", "s2"])
+def test_the_compiled_training_step_gives_the_eager_gradients(recipe, device, monkeypatch):
+    """--compile makes learn() one graph: torch.func.grad of the loss through the same think(), every gradient
+    of the energy by torch.func. Float64, and the compiler draws the random numbers eager draws (Langevin
+    noise, per-token step sizes; fallback_random), so the parameter gradients agree to rounding (1e-10)."""
+    import torch._inductor.config
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    kw = dict(step_size=0.5, langevin_std=0.3, random_step_size=2.0) if recipe == "s1" else S2
+    model = tiny(weights=0.3, n_layer=1, **kw).to(device).train()
+    compiled = cli.compile_model(copy.deepcopy(model))
+    g = torch.Generator().manual_seed(6)
+    for _ in range(2):  # S2: the second batch also replays the first's sequences
+        batch = tuple(torch.randint(13, (3, 16), generator=g).to(device) for _ in range(2))
+        grads = []
+        for m in (model, compiled):
+            m.zero_grad(set_to_none=True)
+            torch.manual_seed(4)
+            metrics = m.learn(*batch, 0.5, steps=2, generator=torch.Generator().manual_seed(1))
+            grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+        assert grads[0].keys() == grads[1].keys() and len(grads[0]) >= len(list(model.parameters())) - 1
+        for n in grads[0]:
+            torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-10, atol=1e-12, msg=n)
+        assert "final" not in metrics and math.isfinite(metrics["loss"])
+    if recipe == "s2":
+        assert torch.equal(compiled.replay.kept["idx"], model.replay.kept["idx"])
+        torch.testing.assert_close(compiled.replay.kept["logits"], model.replay.kept["logits"], rtol=1e-10, atol=1e-12)
 
 
 def test_transformer_generation_logits_are_the_last_position_of_a_full_pass():
@@ -1767,6 +1797,42 @@ ebt.average_gradients(model, world)
 torch.save({{n: p.grad for n, p in model.named_parameters()}}, sys.argv[1] + f"/rank{{rank}}.pt")
 torch.distributed.destroy_process_group()
 """
+
+
+COMPILED_GRADIENT_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {here!r})
+import cli, ebt, test_ebt as T
+torch.distributed.init_process_group("gloo")
+rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+model = cli.compile_model(T.tiny(weights=0.3, n_layer=1, step_size=0.5).train())
+g = torch.Generator().manual_seed(6)
+x, y = torch.randint(13, (6, 16), generator=g), torch.randint(13, (6, 16), generator=g)
+mine = slice(3 * rank, 3 * rank + 3)
+model.learn(x[mine], y[mine], 1.0, steps=2, generator=torch.Generator().manual_seed(1))
+ebt.average_gradients(model, world)
+torch.save({{n: p.grad for n, p in model.named_parameters()}}, sys.argv[1] + f"/rank{{rank}}.pt")
+torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_compiled_training_under_torchrun_averages_to_one_process(tmp_path):
+    """Two ranks, each compiling its training step on half a batch, then the one flattened all-reduce:
+    the gradient of the whole batch by one eager backward in one process (float64)."""
+    script = tmp_path / "compiled_grads.py"
+    script.write_text(COMPILED_GRADIENT_SCRIPT.format(here=str(HERE)))
+    r = torchrun(script, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    model = tiny(weights=0.3, n_layer=1, step_size=0.5).train()
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randint(13, (6, 16), generator=g), torch.randint(13, (6, 16), generator=g)
+    sum(model(x[half], y[half], steps=2, generator=torch.Generator().manual_seed(1))[0] / 2
+        for half in (slice(0, 3), slice(3, 6))).backward()
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(got[n], p.grad, rtol=1e-10, atol=1e-12, msg=n)
 
 
 @pytest.mark.slow

@@ -359,6 +359,8 @@ def train(args, device):
     tc.out_dir, (_, _, tc.device) = args.out_dir, cli.join_process_group(device)
     data = load_data({**started, "image_size": cfg.image_size})
     model = ebt.build_model(cfg, tc.seed)
+    if tc.compile:
+        cli.compile_model(model)
     ebt.train(model, data, tc, meta={"started": started}, resume=bool(ckpt), log=cli.RunLog())
     return {Path(args.out_dir).name: model.eval()}, data
 

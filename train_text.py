@@ -108,7 +108,10 @@ def main(argv=None, log=cli.printed):
     tc.out_dir, (_, _, tc.device) = args.out_dir, cli.join_process_group(device)
     data = ebt.TextData(tokenizer.encode(text), cfg.block_size, source=path or "Tiny Shakespeare")
     meta = {"tokenizer": tokenizer.state(), "data": {"path": path, "sha256": cli.sha256_text(text)}, "started": started}
-    ebt.train(ebt.build_model(cfg, tc.seed), data, tc, meta=meta, resume=bool(ckpt), log=cli.RunLog(log))
+    model = ebt.build_model(cfg, tc.seed)
+    if tc.compile:
+        cli.compile_model(model)
+    ebt.train(model, data, tc, meta=meta, resume=bool(ckpt), log=cli.RunLog(log))
 
 
 if __name__ == "__main__":
