@@ -436,7 +436,9 @@ def plot_metrics(records, path):
                 label=f"val loss, {k + 1} thinking step{'s' if k else ''}{' (as trained)' if k == trained else ''}")
     if val and not K:
         ax.plot([r["step"] for r in val], [r["loss"] for r in val], marker="o", label="val loss")
-    ax.set(xlabel="optimizer step", ylabel="loss (nats per token)", title=f"training: {Path(path).parent.name}")
+    images = any(r["kind"] == "start" and r.get("model", "").startswith("image_") for r in records)
+    ax.set(xlabel="optimizer step", ylabel="loss (smooth L1 on pixels in [-1, 1])" if images else "loss (nats per token)",
+           title=f"training: {Path(path).parent.name}")
     if ax.get_legend_handles_labels()[0]:  # nothing yet when stopped before the first log
         ax.legend()
     ax.grid(alpha=0.3)

@@ -786,8 +786,7 @@ def train(model, data, tc, meta=None, resume=False, log=None):
                 best, new_best = min(best, m["loss"]), m["loss"] < best and rank == 0
                 saved = save(out, model, optimizer, tc, step, meta, rank, group, best, new_best)
                 report({"kind": "saved", "step": step})  # throughput counts training only
-            stopping = any_rank(Stop.requested, group)
-            if stopping:  # a stop signal: every rank ends after this step
+            if stopping := any_rank(Stop.requested, group):  # a stop signal: every rank ends after this step
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
         if (stopping or world == 1) and not nonfinite and saved != step:  # else this rank alone: no set to save
@@ -924,6 +923,23 @@ def evaluate(model, data, tc, device):
         trained = min(model.trained_steps(), len(m["loss_per_step"])) - 1
         m.update({k.removesuffix("_per_step"): v[trained] for k, v in list(m.items()) if k.endswith("_per_step")})
     return m
+
+
+def rank_correlation(x, y):
+    """Spearman's correlation of x and y (B, N, P) across the N candidates at each position: (B, P)."""
+    def ranks(t):
+        i, j = t[:, :, None], t[:, None]  # [b, i, j, p]: candidate i against candidate j
+        return (i < j).sum(1) + ((i == j).sum(1) - 1).double() / 2  # equal values share their mean rank
+    rx, ry = (r - r.mean(1, keepdim=True) for r in (ranks(x), ranks(y)))
+    return ((rx * ry).sum(1) / (rx.square().sum(1) * ry.square().sum(1)).sqrt()).nan_to_num(0.0)  # all equal: 0
+
+
+def best_of(loss, score):
+    """The loss (B, N, P) of the candidate scored lowest at each position, (B, P), ties sharing the pick:
+    by final energy it is self-verification, by the loss a perfect verifier, by a constant a random pick."""
+    score = score.nan_to_num(nan=math.inf)
+    lowest = score == score.min(1, keepdim=True).values
+    return (loss * lowest).sum(1) / lowest.sum(1)
 
 
 @dataclass

@@ -11,16 +11,20 @@ Runs: the Transformer++ and the EBT with the paper's recipes S1 and S2, each tra
 length in --lengths (optimizer steps; the learning-rate schedule follows each length) and seed,
 at equal batch. Every run is an ordinary train_text.py command, printed before it starts, so
 runs can also be launched by hand (in parallel) into the same directories; an interrupted run
-is resumed. From scratch, everything takes 2 to 3 hours on 2 CPU cores.
+is resumed. From scratch, everything takes 3 to 4 hours on 2 CPU cores.
 
 Evaluation: cross-entropy on --windows random windows of the validation split and of an
 out-of-distribution text (Python's pydoc_data.topics), after 1, 2, 3, 4, 6, 8 and 12 thinking
 steps (one candidate, no noise) and with the best of N = 1, 2, 4, 8 and 16 candidates (at the
 trained steps, the lowest final energy kept; for N > 1 each with the paper's inference Langevin
-noise, std 1; N = 1 is one candidate without noise, what the best of N is measured against).
+noise, std 1; N = 1 is one candidate without noise, what the best of N is measured against). Does
+the energy verify: across the 16 candidates of each position, Spearman's correlation between final
+energy and cross-entropy, and the best of N picked by energy, at random and by the true
+cross-entropy (a perfect verifier); and what each thinking step changes. One run beyond the paper
+(EXPERIMENT, first seed, main length) asks whether more thinking steps in training make the energy rank.
 
-Writes results.md (every table) and the plots gap.png, thinking_steps.png, candidates.png and
-gains.png to assets/ (--report_dir), the image report (train_image.py --compare of the EBT S1
+Writes results.md (every table) and the plots gap.png, thinking_steps.png, candidates.png,
+gains.png and verifier.png to assets/ (--report_dir), the image report (train_image.py --compare of the EBT S1
 and S2, the DiT and the regressor, first seed) to assets/image/, and results.json (every text
 number, per run) to out-results/.
 """
@@ -40,6 +44,8 @@ MODELS = {"Transformer++": ("transformer", ["--model", "transformer"]),  # label
 EBTS = ("S1", "S2")
 IMAGE_RUNS = {"ebt-s1": ["--model", "ebt"], "ebt-s2": ["--model", "ebt", "--recipe", "s2"],  # train_image.py flags
               "dit": ["--model", "dit"], "regressor": ["--model", "regressor"]}
+# beyond the paper, toward an energy that ranks its candidates: S2 trained to think 6-7 steps, not 2-3
+EXPERIMENT = ("S2, 6 steps", "s2-think6", ["--recipe", "s2", "--think_steps", "6"])
 STEPS = (1, 2, 3, 4, 6, 8, 12)
 CANDIDATES = (1, 2, 4, 8, 16)
 
@@ -96,8 +102,10 @@ def curves(path, windows, device):
     val, ood, _ = sample.validation_and_ood(tokenizer, model.config.block_size, cli.shakespeare())
     out = {"trained": model.trained_steps() if isinstance(model, ebt.Thinker) else 1}
     for split, ids in (("val", val), ("ood", ood)):
-        ppl = sample.thinking_curves(model, ids, STEPS, CANDIDATES, windows=windows, seed=0)
-        out[split] = {kind: {k: math.log(p) for k, p in c.items()} for kind, c in ppl.items()}
+        r = sample.thinking_curves(model, ids, sorted({*STEPS, out["trained"]}), CANDIDATES, windows=windows, seed=0)
+        out[split] = {kind: {k: math.log(p) for k, p in r[kind].items()} for kind in ("steps", "candidates")}
+        if "verifier" in r:  # an EBT: does its energy rank its candidates?
+            out[split]["verifier"] = r["verifier"]
     return out
 
 
@@ -121,6 +129,13 @@ def gains(c, split):
     return {"2x steps": ppl_change(steps[K], steps[2 * K]) if 2 * K in steps else float("nan"),
             "4x steps": ppl_change(steps[K], steps[4 * K]) if 4 * K in steps else float("nan"),
             "best of 4": ppl_change(cands[1], cands[4]), "best of 16": ppl_change(cands[1], cands[16])}
+
+
+def verifier_gains(c, split, n=max(CANDIDATES)):
+    """What the best of n candidates gains over a random one (perplexity change) when picked by energy,
+    and when picked by the truth (a perfect verifier)."""
+    best = c[split]["verifier"]["best of"]
+    return {pick: ppl_change(best["random"][n], best[pick][n]) for pick in ("energy", "oracle")}
 
 
 # Tables (markdown) -------------------------------------------------------------
@@ -172,6 +187,66 @@ def gains_table(runs, lengths, seeds, model):
     return "\n".join(lines)
 
 
+def verifier_table(runs, length, seeds):
+    """Does the energy rank its candidates: Spearman, and the best of 16 by energy and by the truth."""
+    n = max(CANDIDATES)
+    head = ["model, text", "Spearman(final energy, CE)", f"best of {n} by energy", f"best of {n} by CE (oracle)"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for m in EBTS:
+        for split in ("val", "ood"):
+            cs = [runs[m, length, s] for s in seeds]
+            cells = [" / ".join(f"{c[split]['verifier']['correlation']:+.2f}" for c in cs),
+                     *(" / ".join(f"{verifier_gains(c, split)[pick]:+.1f}%" for c in cs) for pick in ("energy", "oracle"))]
+            lines.append(f"| {m} {'val' if split == 'val' else 'OOD'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def verifier_lengths_table(runs, lengths, seeds):
+    """The same across training lengths: Spearman, and the best of 16 by energy against a random pick."""
+    columns = [(m, split) for m in EBTS for split in ("val", "ood")]
+    names = [f"{m} {'val' if split == 'val' else 'OOD'}" for m, split in columns]
+    head = ["optimizer steps", *(f"Spearman {n}" for n in names), *(f"by energy {n}" for n in names)]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for n in lengths:
+        cells = [" / ".join(f"{runs[m, n, s][split]['verifier']['correlation']:+.2f}" for s in seeds)
+                 for m, split in columns]
+        cells += [" / ".join(f"{verifier_gains(runs[m, n, s], split)['energy']:+.1f}%" for s in seeds)
+                  for m, split in columns]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def step_effect_table(runs, length, seeds):
+    """Does a thinking step do anything: the share of positions whose most likely token it changes, and
+    its change of the cross-entropy (one noiseless candidate, means over seeds)."""
+    columns = [(m, split) for m in EBTS for split in ("val", "ood")]
+    head = ["thinking step", *(f"{m} {'val' if split == 'val' else 'OOD'}" for m, split in columns)]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for k in range(1, max(STEPS) + 1):
+        cells = []
+        for m, split in columns:
+            v = [runs[m, length, s][split]["verifier"] for s in seeds]
+            mark = " (trained)" if k == runs[m, length, seeds[0]]["trained"] else ""
+            cells.append(f"{100 * mean([x['argmax changed'][k] for x in v]):.1f}% / "
+                         f"{mean([x['CE change'][k] for x in v]):+.4f}{mark}")
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def experiment_table(runs, label, length, seed):
+    n = max(CANDIDATES)
+    head = ["model, text", "trained steps", "CE at the trained steps", "Spearman(final energy, CE)",
+            f"best of {n} by energy", f"best of {n} by CE (oracle)"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for m in ("S2", label):
+        c = runs[m, length, seed]
+        for split in ("val", "ood"):
+            g = verifier_gains(c, split)
+            lines.append(f"| {m} {'val' if split == 'val' else 'OOD'} | {c['trained']} | {at_trained(c, split):.3f} | "
+                         f"{c[split]['verifier']['correlation']:+.2f} | {g['energy']:+.1f}% | {g['oracle']:+.1f}% |")
+    return "\n".join(lines)
+
+
 # Plots -------------------------------------------------------------------------
 
 def plot_gap(runs, lengths, seeds, path):
@@ -214,32 +289,61 @@ def plot_curves(runs, length, seeds, kind, xlabel, path, title):
             if len(seeds) > 1:
                 ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=f"C{i}", alpha=0.15)
             if kind == "steps" and not flat:
-                ax.axvline(runs[m, length, seeds[0]]["trained"], color=f"C{i}", ls=":", lw=1)
+                ax.axvline(runs[m, length, seeds[0]]["trained"], color=f"C{i}", ls=":", lw=1,
+                           label=f"{m}: trained steps")
         if kind == "candidates":
             ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [str(x) for x in xs])
         ax.minorticks_off()
         ax.set(title=name, xlabel=xlabel, ylabel="cross-entropy (nats/char)")
         ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside right center", fontsize=9)
     fig.suptitle(title)
     fig.savefig(path, dpi=90)
 
 
 def plot_gains(runs, lengths, seeds, path):
     """S2's thinking gains (perplexity change) against training length, val and OOD."""
-    fig = cli.figure(figsize=(9, 3.6), layout="constrained")
+    fig = cli.figure(figsize=(10, 3.8), layout="constrained")
     for ax, (split, name) in zip(fig.subplots(1, 2), (("val", "validation"), ("ood", "OOD"))):
         for i, kind in enumerate(("2x steps", "4x steps", "best of 4", "best of 16")):
-            values = [[gains(runs[m, n, s], split)[kind] for s in seeds] for n in lengths for m in ("S2",)]
+            values = [[gains(runs["S2", n, s], split)[kind] for s in seeds] for n in lengths]
             ax.plot(lengths, [mean(v) for v in values], marker="o", color=f"C{i}", label=kind)
         ax.axhline(0, color="black", lw=0.8)
-        ax.set(xscale="log", title=f"S2, {name}", xlabel="optimizer steps trained",
-               ylabel="perplexity change (%), below 0: thinking helps")
+        ax.set(xscale="log", title=f"S2, {name}", xlabel="optimizer steps trained", ylabel="perplexity change (%)")
         ax.set_xticks(lengths, [str(n) for n in lengths])
         ax.minorticks_off()
         ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside right center", fontsize=9)
+    fig.suptitle("what thinking more changes, against the trained steps and one candidate (below 0: it helps)")
+    fig.savefig(path, dpi=90)
+
+
+def plot_verifier(runs, lengths, length, seeds, path):
+    """Does the energy rank its candidates: each EBT's candidates at a few validation positions (first
+    seed), the best of n by energy and by the truth against a random pick, and Spearman against training."""
+    fig = cli.figure(figsize=(10, 7.6), layout="constrained")
+    (s1_ax, s2_ax), (best_ax, length_ax) = fig.subplots(2, 2)
+    for ax, m in ((s1_ax, "S1"), (s2_ax, "S2")):
+        sample.draw_candidates(ax, runs[m, length, seeds[0]]["val"]["verifier"], f"{m}, validation, seed {seeds[0]}")
+    s1_ax.legend(fontsize=8)
+    for i, m in enumerate(EBTS, 1):
+        for split, name in (("val", "val"), ("ood", "OOD")):
+            sample.draw_best_of(best_ax, runs[m, length, seeds[0]][split]["verifier"], f"{m} {name}",
+                                f"C{i}" if split == "val" else f"C{i + 2}")
+            spearman = [[runs[m, n, s][split]["verifier"]["correlation"] for s in seeds] for n in lengths]
+            length_ax.plot(lengths, [mean(r) for r in spearman], marker="o", ls="-" if split == "val" else "--",
+                           color=f"C{i}", label=f"{m} {name}")
+    best_ax.set_title(f"best of n, {length} optimizer steps, seed {seeds[0]}", fontsize=10)
+    best_ax.legend(fontsize=7, ncols=2, loc="lower left")
+    length_ax.axhline(0, color="gray", lw=0.8)
+    length_ax.set(xscale="log", xlabel="optimizer steps trained", ylabel="Spearman(final energy, CE), seed mean")
+    length_ax.set_title("does ranking grow with training?", fontsize=10)
+    length_ax.set_xticks(lengths, [str(n) for n in lengths])
+    length_ax.minorticks_off()
+    length_ax.grid(alpha=0.3)
+    length_ax.legend(fontsize=8)
+    fig.suptitle("does the energy rank its candidates? (16 candidates per position)")
     fig.savefig(path, dpi=90)
 
 
@@ -259,11 +363,18 @@ def main(argv=None):
         argv = ["--preset", args.preset, *MODELS[m][1], "--max_steps", str(n), "--seed", str(s),
                 "--out_dir", str(dirs[key]), "--device", args.device]
         ensure_trained(train_text.main, argv, dirs[key], {**train_text.PRESETS[args.preset], "max_steps": n, "seed": s})
+    label, prefix, flags = EXPERIMENT  # at the main length, first seed
+    experiment = out / f"{prefix}-{main_length}-seed{seeds[0]}"
+    ensure_trained(train_text.main, ["--preset", args.preset, *flags, "--max_steps", str(main_length), "--seed",
+                                     str(seeds[0]), "--out_dir", str(experiment), "--device", args.device],
+                   experiment, {**train_text.PRESETS[args.preset], "max_steps": main_length, "seed": seeds[0]})
 
     runs = {}
     for key, d in dirs.items():
         print(f"evaluating {d}", flush=True)
         runs[key] = curves(d / "ckpt.pt", args.windows, device)
+    print(f"evaluating {experiment}", flush=True)
+    runs[label, main_length, seeds[0]] = curves(experiment / "ckpt.pt", args.windows, device)
     plot_gap(runs, lengths, seeds, report_dir / "gap.png")
     plot_curves(runs, main_length, seeds, "steps", "thinking steps (1 candidate)", report_dir / "thinking_steps.png",
                 f"cross-entropy vs thinking steps ({main_length} optimizer steps)")
@@ -271,6 +382,7 @@ def main(argv=None):
                 report_dir / "candidates.png",
                 f"cross-entropy vs self-verification candidates ({main_length} optimizer steps)")
     plot_gains(runs, lengths, seeds, report_dir / "gains.png")
+    plot_verifier(runs, lengths, main_length, seeds, report_dir / "verifier.png")
     per_seed = " / ".join(map(str, seeds))
     report = "\n\n".join([
         f"Cross-entropy in nats per character (lower is better) on {args.windows} windows of the validation "
@@ -285,6 +397,19 @@ def main(argv=None):
         "4. S2: what thinking changes, as a perplexity change against its trained steps and one candidate, "
         "at each training length (negative: thinking helps)\n\n" + gains_table(runs, lengths, seeds, "S2"),
         "5. S1, the same\n\n" + gains_table(runs, lengths, seeds, "S1"),
+        f"6. Does the energy rank its candidates? Across the 16 candidates of each position ({main_length} "
+        "optimizer steps; N > 1 as in 3): Spearman's correlation between final energy and cross-entropy, "
+        "averaged over positions, and the best of 16 picked by energy and by the true cross-entropy (a perfect "
+        "verifier), as a perplexity change against a candidate picked at random\n\n"
+        + verifier_table(runs, main_length, seeds),
+        "7. The same across training lengths: Spearman, and the best of 16 by energy against a random pick\n\n"
+        + verifier_lengths_table(runs, lengths, seeds),
+        f"8. What each thinking step does ({main_length} optimizer steps, 1 candidate, no noise, means over seeds): "
+        "the share of positions whose most likely token the step changes / its change of the CE (nats)\n\n"
+        + step_effect_table(runs, main_length, seeds),
+        f"9. Beyond the paper: {label} (`train_text.py {' '.join(flags)}`), {main_length} optimizer steps, "
+        f"seed {seeds[0]}, beside the paper's S2 (2-3 steps): CE at the trained steps, and as in 6\n\n"
+        + experiment_table(runs, label, main_length, seeds[0]),
     ])
     results_md = "# Results\n\nMade by `python results.py` (see README, Results).\n\n" + report + "\n"
     ebt.write_atomically(report_dir / "results.md", lambda tmp: tmp.write_text(results_md))

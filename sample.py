@@ -99,15 +99,16 @@ def step_axis_label(model):
     return f"thinking step (each on its own landscape; steps >= {L - 1} share the last)"
 
 
-def plot_energy_trajectories(model, energies, title, labels=None):
-    """Energy (T, K+1) against thinking step, one faint line per token and their mean."""
-    from matplotlib import colormaps
-    fig = cli.figure(figsize=(6, 3.4), layout="constrained")
+def plot_energy_trajectories(model, energies, title, position_label):
+    """Energy (T, K+1) against thinking step, one faint line per token coloured by its position, and their mean."""
+    from matplotlib import cm, colors
+    fig = cli.figure(figsize=(6.6, 3.4), layout="constrained")
     ax = fig.subplots()
-    colors = colormaps["viridis"](torch.linspace(0, 1, len(energies)).numpy())
-    for e, c in zip(energies, colors):
-        ax.plot(e.numpy(), color=c, alpha=0.35, lw=1)
+    by_position = cm.ScalarMappable(colors.Normalize(0, max(1, len(energies) - 1)), "viridis")
+    for i, e in enumerate(energies):
+        ax.plot(e.numpy(), color=by_position.to_rgba(i), alpha=0.35, lw=1)
     ax.plot(energies.nanmean(0).numpy(), color="black", lw=2, label="mean over tokens")
+    fig.colorbar(by_position, ax=ax, label=position_label)
     ax.set(xlabel=step_axis_label(model), ylabel="energy", title=title)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend()
@@ -118,8 +119,8 @@ def plot_energy_trajectories(model, energies, title, labels=None):
 def plot_energy_per_step(model, tokenizer, text, steps=None, seed=0):
     """Energy against thinking step, one line per token of the text. Returns (Figure, energies (T, K+1))."""
     energies = think_on_text(model, tokenizer, text, steps, seed).energies()
-    title = f"energy while thinking, {len(energies)} tokens (colour = position)"
-    return plot_energy_trajectories(model, energies, title), energies
+    title = f"energy while thinking, {len(energies)} tokens"
+    return plot_energy_trajectories(model, energies, title, "position in the text"), energies
 
 
 def plot_generation(model, generation, row=0):
@@ -133,8 +134,8 @@ def plot_generation(model, generation, row=0):
     energies = torch.full((len(generation.trajectory), K), float("nan"))
     for i, t in enumerate(generation.trajectory):
         energies[i, :t.shape[-1]] = t[row].float().cpu()
-    title = f"energy while generating, {len(energies)} tokens (colour = position)"
-    return plot_energy_trajectories(model, energies, title), energies
+    title = f"energy while generating, {len(energies)} tokens"
+    return plot_energy_trajectories(model, energies, title, "generated token number"), energies
 
 
 def plot_energy_heatmap(model, tokenizer, text, steps=None, seed=0):
@@ -142,12 +143,19 @@ def plot_energy_heatmap(model, tokenizer, text, steps=None, seed=0):
     Returns (Figure, energies (T, K+1))."""
     thought = think_on_text(model, tokenizer, text, steps, seed)
     energies = thought.energies()
-    fig = cli.figure(figsize=(max(5, 0.16 * len(energies) + 1.5), 2.6), layout="constrained")
-    ax = fig.subplots()
-    image = ax.imshow(energies.T.numpy(), aspect="auto", cmap="magma", interpolation="nearest")
-    ax.set_xticks(range(len(thought.labels)), thought.labels, fontsize=7, family="monospace")
-    ax.set(xlabel="predicted token", ylabel="thinking step", title="energy per token and step (bright = high = unsure)")
-    fig.colorbar(image, ax=ax, label="energy")
+    per_row, T = 32, len(energies)  # a long text wraps into rows of readable labels
+    rows = (T + per_row - 1) // per_row
+    fig = cli.figure(figsize=(0.26 * min(T, per_row) + 2.2, 1.9 * rows + 0.5), layout="constrained")
+    axes = fig.subplots(rows, 1, squeeze=False)[:, 0]
+    for r, ax in enumerate(axes):
+        part = slice(r * per_row, min(T, (r + 1) * per_row))
+        image = ax.imshow(energies[part].T.numpy(), aspect="auto", cmap="magma", interpolation="nearest",
+                          vmin=energies.min().item(), vmax=energies.max().item())
+        ax.set_xticks(range(part.stop - part.start), thought.labels[part], fontsize=10, family="monospace")
+        ax.set(ylabel="thinking step")
+    axes[-1].set(xlabel="predicted token")
+    axes[0].set_title("energy per token and step (bright = high = unsure)")
+    fig.colorbar(image, ax=list(axes), label="energy")
     return fig, energies
 
 
@@ -201,33 +209,36 @@ def plot_distribution_sharpening(model, tokenizer, text, position=-1, steps=None
     entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1)
     target = thought.ids[1:][position].item()
     labels = [token_label(tokenizer, i) + (" (true)" if i == target else "") for i in shown]
-    fig = cli.figure(figsize=(5, 0.3 * len(shown) + 1.6), layout="constrained")
-    ax = fig.subplots()
+    K = len(probs) - 1
+    fig = cli.figure(figsize=(max(5, 0.5 * K + 3), 0.3 * len(shown) + 2.6), layout="constrained")
+    spread, ax = fig.subplots(2, 1, sharex=True, height_ratios=(1, max(2, 0.4 * len(shown))))
+    spread.plot(range(K + 1), entropy.numpy(), marker="o", color="C0")
+    spread.set(ylabel="entropy\n(nats)", title=f"distribution sharpening at position {position % len(thought.labels)}")
+    spread.grid(alpha=0.3)
     image = ax.imshow(probs[:, shown].T.numpy(), aspect="auto", cmap="Blues", vmin=0, interpolation="nearest")
-    for k in range(len(probs)):
-        for r, i in enumerate(shown):
-            ax.text(k, r, f"{probs[k, i]:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if probs[k, i] > 0.6 * probs[:, shown].max() else "black")
+    if K <= 12:  # the numbers fit in their cells
+        for k in range(K + 1):
+            for r, i in enumerate(shown):
+                ax.text(k, r, f"{probs[k, i]:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if probs[k, i] > 0.6 * probs[:, shown].max() else "black")
     ax.set_yticks(range(len(shown)), labels, family="monospace")
-    ax.set_xticks(range(len(probs)), [f"{k}\nH={h:.2f}" for k, h in enumerate(entropy.tolist())], fontsize=7)
-    ax.set(xlabel="thinking step (H = entropy, nats)",
-           title=f"distribution sharpening at position {position % len(thought.labels)}")
-    fig.colorbar(image, ax=ax, label="probability")
+    ax.set(xlabel="thinking step")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.colorbar(image, ax=[spread, ax], label="probability")
     return fig, probs
 
-
-
 # -----------------------------------------------------------------------------
-# Thinking evaluated on text: perplexity against steps and candidates
+# Thinking evaluated on text: perplexity against steps and candidates, and does the energy verify?
 
 
 @torch.no_grad()
-def thinking_curves(model, ids, steps=(1, 2, 4, 8), candidates=(1, 2, 4, 8), windows=16, seed=0):
+def thinking_curves(model, ids, steps=(1, 2, 4, 8), candidates=(1, 2, 4, 8), windows=16, seed=0, examples=4):
     """Perplexity on fixed windows of a 1-D token tensor after each number of thinking steps (one
     candidate), and with each number N of candidates at the trained steps, keeping the lowest final
     energy. N = 1 is thinking as trained, without noise (the steps curve at the trained count): what
     self-verification is measured against; N > 1: the first N of max(candidates), each with the paper's
-    inference noise. Flat for the Transformer++. Repeatable: seed fixes windows, starts and noise."""
+    inference noise. Flat for the Transformer++. Repeatable: seed fixes windows, starts and noise.
+    An EBT's result also holds "verifier": does the energy rank its candidates (see verifier())?"""
     if len(ids) <= model.config.block_size:
         raise ebt.UsageError(f"{len(ids)} tokens are too few to evaluate on: need more than "
                              f"block_size={model.config.block_size}")
@@ -239,16 +250,97 @@ def thinking_curves(model, ids, steps=(1, 2, 4, 8), candidates=(1, 2, 4, 8), win
         flat = ppl(model.logits(x)[0])
         return {"steps": {k: flat for k in steps}, "candidates": {n: flat for n in candidates}}
     context, trained = model.context(x), model.trained_steps()
-    traj = model.think_candidates(context, x.shape[1], 1, g, steps=max(*steps, trained))
-    by_steps = {k: ppl(traj.ys[k][:, 0]) for k in steps}
-    single = ppl(traj.ys[trained][:, 0])
+    one = model.think_candidates(context, x.shape[1], 1, g, steps=max(*steps, trained))
+    by_steps = {k: ppl(one.ys[k][:, 0]) for k in steps}
+    single = ppl(one.ys[trained][:, 0])
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the noise, seeded
         torch.manual_seed(seed)
-        traj = model.think_candidates(context, x.shape[1], max(candidates), g)
-    final = traj.energies[-1]  # (W, N, S)
-    by_candidates = {n: single if n == 1 else ppl(ebt.keep_lowest(traj.ys[-1][:, :n], final[:, :n]))
+        many = model.think_candidates(context, x.shape[1], max(candidates), g)
+    final = many.energies[-1]  # (W, N, S)
+    by_candidates = {n: single if n == 1 else ppl(ebt.keep_lowest(many.ys[-1][:, :n], final[:, :n]))
                      for n in candidates}
-    return {"steps": by_steps, "candidates": by_candidates}
+    return {"steps": by_steps, "candidates": by_candidates,
+            "verifier": verifier([y_[:, 0] for y_ in one.ys], many.ys[-1], final, y, candidates, examples)}
+
+
+def verifier(ys, candidates_ys, final_energy, targets, counts, examples=4):
+    """Can the energy tell a good candidate from a bad one? From one noiseless descent's states ys
+    [(W, S, V)] and the final logits (W, N, S, V) and energies (W, N, S) of N noisy candidates:
+    - "correlation": Spearman's, between final energy and cross-entropy across the N candidates of a
+      position, averaged over positions (1: the energy ranks them as the truth does; 0: not at all);
+    - "best of": the cross-entropy (nats) of the best of the first n candidates picked by "energy"
+      (self-verification), at "random", and by the cross-entropy itself ("oracle": a perfect verifier);
+    - per thinking step k: "argmax changed", the share of positions whose most likely token step k
+      changed, and "CE change", what step k did to the cross-entropy (nats; does a step do anything?);
+    - "examples": the candidates' final energies and cross-entropies at a few positions, for a plot."""
+    loss = torch.nn.functional.cross_entropy(candidates_ys.float().movedim(-1, 1),  # (W, N, S)
+                                             targets[:, None].expand(candidates_ys.shape[:-1]), reduction="none")
+    picks = {"energy": final_energy, "random": torch.zeros_like(loss), "oracle": loss}
+    step_ce = [ebt.cross_entropy(y_.float(), targets).item() for y_ in ys]
+    where = torch.linspace(0, loss.shape[0] * loss.shape[2] - 1, examples).long()
+    flat = lambda t: t.movedim(1, -1).flatten(0, 1)[where]  # (examples, N)
+    return {"correlation": ebt.rank_correlation(final_energy, loss).mean().item(),
+            "best of": {name: {n: ebt.best_of(loss[:, :n], score[:, :n]).mean().item() for n in counts}
+                        for name, score in picks.items()},
+            "argmax changed": {k: (ys[k].argmax(-1) != ys[k - 1].argmax(-1)).double().mean().item()
+                               for k in range(1, len(ys))},
+            "CE change": {k: step_ce[k] - step_ce[k - 1] for k in range(1, len(ys))},
+            "examples": {"energy": flat(final_energy).tolist(), "CE": flat(loss).tolist()}}
+
+
+def verifier_table(results):
+    """results: {source name: thinking_curves(...)} of an EBT -> what its energy knows of its candidates."""
+    names, first = list(results), next(iter(results.values()))["verifier"]
+    n = max(first["best of"]["energy"])
+    row = lambda label, value: f"{label:<34}" + "".join(f"{value(results[name]['verifier']):>14.3f}" for name in names)
+    lines = [f"{'self-verification':<34}" + "".join(f"{name[:13]:>14}" for name in names),
+             row("Spearman(final energy, CE)", lambda v: v["correlation"])]
+    lines += [row(f"CE, best of {n} {how}", lambda v, pick=pick: v["best of"][pick][n])
+              for pick, how in (("energy", "by energy"), ("random", "at random"), ("oracle", "by CE (oracle)"))]
+    lines += [row(f"argmax changed at step {k} (share)", lambda v, k=k: v["argmax changed"][k])
+              for k in first["argmax changed"]]
+    return "\n".join(lines)
+
+
+def draw_candidates(ax, diagnostics, title):
+    """The candidates at a few positions: final energy against cross-entropy, each less its position's
+    mean. An energy that ranks candidates puts every position's points on a rising line."""
+    for i, (energy, ce) in enumerate(zip(diagnostics["examples"]["energy"], diagnostics["examples"]["CE"])):
+        energy, ce = torch.tensor(energy), torch.tensor(ce)
+        ax.scatter(energy - energy.mean(), ce - ce.mean(), s=12, label=f"position {i + 1}")
+    ax.set(xlabel="final energy, less the position's mean", ylabel="cross-entropy, less the position's mean",
+           title=f"{title}: Spearman {diagnostics['correlation']:+.2f} (all positions)")
+    ax.title.set_fontsize(10)
+    ax.grid(alpha=0.3)
+
+
+def draw_best_of(ax, diagnostics, label, color):
+    """The best of n candidates picked by energy (solid) and by the cross-entropy itself (dotted: a perfect
+    verifier), as a perplexity change against a candidate picked at random (0: no better than chance)."""
+    best, n = diagnostics["best of"], list(diagnostics["best of"]["random"])
+    for pick, style in (("energy", "-"), ("oracle", ":")):
+        change = [100 * (math.exp(best[pick][k] - best["random"][k]) - 1) for k in n]
+        ax.plot(n, change, style, color=color, marker="o", ms=3, label=f"{label}: by {pick}")
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.set(xlabel="candidates n", xscale="log", ylabel="perplexity change vs a random pick (%)")
+    ax.set_xticks(n, [str(k) for k in n])
+    ax.minorticks_off()
+    ax.grid(alpha=0.3)
+
+
+def plot_verifier(results, title="does the energy rank its candidates?"):
+    """results: {source name: thinking_curves(...)} of an EBT -> a Figure: each source's candidates at a few
+    positions, and the best of n picked by energy, at random and by the truth."""
+    fig = cli.figure(figsize=(4.2 * (len(results) + 1), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(results) + 1)
+    for ax, (name, r) in zip(axes, results.items()):
+        draw_candidates(ax, r["verifier"], name)
+    for (name, r), color in zip(results.items(), ("C0", "C3", "C2", "C4")):
+        draw_best_of(axes[-1], r["verifier"], name, color)
+    axes[0].legend(fontsize=8)
+    axes[-1].legend(fontsize=8)
+    fig.suptitle(title)
+    return fig
 
 
 def pydoc_topics_text():
@@ -352,11 +444,15 @@ def evaluate_thinking(model, tokenizer, text, args):
     sources = {"val": val, f"OOD: {ood_name}": ood}
     results = {name: thinking_curves(model, ids, steps, windows=args.windows) for name, ids in sources.items()}
     print(thinking_table(results, trained))
+    thinks = isinstance(model, ebt.TextEBT)
+    if thinks:
+        print(verifier_table(results))
     if args.plots:
-        path = Path(args.plots) / "thinking_curves.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        plot_thinking_curves(results, trained).savefig(path, dpi=90)
-        print(f"saved {path}")
+        Path(args.plots).mkdir(parents=True, exist_ok=True)
+        plot_thinking_curves(results, trained).savefig(Path(args.plots) / "thinking_curves.png", dpi=90)
+        if thinks:
+            plot_verifier(results).savefig(Path(args.plots) / "verifier.png", dpi=90)
+        print(f"saved {'thinking_curves.png and verifier.png' if thinks else 'thinking_curves.png'} in {args.plots}")
 
 
 def main(argv=None):

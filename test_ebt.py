@@ -663,6 +663,9 @@ def test_loss_plot_shows_the_trained_step_count_whatever_eval_thinks(tmp_path, m
         labels = [line.get_label() for line in figures[-1].axes[0].get_lines()]
         assert len(labels) == len(set(labels)) and sum("as trained" in label for label in labels) == 1, labels
         assert f"val loss, {trained} thinking step{'s' if trained > 1 else ''} (as trained)" in labels
+        assert figures[-1].axes[0].get_ylabel() == "loss (nats per token)"
+    cli.plot_metrics([{"kind": "start", "step": 0, "model": "image_ebt"}, *records], tmp_path / "loss.png")
+    assert "smooth L1 on pixels" in figures[-1].axes[0].get_ylabel()  # an image model's loss is no cross-entropy
 
 
 class InterruptAt:
@@ -874,12 +877,25 @@ def test_plot_functions_return_a_figure_and_write_a_png(plot, numbers_shape, tmp
     tokenizer = cli.CharTokenizer.fit(synthetic_text())
     model = tiny(vocab_size=tokenizer.vocab_size).eval()
     fig, numbers = plot(model, tokenizer, "the cat sat", steps=3, **({"grid": 9} if "landscape" in plot.__name__ else {}))
-    assert fig.axes[0].get_xlabel() and fig.axes[0].get_title()
-    assert len(fig.axes) == (1 if plot is sample.plot_energy_per_step else 2)  # plot (+ colour bar)
+    assert fig.axes[0].get_title() and fig.axes[-2].get_xlabel()
+    # plot and colour bar; sharpening: the entropy above
+    assert len(fig.axes) == (3 if plot is sample.plot_distribution_sharpening else 2)
     assert tuple(numbers.shape) == numbers_shape and torch.isfinite(numbers).all()
     fig.savefig(tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "plot.png").stat().st_size > 1000
     assert fig._repr_png_()[:4] == b"\x89PNG"  # Jupyter shows it by itself, with no %matplotlib inline
+
+
+def test_a_long_heatmap_wraps_into_rows_of_readable_labels():
+    tokenizer = cli.CharTokenizer.fit(synthetic_text())
+    model = tiny(vocab_size=tokenizer.vocab_size, block_size=48).eval()
+    text = "the cat sat on the mat and the dog sat on the log"[:45]
+    fig, energies = sample.plot_energy_heatmap(model, tokenizer, text, steps=2)
+    rows = fig.axes[:-1]  # and the colour bar
+    assert len(energies) == 44 and len(rows) == 2
+    assert [len(ax.get_xticklabels()) for ax in rows] == [32, 12]
+    assert all(label.get_fontsize() >= 9 for ax in rows for label in ax.get_xticklabels())
+    assert "".join(t.get_text() for ax in rows for t in ax.get_xticklabels()) == text[1:].replace(" ", "␣")
 
 
 def test_plots_default_to_4x_the_trained_steps_with_integer_ticks():
@@ -919,7 +935,7 @@ def test_notebook_code_cells_run_top_to_bottom(tmp_path, monkeypatch):
         exec(compile(source, "notebook", "exec"), scope)
         if not last.startswith((" ", "print(")) and "=" not in last:  # a cell's last expression is what it shows
             shown.append(eval(last, scope))
-    assert len(shown) == 4 and all(fig._repr_png_()[:4] == b"\x89PNG" for fig in shown)
+    assert len(shown) == 5 and all(fig._repr_png_()[:4] == b"\x89PNG" for fig in shown)
     assert all(any(o.get("output_type") in ("display_data", "execute_result") or o.get("name") == "stdout"
                    for o in c["outputs"]) for c in cells), "the shipped notebook is executed"
 
@@ -942,13 +958,87 @@ def test_thinking_curves_are_the_perplexity_of_each_step_count_on_the_seeded_win
         logits = predict(model, x, steps=k, y0=y0).ys[k]
         assert curves["steps"][k] == pytest.approx(math.exp(ebt.cross_entropy(logits, y)), rel=1e-6)
     assert curves["steps"][1] != pytest.approx(curves["steps"][3], rel=1e-3)  # the steps change the answer
-    results = {"ebt": curves, "other": {kind: {k: 2 * v for k, v in c.items()} for kind, c in curves.items()}}
+    results = {"ebt": curves, "other": {kind: {k: 2 * v for k, v in curves[kind].items()} for kind in ("steps", "candidates")}}
     table = sample.thinking_table(results, trained_steps=3)
     assert "<- trained" in table and "candidates (3 steps)" in table and f"{2 * curves['steps'][3]:.3f}" in table
     fig = sample.plot_thinking_curves(results, trained_steps=3)
     assert [ax.get_ylabel() for ax in fig.axes] == ["perplexity", "perplexity"]
     assert len(fig.axes[0].get_lines()) == 3  # two models and the trained steps
 
+
+
+def average_ranks(values):
+    """Ranks 0..n-1 of a list, equal values sharing their mean rank: the textbook rule, by sorting."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks, i = [0.0] * len(values), 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2
+        i = j + 1
+    return ranks
+
+
+def test_rank_correlation_is_spearmans_with_ties_shared():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 4, (2, 7, 3), generator=g).float()  # few values: many ties
+    y = torch.randn(2, 7, 3, generator=g)
+    r = ebt.rank_correlation(x, y)
+    for b in range(2):
+        for p in range(3):
+            rx, ry = (average_ranks(t[b, :, p].tolist()) for t in (x, y))
+            want = np.corrcoef(rx, ry)[0, 1] if len(set(rx)) > 1 else 0.0
+            assert r[b, p].item() == pytest.approx(want, abs=1e-12)
+    assert (ebt.rank_correlation(y, y) == 1).all() and (ebt.rank_correlation(-y, y) == -1).all()
+    assert (ebt.rank_correlation(torch.zeros_like(y), y) == 0).all()  # an energy that ranks nothing
+
+
+def test_verifier_diagnostics_on_energies_whose_answer_is_known():
+    """An energy equal to the cross-entropy ranks perfectly and picks what the oracle picks; its negation
+    picks the worst; a constant energy is a random pick; a step that changes nothing changes no argmax."""
+    g = torch.Generator().manual_seed(1)
+    W, N, S, V = 2, 5, 6, 7
+    logits = torch.randn(W, N, S, V, generator=g)
+    targets = torch.randint(0, V, (W, S), generator=g)
+    ce = -logits.log_softmax(-1).gather(-1, targets[:, None, :, None].expand(W, N, S, 1))[..., 0]  # (W, N, S)
+    one = [torch.randn(W, S, V, generator=g)]
+    one += [one[0], one[0].flip(-1)]  # step 1 changes nothing, step 2 reverses every distribution
+    check = lambda energy: sample.verifier(one, logits, energy, targets, (1, 2, N), examples=3)
+    perfect, worst, constant = check(ce), check(-ce), check(torch.full_like(ce, 0.5))
+    assert perfect["correlation"] == pytest.approx(1) and worst["correlation"] == pytest.approx(-1)
+    assert constant["correlation"] == 0
+    for n in (1, 2, N):
+        best = perfect["best of"]
+        assert best["energy"][n] == pytest.approx(ce[:, :n].min(1).values.mean().item(), rel=1e-6) == best["oracle"][n]
+        assert worst["best of"]["energy"][n] == pytest.approx(ce[:, :n].max(1).values.mean().item(), rel=1e-6)
+        assert constant["best of"]["energy"][n] == pytest.approx(ce[:, :n].mean().item(), rel=1e-6)
+        assert constant["best of"]["random"][n] == pytest.approx(constant["best of"]["energy"][n], rel=1e-12)
+    assert perfect["argmax changed"][1] == 0 and perfect["CE change"][1] == 0
+    flipped = (one[0].argmax(-1) != one[0].flip(-1).argmax(-1)).double().mean().item()
+    assert perfect["argmax changed"][2] == flipped > 0.5
+    by_hand = lambda y: torch.nn.functional.cross_entropy(y.reshape(-1, V), targets.reshape(-1)).item()
+    assert perfect["CE change"][2] == pytest.approx(by_hand(one[2]) - by_hand(one[0]), rel=1e-6)
+    assert len(perfect["examples"]["energy"]) == 3 and len(perfect["examples"]["CE"][0]) == N
+
+
+def test_thinking_curves_verify_as_their_candidates_curve_does():
+    """The verifier's pick by energy is the candidates curve (two computations: keep_lowest then one
+    cross-entropy, and per-candidate cross-entropies then best_of); the table and plot show it."""
+    tokenizer = cli.CharTokenizer.fit(synthetic_text())
+    ids = torch.tensor(tokenizer.encode(synthetic_text(300)))
+    model = tiny(vocab_size=tokenizer.vocab_size, step_size=0.5).eval()
+    curves = sample.thinking_curves(model, ids, steps=(1, 3), candidates=(1, 2, 4), windows=3, seed=4)
+    v = curves["verifier"]
+    for n in (2, 4):
+        assert v["best of"]["energy"][n] == pytest.approx(math.log(curves["candidates"][n]), rel=1e-5)
+        assert v["best of"]["oracle"][n] < v["best of"]["random"][n]
+    assert set(v["argmax changed"]) == {1, 2, 3} and v["argmax changed"][1] > 0.5  # from random logits
+    results = {"val": curves, "OOD": curves}
+    assert "Spearman(final energy, CE)" in sample.verifier_table(results)
+    fig = sample.plot_verifier(results)
+    assert len(fig.axes) == 3 and fig.axes[-1].get_ylabel() == "perplexity change vs a random pick (%)"
 
 def test_ood_text_is_filtered_to_the_vocabulary():
     tokenizer = cli.CharTokenizer.fit(synthetic_text())
@@ -1511,16 +1601,21 @@ def test_results_trains_what_is_missing_then_reports_from_checkpoints(tmp_path, 
     argv = ["--seeds", "1", "2", "--lengths", "3", "--out_dir", str(tmp_path), "--report_dir", str(tmp_path),
             "--windows", "2", "--device", "cpu"]
     results.main(argv)
-    assert capsys.readouterr().out.count("$ python ") == len(results.MODELS) * 2 + len(results.IMAGE_RUNS)
+    # every model at both seeds, the experiment at the first, the image runs
+    assert capsys.readouterr().out.count("$ python ") == len(results.MODELS) * 2 + 1 + len(results.IMAGE_RUNS)
     report = (tmp_path / "results.md").read_text()
     for section in ("1. Learning", "2. CE against thinking steps", "3. CE against self-verification",
-                    "4. S2: what thinking changes", "5. S1, the same"):
+                    "4. S2: what thinking changes", "5. S1, the same", "6. Does the energy rank",
+                    "7. The same across training lengths", "8. What each thinking step does", "9. Beyond the paper"):
         assert section in report
-    for f in ("gap.png", "thinking_steps.png", "candidates.png", "gains.png", "image/psnr.png", "image/psnr.md"):
+    assert "| 12 | " in report and "| S2, 6 steps OOD | 7 | " in report
+    for f in ("gap.png", "thinking_steps.png", "candidates.png", "gains.png", "verifier.png", "image/psnr.png",
+              "image/psnr.md"):
         assert (tmp_path / f).stat().st_size > 0
     curves = json.loads((tmp_path / "results.json").read_text())
     assert curves["S2|3|1"]["trained"] == 3 and curves["S1|3|1"]["trained"] == 2
     assert curves["S1|3|1"]["val"]["steps"]["1"] != curves["S1|3|1"]["val"]["steps"]["2"]
+    assert -1 <= curves["S2|3|2"]["ood"]["verifier"]["correlation"] <= 1 and "verifier" not in curves["Transformer++|3|1"]["val"]
     results.main(argv)  # everything is trained now: only the report is made again
     assert "$ python " not in capsys.readouterr().out
     assert (tmp_path / "results.md").read_text() == report
