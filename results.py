@@ -190,12 +190,13 @@ def gains_table(runs, lengths, seeds, model):
 def verifier_table(runs, length, seeds):
     """Does the energy rank its candidates: Spearman, and the best of 16 by energy and by the truth."""
     n = max(CANDIDATES)
-    head = ["model, text", "Spearman(final energy, CE)", f"best of {n} by energy", f"best of {n} by CE (oracle)"]
+    head = ["model, text", "Spearman(final energy, CE)", "Spearman(final energy, entropy)", f"best of {n} by energy",
+            f"best of {n} by CE (oracle)"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for m in EBTS:
         for split in ("val", "ood"):
             cs = [runs[m, length, s] for s in seeds]
-            cells = [" / ".join(f"{c[split]['verifier']['correlation']:+.2f}" for c in cs),
+            cells = [*(" / ".join(f"{c[split]['verifier'][k]:+.2f}" for c in cs) for k in ("correlation", "entropy correlation")),
                      *(" / ".join(f"{verifier_gains(c, split)[pick]:+.1f}%" for c in cs) for pick in ("energy", "oracle"))]
             lines.append(f"| {m} {'val' if split == 'val' else 'OOD'} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -236,14 +237,15 @@ def step_effect_table(runs, length, seeds):
 def experiment_table(runs, label, length, seed):
     n = max(CANDIDATES)
     head = ["model, text", "trained steps", "CE at the trained steps", "Spearman(final energy, CE)",
-            f"best of {n} by energy", f"best of {n} by CE (oracle)"]
+            "Spearman(final energy, entropy)", f"best of {n} by energy", f"best of {n} by CE (oracle)"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for m in ("S2", label):
         c = runs[m, length, seed]
         for split in ("val", "ood"):
             g = verifier_gains(c, split)
             lines.append(f"| {m} {'val' if split == 'val' else 'OOD'} | {c['trained']} | {at_trained(c, split):.3f} | "
-                         f"{c[split]['verifier']['correlation']:+.2f} | {g['energy']:+.1f}% | {g['oracle']:+.1f}% |")
+                         f"{c[split]['verifier']['correlation']:+.2f} | {c[split]['verifier']['entropy correlation']:+.2f} | "
+                         f"{g['energy']:+.1f}% | {g['oracle']:+.1f}% |")
     return "\n".join(lines)
 
 
@@ -399,7 +401,8 @@ def main(argv=None):
         "5. S1, the same\n\n" + gains_table(runs, lengths, seeds, "S1"),
         f"6. Does the energy rank its candidates? Across the 16 candidates of each position ({main_length} "
         "optimizer steps; N > 1 as in 3): Spearman's correlation between final energy and cross-entropy, "
-        "averaged over positions, and the best of 16 picked by energy and by the true cross-entropy (a perfect "
+        "averaged over positions; the same with the candidate's entropy (how much the energy measures "
+        "confidence); and the best of 16 picked by energy and by the true cross-entropy (a perfect "
         "verifier), as a perplexity change against a candidate picked at random\n\n"
         + verifier_table(runs, main_length, seeds),
         "7. The same across training lengths: Spearman, and the best of 16 by energy against a random pick\n\n"

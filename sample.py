@@ -268,6 +268,7 @@ def verifier(ys, candidates_ys, final_energy, targets, counts, examples=4):
     [(W, S, V)] and the final logits (W, N, S, V) and energies (W, N, S) of N noisy candidates:
     - "correlation": Spearman's, between final energy and cross-entropy across the N candidates of a
       position, averaged over positions (1: the energy ranks them as the truth does; 0: not at all);
+      "entropy correlation": the same with each candidate's entropy (1: the energy measures confidence);
     - "best of": the cross-entropy (nats) of the best of the first n candidates picked by "energy"
       (self-verification), at "random", and by the cross-entropy itself ("oracle": a perfect verifier);
     - per thinking step k: "argmax changed", the share of positions whose most likely token step k
@@ -275,11 +276,14 @@ def verifier(ys, candidates_ys, final_energy, targets, counts, examples=4):
     - "examples": the candidates' final energies and cross-entropies at a few positions, for a plot."""
     loss = torch.nn.functional.cross_entropy(candidates_ys.float().movedim(-1, 1),  # (W, N, S)
                                              targets[:, None].expand(candidates_ys.shape[:-1]), reduction="none")
+    log_p = candidates_ys.float().log_softmax(-1)
+    entropy = -(log_p.exp() * log_p).sum(-1)  # (W, N, S)
     picks = {"energy": final_energy, "random": torch.zeros_like(loss), "oracle": loss}
     step_ce = [ebt.cross_entropy(y_.float(), targets).item() for y_ in ys]
     where = torch.linspace(0, loss.shape[0] * loss.shape[2] - 1, examples).long()
     flat = lambda t: t.movedim(1, -1).flatten(0, 1)[where]  # (examples, N)
     return {"correlation": ebt.rank_correlation(final_energy, loss).mean().item(),
+            "entropy correlation": ebt.rank_correlation(final_energy, entropy).mean().item(),
             "best of": {name: {n: ebt.best_of(loss[:, :n], score[:, :n]).mean().item() for n in counts}
                         for name, score in picks.items()},
             "argmax changed": {k: (ys[k].argmax(-1) != ys[k - 1].argmax(-1)).double().mean().item()
@@ -294,7 +298,8 @@ def verifier_table(results):
     n = max(first["best of"]["energy"])
     row = lambda label, value: f"{label:<34}" + "".join(f"{value(results[name]['verifier']):>14.3f}" for name in names)
     lines = [f"{'self-verification':<34}" + "".join(f"{name[:13]:>14}" for name in names),
-             row("Spearman(final energy, CE)", lambda v: v["correlation"])]
+             row("Spearman(final energy, CE)", lambda v: v["correlation"]),
+             row("Spearman(final energy, entropy)", lambda v: v["entropy correlation"])]
     lines += [row(f"CE, best of {n} {how}", lambda v, pick=pick: v["best of"][pick][n])
               for pick, how in (("energy", "by energy"), ("random", "at random"), ("oracle", "by CE (oracle)"))]
     lines += [row(f"argmax changed at step {k} (share)", lambda v, k=k: v["argmax changed"][k])

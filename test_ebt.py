@@ -1009,6 +1009,8 @@ def test_verifier_diagnostics_on_energies_whose_answer_is_known():
     perfect, worst, constant = check(ce), check(-ce), check(torch.full_like(ce, 0.5))
     assert perfect["correlation"] == pytest.approx(1) and worst["correlation"] == pytest.approx(-1)
     assert constant["correlation"] == 0
+    entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+    assert check(entropy)["entropy correlation"] == pytest.approx(1) and perfect["entropy correlation"] < 0.99
     for n in (1, 2, N):
         best = perfect["best of"]
         assert best["energy"][n] == pytest.approx(ce[:, :n].min(1).values.mean().item(), rel=1e-6) == best["oracle"][n]
