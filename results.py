@@ -187,33 +187,21 @@ def gains_table(runs, lengths, seeds, model):
     return "\n".join(lines)
 
 
-def verifier_table(runs, length, seeds):
-    """Does the energy rank its candidates: Spearman, and the best of 16 by energy and by the truth."""
+def verifier_table(runs, lengths, seeds):
+    """Does the energy rank its candidates: Spearman with the cross-entropy and with the entropy, and the best
+    of 16 by energy and by the truth, per model, text and training length."""
     n = max(CANDIDATES)
-    head = ["model, text", "Spearman(final energy, CE)", "Spearman(final energy, entropy)", f"best of {n} by energy",
-            f"best of {n} by CE (oracle)"]
+    head = ["optimizer steps", "model, text", "Spearman(final energy, CE)", "Spearman(final energy, entropy)",
+            f"best of {n} by energy", f"best of {n} by CE (oracle)"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    for m in EBTS:
-        for split in ("val", "ood"):
-            cs = [runs[m, length, s] for s in seeds]
-            cells = [*(" / ".join(f"{c[split]['verifier'][k]:+.2f}" for c in cs) for k in ("correlation", "entropy correlation")),
-                     *(" / ".join(f"{verifier_gains(c, split)[pick]:+.1f}%" for c in cs) for pick in ("energy", "oracle"))]
-            lines.append(f"| {m} {'val' if split == 'val' else 'OOD'} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def verifier_lengths_table(runs, lengths, seeds):
-    """The same across training lengths: Spearman, and the best of 16 by energy against a random pick."""
-    columns = [(m, split) for m in EBTS for split in ("val", "ood")]
-    names = [f"{m} {'val' if split == 'val' else 'OOD'}" for m, split in columns]
-    head = ["optimizer steps", *(f"Spearman {n}" for n in names), *(f"by energy {n}" for n in names)]
-    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    for n in lengths:
-        cells = [" / ".join(f"{runs[m, n, s][split]['verifier']['correlation']:+.2f}" for s in seeds)
-                 for m, split in columns]
-        cells += [" / ".join(f"{verifier_gains(runs[m, n, s], split)['energy']:+.1f}%" for s in seeds)
-                  for m, split in columns]
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    for length in lengths:
+        for m in EBTS:
+            for split in ("val", "ood"):
+                cs = [runs[m, length, s] for s in seeds]
+                cells = [*(" / ".join(f"{c[split]['verifier'][k]:+.2f}" for c in cs)
+                           for k in ("correlation", "entropy correlation")),
+                         *(" / ".join(f"{verifier_gains(c, split)[pick]:+.1f}%" for c in cs) for pick in ("energy", "oracle"))]
+                lines.append(f"| {length} | {m} {'val' if split == 'val' else 'OOD'} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -399,14 +387,12 @@ def main(argv=None):
         "4. S2: what thinking changes, as a perplexity change against its trained steps and one candidate, "
         "at each training length (negative: thinking helps)\n\n" + gains_table(runs, lengths, seeds, "S2"),
         "5. S1, the same\n\n" + gains_table(runs, lengths, seeds, "S1"),
-        f"6. Does the energy rank its candidates? Across the 16 candidates of each position ({main_length} "
-        "optimizer steps; N > 1 as in 3): Spearman's correlation between final energy and cross-entropy, "
-        "averaged over positions; the same with the candidate's entropy (how much the energy measures "
-        "confidence); and the best of 16 picked by energy and by the true cross-entropy (a perfect "
-        "verifier), as a perplexity change against a candidate picked at random\n\n"
-        + verifier_table(runs, main_length, seeds),
-        "7. The same across training lengths: Spearman, and the best of 16 by energy against a random pick\n\n"
-        + verifier_lengths_table(runs, lengths, seeds),
+        f"6. Does the energy rank its candidates? Across the 16 candidates of each position (N > 1 as in 3), "
+        "at the main length: Spearman's correlation between final energy and cross-entropy, averaged over "
+        "positions; the same with the candidate's entropy (how much the energy measures confidence); and the "
+        "best of 16 picked by energy and by the true cross-entropy (a perfect verifier), as a perplexity "
+        "change against a candidate picked at random\n\n" + verifier_table(runs, [main_length], seeds),
+        "7. The same at every training length\n\n" + verifier_table(runs, lengths, seeds),
         f"8. What each thinking step does ({main_length} optimizer steps, 1 candidate, no noise, means over seeds): "
         "the share of positions whose most likely token the step changes / its change of the CE (nats)\n\n"
         + step_effect_table(runs, main_length, seeds),

@@ -1608,7 +1608,7 @@ def test_results_trains_what_is_missing_then_reports_from_checkpoints(tmp_path, 
     report = (tmp_path / "results.md").read_text()
     for section in ("1. Learning", "2. CE against thinking steps", "3. CE against self-verification",
                     "4. S2: what thinking changes", "5. S1, the same", "6. Does the energy rank",
-                    "7. The same across training lengths", "8. What each thinking step does", "9. Beyond the paper"):
+                    "7. The same at every training length", "8. What each thinking step does", "9. Beyond the paper"):
         assert section in report
     assert "| 12 | " in report and "| S2, 6 steps OOD | 7 | " in report
     for f in ("gap.png", "thinking_steps.png", "candidates.png", "gains.png", "verifier.png", "image/psnr.png",
