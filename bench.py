@@ -160,7 +160,7 @@ def time_generation(args, contexts=(64, 128, 256), new_tokens=16):
     cfg = ebt.ModelConfig(vocab_size=args.vocab_size, block_size=max(contexts), n_layer=args.n_layer,
                           n_head=args.n_head, n_embd=args.n_embd)
     reference = ebt.build_model(cfg).to(device).eval()
-    model = cli.compile_model(copy.deepcopy(reference)) if args.compile else reference
+    model = cli.compile_model(copy.deepcopy(reference), args.compile_mode) if args.compile else reference
     g = torch.Generator().manual_seed(0)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
@@ -282,7 +282,7 @@ def gpu_check(out, args):
     size = ["--device", args.device, "--n_layer", str(args.n_layer), "--n_head", str(args.n_head), "--n_embd",
             str(args.n_embd), "--block_size", str(args.block_size), "--batch_size", str(args.batch_size)]
     for name, extra in (("bench eager", []), ("bench compiled", ["--compile"]),
-                        ("bench CUDA graphs", ["--compile", "--compile_mode", "reduce-overhead", "--no_generation"])):
+                        ("bench CUDA graphs", ["--compile", "--compile_mode", "reduce-overhead"])):
         r = subprocess.run([sys.executable, __file__, *size, "--iters", str(args.iters), "--warmup", str(args.warmup),
                             "--only", "transformer:0", "ebt:2", *extra], capture_output=True, text=True)
         keep(name, r.stdout if r.returncode == 0 else r.stderr[-2000:])

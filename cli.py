@@ -124,7 +124,7 @@ def compile_model(model, mode=None):
     (learning) and, at inference, each thinking step and, for text, each generated token and the context
     stream. torch.compile cannot trace autograd.grad(create_graph=True), so the compiled EBT takes every
     gradient of the energy by torch.func (ebt.traced_energy_and_gradient), in the same think(). mode:
-    torch.compile's (the training step's; "reduce-overhead" replays it as a CUDA graph)."""
+    torch.compile's for the training step and a generated token ("reduce-overhead": CUDA graphs)."""
     if not isinstance(model, ebt.Thinker):
         model.forward = torch.compile(model.forward, mode=mode)
         return model
@@ -132,7 +132,7 @@ def compile_model(model, mode=None):
     model.gradient = torch.compile(ebt.traced_energy_and_gradient)
     if isinstance(model, ebt.TextEBT):
         model.trunk.forward = torch.compile(model.trunk.forward)
-        model.next_token = torch.compile(model.next_token)
+        model.next_token = torch.compile(model.next_token, mode=mode)  # fixed shapes (ebt.KVCache)
     return model
 
 

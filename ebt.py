@@ -171,17 +171,18 @@ class Rotary(nn.Module):
         self.register_buffer("sin", torch.cat([-angles.sin(), angles.sin()], -1), persistent=False)
 
     def forward(self, x, start, scale=1.0):
-        """x: (B, H, T, Dh), token t sits at position start + t; scale multiplies the result."""
-        T = x.shape[-2]
-        if start + T > self.cos.shape[0]:
-            raise ValueError(f"position {start + T} exceeds the rotary table ({self.cos.shape[0]})")
-        cos, sin = (t[start:start + T].to(x.dtype) * scale for t in (self.cos, self.sin))  # (T, Dh): scaled, not x
+        """x: (B, H, T, Dh), token t sits at position start + t (start: an int, or a tensor in a KVCache, so that
+        the shapes stay fixed); scale multiplies the result."""
+        at = start + torch.arange(x.shape[-2], device=x.device)
+        cos, sin = (t[at].to(x.dtype) * scale for t in (self.cos, self.sin))  # (T, Dh): scaled, not x
         return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
-def causal_mask(q_len, k_len, device):
-    """(q_len, k_len) boolean mask, bottom-right aligned: query i sees keys 0..k_len-q_len+i."""
-    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
+def causal_mask(q_len, k_len, device, seen=None):
+    """(q_len, k_len) boolean mask: query i, the token after `seen` others, sees keys 0..seen + i. By default
+    the queries are the last q_len keys; in a preallocated cache the keys after seen + q_len are empty."""
+    seen = k_len - q_len if seen is None else seen
+    return torch.arange(k_len, device=device) <= seen + torch.arange(q_len, device=device)[:, None]
 
 
 class Attention(nn.Module):
@@ -201,26 +202,29 @@ class Attention(nn.Module):
         B, H, T, Dh = y.shape
         return self.proj(y.transpose(1, 2).reshape(B, T, H * Dh))
 
-    def forward(self, x, rotary, past=None):
-        """Causal attention of the context stream after past, the cached (k, v) of earlier tokens.
-        Returns the output and this layer's (k, v)."""
-        start = 0 if past is None else past[0].shape[-2]
-        q, k, v = self.heads(x, rotary, start)
-        if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        T, L = q.shape[-2], k.shape[-2]
-        if T == L or T == 1:  # all of them causal, or one new token that sees everything before it
-            return self.merge(F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)), (k, v)
-        return self.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, L, q.device))), (k, v)
+    def forward(self, x, rotary, cache=None):
+        """Causal attention of the context stream x (B, T, D); with a KVCache layer's (keys, values, tokens held),
+        x's keys and values are written after those. Returns the output and the (k, v) attended."""
+        if cache is None:
+            q, k, v = self.heads(x, rotary)
+            return self.merge(F.scaled_dot_product_attention(q, k, v, is_causal=True)), (k, v)
+        keys, values, seen = cache
+        q, k, v = self.heads(x, rotary, seen)
+        at = seen + torch.arange(x.shape[1], device=x.device)
+        keys.index_copy_(2, at, k)
+        values.index_copy_(2, at, v)
+        visible = causal_mask(x.shape[1], keys.shape[-2], x.device, seen)
+        return self.merge(F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)), (keys, values)
 
-    def attend_predictions(self, x, rotary, context, double_backward):
+    def attend_predictions(self, x, rotary, context, double_backward, filled=None):
         """The prediction stream: x (B, P, D) stands for the next token after each of the last P context
-        tokens. Prediction p sees the context up to its position (context: this layer's cached (k, v),
-        each (B, H, T, Dh)) and itself, never another prediction."""
+        tokens. Prediction p sees the context up to its position (context: this layer's (k, v), each
+        (B, H, T, Dh), the first `filled` positions holding tokens, all if None) and itself, never another."""
         k_ctx, v_ctx = context
         T, P = k_ctx.shape[-2], x.shape[1]
-        start = T - P + 1  # prediction p sits one past its context token
-        visible = causal_mask(P, T, x.device)  # (P, T)
+        seen = (T if filled is None else filled) - P  # prediction p follows context token seen + p
+        start = seen + 1  # and sits one past it
+        visible = causal_mask(P, T, x.device, seen)  # (P, T)
         if double_backward:
             # Explicit softmax: fused kernels have no second derivative. Differentiated twice, every op
             # saved counts three times: a rotation keeps the dot product of two vectors at one position,
@@ -275,13 +279,13 @@ class Block(nn.Module):
             self.ada = nn.Linear(cfg.n_embd, 6 * cfg.n_embd)
             self.ada.zero_init = True  # gates start at zero: every block starts as the identity
 
-    def forward(self, x, rotary, past=None):
-        a, kv = self.attn(self.attn_norm(x), rotary, past)
+    def forward(self, x, rotary, cache=None):
+        a, kv = self.attn(self.attn_norm(x), rotary, cache)
         x = x + a
         return x + self.mlp(self.mlp_norm(x)), kv
 
-    def forward_predictions(self, x, rotary, context, double_backward):
-        x = x + self.attn.attend_predictions(self.attn_norm(x), rotary, context, double_backward)
+    def forward_predictions(self, x, rotary, context, double_backward, filled=None):
+        x = x + self.attn.attend_predictions(self.attn_norm(x), rotary, context, double_backward, filled)
         return x + self.mlp(self.mlp_norm(x))
 
     def forward_bidirectional(self, x, cond, double_backward):
@@ -302,13 +306,27 @@ class Trunk(nn.Module):
         self.rotary = Rotary(cfg.n_embd // cfg.n_head, cfg.block_size + 1)
 
     def forward(self, idx, cache=None):
-        """idx (B, T) after the cached per-layer (k, v) of earlier tokens. Returns hidden states (B, T, D)
-        and the per-layer (k, v) of all tokens so far."""
+        """idx (B, T), written into the KVCache after its tokens if one is given. Returns hidden states (B, T, D)
+        and the per-layer (k, v) attended."""
         x, kvs = self.tok_emb(idx), []
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, self.rotary, None if cache is None else cache[i])
+            x, kv = block(x, self.rotary, None if cache is None else (*cache.kv[i], cache.filled))
             kvs.append(kv)
+        if cache is not None:
+            cache.filled += idx.shape[1]
         return x, kvs
+
+
+class KVCache:
+    """The context stream's keys and values in generation, preallocated: per layer (B, H, block_size, Dh), the first
+    `filled` positions holding tokens. Fixed shapes: a compiled token is one graph at every position."""
+
+    def __init__(self, model, batch, device):
+        cfg, kind = model.config, device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else model.trunk.tok_emb.weight.dtype
+        shape = (batch, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
+        self.kv = [tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in "kv") for _ in range(cfg.n_layer)]
+        self.filled = torch.zeros((), dtype=torch.long, device=device)  # a tensor: the shapes stay fixed
 
 
 def init_weights(module):
@@ -532,14 +550,15 @@ class TextEBT(Thinker, nn.Module):
         self.replay = ReplayBuffer(cfg.replay_size) if cfg.replay_size else None
 
     def context(self, idx, cache=None):
-        """Per-layer (k, v) of the context stream, each (B, H, T, Dh)."""
+        """Per-layer (k, v) of the context stream, each (B, H, T, Dh) (with a KVCache T = block_size)."""
         return self.trunk(idx, cache)[1]
 
-    def energy(self, probs, context, landscape):
-        """Energies (B, P) of probs (B, P, V): candidates for the token after each of the last P in context."""
+    def energy(self, probs, context, landscape, filled=None):
+        """Energies (B, P) of probs (B, P, V): candidates for the token after each of the last P in context
+        (of which the first `filled` positions hold tokens, all if None)."""
         x, double_backward = self.pred_emb(probs) + self.step_emb.weight[landscape], self.differentiates_twice()
         for block, kv in zip(self.trunk.blocks, context):
-            x = block.forward_predictions(x, self.trunk.rotary, kv, double_backward)
+            x = block.forward_predictions(x, self.trunk.rotary, kv, double_backward, filled)
         return self.energy_head(self.norm(x)).squeeze(-1)
 
     def initial_logits(self, B, P, device, generator=None):
@@ -577,7 +596,8 @@ class TextEBT(Thinker, nn.Module):
             self.replay.add(idx[:fresh], targets[:fresh], traj.ys[-1][:fresh])
         return self.metrics(traj, losses)
 
-    def think_candidates(self, context, P, candidates=1, generator=None, y0=None, langevin_std=None, **thinking):
+    def think_candidates(self, context, P, candidates=1, generator=None, y0=None, langevin_std=None, filled=None,
+                         **thinking):
         """Think from `candidates` random starts (y0: (B * N, P, V), or drawn) about each of the last P
         positions of a context; only the prediction tokens run. Several candidates think with the paper's
         inference noise (langevin_std 1): the softmax all but erases their different starts. thinking:
@@ -587,19 +607,19 @@ class TextEBT(Thinker, nn.Module):
             context = [tuple(t[:, None].expand(B, N, *t.shape[1:]).flatten(0, 1) for t in kv) for kv in context]
         y0 = self.initial_logits(B * N, P, context[0][0].device, generator) if y0 is None else y0
         noise = (VERIFY_LANGEVIN_STD if N > 1 else 0.0) if langevin_std is None else langevin_std
-        traj = self.think(lambda p, k: self.energy(p, context, k), y0, langevin_std=noise, **thinking)
+        traj = self.think(lambda p, k: self.energy(p, context, k, filled), y0, langevin_std=noise, **thinking)
         per_candidate = lambda t: t if t is None else t.unflatten(0, (B, N))
         return Trajectory([per_candidate(y) for y in traj.ys], [per_candidate(e) for e in traj.energies],
                           per_candidate(traj.steps_used))
 
     def next_token(self, idx, cache, generator=None, candidates=1, **thinking):
-        """One step of generation: extend the context cache with idx (B, T_new), think about the next token
-        (a prediction token per candidate against the cached keys) and keep the candidate with the lowest
-        final energy (self-verification). Returns the kept logits (B, V), the cache and diagnostics."""
+        """One step of generation: add idx (B, T_new) to the KVCache (None: idx is the whole window), think about
+        the next token (a prediction token per candidate against its keys) and keep the candidate with the
+        lowest final energy (self-verification). Returns the kept logits (B, V) and diagnostics."""
         # drawn first: the compiler cannot trace the generator, so a compiled token breaks here only
         y0 = self.initial_logits(len(idx) * candidates, 1, idx.device, generator)
-        cache = self.context(idx, cache)
-        traj = self.think_candidates(cache, 1, candidates, y0=y0, **thinking)
+        context, filled = self.context(idx, cache), None if cache is None else cache.filled
+        traj = self.think_candidates(context, 1, candidates, y0=y0, filled=filled, **thinking)
         final = traj.energies[-1]  # (B, N, 1)
         used = traj.steps_used if traj.steps_used is not None else torch.full_like(final, len(traj.ys) - 1,
                                                                                     dtype=torch.long)
@@ -607,7 +627,7 @@ class TextEBT(Thinker, nn.Module):
                        "candidate_energy": final[..., 0],                                           # (B, N)
                        "steps_used": keep_lowest(used, final)[:, 0],                                # (B,)
                        "trajectory": keep_lowest(torch.stack(traj.energies, -1), final)[:, 0]}      # (B, K+1)
-        return keep_lowest(traj.ys[-1], final)[:, 0], cache, diagnostics
+        return keep_lowest(traj.ys[-1], final)[:, 0], diagnostics
 
 
 def keep_lowest(x, final_energy):
@@ -655,9 +675,8 @@ class Transformer(nn.Module):
         return self.lm_head(self.norm(h)), kvs  # (B, T, V)
 
     def next_token(self, idx, cache, generator=None):
-        """Logits (B, V) of the token after idx (B, T_new), given the cache of earlier tokens."""
-        logits, cache = self.logits(idx, cache)
-        return logits[:, -1], cache, {}
+        """Logits (B, V) of the token after idx (B, T_new), added to the KVCache (None: idx is the whole window)."""
+        return self.logits(idx, cache)[0][:, -1], {}
 
     def forward(self, idx, targets):
         loss = cross_entropy(self.logits(idx)[0], targets)
@@ -982,13 +1001,15 @@ def generate(model, idx, num_tokens, temperature=1.0, top_k=None, generator=None
     if idx.shape[1] < 1:
         raise UsageError("the prompt is empty; give at least one token")
     block, keep = model.config.block_size, max(1, model.config.block_size // 2)
-    start, cache, per_token = max(0, idx.shape[1] - block), None, []  # the window is idx[:, start:]
+    start, seen, per_token = max(0, idx.shape[1] - block), 0, []  # the window is idx[:, start:], seen of it cached
+    cache = KVCache(model, len(idx), idx.device) if use_cache else None
     for n in range(1, num_tokens + 1):
         if idx.shape[1] - start > block:
-            start, cache = idx.shape[1] - keep, None
-        cache = cache if use_cache else None
-        seen = 0 if cache is None else cache[0][0].shape[-2]
-        logits, cache, diagnostics = model.next_token(idx[:, start + seen:], cache, generator, **thinking)
+            start, seen = idx.shape[1] - keep, 0
+        if cache is not None:
+            cache.filled.fill_(seen)  # in place: a compiled token keeps reading the same tensor
+        logits, diagnostics = model.next_token(idx[:, start + seen:], cache, generator, **thinking)
+        seen = idx.shape[1] - start if use_cache else 0
         per_token.append((logits, diagnostics))
         idx = torch.cat([idx, sample_next(logits, temperature, top_k, generator)], dim=1)
         if on_token is not None:

@@ -780,18 +780,23 @@ def test_cached_generation_matches_full_recompute(kind, device):
 @pytest.mark.parametrize("device", ["cpu", *CUDA])
 def test_compiled_generation_and_evaluation_match_eager(device):
     """--compile compiles each generated token whole (context, thinking by a torch.func gradient, choice of
-    candidate) and evaluation's thinking: same tokens, logits and energies as eager, also once the context
-    has grown (changing shapes) and the window restarted."""
+    candidate) and evaluation's thinking: same tokens, logits and energies as eager, also once the window
+    restarted. The preallocated KV cache keeps a token's shapes fixed: one graph serves every position."""
     from torch._dynamo.utils import counters
     model = tiny(step_size=0.1).to(device).eval()
     compiled = cli.compile_model(copy.deepcopy(model))
-    graphs = counters["stats"]["unique_graphs"]
+    graphs = [counters["stats"]["unique_graphs"]]
     prompt = torch.randint(13, (1, 3), generator=torch.Generator().manual_seed(1)).to(device)
-    eager, fast = (ebt.generate(m, prompt, 15, generator=torch.Generator().manual_seed(0)) for m in (model, compiled))
+    eager = ebt.generate(model, prompt, 15, generator=torch.Generator().manual_seed(0))
+    fast = ebt.generate(compiled, prompt, 15, generator=torch.Generator().manual_seed(0),
+                        on_token=lambda n: graphs.append(counters["stats"]["unique_graphs"]))
     assert torch.equal(fast.idx, eager.idx)
     torch.testing.assert_close(fast.logits, eager.logits, rtol=0, atol=1e-10)
     torch.testing.assert_close(fast.energy, eager.energy, rtol=0, atol=1e-10)
-    assert counters["stats"]["unique_graphs"] > graphs  # compiled, not run eagerly behind our back
+    assert graphs[2] > graphs[0]  # compiled, not run eagerly behind our back
+    assert graphs[2] == graphs[13], graphs  # tokens 3 to 13, positions 5 to 15: no graph more
+    ebt.generate(compiled, prompt.flip(1), 15, generator=torch.Generator().manual_seed(1))
+    assert counters["stats"]["unique_graphs"] == graphs[-1]  # nor for another prompt and a new cache
     idx = torch.randint(13, (3, 16), generator=torch.Generator().manual_seed(0)).to(device)
     losses = []
     for m in (model, compiled):
