@@ -227,19 +227,21 @@ def count_syncs(steps=20, log_interval=10):
     print(f"{sum(sites.values()) / steps:.2f} per step")
 
 
-def run_until(argv, out_dir, seconds=None, step=None):
-    """Run a training command; stop it with SIGTERM (it saves) after `seconds` or once it has
-    logged `step`. Returns its metrics records and its output."""
+def run_until(argv, out_dir, seconds=None, step=None, start_up=300):
+    """Run a training command; stop it with SIGTERM (it saves) once it has trained for `seconds`, counted from
+    its first logged step so that start-up and compiling are not (given at most `start_up` seconds), or once
+    it has logged `step`. Returns its metrics records and its output."""
     import signal
     import tempfile
-    t0, metrics, done = time.time(), Path(out_dir) / "metrics.jsonl", False
+    t0, first, metrics, done = time.time(), None, Path(out_dir) / "metrics.jsonl", False
     with tempfile.TemporaryFile("w+") as output:  # a file, not a pipe: a pipe nobody reads fills and blocks
         proc = subprocess.Popen([sys.executable, *argv], stdout=output, stderr=subprocess.STDOUT, text=True)
         while proc.poll() is None:
             time.sleep(1)
-            done = seconds is not None and time.time() - t0 > seconds
-            if step is not None and metrics.exists():
-                done = done or any(r["kind"] == "train" and r["step"] >= step for r in cli.read_records(metrics))
+            trained = [r for r in cli.read_records(metrics) if r["kind"] == "train"] if metrics.exists() else []
+            first = first or (time.time() if trained else None)
+            done = seconds is not None and (time.time() - first > seconds if first else time.time() - t0 > seconds + start_up)
+            done = done or (step is not None and any(r["step"] >= step for r in trained))
             if done:
                 proc.send_signal(signal.SIGTERM)
                 break
@@ -255,12 +257,14 @@ def summarise_run(records, max_steps):
     train = [r for r in records if r["kind"] == "train"]
     if not train:
         return {"steps": 0, "note": "no training step was logged in the time given"}
-    train = train[1:] or train  # the first interval includes start-up
+    first, train = train[0], train[1:] or train  # the first interval includes start-up (and compiling)
     evals = [r for r in records if r["kind"] == "eval"]
     tok_s = sorted(r["tokens_per_s"] for r in train)[len(train) // 2]
     steps, elapsed = train[-1]["step"], train[-1]["elapsed_s"]
+    per_step = (elapsed - first["elapsed_s"]) / (steps - first["step"]) if steps > first["step"] else elapsed / steps
     return {"steps": steps, "tokens_per_s": tok_s, "peak_mem_gb": max(r.get("peak_mem_mb", 0) for r in train) / 1024,
-            "wall_s_per_step": elapsed / steps, "projected_full_run_min": elapsed / steps * max_steps / 60,
+            "start_up_s": first["elapsed_s"] - per_step * first["step"], "wall_s_per_step": per_step,
+            "projected_full_run_min": (first["elapsed_s"] + per_step * (max_steps - first["step"])) / 60,
             "val_loss": {r["step"]: r["loss"] for r in evals}}
 
 
