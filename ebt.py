@@ -1004,10 +1004,10 @@ def generate(model, idx, num_tokens, temperature=1.0, top_k=None, generator=None
     start, seen, per_token = max(0, idx.shape[1] - block), 0, []  # the window is idx[:, start:], seen of it cached
     cache = KVCache(model, len(idx), idx.device) if use_cache else None
     for n in range(1, num_tokens + 1):
-        if idx.shape[1] - start > block:
+        if idx.shape[1] - start > block:  # the window restarts from its last `keep` tokens
             start, seen = idx.shape[1] - keep, 0
-        if cache is not None:
-            cache.filled.fill_(seen)  # in place: a compiled token keeps reading the same tensor
+            if cache is not None:
+                cache.filled.zero_()  # in place: a compiled token keeps reading the same tensor
         logits, diagnostics = model.next_token(idx[:, start + seen:], cache, generator, **thinking)
         seen = idx.shape[1] - start if use_cache else 0
         per_token.append((logits, diagnostics))
