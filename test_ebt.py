@@ -1851,8 +1851,7 @@ tc = ebt.TrainConfig(max_steps=max_steps, batch_size=batch_size, grad_accum=2, l
 records = ebt.train(model, data, tc, resume=max_steps > 4, log=T.quiet)
 rank = int(__import__("os").environ.get("RANK", 0))
 torch.save({{"state": model.state_dict(), "records": records}}, f"{{out}}/rank{{rank}}.pt")
-if torch.distributed.is_initialized():
-    torch.distributed.destroy_process_group()
+cli.leave_process_group()
 """
 
 
@@ -1886,7 +1885,7 @@ def test_torchrun_two_processes_match_one_process_with_the_global_batch(tmp_path
 GRADIENT_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {here!r})
-import ebt, test_ebt as T
+import cli, ebt, test_ebt as T
 torch.distributed.init_process_group("gloo")
 rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
 model = T.tiny(weights=0.3, step_size=0.5, langevin_std=0.3, random_step_size=2.0).train()
@@ -1897,7 +1896,7 @@ torch.manual_seed(4)
 model.learn(x[mine], y[mine], 1.0, steps=2, generator=torch.Generator().manual_seed(1))
 ebt.average_gradients(model, world)
 torch.save({{n: p.grad for n, p in model.named_parameters()}}, sys.argv[1] + f"/rank{{rank}}.pt")
-torch.distributed.destroy_process_group()
+cli.leave_process_group()
 """
 
 
@@ -1914,7 +1913,7 @@ mine = slice(3 * rank, 3 * rank + 3)
 model.learn(x[mine], y[mine], 1.0, steps=2, generator=torch.Generator().manual_seed(1))
 ebt.average_gradients(model, world)
 torch.save({{n: p.grad for n, p in model.named_parameters()}}, sys.argv[1] + f"/rank{{rank}}.pt")
-torch.distributed.destroy_process_group()
+cli.leave_process_group()
 """
 
 
@@ -1963,7 +1962,7 @@ def test_torchrun_average_of_stepwise_backward_equals_one_process_single_backwar
 NAN_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {here!r})
-import ebt, test_ebt as T
+import cli, ebt, test_ebt as T
 torch.distributed.init_process_group("gloo")
 rank = torch.distributed.get_rank()
 tok, data = T.words_data()
@@ -1974,8 +1973,7 @@ try:
     ebt.train(model, data, tc, log=T.quiet)
 except ebt.UsageError as e:
     print(f"rank {{rank}} stopped: {{e}}")
-torch.distributed.barrier()  # without it gloo's teardown aborted one rank in about 1 run of 7, after both had stopped
-torch.distributed.destroy_process_group()
+cli.leave_process_group()
 """
 
 
