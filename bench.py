@@ -178,7 +178,7 @@ def time_generation(args, contexts=(64, 128, 256), new_tokens=16):
     def reference_way(window):  # always eager, as the paper's code runs
         y0 = reference.initial_logits(*window.shape, device)
         energy = lambda p, k: reference.energy(p, reference.context(window), min(k, cfg.landscapes - 1))
-        return ebt.think(energy, y0, 2, reference.step_size().detach(),  # both streams again at every step
+        return ebt.think(energy, y0, 2, reference.current_step_size().detach(),  # both streams again at every step
                          normalize=reference.normalize).ys[-1][:, -1]
 
     rows = []
@@ -220,7 +220,7 @@ def count_syncs(steps=20, log_interval=10):
     torch.optim.AdamW = lambda *a, **k: adamw(*a, **{**k, "fused": True})
     with tempfile.TemporaryDirectory() as d, Spy():
         ebt.train(model, data, ebt.TrainConfig(max_steps=steps, batch_size=4, eval_interval=10**6,
-                                               log_interval=log_interval, out_dir=d, device="cpu"), log=lambda *a: None)
+                                               log_interval=log_interval, out_dir=d, device="cpu"), cli.Run(d, say=lambda *a: None))
     print(f"device-to-host reads in {steps} training steps (logging every {log_interval}):")
     for site, n in sites.most_common():
         print(f"{n:5d}  {site}")
@@ -282,7 +282,7 @@ def gpu_check(out, args):
     def keep(name, value):
         result[name] = value
         print(f"{name}: {value}", flush=True)
-        ebt.write_atomically(out / "gpu_check.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
+        cli.write_atomically(out / "gpu_check.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
     size = ["--device", args.device, "--n_layer", str(args.n_layer), "--n_head", str(args.n_head), "--n_embd",
             str(args.n_embd), "--block_size", str(args.block_size), "--batch_size", str(args.batch_size)]
     for name, extra in (("bench eager", []), ("bench compiled", ["--compile"]),
@@ -309,7 +309,7 @@ def gpu_check(out, args):
 def main(argv=None):
     cpu = train_text.PRESETS["cpu"]  # the default size: train_text.py's CPU preset
     p = cli.ArgumentParser(description=__doc__)
-    p.add_argument("--device", default="auto")
+    cli.add_device_flag(p)
     for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size"):
         p.add_argument(f"--{k}", type=int, default=cpu[k], help="(default: %(default)s, the CPU preset's)")
     p.add_argument("--vocab_size", type=int, default=65)

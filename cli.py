@@ -12,11 +12,12 @@ import gzip
 import hashlib
 import itertools
 import json
+import math
 import os
 import signal
 import sys
 import time
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from ebt import UsageError
 
 SHAKESPEARE = Path(__file__).resolve().parent / "data" / "tinyshakespeare.txt.gz"  # ships with nanoEBT
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-THINKING = ("think_steps", "landscapes", "step_size", "learn_step_size", "step_size_lr_mult", "init_std",
+THINKING_FLAGS = ("think_steps", "landscapes", "step_size", "learn_step_size", "step_size_lr_mult", "init_std",
             "langevin_std", "random_step_size", "random_steps", "truncate", "detach", "replay_size",
             "replay_batch")  # the ModelConfig fields of a model that thinks; with --eval_steps and --recipe, its flags
 
@@ -117,7 +118,7 @@ def silent_ranks(wait=2.0):
 def join_process_group(device):
     """Under torchrun (RANK set) join the process group, with a timeout so that a rank that stops answering
     is named (failure) instead of waited for for 30 minutes: gloo for CPU tensors (the flags every rank
-    agrees on, ebt.any_rank) and, on GPUs, nccl for CUDA tensors. Returns (rank, world size, device)."""
+    agrees on, Run.any) and, on GPUs, nccl for CUDA tensors. Returns (rank, world size, device)."""
     if "RANK" not in os.environ:
         return 0, 1, device
     dist = torch.distributed
@@ -130,17 +131,27 @@ def join_process_group(device):
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def traced_energy_and_gradient(energy_fn, x, k, create_graph):
+    """ebt.energy_and_gradient by torch.func, which torch.compile traces whole (autograd.grad breaks the graph)."""
+    def total(x):
+        energy = energy_fn(x, k)
+        return energy.sum(), energy
+    with torch.set_grad_enabled(create_graph):  # without it, no graph to the parameters
+        grad, (_, energy) = torch.func.grad_and_value(total, has_aux=True)(x)
+    return energy, grad
+
+
 def compile_model(model, mode=None):
     """torch.compile what pays. A model that does not think: its loss. An EBT: its training step whole
     (learning) and, at inference, each thinking step and, for text, each generated token and the context
     stream. torch.compile cannot trace autograd.grad(create_graph=True), so the compiled EBT takes every
-    gradient of the energy by torch.func (ebt.traced_energy_and_gradient), in the same think(). mode:
+    gradient of the energy by torch.func (traced_energy_and_gradient), in the same think(). mode:
     torch.compile's for the training step and a generated token ("reduce-overhead": CUDA graphs)."""
     if not isinstance(model, ebt.Thinker):
         model.forward = torch.compile(model.forward, mode=mode)
         return model
     model.learn = learning(model, mode)
-    model.gradient = torch.compile(ebt.traced_energy_and_gradient)
+    model.gradient = torch.compile(traced_energy_and_gradient)
     if isinstance(model, ebt.TextEBT):
         model.trunk.forward = torch.compile(model.trunk.forward)
         model.next_token = torch.compile(model.next_token, mode=mode)  # fixed shapes (ebt.KVCache)
@@ -152,26 +163,23 @@ def learning(model, mode=None):
     (forward, through ebt.think) with respect to its parameters; what a graph cannot hold stays out of it:
     the random start (a torch.Generator), the replay buffer's picks and its update."""
     text = isinstance(model, ebt.TextEBT)
-    replay = model.replay if text else None
 
     @functools.cache
     def graph(steps):  # one per step count (S2: 2 and 3)
         loss = lambda params, *args, **kw: torch.func.functional_call(model, params, args, {**kw, "steps": steps})
         return torch.compile(torch.func.grad_and_value(loss, has_aux=True), dynamic=False, mode=mode)
 
-    def learn(x, y, scale, steps=None, generator=None):
-        kw, fresh, step = {}, len(x), graph(model.steps(steps))
+    def learn(x, y, weight, steps=None, generator=None):
+        kw, fresh, step = {}, len(x), graph(model.step_count(steps))
         if text:
-            kw["y0"] = model.initial_logits(*x.shape, x.device, generator)
-            if replay is not None:
-                x, y, kw["y0"] = replay.extend(x, y, kw["y0"], round(model.config.replay_batch * fresh))
+            x, y, kw["y0"] = model.training_starts(x, y, generator)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         grads, (_, metrics) = step({n: p.detach() for n, p in named}, x, y, **kw)
         for n, p in named:
-            p.grad = grads[n] * scale if p.grad is None else p.grad + grads[n] * scale
+            p.grad = grads[n] * weight if p.grad is None else p.grad + grads[n] * weight
         final = metrics.pop("final", None)
-        if replay is not None:
-            replay.add(x[:fresh], y[:fresh], final[:fresh])
+        if text:
+            model.remember(x[:fresh], y[:fresh], final[:fresh])
         return metrics
     return learn
 
@@ -249,9 +257,9 @@ def configs(args, layers, ckpt=None, derive=None, log=print):
     return cfg, tc
 
 
-def refuse_thinking(args, model, names=THINKING + ("eval_steps", "recipe")):
+def refuse_thinking(args, model, names=THINKING_FLAGS + ("eval_steps", "recipe")):
     """An EBT option given for a model that does not think is an error, not silently dropped."""
-    if model not in ("ebt", "image_ebt") and given(args, names):
+    if model not in ebt.EBT_KINDS and given(args, names):
         raise UsageError(f"--{next(iter(given(args, names)))} is an EBT option; the {model} model does not think")
 
 
@@ -263,7 +271,7 @@ def check_sampling(args):
                            ("steps", lambda v: 1 <= v <= 10_000, "in 1..10000"),
                            ("step_size", lambda v: ebt.finite(v) and v > 0, "finite and > 0"),
                            ("langevin_std", ebt.finite, "finite and >= 0"), ("tolerance", ebt.finite, "finite and >= 0"),
-                           ("windows", lambda v: v >= 1, ">= 1"), ("seed", lambda v: 0 <= v < 2**62, "in 0..2^62")):
+                           ("windows", lambda v: v >= 1, ">= 1"), ("seed", lambda v: 0 <= v < ebt.MAX_SEED, "in 0..2^62")):
         check_range(getattr(args, name), name, ok, what)
 
 
@@ -273,7 +281,13 @@ def check_range(value, name, ok, what):
         raise UsageError(f"--{name} {value}: must be {what}")
 
 
+def add_device_flag(parser):
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps "
+                        "(default: %(default)s)")
+
+
 def pick_device(name="auto"):
+    """The --device named, checked to exist here (ebt.best_device resolves auto)."""
     if name == "auto":
         return ebt.best_device()
     kind, _, index = name.partition(":")
@@ -320,7 +334,7 @@ def check_fits(cfg, batch_size, tokens, device):
     weights = cfg.n_layer * (4 * cfg.n_embd ** 2 + 3 * cfg.n_embd * cfg.mlp_hidden) + 2 * cfg.vocab_size * cfg.n_embd
     sizes = {"activations": batch_size * tokens * cfg.n_embd, "logits": batch_size * tokens * cfg.vocab_size,
              "weights, gradients and optimizer state": 4 * weights}
-    if cfg.model == "ebt":
+    if cfg.model in ebt.EBT_KINDS:
         sizes["attention scores"] = batch_size * cfg.n_head * tokens * tokens
     what, largest = max(sizes.items(), key=lambda kv: kv[1])
     memory = (torch.cuda.get_device_properties(torch.device(device)).total_memory if device.startswith("cuda")
@@ -336,21 +350,115 @@ def printed(*args):
     print(*args, flush=True)  # flushed: progress shows in files and under nohup
 
 
+class Run(ebt.Run):
+    """Where a driver's ebt.train() runs: this process's part in a data-parallel run (under torchrun, after
+    join_process_group; alone, rank 0 of 1), and the run's folder: out_dir/ckpt.pt and best.pt, each other
+    rank's replay buffer, and the log (RunLog). meta: what the checkpoint also records (tokenizer, data)."""
+
+    def __init__(self, out_dir, meta=None, resume=False, say=printed):
+        dist = torch.distributed
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.group = dist.group.WORLD if self.world > 1 else None  # its CPU side (gloo) carries any()
+        self.out, self.meta, self.resume, self.log = Path(out_dir), meta or {}, resume, RunLog(say)
+        self.checkpoint = self.out / "ckpt.pt"
+
+    def __call__(self, record):
+        self.log(record)
+
+    def any(self, flag):
+        """Whether flag (a bool or a tensor) holds on any rank: one small all-reduce, on the CPU, so that every
+        rank takes the same decision."""
+        if self.group is None:
+            return bool(flag)
+        flag = torch.tensor([float(flag)])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        return bool(flag)
+
+    def own_part(self, batch):
+        """Each of N ranks takes its slice of one global batch: N processes match one with N times the batch."""
+        return (t.chunk(self.world)[self.rank] for t in batch)
+
+    def share_weights(self, model):
+        for t in model.state_dict().values() if self.world > 1 else ():
+            torch.distributed.broadcast(t, 0)
+
+    def mean(self, t):
+        if self.world > 1:
+            torch.distributed.all_reduce(t)
+        return t / self.world
+
+    def average_gradients(self, model):
+        """One all-reduce of all gradients, flattened (DDP's hooks can't take an EBT's several backwards)."""
+        grads = [p.grad for p in model.parameters() if p.grad is not None] if self.world > 1 else []
+        if grads:
+            flat = torch.cat([g.flatten() for g in grads]) / self.world
+            torch.distributed.all_reduce(flat)
+            for g, new in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(new.view_as(g))
+
+    def save(self, model, optimizer, tc, record, new_best=False):
+        """The run at record["step"] (returned) as one set, each file atomic: every other rank's replay buffer
+        (replay-rank{r}-step{step}.pt), then rank 0's ckpt.pt, then the older buffers go. new_best: the model
+        alone (without what resuming needs) also goes to best.pt."""
+        replay, step = model.replay if isinstance(model, ebt.TextEBT) else None, record["step"]
+        own = self.out / f"replay-rank{self.rank}-step{step}.pt"
+        if replay is not None and self.rank > 0:
+            write_atomically(own, lambda tmp: torch.save(replay.kept, tmp))
+        self.any(False)  # every buffer is written before the checkpoint that names its step
+        state = {"model": model.state_dict(), "model_config": asdict(model.config), "train_config": asdict(tc),
+                 **record, **self.meta}
+        if self.rank == 0:
+            write_atomically(self.checkpoint, lambda tmp: torch.save({
+                **state, "optimizer": optimizer.state_dict(), **({"replay": replay.kept} if replay is not None else {})}, tmp))
+            if new_best:
+                write_atomically(self.out / "best.pt", lambda tmp: torch.save(state, tmp))
+        self.any(False)
+        for older in self.out.glob(f"replay-rank{self.rank}-step*.pt") if replay is not None and self.rank > 0 else ():
+            if older != own:
+                older.unlink()
+        return step
+
+    def restore(self, model, optimizer, device):
+        """The run as save() left it (the drivers check the files first: load_checkpoint): (step, best loss)."""
+        ckpt = torch.load(self.checkpoint, map_location=device, weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if isinstance(model, ebt.TextEBT) and model.replay is not None:
+            own = self.out / f"replay-rank{self.rank}-step{ckpt['step']}.pt"
+            if self.any(self.rank > 0 and not own.exists()):
+                raise UsageError(f"{self.out} has no replay buffer of step {ckpt['step']} for every process: the "
+                                 "checkpoint and the per-rank files are not one set; resume as it was run, or start a new run")
+            model.replay.kept = ckpt["replay"] if self.rank == 0 else torch.load(own, map_location=device, weights_only=True)
+        return ckpt["step"], ckpt.get("best_loss", math.inf)
+
+
+def write_atomically(path, write):
+    """write(tmp), then rename tmp to path: a crash leaves the old file or the new, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:  # a failed write (a full disk) leaves the old file and no part of the new one
+        tmp.unlink(missing_ok=True)
+
+
 class RunLog:
-    """ebt.train()'s log for the drivers: progress lines with throughput and time left, out_dir/metrics.jsonl
+    """A driver's log of ebt.train(): progress lines with throughput and time left, out_dir/metrics.jsonl
     (the train and eval records; a resumed run keeps those up to its step) and out_dir/loss.png."""
 
     def __init__(self, say=printed):
         self.say, self.warned = say, False
 
     def __call__(self, r):
-        getattr(self, r["kind"])(r)
+        getattr(self, "on_" + r["kind"])(r)
 
-    def start(self, r):
+    def on_start(self, r):
         self.first, self.last, self.out = r, r, Path(r["out_dir"])
         path = self.out / "metrics.jsonl"
         self.records = [x for x in read_records(path) if x["step"] <= r["step"]] if r["resumed"] else []
-        ebt.write_atomically(path, lambda tmp: tmp.write_text("".join(json.dumps(x) + "\n" for x in self.records)))
+        write_atomically(path, lambda tmp: tmp.write_text("".join(json.dumps(x) + "\n" for x in self.records)))
         if r["resumed"]:
             self.say(f"resumed from {self.out / 'ckpt.pt'} at step {r['step']}" + (
                 f"; nothing to train: max_steps is {r['max_steps']} (raise --max_steps to go on)"
@@ -363,7 +471,7 @@ class RunLog:
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(r) + "\n")
 
-    def train(self, r):
+    def on_train(self, r):
         """A progress line; the throughput counts the steps since the last line or checkpoint."""
         first, elapsed = self.first, r["time"] - self.first["time"]
         r = {**r, "tokens_per_s": first["tokens_per_step"] * (r["step"] - self.last["step"]) / max(
@@ -384,18 +492,18 @@ class RunLog:
             self.say("warning: alpha sits at its floor, 0.001: thinking hardly moves the candidate; "
                      "lower --step_size_lr_mult or --lr")
 
-    def eval(self, r):
+    def on_eval(self, r):
         self.keep(r)
         steps = f" after 1..{len(r['loss_per_step'])} thinking steps:" if "loss_per_step" in r else ""
         psnr = " | PSNR " + " ".join(f"{p:.2f}" for p in r["psnr_per_step"]) if "psnr_per_step" in r else ""
         self.say(f"eval step {r['step']} | val loss{steps} "
                  + " ".join(f"{loss:.4f}" for loss in r.get("loss_per_step", [r["loss"]])) + psnr)
 
-    def saved(self, r):
+    def on_saved(self, r):
         self.last = r  # the next throughput leaves the evaluation and the save out
         plot_metrics(self.records, self.out / "loss.png")
 
-    def message(self, r):
+    def on_message(self, r):
         self.say(r["text"])
         plot_metrics(self.records, self.out / "loss.png")
 

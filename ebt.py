@@ -12,18 +12,16 @@ whose descent lands on the right answer.
 
 Reading order: 1. configuration; 2. the transformer blocks; 3. thinking: think(), one descent loop for
 text and images, and Thinker, what every EBT shares; 4. the text EBT and its Transformer++ baseline;
-5. text data; 6. the training loop; 7. generation and evaluation; 8. the image EBT. Flags, files and
-logs live in cli.py. Paper: "Energy-Based Transformers are Scalable Learners and Thinkers", Gladstone
-et al., 2025 (arXiv 2507.02092); the method follows its code (github.com/alexiglad/EBT).
+5. text data; 6. the training loop; 7. generation and evaluation; 8. the image EBT. Flags, files, logs
+and compiling live in cli.py. Paper: "Energy-Based Transformers are Scalable Learners and Thinkers",
+Gladstone et al., 2025 (arXiv 2507.02092); the method follows its code (github.com/alexiglad/EBT).
 """
 
 import contextlib
 import math
-import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -52,8 +50,11 @@ class ConfigError(UsageError, ValueError):
 
 TEXT_KINDS = ("ebt", "transformer")
 IMAGE_KINDS = ("image_ebt", "image_dit", "image_regressor")
+EBT_KINDS = ("ebt", "image_ebt")  # the models that think (as objects: isinstance(model, Thinker))
 VERIFY_LANGEVIN_STD = 1.0  # inference noise for self-verification candidates (the paper's)
+THINK_LONGER = 4  # evaluation and the plots think this many times the trained steps: where more thinking goes
 MAX_THINK_STEPS = 64  # in training each step is a second-order forward and backward
+MAX_SEED = 2**62  # seeds are 0..MAX_SEED - 1: torch's generators take 64 bits
 DDPM_STEPS = 1000  # the image noise: a DDPM forward process over this many steps
 
 
@@ -134,7 +135,7 @@ class TrainConfig:
     grad_clip: float = option(1.0, "clip the gradient norm to this; 0 = off")
     eval_interval: int = option(250, "evaluate and save every this many steps")
     eval_batches: int = option(20, "validation batches per evaluation")
-    eval_steps: int = option(0, "EBTs: thinking steps at evaluation; 0 = twice the trained steps")
+    eval_steps: int = option(0, f"EBTs: thinking steps at evaluation; 0 = {THINK_LONGER}x the trained steps")
     log_interval: int = option(10, "log every this many steps")
     out_dir: str = option("out", "checkpoint, metrics.jsonl and loss.png go here")
     device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda or mps")
@@ -146,7 +147,7 @@ class TrainConfig:
             check(self, n, getattr(self, n) >= 1, "must be >= 1")
         for n, most in (("grad_accum", 1024), ("eval_batches", 1000), ("eval_steps", 1000)):  # passes, unlogged
             check(self, n, getattr(self, n) <= most, f"must be <= {most}")
-        check(self, "seed", 0 <= self.seed < 2**62, "must be in 0..2^62 (torch's generators take 64 bits)")
+        check(self, "seed", 0 <= self.seed < MAX_SEED, "must be in 0..2^62 (torch's generators take 64 bits)")
         for n in ("lr", "warmup_steps", "weight_decay", "grad_clip", "eval_steps"):
             check(self, n, finite(getattr(self, n)), "must be finite and >= 0")
         check(self, "lr", self.lr > 0, "must be > 0")
@@ -170,11 +171,11 @@ class Rotary(nn.Module):
         self.register_buffer("cos", torch.cat([angles.cos(), angles.cos()], -1), persistent=False)  # (P, Dh)
         self.register_buffer("sin", torch.cat([-angles.sin(), angles.sin()], -1), persistent=False)
 
-    def forward(self, x, start, scale=1.0):
+    def forward(self, x, start, factor=1.0):
         """x: (B, H, T, Dh), token t sits at position start + t (start: an int, or a tensor in a KVCache, so that
-        the shapes stay fixed); scale multiplies the result."""
+        the shapes stay fixed); factor multiplies the result."""
         at = start + torch.arange(x.shape[-2], device=x.device)
-        cos, sin = (t[at].to(x.dtype) * scale for t in (self.cos, self.sin))  # (T, Dh): scaled, not x
+        cos, sin = (t[at].to(x.dtype) * factor for t in (self.cos, self.sin))  # (T, Dh): multiplied, not x
         return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
@@ -228,13 +229,13 @@ class Attention(nn.Module):
         if double_backward:
             # Explicit softmax: fused kernels have no second derivative. Differentiated twice, every op
             # saved counts three times: a rotation keeps the dot product of two vectors at one position,
-            # so a prediction scores its own key unrotated and only the query is rotated; the scale
+            # so a prediction scores its own key unrotated and only the query is rotated; 1/sqrt(Dh)
             # rides on the rotary tables; the mask is added (a free backward), not filled.
             q, k, v = self.heads(x)
-            scale = q.shape[-1] ** -0.5
-            to_self = (q * k).sum(-1, keepdim=True) * scale  # (B, H, P, 1)
+            inv_sqrt_dh = q.shape[-1] ** -0.5
+            to_self = (q * k).sum(-1, keepdim=True) * inv_sqrt_dh  # (B, H, P, 1)
             mask_bias = torch.zeros(P, T, dtype=q.dtype, device=x.device).masked_fill_(~visible, float("-inf"))
-            to_context = rotary(q, start, scale) @ k_ctx.transpose(-2, -1) + mask_bias  # (B, H, P, T)
+            to_context = rotary(q, start, inv_sqrt_dh) @ k_ctx.transpose(-2, -1) + mask_bias  # (B, H, P, T)
             att_context, att_self = torch.cat([to_context, to_self], dim=-1).softmax(dim=-1).split([T, 1], dim=-1)
             y = att_context @ v_ctx + att_self * v
         else:
@@ -359,16 +360,6 @@ def energy_and_gradient(energy_fn, x, k, create_graph):
     return energy, grad
 
 
-def traced_energy_and_gradient(energy_fn, x, k, create_graph):
-    """The same by torch.func, which torch.compile traces whole (torch.autograd.grad breaks the graph)."""
-    def total(x):
-        energy = energy_fn(x, k)
-        return energy.sum(), energy
-    with torch.set_grad_enabled(create_graph):  # without it, no graph to the parameters
-        grad, (_, energy) = torch.func.grad_and_value(total, has_aux=True)(x)
-    return energy, grad
-
-
 def think(energy_fn, y, steps, step_size, *, normalize=None, create_graph=False, detach=True, truncate=False,
           langevin_std=0.0, on_step=None, gradient=energy_and_gradient):
     """Minimise energy_fn(x, k) -> (B, ...) energies by `steps` steps of gradient descent from y.
@@ -380,7 +371,9 @@ def think(energy_fn, y, steps, step_size, *, normalize=None, create_graph=False,
     create_graph (training): keep each gradient's graph, so that a loss on the ys trains the energy
     through the descent; detach: each step its own graph; truncate: only the last step keeps it.
     on_step(k, y) -> y: the hand-off (training backpropagates the step's loss there). gradient: how
-    (energy, dE/dx) are computed (traced when compiled). Inference also scores the final state."""
+    (energy, dE/dx) are computed (traced when compiled). Inference also scores the final state.
+    The options stay separate arguments, each read once where the loop uses it: an options object would
+    hide from the reader what a recipe changes in the step (Thinker.descend passes them)."""
     normalize = normalize or (lambda t: t)
     ys, energies = [y], []
     with torch.enable_grad():
@@ -428,9 +421,9 @@ class Thinker:
     and learning through it with the config's options. The model defines config, raw_step_size,
     normalize (None: the identity) and energy_dims (text: energies (B, P); images: (B,))."""
     normalize = None
-    gradient = staticmethod(energy_and_gradient)  # compiled (cli.compile_model): traced_energy_and_gradient
+    gradient = staticmethod(energy_and_gradient)  # compiled: by torch.func (cli.compile_model)
 
-    def step_size(self):
+    def current_step_size(self):
         """alpha, kept >= 1e-3 in value; the gradient passes the clamp, so alpha can come back."""
         raw = self.raw_step_size
         return raw + (raw.clamp(min=1e-3) - raw).detach()
@@ -443,11 +436,15 @@ class Thinker:
         """The most steps training takes (S2: 2 or 3, so 3)."""
         return self.config.think_steps + self.config.random_steps
 
+    def longer_steps(self):
+        """Thinking past training, as evaluation and the plots show it by default."""
+        return THINK_LONGER * self.trained_steps()
+
     def draw_steps(self, rng=random):
         """Training's step count, think_steps + U{0..random_steps} (a Python rng: no device read)."""
         return self.config.think_steps + rng.randrange(self.config.random_steps + 1)
 
-    def steps(self, steps=None):
+    def step_count(self, steps=None):
         """How many steps to think: as asked, else a draw in training and the trained steps at inference."""
         return steps or (self.draw_steps() if self.training else self.trained_steps())
 
@@ -455,40 +452,40 @@ class Thinker:
         """alpha for one descent from y0: in training with random_step_size s > 1 (S2) alpha x U[1/s, s] per
         energy (token or image), drawn once for the whole descent; at inference nothing is learned."""
         if not self.training:
-            return self.step_size().detach()
-        alpha, s, d = self.step_size(), self.config.random_step_size, self.energy_dims
+            return self.current_step_size().detach()
+        step_size, s, d = self.current_step_size(), self.config.random_step_size, self.energy_dims
         if s == 1:
-            return alpha
+            return step_size
         shape = y0.shape[:d] + (1,) * (y0.dim() - d)
-        return alpha * torch.empty(shape, dtype=y0.dtype, device=y0.device).uniform_(1 / s, s)
+        return step_size * torch.empty(shape, dtype=y0.dtype, device=y0.device).uniform_(1 / s, s)
 
-    def think(self, energy_fn, y0, steps=None, step_size=None, langevin_std=0.0, tolerance=None, on_step=None):
+    def descend(self, energy_fn, y0, steps=None, step_size=None, langevin_std=0.0, tolerance=None, on_step=None):
         """think() with this model's options; energy_fn(x, landscape), step k on landscape min(k, landscapes - 1).
         Training adds the second-order graph and S2's randomness (step_sizes, Langevin noise); at inference
         step_size, langevin_std and tolerance (think_adaptively) may be chosen."""
-        cfg, training = self.config, self.training
+        cfg, training, steps = self.config, self.training, self.step_count(steps)
         on_landscape = lambda x, k: energy_fn(x, min(k, cfg.landscapes - 1))
         step_size = self.step_sizes(y0) if step_size is None else step_size
         options = dict(normalize=self.normalize, langevin_std=cfg.langevin_std if training else langevin_std,
                        gradient=self.gradient)
         if tolerance is not None:
-            return think_adaptively(on_landscape, y0, self.steps(steps), step_size, tolerance, **options)
-        return think(on_landscape, y0, self.steps(steps), step_size, create_graph=training, detach=cfg.detach,
+            return think_adaptively(on_landscape, y0, steps, step_size, tolerance, **options)
+        return think(on_landscape, y0, steps, step_size, create_graph=training, detach=cfg.detach,
                      truncate=cfg.truncate, on_step=on_step, **options)
 
     def loss(self, losses):
         """The descent's loss from each step's: their mean (S1), or with truncate the last step's (S2)."""
         return losses[-1] if self.config.truncate else sum(losses) / len(losses)
 
-    def descend_and_backward(self, energy_fn, y0, target, loss_fn, scale, steps=None, leaves=()):
-        """Think from y0 and backpropagate Thinker.loss of the steps' loss_fn(y, target) x scale into the
+    def descend_and_backward(self, energy_fn, y0, target, loss_fn, weight, steps=None, leaves=()):
+        """Think from y0 and backpropagate Thinker.loss of the steps' loss_fn(y, target) x weight into the
         parameters and `leaves` (what energy_fn reads: TextEBT.learn), not into a step's start (a (B, S, D)
         x (D, V) product and a (B, S, V) buffer). Where the steps' graphs share only those (detach or
         truncate), each step's loss is backpropagated at once: the same gradient, one step's second-order
         graph alive instead of all; otherwise the whole descent at the end. Returns (trajectory, losses)."""
-        cfg, steps = self.config, self.steps(steps)
-        alpha = self.step_sizes(y0)  # a leaf for the steps too: each step's backward frees its own graph
-        step_size = alpha.detach().requires_grad_(alpha.requires_grad)
+        cfg, steps = self.config, self.step_count(steps)
+        drawn = self.step_sizes(y0)  # a leaf for the steps too: each step's backward frees its own graph
+        step_size = drawn.detach().requires_grad_(drawn.requires_grad)
         inputs = [t for t in (*self.parameters(), *leaves, step_size) if t.requires_grad]
         stepwise, losses = cfg.detach or cfg.truncate, []
 
@@ -496,21 +493,21 @@ class Thinker:
             loss = loss_fn(y, target)
             losses.append(loss.detach() if stepwise else loss)
             if stepwise and (k == steps - 1 or not cfg.truncate):
-                (loss * ((1.0 if cfg.truncate else 1.0 / steps) * scale)).backward(inputs=inputs)
+                (loss * ((1.0 if cfg.truncate else 1.0 / steps) * weight)).backward(inputs=inputs)
                 return y.detach()
             return y
-        traj = self.think(energy_fn, y0, steps, step_size, on_step=backward_step)
+        traj = self.descend(energy_fn, y0, steps, step_size, on_step=backward_step)
         if not stepwise:
-            (self.loss(losses) * scale).backward(inputs=inputs)
+            (self.loss(losses) * weight).backward(inputs=inputs)
         if step_size.grad is not None:
-            alpha.backward(step_size.grad)
+            drawn.backward(step_size.grad)
         return traj, [loss.detach() for loss in losses]
 
     def metrics(self, traj, losses):
         """What the log shows, as tensors. energy_last: in training that of the last step's start."""
         m = {"loss": self.loss(losses).detach(), "loss_first": losses[0].detach(), "loss_last": losses[-1].detach(),
              "energy_first": traj.energies[0].detach().mean(), "energy_last": traj.energies[-1].detach().mean(),
-             "step_size": self.step_size().detach()}
+             "step_size": self.current_step_size().detach()}
         if not self.training:
             m["loss_per_step"] = torch.stack(losses).detach()
         return m
@@ -574,27 +571,38 @@ class TextEBT(Thinker, nn.Module):
         the metrics hold the final logits (for a replay buffer: cli.compile_model)."""
         context = self.context(idx)
         y0 = self.initial_logits(*idx.shape, idx.device, generator) if y0 is None else y0
-        traj = self.think(lambda p, k: self.energy(p, context, k), y0, steps)
+        traj = self.descend(lambda p, k: self.energy(p, context, k), y0, steps)
         losses = [cross_entropy(y, targets) for y in traj.ys[1:]]
         return self.loss(losses), {**self.metrics(traj, losses), **({"final": traj.ys[-1]} if self.training else {})}
 
-    def learn(self, idx, targets, scale, steps=None, generator=None):
-        """One training batch: think, and backpropagate loss x scale a thinking step at a time where the graphs
+    def learn(self, idx, targets, weight, steps=None, generator=None):
+        """One training batch: think, and backpropagate loss x weight a thinking step at a time where the graphs
         allow (Thinker.descend_and_backward). The context stream runs without a graph, its keys and values
         leaves of the steps, then again with its graph to take what they collected (one more forward instead
-        of keeping its activations). A replay buffer adds earlier sequences, each where its descent ended."""
-        y0, fresh = self.initial_logits(*idx.shape, idx.device, generator), len(idx)
-        if self.replay is not None:
-            idx, targets, y0 = self.replay.extend(idx, targets, y0, round(self.config.replay_batch * fresh))
+        of keeping its activations)."""
+        fresh = len(idx)
+        idx, targets, y0 = self.training_starts(idx, targets, generator)
         with torch.no_grad():
             context = [tuple(t.requires_grad_() for t in kv) for kv in self.context(idx)]
         leaves = [t for kv in context for t in kv]
         traj, losses = self.descend_and_backward(lambda p, k: self.energy(p, context, k), y0, targets,
-                                                 cross_entropy, scale, steps, leaves)
+                                                 cross_entropy, weight, steps, leaves)
         torch.autograd.backward([t for kv in self.context(idx) for t in kv], [t.grad for t in leaves])
-        if self.replay is not None:
-            self.replay.add(idx[:fresh], targets[:fresh], traj.ys[-1][:fresh])
+        self.remember(idx[:fresh], targets[:fresh], traj.ys[-1][:fresh])
         return self.metrics(traj, losses)
+
+    def training_starts(self, idx, targets, generator=None):
+        """A training batch's random starting logits; with a replay buffer, the batch extended by earlier
+        sequences, each starting where its descent ended. Returns (idx, targets, y0)."""
+        y0 = self.initial_logits(*idx.shape, idx.device, generator)
+        if self.replay is None:
+            return idx, targets, y0
+        return self.replay.extend(idx, targets, y0, round(self.config.replay_batch * len(idx)))
+
+    def remember(self, idx, targets, final):
+        """The replay buffer keeps where the batch's own (not replayed) sequences ended."""
+        if self.replay is not None:
+            self.replay.add(idx, targets, final)
 
     def think_candidates(self, context, P, candidates=1, generator=None, y0=None, langevin_std=None, filled=None,
                          **thinking):
@@ -607,7 +615,7 @@ class TextEBT(Thinker, nn.Module):
             context = [tuple(t[:, None].expand(B, N, *t.shape[1:]).flatten(0, 1) for t in kv) for kv in context]
         y0 = self.initial_logits(B * N, P, context[0][0].device, generator) if y0 is None else y0
         noise = (VERIFY_LANGEVIN_STD if N > 1 else 0.0) if langevin_std is None else langevin_std
-        traj = self.think(lambda p, k: self.energy(p, context, k, filled), y0, langevin_std=noise, **thinking)
+        traj = self.descend(lambda p, k: self.energy(p, context, k, filled), y0, langevin_std=noise, **thinking)
         per_candidate = lambda t: t if t is None else t.unflatten(0, (B, N))
         return Trajectory([per_candidate(y) for y in traj.ys], [per_candidate(e) for e in traj.energies],
                           per_candidate(traj.steps_used))
@@ -730,35 +738,22 @@ class Stop:
     listening = requested = False
 
 
-def train(model, data, tc, meta=None, resume=False, log=None):
-    """AdamW with warm-up and cosine decay, clipping, accumulation, evaluation and checkpoints: one loop
-    for every model, also in a process group (data parallel; the drivers join it: cli.py). data.batch(split,
-    batch_size, generator) -> (x, y). Each of N processes takes its slice of one global batch of N x
-    tc.batch_size, so the run matches one process with N times the batch; batches and noise are functions
-    of (seed, step), so a resumed run continues exactly; the host waits for the device only to log and
-    evaluate. Rank 0 saves out_dir/ckpt.pt (with meta) and gives log every record (cli.RunLog)."""
-    dist = torch.distributed
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    group = dist.group.WORLD if world > 1 else None  # its CPU side (gloo) carries the flags every rank agrees on
-    device = best_device() if tc.device == "auto" else tc.device
-    out, thinks, records = Path(tc.out_dir), isinstance(model, Thinker), []
-    report = lambda record: rank == 0 and (records.append({**record, "time": time.time()}), (log or print)(records[-1]))
+def train(model, data, tc, run=None):
+    """AdamW with warm-up and cosine decay, clipping, accumulation, evaluation and checkpoints, for every model;
+    data.batch(split, batch_size, generator) -> (x, y); run: see Run. Batches and noise are functions of (seed,
+    step), so a resumed run continues exactly; the host waits for the device only to log and evaluate."""
+    run, device, records, thinks = run or Run(), best_device(tc.device), [], isinstance(model, Thinker)
+    report = lambda record: run.rank == 0 and (records.append({**record, "time": time.time()}), run(records[-1]))
     model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95),
                                   fused=device.startswith("cuda"))
     # the step of the last checkpoint, and the lowest validation loss so far
-    saved, best = restore(out, model, optimizer, rank, device, group) if resume else (None, math.inf)
-    step, stopping = saved or 0, False
-    if world > 1:  # every rank starts from rank 0's weights
-        for t in model.state_dict().values():
-            dist.broadcast(t, 0)
-    report({"kind": "start", "step": step, "max_steps": tc.max_steps, "resumed": resume, "out_dir": str(out),
+    saved, best = run.restore(model, optimizer, device) if run.resume else (None, math.inf)
+    step, stopping, nonfinite = saved or 0, False, torch.zeros((), dtype=torch.bool, device=device)
+    run.share_weights(model)
+    report({"kind": "start", "step": step, "max_steps": tc.max_steps, "resumed": run.resume, "out_dir": tc.out_dir,
             "model": model.config.model, "parameters": sum(p.numel() for p in model.parameters()), "device": device,
-            "world": world, "tokens_per_step": tc.batch_size * tc.grad_accum * world * data.tokens_per_sample})
-    non_finite = lambda what: UsageError(f"training stopped: {what} became NaN or infinite by step {step}; " + (
-        f"the last good checkpoint is {out / 'ckpt.pt'} (step {saved})" if saved is not None else
-        f"no checkpoint was written yet (the first comes at step {tc.eval_interval})") + "; try a lower --lr")
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # since the last check, on the device
+            "world": run.world, "tokens_per_step": tc.batch_size * tc.grad_accum * run.world * data.tokens_per_sample})
     Stop.listening, Stop.requested = True, False
     try:
         while step < tc.max_steps:
@@ -769,17 +764,16 @@ def train(model, data, tc, meta=None, resume=False, log=None):
             steps = model.draw_steps(random.Random(batch_seed(tc.seed, step, -1))) if thinks else None
             for micro in range(tc.grad_accum):
                 g = torch.Generator().manual_seed(batch_seed(tc.seed, step, micro))
-                x, y = (t.chunk(world)[rank].to(device) for t in data.batch("train", tc.batch_size * world, g))
-                torch.manual_seed(batch_seed(tc.seed, step, micro) + rank)  # thinking noise, replay picks
+                x, y = (t.to(device) for t in run.own_part(data.batch("train", tc.batch_size * run.world, g)))
+                torch.manual_seed(batch_seed(tc.seed, step, micro) + run.rank)  # thinking noise, replay picks
                 with autocast(device):
                     if thinks:  # an EBT backpropagates one thinking step at a time
                         metrics = model.learn(x, y, 1 / tc.grad_accum, steps)
                     else:
                         loss, metrics = model(x, y)
                         (loss / tc.grad_accum).backward()
-                nonfinite |= ~torch.isfinite(metrics["loss"])
-            if world > 1:
-                average_gradients(model, world)
+                nonfinite |= ~torch.isfinite(metrics["loss"])  # kept on the device, read when logging
+            run.average_gradients(model)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
             nonfinite |= ~torch.isfinite(grad_norm)
             optimizer.step()
@@ -788,47 +782,63 @@ def train(model, data, tc, meta=None, resume=False, log=None):
 
             logging = step % tc.log_interval == 0 or step == tc.max_steps
             evaluating = step % tc.eval_interval == 0 or step == tc.max_steps
-            if (logging or evaluating) and any_rank(nonfinite, group):
-                raise non_finite("the loss or the gradient")
+            if (logging or evaluating) and run.any(nonfinite):
+                raise non_finite("the loss or the gradient", step, saved, run)
             if logging:
-                if world > 1:  # the loss over the global batch
-                    dist.all_reduce(metrics["loss"])
-                    metrics["loss"] /= world
+                metrics["loss"] = run.mean(metrics["loss"])  # over the global batch
                 memory = {"peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20} if device.startswith("cuda") else {}
                 report({"kind": "train", "step": step, "lr": lr, "grad_norm": grad_norm.item(), **memory,
                         **{k: v.item() for k, v in metrics.items()}})
             if evaluating:  # a checkpoint only of weights whose validation loss is finite
-                m = evaluate(model, data, tc, device) if rank == 0 else {"loss": 0.0}
-                if any_rank(not math.isfinite(m["loss"]), group):
-                    raise non_finite("the validation loss")
+                m = evaluate(model, data, tc, device) if run.rank == 0 else {"loss": 0.0}
+                if run.any(not math.isfinite(m["loss"])):
+                    raise non_finite("the validation loss", step, saved, run)
                 report({"kind": "eval", "step": step, **m})
-                best, new_best = min(best, m["loss"]), m["loss"] < best and rank == 0
-                saved = save(out, model, optimizer, tc, step, meta, rank, group, best, new_best)
+                new_best, best = m["loss"] < best, min(best, m["loss"])
+                saved = run.save(model, optimizer, tc, {"step": step, "best_loss": best}, new_best) or saved
                 report({"kind": "saved", "step": step})  # throughput counts training only
-            if stopping := any_rank(Stop.requested, group):  # a stop signal: every rank ends after this step
+            if stopping := run.any(Stop.requested):  # a stop signal: every rank ends after this step
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
-        if (stopping or world == 1) and not nonfinite and saved != step:  # else this rank alone: no set to save
-            saved = save(out, model, optimizer, tc, step, meta, rank, group, best)
+        if (stopping or run.world == 1) and not nonfinite and saved != step:  # else this rank alone: no set to save
+            saved = run.save(model, optimizer, tc, {"step": step, "best_loss": best}) or saved
         report({"kind": "message", "step": step, "text": f"interrupted at step {step}; " + (
-            f"saved {out / 'ckpt.pt'} (continue with --resume)" if saved == step else "not saved")})
+            f"saved {run.checkpoint} (continue with --resume)" if saved == step else "not saved")})
         raise  # the driver stops here (exit code 130), before any report on a half-trained model
     finally:
         Stop.listening = False
     return records
 
 
-def any_rank(flag, group):
-    """Whether flag (a bool or a tensor) holds on any rank: one small all-reduce, on the CPU over gloo,
-    so that every rank takes the same decision."""
-    if group is None:
-        return bool(flag)
-    flag = torch.tensor([float(flag)])
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
-    return bool(flag)
+class Run:
+    """Where train() runs: here one process that prints its records and keeps no files. The drivers' cli.Run
+    joins the processes of a data-parallel run (torchrun) and owns the run's folder (checkpoints, logs)."""
+    rank, world, resume, checkpoint = 0, 1, False, None
+    any = staticmethod(bool)  # whether a flag holds on any process, so that every process decides alike
+    own_part = mean = staticmethod(lambda t: t)  # this process's part of a global batch; a mean over processes
+    share_weights = average_gradients = staticmethod(lambda model: None)  # rank 0's weights; the mean gradient
+
+    def __call__(self, record):
+        print(record)
+
+    def save(self, model, optimizer, tc, record, new_best=False):
+        """Keep the run at record["step"] (returned; None: not kept); new_best: its lowest validation loss yet."""
+        return None
+
+    def restore(self, model, optimizer, device):
+        raise UsageError("this run keeps no checkpoint to resume from; give train() a cli.Run")
 
 
-def best_device():
+def non_finite(what, step, saved, run):
+    return UsageError(f"training stopped: {what} became NaN or infinite by step {step}; " + (
+        f"the last good checkpoint is {run.checkpoint} (step {saved})" if saved is not None else
+        "no checkpoint was written yet") + "; try a lower --lr")
+
+
+def best_device(name="auto"):
+    """The device to run on: as named, or for "auto" cuda, then mps, then cpu."""
+    if name != "auto":
+        return name
     return ("cuda" if torch.cuda.is_available() else
             "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu")
 
@@ -861,74 +871,17 @@ def batch_seed(seed, step, micro_step):
     return seed + 1_000_003 * step + 7919 * micro_step
 
 
-def average_gradients(model, world):
-    """One all-reduce of all gradients, flattened (DDP's hooks can't take an EBT's several backwards)."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([g.flatten() for g in grads]) / world
-    torch.distributed.all_reduce(flat)
-    for g, new in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(new.view_as(g))
-
-
-def save(out, model, optimizer, tc, step, meta, rank, group, best, new_best=False):
-    """The run at `step` (returned) as one set, each file atomic: every other rank's replay buffer
-    (out/replay-rank{r}-step{step}.pt), then rank 0's out/ckpt.pt, then the older buffers go. A new lowest
-    validation loss (best) also goes to out/best.pt, the model without what resuming needs."""
-    replay = model.replay if isinstance(model, TextEBT) else None
-    if replay is not None and rank > 0:
-        write_atomically(out / f"replay-rank{rank}-step{step}.pt", lambda tmp: torch.save(replay.kept, tmp))
-    any_rank(False, group)  # every buffer is written before the checkpoint that names its step
-    state = {"model": model.state_dict(), "model_config": asdict(model.config), "train_config": asdict(tc),
-             "step": step, "best_loss": best, **(meta or {})}
-    if rank == 0:
-        write_atomically(out / "ckpt.pt", lambda tmp: torch.save({**state, "optimizer": optimizer.state_dict(),
-                                                                  **({"replay": replay.kept} if replay is not None else {})}, tmp))
-    if new_best:
-        write_atomically(out / "best.pt", lambda tmp: torch.save(state, tmp))
-    any_rank(False, group)
-    for older in out.glob(f"replay-rank{rank}-step*.pt") if replay is not None and rank > 0 else ():
-        if older.name != f"replay-rank{rank}-step{step}.pt":
-            older.unlink()
-    return step
-
-
-def restore(out, model, optimizer, rank, device, group):
-    """The run as save() left it in out (the drivers check the files first: cli.py): (step, best loss)."""
-    ckpt = torch.load(out / "ckpt.pt", map_location=device, weights_only=True)
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if isinstance(model, TextEBT) and model.replay is not None:
-        own = out / f"replay-rank{rank}-step{ckpt['step']}.pt"
-        if any_rank(rank > 0 and not own.exists(), group):
-            raise UsageError(f"{out} has no replay buffer of step {ckpt['step']} for every process: the checkpoint "
-                             "and the per-rank files are not one set; resume as it was run, or start a new run")
-        model.replay.kept = ckpt["replay"] if rank == 0 else torch.load(own, map_location=device, weights_only=True)
-    return ckpt["step"], ckpt.get("best_loss", math.inf)
-
-
-def write_atomically(path, write):
-    """write(tmp), then rename tmp to path: a crash leaves the old file or the new, never a torn one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:  # a failed write (a full disk) leaves the old file and no part of the new one
-        tmp.unlink(missing_ok=True)
-
-
 # -----------------------------------------------------------------------------
 # 7. Generation and evaluation
 
 @torch.no_grad()
 def evaluate(model, data, tc, device):
     """Mean validation metrics on fixed batches and starting noise. An EBT thinks tc.eval_steps (default
-    twice the trained steps); its "loss" (and "psnr") is the one after the trained steps."""
+    longer_steps()); its "loss" (and "psnr") is the one after the trained steps."""
     model.eval()
     g = torch.Generator().manual_seed(tc.seed + 1)
     thinks = isinstance(model, Thinker)
-    thinking = {"steps": tc.eval_steps or 2 * model.trained_steps(), "generator": g} if thinks else {}
+    thinking = {"steps": tc.eval_steps or model.longer_steps(), "generator": g} if thinks else {}
     totals = {}
     for _ in range(tc.eval_batches):
         x, y = data.batch("val", tc.batch_size, generator=g)
@@ -942,23 +895,6 @@ def evaluate(model, data, tc, device):
         trained = min(model.trained_steps(), len(m["loss_per_step"])) - 1
         m.update({k.removesuffix("_per_step"): v[trained] for k, v in list(m.items()) if k.endswith("_per_step")})
     return m
-
-
-def rank_correlation(x, y):
-    """Spearman's correlation of x and y (B, N, P) across the N candidates at each position: (B, P)."""
-    def ranks(t):
-        i, j = t[:, :, None], t[:, None]  # [b, i, j, p]: candidate i against candidate j
-        return (i < j).sum(1) + ((i == j).sum(1) - 1).double() / 2  # equal values share their mean rank
-    rx, ry = (r - r.mean(1, keepdim=True) for r in (ranks(x), ranks(y)))
-    return ((rx * ry).sum(1) / (rx.square().sum(1) * ry.square().sum(1)).sqrt()).nan_to_num(0.0)  # all equal: 0
-
-
-def best_of(loss, score):
-    """The loss (B, N, P) of the candidate scored lowest at each position, (B, P), ties sharing the pick:
-    by final energy it is self-verification, by the loss a perfect verifier, by a constant a random pick."""
-    score = score.nan_to_num(nan=math.inf)
-    lowest = score == score.min(1, keepdim=True).values
-    return (loss * lowest).sum(1) / lowest.sum(1)
 
 
 @dataclass
@@ -1025,17 +961,17 @@ def generate(model, idx, num_tokens, temperature=1.0, top_k=None, generator=None
 # -----------------------------------------------------------------------------
 # 8. Images: DDPM noise and the denoising EBT (its baselines live in train_image.py)
 
-def alpha_bar(t):
-    """The signal fraction after t steps of the DDPM forward process of the paper's image runs (0 = clean):
-    the product over s = 1..t of (1 - beta_s), betas linear from 1e-4 to 0.02. t: int or tensor."""
+def signal_variance(t):
+    """The share of the signal's variance left after t steps of the DDPM forward process of the paper's image
+    runs (0 = clean; DDPM's alpha-bar): the product over s = 1..t of (1 - beta_s), betas linear from 1e-4 to 0.02."""
     betas = torch.linspace(1e-4, 0.02, DDPM_STEPS, dtype=torch.float64)
     return torch.cat([torch.ones(1, dtype=torch.float64), (1 - betas).cumprod(0)])[t]
 
 
 def ddpm_noise(clean, t, noise):
-    """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise; t an int or one per image (B,).
+    """x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) noise, a_t = signal_variance(t) (DDPM's alpha-bar); t an int or (B,).
     At t = 99 (the paper's training level) the signal is scaled by 0.95 and the noise std is 0.32."""
-    a = alpha_bar(torch.as_tensor(t)).to(clean.device, clean.dtype).reshape(-1, 1, 1, 1)
+    a = signal_variance(torch.as_tensor(t)).to(clean.device, clean.dtype).reshape(-1, 1, 1, 1)
     return a.sqrt() * clean + (1 - a).sqrt() * noise
 
 
@@ -1044,13 +980,6 @@ def patchify(img, p):
     B, C, H, W = img.shape
     x = img.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
     return x.reshape(B, (H // p) * (W // p), C * p * p)
-
-
-def unpatchify(x, p, C):
-    """(B, N, C*p*p) -> (B, C, H, W) for a square grid of N patches."""
-    B, N, _ = x.shape
-    n = math.isqrt(N)
-    return x.reshape(B, n, n, C, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, C, n * p, n * p)
 
 
 def psnr(pred, clean):
@@ -1104,17 +1033,17 @@ class ImageEBT(Thinker, nn.Module):
     def forward(self, clean, noise, steps=None, generator=None):
         """Think from the clean images noised to step noise_t; each step's loss is its smooth-L1 distance
         to the clean image. generator: unused (the start is the noisy image)."""
-        traj = self.think(self.energy, ddpm_noise(clean, self.config.noise_t, noise), steps)
+        traj = self.descend(self.energy, ddpm_noise(clean, self.config.noise_t, noise), steps)
         losses = [F.smooth_l1_loss(y, clean) for y in traj.ys[1:]]
         metrics = {**self.metrics(traj, losses), "psnr": psnr(traj.ys[-1].detach(), clean).mean()}
         if not self.training:
             metrics["psnr_per_step"] = torch.stack([psnr(y, clean).mean() for y in traj.ys[1:]])
         return self.loss(losses), metrics
 
-    def learn(self, clean, noise, scale, steps=None):
+    def learn(self, clean, noise, weight, steps=None):
         """One training batch, backpropagated one thinking step at a time (Thinker.descend_and_backward)."""
         noisy = ddpm_noise(clean, self.config.noise_t, noise)
-        traj, losses = self.descend_and_backward(self.energy, noisy, clean, F.smooth_l1_loss, scale, steps)
+        traj, losses = self.descend_and_backward(self.energy, noisy, clean, F.smooth_l1_loss, weight, steps)
         return {**self.metrics(traj, losses), "psnr": psnr(traj.ys[-1].detach(), clean).mean()}
 
 

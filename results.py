@@ -38,7 +38,7 @@ import sample
 import train_image
 import train_text
 
-MODELS = {"Transformer++": ("transformer", ["--model", "transformer"]),  # label -> (directory, flags)
+RUNS = {"Transformer++": ("transformer", ["--model", "transformer"]),  # label -> (directory, flags)
           "S1": ("s1", ["--recipe", "s1"]),
           "S2": ("s2", ["--recipe", "s2"])}
 EBTS = ("S1", "S2")
@@ -60,7 +60,7 @@ def parse_args(argv=None):
     s("--report_dir", help="results.md and the plots (default: assets/, where the README shows them, for the "
       "default runs; else OUT_DIR/report, so that other settings never overwrite the shipped results)")
     s("--windows", type=int, default=64, help="evaluation windows of block_size tokens per text (default: %(default)s)")
-    s("--device", default="auto", help="auto, cpu, cuda or mps (default: %(default)s)")
+    cli.add_device_flag(p)
     s("--preset", default="cpu", choices=train_text.PRESETS, help="train_text.py preset (default: %(default)s)")
     args = p.parse_args(argv)
     for name in ("seeds", "lengths"):
@@ -69,7 +69,7 @@ def parse_args(argv=None):
     if min(args.lengths) < 1 or args.windows < 1:
         raise ebt.UsageError("--lengths and --windows must be >= 1")
     for seed in args.seeds:
-        cli.check_range(seed, "seeds", lambda v: 0 <= v < 2**62, "in 0..2^62")
+        cli.check_range(seed, "seeds", lambda v: 0 <= v < ebt.MAX_SEED, "in 0..2^62")
     default = all(getattr(args, k) == p.get_default(k) for k in ("seeds", "lengths", "out_dir", "windows", "preset"))
     args.report_dir = args.report_dir or ("assets" if default else str(Path(args.out_dir) / "report"))
     cli.check_out_dir(args.out_dir)
@@ -142,11 +142,11 @@ def verifier_gains(c, split, n=max(CANDIDATES)):
 
 def learning_table(runs, lengths, seeds):
     """Validation CE at the trained steps per model and length, and the EBTs' gap."""
-    head = ["optimizer steps", *MODELS, *(f"{m} gap" for m in EBTS)]
+    head = ["optimizer steps", *RUNS, *(f"{m} gap" for m in EBTS)]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for n in lengths:
-        ce = {m: [at_trained(runs[m, n, s]) for s in seeds] for m in MODELS}
-        cells = [" / ".join(f"{v:.3f}" for v in ce[m]) for m in MODELS]
+        ce = {m: [at_trained(runs[m, n, s]) for s in seeds] for m in RUNS}
+        cells = [" / ".join(f"{v:.3f}" for v in ce[m]) for m in RUNS]
         cells += [" / ".join(f"{100 * (e / t - 1):+.1f}%" for e, t in zip(ce[m], ce["Transformer++"])) for m in EBTS]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -242,7 +242,7 @@ def experiment_table(runs, label, length, seed):
 def plot_gap(runs, lengths, seeds, path):
     fig = cli.figure(figsize=(9, 3.6), layout="constrained")
     ce_ax, gap_ax = fig.subplots(1, 2)
-    for i, m in enumerate(MODELS):
+    for i, m in enumerate(RUNS):
         ce_ax.plot(lengths, [mean([at_trained(runs[m, n, s]) for s in seeds]) for n in lengths], marker="o",
                    color=f"C{i}", label=m)
     for i, m in enumerate(EBTS, 1):
@@ -269,7 +269,7 @@ def plot_curves(runs, length, seeds, kind, xlabel, path, title):
     fig = cli.figure(figsize=(9, 3.6), layout="constrained")
     for ax, (split, name) in zip(fig.subplots(1, 2), (("val", "validation (Tiny Shakespeare)"),
                                                        ("ood", "OOD (pydoc_data.topics)"))):
-        for i, m in enumerate(MODELS):
+        for i, m in enumerate(RUNS):
             per_seed = [runs[m, length, s][split][kind] for s in seeds]
             xs = list(per_seed[0])
             ys = [[c[x] for c in per_seed] for x in xs]
@@ -345,12 +345,12 @@ def main(argv=None):
     report_dir.mkdir(parents=True, exist_ok=True)
     device = cli.pick_device(args.device)
     lengths, seeds = sorted(args.lengths), args.seeds
-    dirs = {(m, n, s): out / f"{prefix}-{n}-seed{s}" for m, (prefix, _) in MODELS.items() for n in lengths for s in seeds}
+    dirs = {(m, n, s): out / f"{prefix}-{n}-seed{s}" for m, (prefix, _) in RUNS.items() for n in lengths for s in seeds}
     # the main comparison (the shortest length of 1500 steps or more) first: it matters most
     main_length = min((n for n in lengths if n >= 1500), default=max(lengths))
     for key in sorted(dirs, key=lambda key: (key[1] != main_length, key[1], key[2])):
         m, n, s = key
-        argv = ["--preset", args.preset, *MODELS[m][1], "--max_steps", str(n), "--seed", str(s),
+        argv = ["--preset", args.preset, *RUNS[m][1], "--max_steps", str(n), "--seed", str(s),
                 "--out_dir", str(dirs[key]), "--device", args.device]
         ensure_trained(train_text.main, argv, dirs[key], {**train_text.PRESETS[args.preset], "max_steps": n, "seed": s})
     label, prefix, flags = EXPERIMENT  # at the main length, first seed
@@ -401,9 +401,9 @@ def main(argv=None):
         + experiment_table(runs, label, main_length, seeds[0]),
     ])
     results_md = "# Results\n\nMade by `python results.py` (see README, Results).\n\n" + report + "\n"
-    ebt.write_atomically(report_dir / "results.md", lambda tmp: tmp.write_text(results_md))
+    cli.write_atomically(report_dir / "results.md", lambda tmp: tmp.write_text(results_md))
     numbers = json.dumps({f"{m}|{n}|{s}": c for (m, n, s), c in runs.items()}, indent=1) + "\n"
-    ebt.write_atomically(out / "results.json", lambda tmp: tmp.write_text(numbers))
+    cli.write_atomically(out / "results.json", lambda tmp: tmp.write_text(numbers))
     print(report)
     print(f"wrote {report_dir / 'results.md'} and the plots in {report_dir}, {out / 'results.json'}")
     image_dirs = [out / f"image-{name}" for name in IMAGE_RUNS]

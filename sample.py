@@ -78,7 +78,7 @@ def token_label(tokenizer, i):
 @torch.no_grad()
 def think_on_text(model, tokenizer, text, steps=None, seed=0):
     """Think about every next token of a text (its last block_size + 1 tokens) from fixed random
-    starts, for `steps` steps (default 4x the trained number: where thinking longer goes)."""
+    starts, for `steps` steps (default longer_steps(): where thinking longer goes)."""
     cli.require_ebt(model, "plotting the energy")
     ids = torch.tensor(tokenizer.encode(text)[-(model.config.block_size + 1):])
     if len(ids) < 2:
@@ -86,7 +86,7 @@ def think_on_text(model, tokenizer, text, steps=None, seed=0):
     device = next(model.parameters()).device
     context = model.context(ids[None, :-1].to(device))
     traj = model.think_candidates(context, len(ids) - 1, 1, torch.Generator().manual_seed(seed),
-                                  steps=steps or 4 * model.trained_steps())
+                                  steps=steps or model.longer_steps())
     traj = ebt.Trajectory([y[:, 0] for y in traj.ys], [e[:, 0] for e in traj.energies])
     return TextThinking(ids, [token_label(tokenizer, i) for i in ids[1:].tolist()], traj, context)
 
@@ -282,14 +282,31 @@ def verifier(ys, candidates_ys, final_energy, targets, counts, examples=4):
     step_ce = [ebt.cross_entropy(y_.float(), targets).item() for y_ in ys]
     where = torch.linspace(0, loss.shape[0] * loss.shape[2] - 1, examples).long()
     flat = lambda t: t.movedim(1, -1).flatten(0, 1)[where]  # (examples, N)
-    return {"correlation": ebt.rank_correlation(final_energy, loss).mean().item(),
-            "entropy correlation": ebt.rank_correlation(final_energy, entropy).mean().item(),
-            "best of": {name: {n: ebt.best_of(loss[:, :n], score[:, :n]).mean().item() for n in counts}
+    return {"correlation": spearman(final_energy, loss).mean().item(),
+            "entropy correlation": spearman(final_energy, entropy).mean().item(),
+            "best of": {name: {n: best_of(loss[:, :n], score[:, :n]).mean().item() for n in counts}
                         for name, score in picks.items()},
             "argmax changed": {k: (ys[k].argmax(-1) != ys[k - 1].argmax(-1)).double().mean().item()
                                for k in range(1, len(ys))},
             "CE change": {k: step_ce[k] - step_ce[k - 1] for k in range(1, len(ys))},
             "examples": {"energy": flat(final_energy).tolist(), "CE": flat(loss).tolist()}}
+
+
+def spearman(x, y):
+    """Spearman's correlation of x and y (B, N, P) across the N candidates at each position: (B, P)."""
+    def ranks(t):
+        i, j = t[:, :, None], t[:, None]  # [b, i, j, p]: candidate i against candidate j
+        return (i < j).sum(1) + ((i == j).sum(1) - 1).double() / 2  # equal values share their mean rank
+    rx, ry = (r - r.mean(1, keepdim=True) for r in (ranks(x), ranks(y)))
+    return ((rx * ry).sum(1) / (rx.square().sum(1) * ry.square().sum(1)).sqrt()).nan_to_num(0.0)  # all equal: 0
+
+
+def best_of(loss, score):
+    """The loss (B, N, P) of the candidate scored lowest at each position, (B, P), ties sharing the pick:
+    by final energy it is self-verification, by the loss a perfect verifier, by a constant a random pick."""
+    score = score.nan_to_num(nan=math.inf)
+    lowest = score == score.min(1, keepdim=True).values
+    return (loss * lowest).sum(1) / lowest.sum(1)
 
 
 def verifier_table(results):
@@ -392,7 +409,7 @@ def parse_args(argv=None):
     s("--temperature", type=float, default=1.0, help="0 = most likely token (default: %(default)s)")
     s("--top_k", type=int, help="sample among the k most likely tokens only")
     s("--seed", type=int, default=1337, help="of the sampling (--eval's windows and noise are fixed) (default: %(default)s)")
-    s("--device", default="auto", help="auto, cpu, cuda or mps (default: %(default)s)")
+    cli.add_device_flag(p)
     s("--plots", help="save the thinking plots (or, with --eval, the evaluation plot) as PNGs in this directory; "
       "they think with --steps, the other thinking options apply to the sampled text")
     s("--compile", action="store_true", help="torch.compile an EBT's tokens (context, thinking and choice in one "
@@ -445,7 +462,7 @@ def evaluate_thinking(model, tokenizer, text, args):
         print(f"warning: {100 * dropped / (len(ood) + dropped):.0f}% of {ood_name} is outside the model's vocabulary "
               "and was dropped: its perplexity is of what is left", file=sys.stderr)
     trained = model.trained_steps() if isinstance(model, ebt.Thinker) else 1
-    steps = sorted({1, 2, 3, trained, 2 * trained, 3 * trained, 4 * trained})
+    steps = sorted({1, 2, 3, *(k * trained for k in range(1, ebt.THINK_LONGER + 1))})
     sources = {"val": val, f"OOD: {ood_name}": ood}
     results = {name: thinking_curves(model, ids, steps, windows=args.windows) for name, ids in sources.items()}
     print(thinking_table(results, trained))

@@ -84,7 +84,7 @@ def predict(model, idx, steps=None, y0=None, generator=None, **thinking):
     """A text EBT thinking at every position of idx (B, T): the Trajectory of (B, T, V) logits."""
     context = model.context(idx)
     y0 = model.initial_logits(*idx.shape, idx.device, generator) if y0 is None else y0
-    return model.think(lambda p, k: model.energy(p, context, k), y0, steps, **thinking)
+    return model.descend(lambda p, k: model.energy(p, context, k), y0, steps, **thinking)
 
 
 def unigram_entropy(text):
@@ -105,6 +105,12 @@ def train_config(tmp_path, **kw):
 
 
 quiet = lambda *a: None
+
+
+class Silent(ebt.Run):
+    """train() in one process, keeping nothing and saying nothing."""
+    def __call__(self, record):
+        pass
 
 
 def run_script(*args, cwd=HERE):
@@ -284,14 +290,14 @@ def test_random_step_size_is_drawn_per_token_within_half_to_twice_alpha():
     model = Quadratic(step_size=2.0, random_step_size=2.0).train()
     torch.manual_seed(0)
     x0 = torch.randn(40, 50, 5, dtype=torch.float64) + 3
-    ys = model.think(model.energy, x0, 2).ys
+    ys = model.descend(model.energy, x0, 2).ys
     alpha = 1 - ys[1] / x0  # per entry
     assert torch.allclose(alpha, alpha[..., :1].expand_as(alpha))  # one per token ...
     assert alpha[..., 0].std() > 0.2 and alpha[0, :, 0].std() > 0.2  # ... and tokens of one sequence differ
     assert alpha.min() >= 1.0 - 1e-12 and alpha.max() <= 4.0 + 1e-12  # alpha x U[1/2, 2], all of it:
     assert alpha.min() < 1.05 and alpha.max() > 3.9 and abs(alpha.mean() - 2.5) < 0.05
     torch.testing.assert_close(ys[2] / x0, (1 - alpha) ** 2)  # the same factor at the second step
-    ys = model.eval().think(model.energy, x0, 1).ys  # at inference alpha is as learned
+    ys = model.eval().descend(model.energy, x0, 1).ys  # at inference alpha is as learned
     torch.testing.assert_close(ys[1], (1 - 2.0) * x0)
 
 
@@ -312,12 +318,12 @@ def test_adaptive_stopping_spends_fewer_steps_on_a_converged_position():
     context = model.context(torch.randint(13, (1, 2), generator=torch.Generator().manual_seed(1)))
     energy = lambda p, k: model.energy(p, context, k)
     y0 = model.initial_logits(1, 2, "cpu", torch.Generator().manual_seed(2))
-    converged = model.think(energy, y0, 60).ys[-1]
+    converged = model.descend(energy, y0, 60).ys[-1]
     start = torch.stack([converged[0, 0], y0[0, 1]])[None]  # position 0 converged, position 1 fresh
-    traj = model.think(energy, start, 20, tolerance=1e-6)
+    traj = model.descend(energy, start, 20, tolerance=1e-6)
     assert traj.steps_used[0, 0] == 1 and traj.steps_used[0, 1] > 2
     torch.testing.assert_close(traj.ys[-1][0, 0], traj.ys[1][0, 0])  # a stopped position keeps its state
-    traj = model.think(energy, converged, 20, tolerance=1e-6)
+    traj = model.descend(energy, converged, 20, tolerance=1e-6)
     assert len(traj.ys) == 2 and len(traj.energies) == 2  # thinking ended once every position had settled
     out = ebt.generate(model, start.new_zeros(1, 3, dtype=torch.long), 4, steps=20, tolerance=1e-6)
     assert ((1 <= out.steps_used) & (out.steps_used <= 20)).all()
@@ -328,7 +334,7 @@ def test_step_size_below_its_clamp_still_gets_a_gradient():
     model = tiny()
     with torch.no_grad():
         model.raw_step_size.fill_(-1.0)
-    assert model.step_size().item() == pytest.approx(1e-3)
+    assert model.current_step_size().item() == pytest.approx(1e-3)
     idx = torch.randint(13, (2, 16), generator=torch.Generator().manual_seed(5))
     model.train()(idx, idx)[0].backward()
     assert model.raw_step_size.grad.abs() > 0
@@ -351,7 +357,7 @@ def test_training_backpropagates_through_the_descent():
     y0 = torch.randn(2, 16, 13, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     for create_graph in (True, False):
         model.zero_grad(set_to_none=True)
-        traj = ebt.think(lambda p, k: model.energy(p, context, k), y0, 2, model.step_size(), normalize=model.normalize,
+        traj = ebt.think(lambda p, k: model.energy(p, context, k), y0, 2, model.current_step_size(), normalize=model.normalize,
                          create_graph=create_graph)
         sum(ebt.cross_entropy(y, targets) for y in traj.ys[1:]).backward()
         grads[create_graph] = {n: p.grad for n, p in model.named_parameters()}
@@ -366,7 +372,7 @@ def hand_descent_loss(model, idx, targets, y0, steps, last_only, langevin_std=0.
     steps, a landscape per step, mean CE) or S2 (no detach, one landscape, only the last gradient keeps
     its graph, CE of the last step; alpha x U[1/s, s] per token, drawn first, then Langevin noise on the
     logits before each step), drawing from torch's global generator in the model's order."""
-    context, alpha, y, losses = model.context(idx), model.step_size(), y0, []
+    context, alpha, y, losses = model.context(idx), model.current_step_size(), y0, []
     if random_step_size > 1:
         alpha = alpha * torch.empty(*y0.shape[:-1], 1, dtype=y0.dtype).uniform_(1 / random_step_size, random_step_size)
     for k in range(steps):
@@ -437,7 +443,7 @@ def test_a_step_is_backpropagated_with_no_earlier_state_alive(monkeypatch):
     at the peak. When the hand-off backpropagates step k, the state step k started from must be gone
     (a trajectory that listed it, even only while the hand-off ran, kept it)."""
     model, started_from = tiny(step_size=0.5).train(), []
-    think = model.think
+    descend = model.descend
 
     def watched(*args, on_step, **kw):
         def hand_off(k, y):
@@ -445,8 +451,8 @@ def test_a_step_is_backpropagated_with_no_earlier_state_alive(monkeypatch):
             state = on_step(k, y)
             started_from.append(weakref.ref(state))
             return state
-        return think(*args, on_step=hand_off, **kw)
-    monkeypatch.setattr(model, "think", watched)
+        return descend(*args, on_step=hand_off, **kw)
+    monkeypatch.setattr(model, "descend", watched)
     idx = torch.randint(13, (2, 16), generator=torch.Generator().manual_seed(5))
     model.learn(idx, idx, 1.0, steps=3)
     assert len(started_from) == 3
@@ -523,8 +529,8 @@ def test_the_step_count_is_drawn_once_per_optimizer_step(tmp_path):
     tok, data = words_data()
     model, seen = ebt.build_model(config(vocab_size=tok.vocab_size, random_steps=2)), []
     learn = model.learn
-    model.learn = lambda x, y, scale, steps=None: seen.append(steps) or learn(x, y, scale, steps)
-    ebt.train(model, data, train_config(tmp_path, max_steps=8, grad_accum=3), log=quiet)
+    model.learn = lambda x, y, weight, steps=None: seen.append(steps) or learn(x, y, weight, steps)
+    ebt.train(model, data, train_config(tmp_path, max_steps=8, grad_accum=3), Silent())
     per_step = [seen[i:i + 3] for i in range(0, 24, 3)]
     assert all(len(set(s)) == 1 for s in per_step) and len({s[0] for s in per_step}) > 1, per_step
     assert {s[0] for s in per_step} <= {2, 3, 4}
@@ -539,7 +545,7 @@ def trained_models(tmp_path_factory):
         tc = train_config(tmp_path_factory.mktemp(kind), max_steps=200, batch_size=16, warmup_steps=20,
                           eval_interval=200, eval_batches=4, log_interval=100)
         model = ebt.build_model(config(model=kind, vocab_size=tok.vocab_size, step_size=20.0))
-        out[kind] = (model, data, ebt.train(model, data, tc, log=quiet))
+        out[kind] = (model, data, ebt.train(model, data, tc, Silent()))
     return out
 
 
@@ -596,16 +602,16 @@ def test_cuda_training_uses_fused_adamw_with_the_step_size_group(tmp_path, monke
     monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **k: built.append(k) or adamw(*a, **k))
     tok, data = words_data()
     model = ebt.build_model(config(vocab_size=tok.vocab_size, step_size=20.0), seed=0)
-    ebt.train(model, data, train_config(tmp_path, device="cuda", max_steps=4), log=quiet)
+    ebt.train(model, data, train_config(tmp_path, device="cuda", max_steps=4), Silent())
     assert built[0]["fused"] is True
-    assert model.step_size().item() != 20.0 and all(torch.isfinite(p).all() for p in model.parameters())
+    assert model.current_step_size().item() != 20.0 and all(torch.isfinite(p).all() for p in model.parameters())
     assert cli.load_checkpoint(tmp_path / "out" / "ckpt.pt")["step"] == 4
 
 
 def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     tok, data = words_data()
     model = ebt.build_model(config(vocab_size=tok.vocab_size))
-    ebt.train(model, data, train_config(tmp_path, max_steps=3), meta={"tokenizer": tok.state()}, log=cli.RunLog(quiet))
+    ebt.train(model, data, train_config(tmp_path, max_steps=3), cli.Run(tmp_path / "out", {"tokenizer": tok.state()}, say=quiet))
     ckpt = cli.load_checkpoint(tmp_path / "out" / "ckpt.pt")
     assert ckpt["step"] == 3 and ckpt["tokenizer"] == tok.state()
     loaded = cli.load_model(ckpt)
@@ -646,7 +652,7 @@ def test_logged_throughput_counts_the_steps_since_the_last_log_or_evaluation(tmp
     monkeypatch.setattr(model, "forward", timed_forward)
     monkeypatch.setattr(ebt.time, "time", lambda: clock[0])  # the records' timestamps
     tc = train_config(tmp_path, max_steps=7, log_interval=2, eval_interval=3)
-    ebt.train(model, data, tc, log=cli.RunLog(quiet))
+    ebt.train(model, data, tc, cli.Run(tc.out_dir, say=quiet))
     logged = [(r["step"], r["tokens_per_s"]) for r in cli.read_records(tmp_path / "out" / "metrics.jsonl")
               if r["kind"] == "train"]
     assert logged == [(s, float(tc.batch_size * data.tokens_per_sample)) for s in (2, 4, 6, 7)]
@@ -690,7 +696,7 @@ def test_interrupt_then_resume_continues_exactly(tmp_path, recipe):
     def run(tc, data, resume=False):
         torch.manual_seed(123)  # not tc.seed: resume must restore, not re-seed
         model = ebt.build_model(config(vocab_size=VOCAB, **thinking))
-        return model, ebt.train(model, data, tc, resume=resume, log=quiet)
+        return model, ebt.train(model, data, tc, cli.Run(tc.out_dir, resume=resume, say=quiet))
 
     straight, _ = run(train_config(tmp_path / "a"), words_data()[1])
     tc = train_config(tmp_path / "b")
@@ -726,7 +732,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, gradient
     # bad at the last of 6 steps: a NaN gradient no later loss would reveal
     model = NaNAfter(ebt.build_model(config(vocab_size=VOCAB, model="transformer")), 5, gradient)
     with pytest.raises(ebt.UsageError, match="NaN or infinite"):
-        ebt.train(model, data, train_config(tmp_path, eval_interval=3), log=quiet)
+        ebt.train(model, data, train_config(tmp_path, eval_interval=3), cli.Run(tmp_path / "out", say=quiet))
     assert cli.load_checkpoint(tmp_path / "out" / "ckpt.pt")["step"] == 3
 
 
@@ -734,20 +740,20 @@ def test_nan_before_the_first_evaluation_says_no_checkpoint_exists(tmp_path):
     _, data = words_data()
     model = NaNAfter(ebt.build_model(config(vocab_size=VOCAB, model="transformer")), 1)
     with pytest.raises(ebt.UsageError, match="no checkpoint was written yet"):
-        ebt.train(model, data, train_config(tmp_path, eval_interval=100, max_steps=200), log=quiet)
+        ebt.train(model, data, train_config(tmp_path, eval_interval=100, max_steps=200), cli.Run(tmp_path / "out", say=quiet))
     assert not (tmp_path / "out" / "ckpt.pt").exists()
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    ebt.write_atomically(path, lambda tmp: torch.save({"model": {}, "model_config": {}, "step": 1}, tmp))
+    cli.write_atomically(path, lambda tmp: torch.save({"model": {}, "model_config": {}, "step": 1}, tmp))
 
     def crash(obj, f):
         Path(f).write_bytes(b"partial")
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError):
-        ebt.write_atomically(path, lambda tmp: torch.save({"model": {}, "model_config": {}, "step": 2}, tmp))
+        cli.write_atomically(path, lambda tmp: torch.save({"model": {}, "model_config": {}, "step": 2}, tmp))
     monkeypatch.undo()
     assert cli.load_checkpoint(path)["step"] == 1
 
@@ -808,12 +814,16 @@ def test_compiled_generation_and_evaluation_match_eager(device):
 @pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", *CUDA])
 @pytest.mark.parametrize("recipe", ["s1", "s2"])
-def test_the_compiled_training_step_gives_the_eager_gradients(recipe, device, monkeypatch):
+def test_the_compiled_training_step_gives_the_eager_gradients(recipe, device):
     """--compile makes learn() one graph: torch.func.grad of the loss through the same think(), every gradient
     of the energy by torch.func. Float64, and the compiler draws the random numbers eager draws (Langevin
     noise, per-token step sizes; fallback_random), so the parameter gradients agree to rounding (1e-10)."""
     import torch._inductor.config
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    with torch._inductor.config.patch(fallback_random=True):  # torch's own patch: monkeypatch's undo deletes it
+        compiled_step_matches_eager(recipe, device)
+
+
+def compiled_step_matches_eager(recipe, device):
     kw = dict(step_size=0.5, langevin_std=0.3, random_step_size=2.0) if recipe == "s1" else S2
     model = tiny(weights=0.3, n_layer=1, **kw).to(device).train()
     compiled = cli.compile_model(copy.deepcopy(model))
@@ -903,11 +913,11 @@ def test_a_long_heatmap_wraps_into_rows_of_readable_labels():
     assert "".join(t.get_text() for ax in rows for t in ax.get_xticklabels()) == text[1:].replace(" ", "␣")
 
 
-def test_plots_default_to_4x_the_trained_steps_with_integer_ticks():
+def test_plots_default_to_thinking_longer_than_trained_with_integer_ticks():
     tokenizer = cli.CharTokenizer.fit(synthetic_text())
     model = tiny(vocab_size=tokenizer.vocab_size).eval()
     fig, energies = sample.plot_energy_per_step(model, tokenizer, "the cat sat")
-    assert energies.shape[1] == 4 * model.trained_steps() + 1
+    assert energies.shape[1] == model.longer_steps() + 1
     ticks = [t for t in fig.axes[0].get_xticks() if 0 <= t <= energies.shape[1] - 1]
     assert ticks and all(float(t).is_integer() for t in ticks)
     assert "landscape" in fig.axes[0].get_xlabel()
@@ -986,18 +996,18 @@ def average_ranks(values):
     return ranks
 
 
-def test_rank_correlation_is_spearmans_with_ties_shared():
+def test_spearman_ranks_with_ties_shared():
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 4, (2, 7, 3), generator=g).float()  # few values: many ties
     y = torch.randn(2, 7, 3, generator=g)
-    r = ebt.rank_correlation(x, y)
+    r = sample.spearman(x, y)
     for b in range(2):
         for p in range(3):
             rx, ry = (average_ranks(t[b, :, p].tolist()) for t in (x, y))
             want = np.corrcoef(rx, ry)[0, 1] if len(set(rx)) > 1 else 0.0
             assert r[b, p].item() == pytest.approx(want, abs=1e-12)
-    assert (ebt.rank_correlation(y, y) == 1).all() and (ebt.rank_correlation(-y, y) == -1).all()
-    assert (ebt.rank_correlation(torch.zeros_like(y), y) == 0).all()  # an energy that ranks nothing
+    assert (sample.spearman(y, y) == 1).all() and (sample.spearman(-y, y) == -1).all()
+    assert (sample.spearman(torch.zeros_like(y), y) == 0).all()  # an energy that ranks nothing
 
 
 def test_verifier_diagnostics_on_energies_whose_answer_is_known():
@@ -1086,7 +1096,7 @@ def test_sample_eval_reads_the_text_the_checkpoint_was_trained_on(tmp_path, text
     tok = cli.CharTokenizer.fit(text_file.read_text())
     cfg = config(vocab_size=tok.vocab_size)
     ckpt = tmp_path / "ckpt.pt"
-    torch.save({"model": ebt.build_model(cfg).state_dict(), "model_config": ebt.asdict(cfg), "tokenizer": tok.state(),
+    torch.save({"model": ebt.build_model(cfg).state_dict(), "model_config": dataclasses.asdict(cfg), "tokenizer": tok.state(),
                 "data": {"path": str(text_file), "sha256": cli.sha256_text(text_file.read_text())}}, ckpt)
     sample.main(["--ckpt", str(ckpt), "--eval", "--windows", "2", "--device", "cpu", "--ood", str(text_file)])
     out = capsys.readouterr().out
@@ -1120,7 +1130,7 @@ def test_train_text_runs_end_to_end_and_resumes(text_file, tmp_path):
     common = [*TINY, "--data", str(text_file), "--out_dir", str(tmp_path / "o")]
     r = run_script("train_text.py", *common, "--max_steps", "2")
     assert r.returncode == 0, r.stderr
-    assert "val loss after 1..4 thinking steps" in r.stdout
+    assert f"val loss after 1..{ebt.THINK_LONGER * 2} thinking steps" in r.stdout  # S1 thinks longer than its 2
     code, stdout, err = run_cli(train_text.main, *common, "--max_steps", "4", "--resume")
     assert code == 0, err
     assert "resumed from" in stdout and "step 3/4" in stdout and "step 1/" not in stdout
@@ -1138,96 +1148,96 @@ def test_the_seed_fixes_the_whole_run_initial_weights_included(text_file, tmp_pa
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0]) == same
 
 
-BAD_INPUTS = {  # case: (driver, argv; {name} is a path of the bad_input_files fixture, what the one line says)
-    "missing data": ("text", ["--data", "{tmp}/nope.txt"], "does not exist"),
-    "empty data": ("text", ["--data", "{empty}"], "empty"),
-    "data shorter than a block": ("text", ["--data", "{short}"], "too short"),
-    "data is a directory": ("text", ["--data", "{tmp}"], "is a directory"),
-    "width not divisible by heads": ("text", ["--n_embd", "30", "--n_head", "4"], "--n_embd 30"),
-    "negative lr": ("text", ["--lr", "-1"], "--lr -1"),
-    "nan step size": ("text", ["--step_size", "nan"], "--step_size nan"),
-    "negative noise": ("text", ["--langevin_std", "-1"], "--langevin_std"),
-    "zero thinking steps": ("text", ["--think_steps", "0"], "--think_steps 0"),
-    "too many thinking steps": ("text", ["--think_steps", "100000"], "think_steps"),
-    "vocabulary below the tokenizer's": ("text", ["--vocab_size", "3"], "smaller than the tokenizer"),
-    "abbreviated flag": ("text", ["--max_step", "3"], "unrecognized arguments: --max_step"),
-    "out_dir is a file": ("text", ["--out_dir", "{file}"], "is a file"),
-    "batch too large": ("text", ["--batch_size", "1000000"], "lower --batch_size"),
-    "block too large": ("text", ["--block_size", "100000"], "--block_size"),
-    "unavailable device": ("text", ["--device", "tpu" if torch.cuda.is_available() else "cuda:7"], "device"),
-    "thinking option for the baseline": ("text", ["--model", "transformer", "--step_size", "5"], "EBT option"),
-    "resume without a checkpoint": ("text", ["--resume", "--out_dir", "{tmp}/none"], "does not exist"),
-    "resume a corrupt checkpoint": ("text", ["--resume", "--out_dir", "{corrupt_dir}"], "corrupt"),
-    "resume as another model": ("text", ["--resume", "--model", "ebt", "--out_dir", "{transformer_dir}"],
+BAD_INPUTS = [  # (case, driver, argv: {name} is a path of the bad_input_files fixture, what the one line says)
+    ("missing data", "text", ["--data", "{tmp}/nope.txt"], "does not exist"),
+    ("empty data", "text", ["--data", "{empty}"], "empty"),
+    ("data shorter than a block", "text", ["--data", "{short}"], "too short"),
+    ("data is a directory", "text", ["--data", "{tmp}"], "is a directory"),
+    ("width not divisible by heads", "text", ["--n_embd", "30", "--n_head", "4"], "--n_embd 30"),
+    ("negative lr", "text", ["--lr", "-1"], "--lr -1"),
+    ("nan step size", "text", ["--step_size", "nan"], "--step_size nan"),
+    ("negative noise", "text", ["--langevin_std", "-1"], "--langevin_std"),
+    ("zero thinking steps", "text", ["--think_steps", "0"], "--think_steps 0"),
+    ("too many thinking steps", "text", ["--think_steps", "100000"], "think_steps"),
+    ("vocabulary below the tokenizer's", "text", ["--vocab_size", "3"], "smaller than the tokenizer"),
+    ("abbreviated flag", "text", ["--max_step", "3"], "unrecognized arguments: --max_step"),
+    ("out_dir is a file", "text", ["--out_dir", "{file}"], "is a file"),
+    ("batch too large", "text", ["--batch_size", "1000000"], "lower --batch_size"),
+    ("block too large", "text", ["--block_size", "100000"], "--block_size"),
+    ("unavailable device", "text", ["--device", "tpu" if torch.cuda.is_available() else "cuda:7"], "device"),
+    ("thinking option for the baseline", "text", ["--model", "transformer", "--step_size", "5"], "EBT option"),
+    ("resume without a checkpoint", "text", ["--resume", "--out_dir", "{tmp}/none"], "does not exist"),
+    ("resume a corrupt checkpoint", "text", ["--resume", "--out_dir", "{corrupt_dir}"], "corrupt"),
+    ("resume as another model", "text", ["--resume", "--model", "ebt", "--out_dir", "{transformer_dir}"],
                                 "--model ebt conflicts"),
-    "resume the baseline with a recipe": ("text", ["--resume", "--recipe", "s2", "--out_dir", "{transformer_dir}"],
+    ("resume the baseline with a recipe", "text", ["--resume", "--recipe", "s2", "--out_dir", "{transformer_dir}"],
                                           "EBT option"),
-    "resume an image run as text": ("text", ["--resume", "--out_dir", "{image_dir}"], "train_image.py"),
-    "sample: no checkpoint": ("sample", ["--ckpt", "{tmp}/missing.pt"], "does not exist"),
-    "sample: corrupt checkpoint": ("sample", ["--ckpt", "{corrupt}"], "unreadable or corrupt"),
-    "sample: checkpoint is a directory": ("sample", ["--ckpt", "{tmp}"], "is a directory"),
-    "sample: characters outside the vocabulary": ("sample", ["--ckpt", "{ebt}", "--prompt", "the DOG!"], "'!DGO'"),
-    "sample: plots of the baseline": ("sample", ["--ckpt", "{transformer}", "--plots", "{tmp}/plots"], "needs an EBT"),
-    "sample: candidates for the baseline": ("sample", ["--ckpt", "{transformer}", "--candidates", "4"], "needs an EBT"),
-    "sample: nan temperature": ("sample", ["--ckpt", "{ebt}", "--temperature", "nan"], "--temperature"),
-    "sample: zero step size": ("sample", ["--ckpt", "{ebt}", "--step_size", "0"], "--step_size"),
-    "sample: nan step size": ("sample", ["--ckpt", "{ebt}", "--step_size", "nan"], "--step_size"),
-    "sample: negative tolerance": ("sample", ["--ckpt", "{ebt}", "--tolerance", "-1"], "--tolerance"),
-    "sample: nan noise": ("sample", ["--ckpt", "{ebt}", "--langevin_std", "nan"], "--langevin_std"),
-    "sample: too many steps": ("sample", ["--ckpt", "{ebt}", "--steps", "100000"], "--steps"),
-    "sample: zero top_k": ("sample", ["--ckpt", "{ebt}", "--top_k", "0"], "--top_k"),
-    "sample: negative init_std": ("sample", ["--ckpt", "{ebt}", "--init_std", "-1"], "init_std"),
-    "sample: no windows": ("sample", ["--ckpt", "{ebt}", "--eval", "--windows", "0"], "--windows"),
-    "sample: sampling flag with --eval": ("sample", ["--ckpt", "{ebt}", "--eval", "--steps", "3"], "applies to sampling"),
-    "sample: plots into a file": ("sample", ["--ckpt", "{ebt}", "--plots", "{file}"], "--plots"),
-    "sample: missing OOD text": ("sample", ["--ckpt", "{ebt}", "--eval", "--ood", "{tmp}/nope.txt"], "--ood"),
-    "sample: abbreviated flag": ("sample", ["--ckpt", "{ebt}", "--num_token", "3"], "unrecognized arguments"),
-    "image: zero crop": ("image", ["--image_size", "0"], "--image_size 0"),
-    "image: noise step 0": ("image", ["--noise_t", "0"], "--noise_t 0"),
-    "image: negative report steps": ("image", ["--report_steps", "-1"], "--report_steps"),
-    "image: report level past the chain": ("image", ["--eval_t", "2000"], "--eval_t"),
-    "image: abbreviated flag": ("image", ["--max_step", "1"], "unrecognized"),
-    "image: recipe for the DiT": ("image", ["--model", "dit", "--recipe", "s2"], "EBT option"),
-    "image: data is a file": ("image", ["--data", "{file}"], "is a file"),
-    "image: empty folder": ("image", ["--data", "{empty_dir}"], "no PNG or JPEG"),
-    "image: broken image": ("image", ["--data", "{broken_dir}"], "not a readable PNG or JPEG"),
-    "image: image too small": ("image", ["--data", "{small_dir}"], "too small"),
-    "image: --data and --dataset": ("image", ["--data", "{small_dir}", "--dataset", "mnist"], "give one"),
-    "image: mnist offline": ("image", ["--dataset", "mnist"], "could not download"),
-    "image: compare into a file": ("image", ["--compare", "{image_dir}", "--out_dir", "{file}"], "is a file"),
-    "image: resume a text run": ("image", ["--resume", "--out_dir", "{ebt_dir}"], "train_text.py"),
+    ("resume an image run as text", "text", ["--resume", "--out_dir", "{image_dir}"], "train_image.py"),
+    ("sample: no checkpoint", "sample", ["--ckpt", "{tmp}/missing.pt"], "does not exist"),
+    ("sample: corrupt checkpoint", "sample", ["--ckpt", "{corrupt}"], "unreadable or corrupt"),
+    ("sample: checkpoint is a directory", "sample", ["--ckpt", "{tmp}"], "is a directory"),
+    ("sample: characters outside the vocabulary", "sample", ["--ckpt", "{ebt}", "--prompt", "the DOG!"], "'!DGO'"),
+    ("sample: plots of the baseline", "sample", ["--ckpt", "{transformer}", "--plots", "{tmp}/plots"], "needs an EBT"),
+    ("sample: candidates for the baseline", "sample", ["--ckpt", "{transformer}", "--candidates", "4"], "needs an EBT"),
+    ("sample: nan temperature", "sample", ["--ckpt", "{ebt}", "--temperature", "nan"], "--temperature"),
+    ("sample: zero step size", "sample", ["--ckpt", "{ebt}", "--step_size", "0"], "--step_size"),
+    ("sample: nan step size", "sample", ["--ckpt", "{ebt}", "--step_size", "nan"], "--step_size"),
+    ("sample: negative tolerance", "sample", ["--ckpt", "{ebt}", "--tolerance", "-1"], "--tolerance"),
+    ("sample: nan noise", "sample", ["--ckpt", "{ebt}", "--langevin_std", "nan"], "--langevin_std"),
+    ("sample: too many steps", "sample", ["--ckpt", "{ebt}", "--steps", "100000"], "--steps"),
+    ("sample: zero top_k", "sample", ["--ckpt", "{ebt}", "--top_k", "0"], "--top_k"),
+    ("sample: negative init_std", "sample", ["--ckpt", "{ebt}", "--init_std", "-1"], "init_std"),
+    ("sample: no windows", "sample", ["--ckpt", "{ebt}", "--eval", "--windows", "0"], "--windows"),
+    ("sample: sampling flag with --eval", "sample", ["--ckpt", "{ebt}", "--eval", "--steps", "3"], "applies to sampling"),
+    ("sample: plots into a file", "sample", ["--ckpt", "{ebt}", "--plots", "{file}"], "--plots"),
+    ("sample: missing OOD text", "sample", ["--ckpt", "{ebt}", "--eval", "--ood", "{tmp}/nope.txt"], "--ood"),
+    ("sample: abbreviated flag", "sample", ["--ckpt", "{ebt}", "--num_token", "3"], "unrecognized arguments"),
+    ("image: zero crop", "image", ["--image_size", "0"], "--image_size 0"),
+    ("image: noise step 0", "image", ["--noise_t", "0"], "--noise_t 0"),
+    ("image: negative report steps", "image", ["--report_steps", "-1"], "--report_steps"),
+    ("image: report level past the chain", "image", ["--eval_t", "2000"], "--eval_t"),
+    ("image: abbreviated flag", "image", ["--max_step", "1"], "unrecognized"),
+    ("image: recipe for the DiT", "image", ["--model", "dit", "--recipe", "s2"], "EBT option"),
+    ("image: data is a file", "image", ["--data", "{file}"], "is a file"),
+    ("image: empty folder", "image", ["--data", "{empty_dir}"], "no PNG or JPEG"),
+    ("image: broken image", "image", ["--data", "{broken_dir}"], "not a readable PNG or JPEG"),
+    ("image: image too small", "image", ["--data", "{small_dir}"], "too small"),
+    ("image: --data and --dataset", "image", ["--data", "{small_dir}", "--dataset", "mnist"], "give one"),
+    ("image: mnist offline", "image", ["--dataset", "mnist"], "could not download"),
+    ("image: compare into a file", "image", ["--compare", "{image_dir}", "--out_dir", "{file}"], "is a file"),
+    ("image: resume a text run", "image", ["--resume", "--out_dir", "{ebt_dir}"], "train_text.py"),
     # what a hostile user tried: numbers past any use, places that cannot be written, empty values
-    "vocabulary -1": ("text", ["--vocab_size", "-1"], "smaller than the tokenizer"),
-    "seed past 64 bits": ("text", ["--seed", str(2**70)], "--seed"),
-    "a billion layers": ("text", ["--n_layer", "1000000000"], "cannot fit"),
-    "a billion evaluation steps": ("text", ["--eval_steps", "1000000000"], "--eval_steps"),
-    "a billion evaluation batches": ("text", ["--eval_batches", "1000000000"], "--eval_batches"),
-    "a billion micro-batches": ("text", ["--grad_accum", "1000000000"], "--grad_accum"),
-    "alpha's learning rate x 1e30": ("text", ["--step_size_lr_mult", "1e30"], "--step_size_lr_mult"),
-    "more replayed sequences than kept": ("text", ["--recipe", "s2", "--replay_batch", "20"], "more than the buffer"),
-    "out_dir under a file": ("text", ["--out_dir", "{file}/run"], "cannot be written"),
-    "out_dir in a read-only system folder": ("text", ["--out_dir", "/proc/nanoebt-run"], "cannot be written"),
-    "empty data": ("text", ["--data", ""], "--data is empty"),
-    "empty out_dir": ("text", ["--out_dir", ""], "--out_dir is empty"),
-    "cpu:7": ("text", ["--device", "cpu:7"], "not available"),
-    "resume a checkpoint without its step": ("text", ["--resume", "--out_dir", "{nostep_dir}"], "holds no step"),
-    "sample: seed past 64 bits": ("sample", ["--ckpt", "{ebt}", "--seed", str(2**70)], "--seed"),
-    "sample: a billion tokens": ("sample", ["--ckpt", "{ebt}", "--num_tokens", "1000000000"], "--num_tokens"),
-    "sample: plots under a file": ("sample", ["--ckpt", "{ebt}", "--plots", "{file}/plots"], "cannot be written"),
-    "sample: empty prompt": ("sample", ["--ckpt", "{ebt}", "--prompt", ""], "--prompt is empty"),
-    "sample: NaN weights": ("sample", ["--ckpt", "{nan}"], "not all finite"),
-    "image: out_dir under a file": ("image", ["--out_dir", "{file}/run"], "cannot be written"),
-    "image: compare into a folder under a file": ("image", ["--compare", "{image_dir}", "--out_dir", "{file}/x"],
+    ("vocabulary -1", "text", ["--vocab_size", "-1"], "smaller than the tokenizer"),
+    ("seed past 64 bits", "text", ["--seed", str(2**70)], "--seed"),
+    ("a billion layers", "text", ["--n_layer", "1000000000"], "cannot fit"),
+    ("a billion evaluation steps", "text", ["--eval_steps", "1000000000"], "--eval_steps"),
+    ("a billion evaluation batches", "text", ["--eval_batches", "1000000000"], "--eval_batches"),
+    ("a billion micro-batches", "text", ["--grad_accum", "1000000000"], "--grad_accum"),
+    ("alpha's learning rate x 1e30", "text", ["--step_size_lr_mult", "1e30"], "--step_size_lr_mult"),
+    ("more replayed sequences than kept", "text", ["--recipe", "s2", "--replay_batch", "20"], "more than the buffer"),
+    ("out_dir under a file", "text", ["--out_dir", "{file}/run"], "cannot be written"),
+    ("out_dir in a read-only system folder", "text", ["--out_dir", "/proc/nanoebt-run"], "cannot be written"),
+    ("empty --data value", "text", ["--data", ""], "--data is empty"),
+    ("empty out_dir", "text", ["--out_dir", ""], "--out_dir is empty"),
+    ("cpu:7", "text", ["--device", "cpu:7"], "not available"),
+    ("resume a checkpoint without its step", "text", ["--resume", "--out_dir", "{nostep_dir}"], "holds no step"),
+    ("sample: seed past 64 bits", "sample", ["--ckpt", "{ebt}", "--seed", str(2**70)], "--seed"),
+    ("sample: a billion tokens", "sample", ["--ckpt", "{ebt}", "--num_tokens", "1000000000"], "--num_tokens"),
+    ("sample: plots under a file", "sample", ["--ckpt", "{ebt}", "--plots", "{file}/plots"], "cannot be written"),
+    ("sample: empty prompt", "sample", ["--ckpt", "{ebt}", "--prompt", ""], "--prompt is empty"),
+    ("sample: NaN weights", "sample", ["--ckpt", "{nan}"], "not all finite"),
+    ("image: out_dir under a file", "image", ["--out_dir", "{file}/run"], "cannot be written"),
+    ("image: compare into a folder under a file", "image", ["--compare", "{image_dir}", "--out_dir", "{file}/x"],
                                                   "cannot be written"),
-    "image: a billion passes": ("image", ["--passes", "1000000000"], "--passes"),
-    "image: a billion report steps": ("image", ["--report_steps", "1000000000"], "--report_steps"),
-    "results: seed past 64 bits": ("results", ["--seeds", str(2**70)], "--seeds"),
-    "results: out_dir under a file": ("results", ["--out_dir", "{file}/runs"], "cannot be written"),
-    "results: report_dir under a file": ("results", ["--report_dir", "{file}/report"], "cannot be written"),
-    "bench: batch 0": ("bench", ["--batch_size", "0"], "--batch_size 0"),
-    "bench: a billion iterations": ("bench", ["--iters", "1000000000"], "--iters"),
-    "bench: gpu check under a file": ("bench", ["--gpu_check", "{file}/gpu"], "cannot be written"),
-}
+    ("image: a billion passes", "image", ["--passes", "1000000000"], "--passes"),
+    ("image: a billion report steps", "image", ["--report_steps", "1000000000"], "--report_steps"),
+    ("results: seed past 64 bits", "results", ["--seeds", str(2**70)], "--seeds"),
+    ("results: out_dir under a file", "results", ["--out_dir", "{file}/runs"], "cannot be written"),
+    ("results: report_dir under a file", "results", ["--report_dir", "{file}/report"], "cannot be written"),
+    ("bench: batch 0", "bench", ["--batch_size", "0"], "--batch_size 0"),
+    ("bench: a billion iterations", "bench", ["--iters", "1000000000"], "--iters"),
+    ("bench: gpu check under a file", "bench", ["--gpu_check", "{file}/gpu"], "cannot be written"),
+]
 DRIVERS = {"text": train_text.main, "sample": sample.main, "image": train_image.main,
            "results": lambda argv: __import__("results").main(argv), "bench": lambda argv: __import__("bench").main(argv)}
 
@@ -1252,7 +1262,7 @@ def bad_input_files(tmp_path, checkpoints, text_file, monkeypatch):
 
 
 def bad_input_argv(case, paths):
-    driver, argv, _ = BAD_INPUTS[case]
+    _, driver, argv, _ = case
     argv = [a.format(**paths) for a in argv]
     if driver == "text":  # the data and place of a tiny run, unless the case names its own
         argv = ["--data", str(paths["text"]), "--device", "cpu", "--out_dir", str(paths["tmp"] / "run"),
@@ -1266,16 +1276,16 @@ def bad_input_argv(case, paths):
     return DRIVERS[driver], argv
 
 
-@pytest.mark.parametrize("case", BAD_INPUTS)
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
 def test_bad_input_is_one_line_and_exit_2(case, bad_input_files):
     main, argv = bad_input_argv(case, bad_input_files)
     code, _, err = run_cli(main, *argv)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, (argv, err)
-    assert BAD_INPUTS[case][2] in err, (argv, err)
+    assert case[-1] in err, (argv, err)
 
 
 def test_bad_input_in_a_real_process_is_one_line_and_exit_2(bad_input_files):
-    main, argv = bad_input_argv("missing data", bad_input_files)
+    main, argv = bad_input_argv(BAD_INPUTS[0], bad_input_files)
     r = run_script("train_text.py", *argv)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
 
@@ -1298,8 +1308,8 @@ def test_flags_are_the_config_fields_with_their_help():
     resumed run knows what was given."""
     code, help_text, _ = run_cli(train_text.main, "--help")
     help_text = " ".join(help_text.split())
-    exposed = [f for f in dataclasses.fields(ebt.ModelConfig) if f.name in train_text.MODEL_FLAGS + cli.THINKING]
-    assert code == 0 and len(exposed) == len(train_text.MODEL_FLAGS) + len(cli.THINKING)
+    exposed = [f for f in dataclasses.fields(ebt.ModelConfig) if f.name in train_text.MODEL_FLAGS + cli.THINKING_FLAGS]
+    assert code == 0 and len(exposed) == len(train_text.MODEL_FLAGS) + len(cli.THINKING_FLAGS)
     for f in exposed:
         assert f"--{f.name}" in help_text and " ".join(f.metadata["help"].split()) in help_text, f.name
     args = train_text.parse_args(["--no-truncate", "--think_steps", "3"])
@@ -1344,13 +1354,15 @@ def test_a_stop_signal_ends_training_after_its_step_saved(tmp_path):
     training raises KeyboardInterrupt (exit code 130); outside train(), or a second Ctrl-C, stops at once."""
     _, data = words_data()
 
-    def signal_during(record):  # as if the signal landed while the log drew its plot, mid-step
-        if record["kind"] == "train" and record["step"] == 3:
-            cli.stop(signal.SIGTERM, None)
-            cli.stop(signal.SIGTERM, None)  # torchrun's SIGTERM after the terminal's: still the same orderly stop
+    class SignalDuring(cli.Run):  # as if the signal landed while the log drew its plot, mid-step
+        def __call__(self, record):
+            super().__call__(record)
+            if record["kind"] == "train" and record["step"] == 3:
+                cli.stop(signal.SIGTERM, None)
+                cli.stop(signal.SIGTERM, None)  # torchrun's SIGTERM after the terminal's: still the same orderly stop
     with pytest.raises(KeyboardInterrupt):
-        ebt.train(ebt.build_model(config(vocab_size=VOCAB)), data, train_config(tmp_path, max_steps=50,
-                                                                                 eval_interval=100), log=signal_during)
+        ebt.train(ebt.build_model(config(vocab_size=VOCAB)), data, train_config(tmp_path, max_steps=50, eval_interval=100),
+                  SignalDuring(tmp_path / "out", say=quiet))
     assert cli.load_checkpoint(tmp_path / "out" / "ckpt.pt")["step"] == 3 and not ebt.Stop.listening
     with pytest.raises(KeyboardInterrupt):  # not training: at once
         cli.stop(signal.SIGINT, None)
@@ -1396,7 +1408,6 @@ def test_sample_reads_past_ids_beyond_its_tokenizer_and_warns_when_the_ood_text_
 def test_results_of_other_settings_never_overwrite_the_shipped_report(tmp_path):
     import results
     assert results.parse_args(["--seeds", "1", "--out_dir", str(tmp_path)]).report_dir == str(tmp_path / "report")
-    assert results.parse_args([]).report_dir == "assets"  # the README's own runs, by their defaults
 
 
 def test_gpt2_tokenizer_without_its_files_is_a_one_line_error(tmp_path, monkeypatch):
@@ -1422,24 +1433,26 @@ def test_offline_download_names_the_data_flag(tmp_path, monkeypatch):
     assert not (tmp_path / "ts.txt").exists()
 
 
-def test_tiny_shakespeare_ships_with_the_project_and_is_the_default():
-    text = cli.text_or_shakespeare()
-    assert len(text) == 1115394 and text.startswith("First Citizen:")
-    assert cli.SHAKESPEARE.suffix == ".gz" and cli.SHAKESPEARE.stat().st_size < 500_000
-    assert "karpathy/char-rnn" in (HERE / "data" / "README.md").read_text()
+def test_tiny_shakespeare_ships_with_the_project_is_the_default_and_is_checked(tmp_path, monkeypatch):
+    assert cli.text_or_shakespeare() == gzip.decompress(cli.SHAKESPEARE.read_bytes()).decode()
+    damaged = tmp_path / "tinyshakespeare.txt.gz"
+    damaged.write_bytes(gzip.compress(cli.text_or_shakespeare().replace("ROMEO", "JULIET", 1).encode()))
+    monkeypatch.setattr(cli, "SHAKESPEARE", damaged)
+    with pytest.raises(ebt.UsageError, match="checksum"):
+        cli.text_or_shakespeare()
 
 
 def trained_config(argv, monkeypatch):
     """What train_text.py would train with these flags: (model config, train config)."""
     built = []
-    monkeypatch.setattr(ebt, "train", lambda model, data, tc, **kw: built.append((model, tc)))
+    monkeypatch.setattr(ebt, "train", lambda model, data, tc, run=None: built.append((model, tc)))
     train_text.main(argv, log=quiet)
     return built[0]
 
 
 def test_the_preset_follows_the_device_and_is_named_first(tmp_path, monkeypatch):
     logged = []
-    monkeypatch.setattr(ebt, "train", lambda model, data, tc, **kw: logged.append(tc))
+    monkeypatch.setattr(ebt, "train", lambda model, data, tc, run=None: logged.append(tc))
     train_text.main(["--out_dir", str(tmp_path / "a"), "--device", "cpu"], log=logged.append)
     assert logged[0].startswith("preset cpu") and logged[1].batch_size == train_text.PRESETS["cpu"]["batch_size"]
     logged.clear()
@@ -1449,16 +1462,15 @@ def test_the_preset_follows_the_device_and_is_named_first(tmp_path, monkeypatch)
 
 def test_the_baseline_trains_beside_the_ebt_by_default():
     """python train_text.py, then python train_text.py --model transformer (README): two directories."""
-    assert train_text.parse_args([]).out_dir == "out-text"
-    assert train_text.parse_args(["--model", "transformer"]).out_dir == "out-text-transformer"
+    assert train_text.parse_args([]).out_dir != train_text.parse_args(["--model", "transformer"]).out_dir
 
 
 def test_default_s1_step_size_is_a_quarter_of_the_square_root_of_the_vocabulary(tmp_path, monkeypatch):
     model, _ = trained_config(["--device", "cpu", "--out_dir", str(tmp_path / "a")], monkeypatch)  # 65 characters
-    assert model.config.vocab_size == 65 and model.step_size().item() == 2.0 and model.config.step_size_lr_mult == 6.0
+    assert model.config.vocab_size == 65 and model.current_step_size().item() == 2.0 and model.config.step_size_lr_mult == 6.0
     model, _ = trained_config(["--device", "cpu", "--vocab_size", "50257", "--n_layer", "1", "--out_dir",
                                str(tmp_path / "b")], monkeypatch)
-    assert model.step_size().item() == 56.0  # README "Choosing alpha"
+    assert model.current_step_size().item() == 56.0  # README "Choosing alpha"
 
 
 @pytest.mark.parametrize("recipe", ["s1", "s2"])
@@ -1477,12 +1489,12 @@ def test_recipes_do_what_the_papers_job_scripts_do(recipe, tmp_path, monkeypatch
     if recipe == "s1":
         assert draws == {2} and model.trained_steps() == 2 and len(model.step_emb.weight) == 2  # a landscape per step
         assert model.raw_step_size.requires_grad and alpha_groups[0]["weight_decay"] == 0
-        assert alpha_groups[0]["lr_mult"] == 3 * model.step_size().item()  # the paper's 1500 at alpha 500
+        assert alpha_groups[0]["lr_mult"] == 3 * model.current_step_size().item()  # the paper's 1500 at alpha 500
         assert metrics["loss"] == pytest.approx((metrics["loss_first"] + metrics["loss_last"]) / 2)  # mean over steps
         assert model.replay is None and losses[0] == losses[1]
     else:
         assert draws == {2, 3} and model.trained_steps() == 3 and len(model.step_emb.weight) == 1  # one landscape
-        assert not model.raw_step_size.requires_grad and not alpha_groups and model.step_size().item() == 5.0
+        assert not model.raw_step_size.requires_grad and not alpha_groups and model.current_step_size().item() == 5.0
         assert metrics["loss"] == metrics["loss_last"]  # the last step's loss only
         assert model.replay.size == 192 and len(model.replay.kept["idx"]) == 4
         assert losses[0] != losses[1] == losses[2]  # Langevin noise and per-token alpha, from the seed
@@ -1562,11 +1574,11 @@ def test_sigterm_saves_like_ctrl_c_and_a_stale_temporary_file_is_removed(tmp_pat
     assert [r["step"] for r in cli.read_records(out / "metrics.jsonl") if r["kind"] == "train"][-2:] == [step, step + 1]
 
 
-def test_readme_gives_the_cpu_install_and_the_two_commands():
-    readme = (HERE / "README.md").read_text()
-    assert "--index-url https://download.pytorch.org/whl/cpu" in readme
-    assert "pip install -r requirements.txt" in readme and "python train_text.py\n" in readme
-    assert "python -m pytest -q test_ebt.py" in readme and "python -m pytest -q test_ebt.py" in (HERE / ".ci" / "run").read_text()
+def test_ci_runs_the_test_command_the_readme_gives():
+    commands = lambda text: {line.strip() for line in text.replace("`", "\n").splitlines()
+                             if line.strip().startswith("python -m pytest")}
+    ci = commands((HERE / ".ci" / "run").read_text())
+    assert len(ci) == 1 and ci <= commands((HERE / "README.md").read_text()), ci
 
 
 def test_bench_flop_count_is_a_counted_forward_times_three():
@@ -1609,7 +1621,7 @@ def test_results_trains_what_is_missing_then_reports_from_checkpoints(tmp_path, 
             "--windows", "2", "--device", "cpu"]
     results.main(argv)
     # every model at both seeds, the experiment at the first, the image runs
-    assert capsys.readouterr().out.count("$ python ") == len(results.MODELS) * 2 + 1 + len(results.IMAGE_RUNS)
+    assert capsys.readouterr().out.count("$ python ") == len(results.RUNS) * 2 + 1 + len(results.IMAGE_RUNS)
     report = (tmp_path / "results.md").read_text()
     for section in ("1. Learning", "2. CE against thinking steps", "3. CE against self-verification",
                     "4. S2: what thinking changes", "5. S1, the same", "6. Does the energy rank",
@@ -1669,7 +1681,7 @@ def trained_image_models(tmp_path_factory):
         tc = ebt.TrainConfig(max_steps=150, batch_size=16, lr=2e-3, warmup_steps=20, eval_interval=150,
                              eval_batches=1, log_interval=50, out_dir=str(tmp_path_factory.mktemp(kind)),
                              device="cpu", seed=0)
-        ebt.train(model, photo_data(), tc, log=quiet)
+        ebt.train(model, photo_data(), tc, Silent())
         models[kind] = model.eval()
     return models
 
@@ -1677,7 +1689,7 @@ def trained_image_models(tmp_path_factory):
 def test_ddpm_noise_against_a_hand_computation():
     betas = [1e-4 + (0.02 - 1e-4) * s / 999 for s in range(1000)]  # beta_1 .. beta_1000
     signal = math.prod(1 - b for b in betas[:99])
-    assert ebt.alpha_bar(99).item() == pytest.approx(signal, rel=1e-12)
+    assert ebt.signal_variance(99).item() == pytest.approx(signal, rel=1e-12)
     assert math.sqrt(signal) == pytest.approx(0.95, abs=3e-3) and math.sqrt(1 - signal) == pytest.approx(0.32, abs=0.01)
     clean, noise = torch.full((2, 1, 2, 2), 0.5), torch.full((2, 1, 2, 2), -1.0)
     expected = math.sqrt(signal) * 0.5 - math.sqrt(1 - signal)
@@ -1716,7 +1728,7 @@ def test_ddim_with_the_true_noise_walks_the_forward_process_back_to_the_clean_im
 def test_untrained_adaln_zero_ebt_returns_its_input():
     model = ebt.build_model(image_config(), seed=0).eval()
     noisy, _ = held_out_crops(4)
-    traj = model.think(model.energy, noisy, 3)
+    traj = model.descend(model.energy, noisy, 3)
     assert all(torch.equal(y, noisy) for y in traj.ys) and all((e == 0).all() for e in traj.energies)
 
 
@@ -1724,7 +1736,7 @@ def test_each_image_model_trains_and_beats_the_noisy_input(trained_image_models)
     noisy, clean = held_out_crops()
     before = ebt.psnr(noisy, clean).mean().item()
     ebt_model = trained_image_models["image_ebt"]
-    denoised = {"image_ebt": ebt_model.think(ebt_model.energy, noisy).ys[-1],
+    denoised = {"image_ebt": ebt_model.descend(ebt_model.energy, noisy).ys[-1],
                 "image_dit": trained_image_models["image_dit"].denoise(noisy, 99, 3),
                 "image_regressor": trained_image_models["image_regressor"].denoise(noisy)}
     for kind, y in denoised.items():
@@ -1735,7 +1747,7 @@ def test_each_image_model_trains_and_beats_the_noisy_input(trained_image_models)
 def test_image_ebt_each_step_lowers_the_energy_it_descends(trained_image_models):
     noisy, _ = held_out_crops()
     model = trained_image_models["image_ebt"]
-    ys = model.think(model.energy, noisy, 3).ys
+    ys = model.descend(model.energy, noisy, 3).ys
     with torch.no_grad():
         for k in range(len(ys) - 1):  # like with like: both on step k's landscape
             landscape = min(k, model.config.landscapes - 1)
@@ -1747,7 +1759,7 @@ def test_patchify_roundtrip():
     patches = ebt.patchify(img, 4)
     assert patches.shape == (2, 16, 48)
     assert torch.equal(patches[0, 1], img[0, :, 0:4, 4:8].reshape(-1))  # row-major, second patch
-    assert torch.equal(ebt.unpatchify(patches, 4, 3), img)
+    assert torch.equal(train_image.unpatchify(patches, 4, 3), img)
 
 
 def test_psnr_hand_checked():
@@ -1848,7 +1860,7 @@ s2 = {{**train_text.RECIPES["s2"], "step_size_lr_mult": 15.0, "replay_size": 8}}
 model = ebt.build_model(T.config(vocab_size=tok.vocab_size, init_std=0.0, **(s2 if recipe == "s2" else {{}})), seed=0)
 tc = ebt.TrainConfig(max_steps=max_steps, batch_size=batch_size, grad_accum=2, lr=3e-3, warmup_steps=1,
                      eval_interval=4, eval_batches=2, log_interval=1, out_dir=out, device="cpu", seed=0)
-records = ebt.train(model, data, tc, resume=max_steps > 4, log=T.quiet)
+records = ebt.train(model, data, tc, cli.Run(out, resume=max_steps > 4, say=T.quiet))
 rank = int(__import__("os").environ.get("RANK", 0))
 torch.save({{"state": model.state_dict(), "records": records}}, f"{{out}}/rank{{rank}}.pt")
 cli.leave_process_group()
@@ -1894,7 +1906,7 @@ x, y = torch.randint(13, (4, 16), generator=g), torch.randint(13, (4, 16), gener
 mine = slice(2 * rank, 2 * rank + 2)
 torch.manual_seed(4)
 model.learn(x[mine], y[mine], 1.0, steps=2, generator=torch.Generator().manual_seed(1))
-ebt.average_gradients(model, world)
+cli.Run(sys.argv[1]).average_gradients(model)
 torch.save({{n: p.grad for n, p in model.named_parameters()}}, sys.argv[1] + f"/rank{{rank}}.pt")
 cli.leave_process_group()
 """
@@ -1911,7 +1923,7 @@ g = torch.Generator().manual_seed(6)
 x, y = torch.randint(13, (6, 16), generator=g), torch.randint(13, (6, 16), generator=g)
 mine = slice(3 * rank, 3 * rank + 3)
 model.learn(x[mine], y[mine], 1.0, steps=2, generator=torch.Generator().manual_seed(1))
-ebt.average_gradients(model, world)
+cli.Run(sys.argv[1]).average_gradients(model)
 torch.save({{n: p.grad for n, p in model.named_parameters()}}, sys.argv[1] + f"/rank{{rank}}.pt")
 cli.leave_process_group()
 """
@@ -1970,7 +1982,7 @@ model = ebt.build_model(T.config(vocab_size=tok.vocab_size, model="transformer")
 model = T.NaNAfter(model, 2 if rank == 1 else 10**9)  # only rank 1 goes bad
 tc = ebt.TrainConfig(max_steps=50, batch_size=2, eval_interval=100, log_interval=1, out_dir=sys.argv[1], device="cpu")
 try:
-    ebt.train(model, data, tc, log=T.quiet)
+    ebt.train(model, data, tc, cli.Run(tc.out_dir, say=T.quiet))
 except ebt.UsageError as e:
     print(f"rank {{rank}} stopped: {{e}}")
 cli.leave_process_group()
@@ -1988,21 +2000,28 @@ def test_torchrun_nan_on_one_rank_stops_every_rank(tmp_path):
 
 
 def spawn_ranks(argv, logs, env=None, world=2):
-    """The ranks of a run, started as torchrun starts them (its environment), each writing to its own log."""
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    """The ranks of a run, started as torchrun starts them: the rendezvous store is held here, on a port the
+    system chose and that stays bound (no free port released, then raced for), and each rank writes its own log.
+    Returns the processes; the store lives as long as they are referenced (spawn_ranks.stores)."""
+    store = torch.distributed.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
+    spawn_ranks.stores.append(store)
     return [subprocess.Popen([sys.executable, "train_text.py", *argv], cwd=HERE, stdout=open(logs / f"rank{r}.log", "w"),
                              stderr=subprocess.STDOUT, env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT":
-                             str(port), "WORLD_SIZE": str(world), "RANK": str(r), "LOCAL_RANK": str(r),
-                             "OMP_NUM_THREADS": "1", **(env or {})}) for r in range(world)]
+                             str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True", "WORLD_SIZE": str(world),
+                             "RANK": str(r), "LOCAL_RANK": str(r), "OMP_NUM_THREADS": "1", **(env or {})})
+            for r in range(world)]
 
 
-def wait_for_step(procs, metrics, step, timeout=120):
-    t0 = time.time()
+spawn_ranks.stores = []
+
+
+def wait_for_step(procs, metrics, step):
+    """Until the run has logged `step`; a run that ends first fails the test, one that hangs raises after 10 minutes."""
+    deadline = time.monotonic() + 600
     while not any(r["kind"] == "train" and r["step"] >= step for r in cli.read_records(metrics)):
-        assert time.time() - t0 < timeout and all(p.poll() is None for p in procs), "the run ended or hung"
+        assert all(p.poll() is None for p in procs), "the run ended before the step"
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no step {step} in {metrics} after 10 minutes: the run hangs")
         time.sleep(0.05)
 
 
@@ -2042,9 +2061,8 @@ def test_a_stalled_rank_is_named_within_the_stated_time(tmp_path, text_file):
                         tmp_path, env={"NANOEBT_DIST_TIMEOUT": "2"})
     wait_for_step(procs, tmp_path / "o" / "metrics.jsonl", 3)
     procs[1].send_signal(signal.SIGSTOP)
-    t0 = time.time()
-    try:
-        assert procs[0].wait(timeout=60) == 2 and time.time() - t0 < 2 + 2 + 10  # the timeout, the store's wait
+    try:  # rank 0 gives up and names rank 1 while rank 1 is still stopped
+        assert procs[0].wait(timeout=120) == 2 and procs[1].poll() is None
     finally:
         procs[1].kill()
     err = (tmp_path / "rank0.log").read_text().splitlines()[-1]

@@ -35,14 +35,14 @@ DIT_PASSES = (1, 3, 10, 30, 100)
 DEFAULTS = dict(patch_size=4, n_layer=3, n_head=4, n_embd=96, step_size=1000.0, step_size_lr_mult=None,
                 max_steps=800, batch_size=32, lr=1e-3, warmup_steps=50, eval_interval=200, eval_batches=4,
                 log_interval=50)
-RECIPES = {  # the image EBT: S1 as the paper's image runs (one step); S2 with the text S2's structure
+IMAGE_RECIPES = {  # the image EBT: S1 as the paper's image runs (one step); S2 with the text S2's structure
     "s1": dict(think_steps=1, landscapes=1, random_steps=0, random_step_size=1.0, truncate=False, detach=True),
     "s2": dict(think_steps=2, landscapes=1, random_steps=1, random_step_size=2.0, truncate=True, detach=False),
 }
 MODEL_FLAGS = ("image_size", "patch_size", "n_layer", "n_head", "n_embd", "noise_t")
 TRAIN_FLAGS = ("max_steps", "batch_size", "lr", "warmup_steps", "weight_decay", "grad_clip", "eval_interval",
                "eval_batches", "log_interval", "seed")
-THINKING = tuple(k for k in cli.THINKING if k not in ("init_std", "replay_size", "replay_batch"))  # not text's own
+IMAGE_THINKING_FLAGS = tuple(k for k in cli.THINKING_FLAGS if k not in ("init_std", "replay_size", "replay_batch"))
 CACHE_DIR = Path(os.environ.get("NANOEBT_CACHE", Path.home() / ".cache" / "nanoebt"))
 
 
@@ -54,6 +54,13 @@ def timestep_embedding(t, dim):
     freqs = torch.exp(-math.log(10_000) * torch.arange(dim // 2, device=t.device) / (dim // 2))
     angles = t.float()[:, None] * freqs
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+def unpatchify(x, p, C):
+    """(B, N, C*p*p) -> (B, C, H, W) for a square grid of N patches."""
+    B, N, _ = x.shape
+    n = math.isqrt(N)
+    return x.reshape(B, n, n, C, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, C, n * p, n * p)
 
 
 class ImageDiT(nn.Module):
@@ -72,7 +79,7 @@ class ImageDiT(nn.Module):
     def predicted_noise(self, x, t):
         """x: (B, C, S, S) at DDPM steps t (B,). Returns the noise in x, (B, C, S, S)."""
         cond = self.time_mlp(timestep_embedding(t, self.config.n_embd))
-        return ebt.unpatchify(self.out(self.body(x, cond)), self.config.patch_size, self.config.channels)
+        return unpatchify(self.out(self.body(x, cond)), self.config.patch_size, self.config.channels)
 
     def forward(self, clean, noise):
         t = torch.randint(1, self.config.noise_t + 1, (len(clean),), device=clean.device)
@@ -85,7 +92,7 @@ class ImageDiT(nn.Module):
         times = torch.linspace(t, 0, passes + 1).round().long().tolist()
         x = noisy
         for now, later in zip(times, times[1:]):
-            a_now, a_later = ebt.alpha_bar(now).item(), ebt.alpha_bar(later).item()
+            a_now, a_later = ebt.signal_variance(now).item(), ebt.signal_variance(later).item()
             noise = self.predicted_noise(x, torch.full((len(x),), now, device=x.device))
             clean = (x - (1 - a_now) ** 0.5 * noise) / a_now ** 0.5
             x = a_later ** 0.5 * clean + (1 - a_later) ** 0.5 * noise
@@ -108,7 +115,7 @@ class ImageRegressor(nn.Module):
 
     def denoise(self, noisy):
         patches = self.out(self.body(noisy, self.cond.expand(len(noisy), -1)))  # (B, N, C*p*p)
-        return noisy + ebt.unpatchify(patches, self.config.patch_size, self.config.channels)
+        return noisy + unpatchify(patches, self.config.patch_size, self.config.channels)
 
     def forward(self, clean, noise):
         pred = self.denoise(ebt.ddpm_noise(clean, self.config.noise_t, noise))
@@ -126,7 +133,7 @@ def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__)
     s = p.add_argument
     s("--model", choices=("ebt", "dit", "regressor"), help="(default: ebt)")
-    s("--recipe", choices=RECIPES, help="the EBT's (default: s1)")
+    s("--recipe", choices=IMAGE_RECIPES, help="the EBT's (default: s1)")
     s("--compare", nargs="+", metavar="OUT_DIR", help="report on trained checkpoints instead of training")
     s("--dataset", choices=("photos", "mnist", "cifar10"),
       help="photos: matplotlib's sample photo, bottom fifth held out (default: photos)")
@@ -134,11 +141,11 @@ def parse_args(argv=None):
     cli.add_flags(p, ebt.ModelConfig, MODEL_FLAGS, {**DEFAULTS, "image_size": "28 for mnist, else 32"})
     cli.add_flags(p, ebt.TrainConfig, TRAIN_FLAGS, DEFAULTS)
     g = p.add_argument_group("thinking (EBT)")
-    cli.add_flags(g, ebt.ModelConfig, THINKING, {
+    cli.add_flags(g, ebt.ModelConfig, IMAGE_THINKING_FLAGS, {
         **DEFAULTS, "step_size_lr_mult": "3 x step_size",
-        **{k: f"from --recipe: s1 {RECIPES['s1'][k]}, s2 {RECIPES['s2'][k]}" for k in RECIPES["s1"]}})
+        **{k: f"from --recipe: s1 {IMAGE_RECIPES['s1'][k]}, s2 {IMAGE_RECIPES['s2'][k]}" for k in IMAGE_RECIPES["s1"]}})
     cli.add_flags(g, ebt.TrainConfig, ("eval_steps",))
-    g.add_argument("--report_steps", type=int, help="thinking steps in the report (default: 4x the trained steps)")
+    g.add_argument("--report_steps", type=int, help=f"thinking steps in the report (default: {ebt.THINK_LONGER}x the trained steps)")
     s("--eval_t", type=int, nargs="+", help="report noise levels, DDPM steps (default: k (noise_t + 1) - 1 for "
       "k = 1, 2, 3 up to 1000: 99 199 299)")
     s("--passes", type=int, nargs="+", default=list(DIT_PASSES), help="the DiT's DDIM passes in the report "
@@ -146,7 +153,7 @@ def parse_args(argv=None):
     s("--out_dir", help="checkpoint, metrics and report (default: out-image-MODEL, or out-image-compare)")
     s("--resume", action="store_true", help="continue from out_dir/ckpt.pt with its settings; training flags "
       "given override them, model and data flags must agree")
-    s("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps (default: %(default)s)")
+    cli.add_device_flag(p)
     args = p.parse_args(argv)
     args.out_dir = args.out_dir or ("out-image-compare" if args.compare else f"out-image-{args.model or 'ebt'}")
     args.model = args.model and f"image_{args.model}"  # the config's kind
@@ -341,18 +348,18 @@ def load_data(spec):
 # -----------------------------------------------------------------------------
 # Training and the report
 
-def train(args, device):
+def train_models(args, device):
     cli.prepare_out_dir(args.out_dir, args.resume)
     ckpt = cli.load_checkpoint(Path(args.out_dir) / "ckpt.pt", needs=cli.RESUMABLE) if args.resume else None
     if ckpt and ckpt["model_config"]["model"] not in ebt.IMAGE_KINDS:
         raise UsageError(f"{args.out_dir}/ckpt.pt holds a {ckpt['model_config']['model']!r} model; resume it with "
                          "train_text.py")
     kind = ckpt["model_config"]["model"] if ckpt else args.model or "image_ebt"
-    cli.refuse_thinking(args, kind, THINKING + ("eval_steps", "recipe"))
+    cli.refuse_thinking(args, kind, IMAGE_THINKING_FLAGS + ("eval_steps", "recipe"))
     dataset = "folder" if args.data else args.dataset or "photos"
     started = ckpt.get("started", data_spec(ckpt)) if ckpt else {
-        "recipe": args.recipe or "s1" if kind == "image_ebt" else None, "dataset": dataset, "data": args.data}
-    layers = [DEFAULTS, RECIPES[started["recipe"]] if kind == "image_ebt" else {},
+        "recipe": args.recipe or "s1" if kind in ebt.EBT_KINDS else None, "dataset": dataset, "data": args.data}
+    layers = [DEFAULTS, IMAGE_RECIPES[started["recipe"]] if kind in ebt.EBT_KINDS else {},
               {"model": kind, "channels": 1 if dataset == "mnist" else 3, "image_size": 28 if dataset == "mnist" else 32}]
     derive = lambda values: values.update(step_size_lr_mult=values["step_size_lr_mult"] or 3 * values["step_size"])
     cfg, tc = cli.configs(args, layers, ckpt, derive)
@@ -361,7 +368,7 @@ def train(args, device):
     model = ebt.build_model(cfg, tc.seed)
     if tc.compile:
         cli.compile_model(model)
-    ebt.train(model, data, tc, meta={"started": started}, resume=bool(ckpt), log=cli.RunLog())
+    ebt.train(model, data, tc, cli.Run(tc.out_dir, {"started": started}, resume=bool(ckpt)))
     return {Path(args.out_dir).name: model.eval()}, data
 
 
@@ -393,7 +400,7 @@ def denoise_all(models, noisy, t, passes, steps):
         elif isinstance(model, ImageDiT):
             out.update({(name, p): model.denoise(noisy, t, p) for p in passes})
         else:
-            traj = model.think(model.energy, noisy, steps or 4 * model.trained_steps())
+            traj = model.descend(model.energy, noisy, steps or model.longer_steps())
             out.update({(name, k): y for k, y in enumerate(traj.ys[1:], 1)})
             energies[name] = [e.mean().item() for e in traj.energies]
     return out, energies
@@ -427,7 +434,7 @@ def report(models, data, args, device):
     text = (f"PSNR (dB, images in [-1, 1]) on {REPORT_CROPS} held-out {data.crop}x{data.crop} crops, DDPM noise at step "
             "t; an EBT's forward passes are its thinking steps (each also a backward pass), a DiT's its DDIM "
             "steps.\n\n" + "\n".join(lines) + "\n")
-    ebt.write_atomically(out / "psnr.md", lambda tmp: tmp.write_text(text))
+    cli.write_atomically(out / "psnr.md", lambda tmp: tmp.write_text(text))
     print(text)
     plot_grid(grid, out / "grid.png")
     plot_psnr(table, levels, trained_t, out / "psnr.png")
@@ -497,7 +504,7 @@ def plot_energy(curves, trained_t, path):
 def main(argv=None):
     args = parse_args(argv)
     device = cli.pick_device(args.device)
-    models, data = load_trained(args.compare, device) if args.compare else train(args, device)
+    models, data = load_trained(args.compare, device) if args.compare else train_models(args, device)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one report
         report(models, data, args, device)
 

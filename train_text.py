@@ -55,14 +55,14 @@ def parse_args(argv=None):
     recipe.update(landscapes="s1 think_steps, s2 1", step_size="s1 0.25 sqrt(vocabulary), s2 5",
                   step_size_lr_mult="3 x step_size")
     thinking = p.add_argument_group("thinking (EBT)")
-    cli.add_flags(thinking, ebt.ModelConfig, cli.THINKING, recipe)
+    cli.add_flags(thinking, ebt.ModelConfig, cli.THINKING_FLAGS, recipe)
     cli.add_flags(thinking, ebt.TrainConfig, ("eval_steps",))
     s("--data", help="text file to train on (default: Tiny Shakespeare, shipped in data/)")
     s("--tokenizer", choices=("char", "gpt2"), help="(default: char)")
     s("--out_dir", help="checkpoint, metrics.jsonl and loss.png (default: out-text, the Transformer++ out-text-transformer)")
     s("--resume", action="store_true", help="continue from out_dir/ckpt.pt with its settings; flags given override "
       "its training settings and must agree with the rest")
-    s("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps (default: %(default)s)")
+    cli.add_device_flag(p)
     args = p.parse_args(argv)
     args.out_dir = args.out_dir or ("out-text-transformer" if args.model == "transformer" else "out-text")
     return args
@@ -84,7 +84,7 @@ def main(argv=None, log=cli.printed):
                              "(checksum); resume with the same --data or start a new --out_dir")
     started = ckpt.get("started", {}) if ckpt else {
         "preset": args.preset or ("cpu" if device == "cpu" else "gpu"), "recipe": args.recipe or "s1"
-        if model == "ebt" else None, "tokenizer": args.tokenizer or "char"}
+        if model in ebt.EBT_KINDS else None, "tokenizer": args.tokenizer or "char"}
     tokenizer = cli.tokenizer_from_state(ckpt["tokenizer"]) if ckpt else (
         cli.CharTokenizer.fit(text) if started["tokenizer"] == "char" else cli.GPT2Tokenizer())
     if not ckpt:
@@ -101,7 +101,7 @@ def main(argv=None, log=cli.printed):
             values["step_size"] = s1_step_size(values["vocab_size"])
         if values.get("step_size_lr_mult", 0) is None:
             values["step_size_lr_mult"] = 3 * values["step_size"]
-    layers = [] if ckpt else [PRESETS[started["preset"]], RECIPES[started["recipe"]] if model == "ebt" else {},
+    layers = [] if ckpt else [PRESETS[started["preset"]], RECIPES[started["recipe"]] if model in ebt.EBT_KINDS else {},
                               {"model": model, "vocab_size": tokenizer.vocab_size}]
     cfg, tc = cli.configs(args, layers, ckpt, derive, log)
     cli.check_fits(cfg, tc.batch_size, cfg.block_size, device)
@@ -111,7 +111,7 @@ def main(argv=None, log=cli.printed):
     model = ebt.build_model(cfg, tc.seed)
     if tc.compile:
         cli.compile_model(model)
-    ebt.train(model, data, tc, meta=meta, resume=bool(ckpt), log=cli.RunLog(log))
+    ebt.train(model, data, tc, cli.Run(tc.out_dir, meta, resume=bool(ckpt), say=log))
 
 
 if __name__ == "__main__":
