@@ -931,7 +931,7 @@ def generate(model, idx, num_tokens, temperature=1.0, top_k=None, generator=None
     thinking of one prediction token per candidate. The window holds at most block_size tokens, then
     restarts from the last block_size // 2; use_cache=False recomputes it for every token (the same
     result). thinking (EBTs): candidates, steps, step_size, langevin_std, tolerance (next_token). on_token(n):
-    called after the n-th new token (progress)."""
+    called after the n-th new token (progress). The sampling options are the usual ones, keywords each."""
     if thinking and not isinstance(model, TextEBT):
         raise UsageError(f"thinking ({', '.join(thinking)}) needs an EBT; this is a {model.config.model!r} model")
     if idx.shape[1] < 1:

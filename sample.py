@@ -294,10 +294,10 @@ def verifier(ys, candidates_ys, final_energy, targets, counts, examples=4):
 
 def spearman(x, y):
     """Spearman's correlation of x and y (B, N, P) across the N candidates at each position: (B, P)."""
-    def ranks(t):
+    def order(t):
         i, j = t[:, :, None], t[:, None]  # [b, i, j, p]: candidate i against candidate j
         return (i < j).sum(1) + ((i == j).sum(1) - 1).double() / 2  # equal values share their mean rank
-    rx, ry = (r - r.mean(1, keepdim=True) for r in (ranks(x), ranks(y)))
+    rx, ry = (r - r.mean(1, keepdim=True) for r in (order(x), order(y)))
     return ((rx * ry).sum(1) / (rx.square().sum(1) * ry.square().sum(1)).sqrt()).nan_to_num(0.0)  # all equal: 0
 
 
@@ -420,7 +420,7 @@ def parse_args(argv=None):
     g.add_argument("--step_size", type=float, help="override the learned step size alpha")
     g.add_argument("--candidates", type=int, help="self-verification: think from N starts, keep the lowest energy")
     g.add_argument("--langevin_std", type=float, help="noise added to the logits before each step "
-                   "(default: 1 with several candidates, the paper's, else 0)")
+                   f"(default: {ebt.VERIFY_LANGEVIN_STD:g} with several candidates, the paper's, else 0)")
     g.add_argument("--tolerance", type=float, help="adaptive: stop a token once its energy falls by less than this")
     g.add_argument("--init_std", type=float, help="std of the random starting logits (default: as trained)")
     m = p.add_argument_group("other modes")
