@@ -6,6 +6,7 @@ the photo matplotlib ships with the defaults of train_image.py.
     python results.py                    # train what is missing in out-results/, then report
     python results.py --seeds 1337       # one seed instead of two: the report goes to out-results/report
     python results.py --lengths 2000     # one training length (the 1500+ step comparison)
+    python results.py --part task        # only the addition task: its section of results.md
 
 Runs: the Transformer++ and the EBT with the paper's recipes S1 and S2, each trained for every
 length in --lengths (optimizer steps; the learning-rate schedule follows each length) and seed,
@@ -23,20 +24,28 @@ energy and cross-entropy, and the best of N picked by energy, at random and by t
 cross-entropy (a perfect verifier); and what each thinking step changes. One run beyond the paper
 (EXPERIMENT, first seed, main length) asks whether more thinking steps in training make the energy rank.
 
-Writes results.md (every table) and the plots gap.png, thinking_steps.png, candidates.png,
-gains.png and verifier.png to assets/ (--report_dir), the image report (train_image.py --compare of the EBT S1
-and S2, the DiT and the regressor, first seed) to assets/image/, and results.json (every text
-number, per run) to out-results/.
+The addition task (--part task, about an hour on 2 cores): the same three models trained 2000 steps on
+data/addition.py's problems (one right answer per answer token), each seed, and measured on answer tokens
+in distribution and with more digits (task_scores): accuracy and cross-entropy, exact match of whole
+answers generated greedily, thinking longer, self-verification, what each step changes, adaptive stopping.
+
+Writes results.md (every table, a section per part) and the plots gap.png, thinking_steps.png,
+candidates.png, gains.png, verifier.png and task.png to assets/ (--report_dir), the image report
+(train_image.py --compare of the EBT S1 and S2, the DiT and the regressor, first seed) to assets/image/,
+and results.json and task.json (every number, per run) to out-results/.
 """
 import json
 import math
 from pathlib import Path
+
+import torch
 
 import cli
 import ebt
 import sample
 import train_image
 import train_text
+from data import addition
 
 RUNS = {"Transformer++": ("transformer", ["--model", "transformer"]),  # label -> (directory, flags)
           "S1": ("s1", ["--recipe", "s1"]),
@@ -62,6 +71,8 @@ def parse_args(argv=None):
     s("--windows", type=int, default=64, help="evaluation windows of block_size tokens per text (default: %(default)s)")
     cli.add_device_flag(p)
     s("--preset", default="cpu", choices=train_text.PRESETS, help="train_text.py preset (default: %(default)s)")
+    s("--part", default="all", choices=("all", "text", "task", "images"), help="text: Tiny Shakespeare; task: the "
+      "addition task (about an hour on 2 cores); images: the image models (default: %(default)s)")
     args = p.parse_args(argv)
     for name in ("seeds", "lengths"):
         if len(set(getattr(args, name))) != len(getattr(args, name)):
@@ -337,6 +348,216 @@ def plot_verifier(runs, lengths, length, seeds, path):
     fig.savefig(path, dpi=90)
 
 
+# The addition task: does thinking pay where the answer is certain? -----------------------------
+
+TASK_DATA = Path(__file__).resolve().parent / "data" / "addition"  # python data/addition.py writes it
+TASK_LENGTH = 2000  # optimizer steps: the Transformer++ answers about half the digits in distribution there
+TASK_PROBLEMS = 512  # evaluated per text
+TOLERANCES = (1e-2, 1e-3)  # adaptive stopping
+
+
+def task_problems(text, tokenizer, T, count):
+    """The first `count` problems of a text that have T characters before their answer's end, as what each
+    measure reads: teacher-forcing windows x, y (count, T) whose targets end with the answer; `answer`
+    (count, T), True at the answer's targets (its digits and newline); `carry` (count, T), at each answer
+    digit whether a carry comes into it (the newline: False); and for generation the prompts (count, T - 10)
+    that end with "=", with the answers as text."""
+    x, y, answer, carry, prompts, answers = [], [], [], [], [], []
+    for start, end in addition.answer_spans(text):
+        if len(x) == count:
+            break
+        if end - 1 < T:  # too near the start for a whole window
+            continue
+        ids = torch.tensor(tokenizer.encode(text[end - 1 - T:end]))
+        x.append(ids[:-1]), y.append(ids[1:])
+        a, b = map(int, text[text.rfind("\n", 0, start) + 1:start - 1].split("+"))
+        into = [(a % 10**i + b % 10**i) >= 10**i for i in range(end - start - 1)] + [False]  # digit i, least first
+        answer.append(torch.arange(T) >= T - (end - start))
+        carry.append(torch.tensor([False] * (T - len(into)) + into))
+        prompts.append(torch.tensor(tokenizer.encode(text[start - (T - 10):start])))
+        answers.append(text[start:end])
+    stack = torch.stack
+    return dict(x=stack(x), y=stack(y), answer=stack(answer), carry=stack(carry), prompts=stack(prompts),
+                answers=answers)
+
+
+def at_answers(t, answer):
+    """t (B, N, T) -> (1, N, M): the values at the M answer positions, every candidate of each."""
+    return t.movedim(1, -1)[answer].T[None]
+
+
+@torch.no_grad()
+def task_scores(model, problems, tokenizer, steps, candidates=16, chunk=64):
+    """Every measure of issue 30 on one text's problems, answer tokens only: accuracy and cross-entropy with
+    teacher forcing after each number of thinking steps (one candidate, no noise); exact match of whole
+    answers generated greedily with that thinking; the best of n noisy candidates (trained steps) picked by
+    final energy, at random and by the truth; Spearman of the final energy with each candidate's
+    cross-entropy and entropy; the share of argmaxes each step changes; the steps adaptive stopping spends
+    on digits with and without a carry coming in."""
+    device, thinks = next(model.parameters()).device, isinstance(model, ebt.TextEBT)
+    g = torch.Generator().manual_seed(0)
+    parts = []
+    for i in range(0, len(problems["x"]), chunk):
+        x, y, answer, carry = (problems[k][i:i + chunk].to(device) for k in ("x", "y", "answer", "carry"))
+        part = {"answer_carry": carry[answer], "per_step": []}
+        if not thinks:
+            part["per_step"] = [model.logits(x)[0][answer]] * len(steps)
+            parts.append(part)
+            continue
+        context = model.context(x)
+        one = model.think_candidates(context, x.shape[1], 1, g, steps=max(steps))
+        part["per_step"] = [one.ys[k][:, 0][answer] for k in steps]
+        part["argmax"] = torch.stack([y_[:, 0][answer].argmax(-1) for y_ in one.ys])  # (K + 1, M)
+        torch.manual_seed(i)  # the candidates' inference noise
+        many = model.think_candidates(context, x.shape[1], candidates, g)
+        energy = many.energies[-1]  # (B, N, T)
+        part["candidates"] = (at_answers(many.ys[-1].log_softmax(-1).gather(-1, y[:, None, :, None].expand(
+            -1, candidates, -1, 1)).squeeze(-1), answer),  # log-probability of the truth, (1, N, M)
+            at_answers((many.ys[-1].argmax(-1) == y[:, None]).double(), answer),
+            at_answers(-(many.ys[-1].softmax(-1) * many.ys[-1].log_softmax(-1)).sum(-1), answer),
+            at_answers(energy, answer))
+        part["steps_used"] = {tol: model.think_candidates(context, x.shape[1], 1, g, steps=max(steps),
+                                                          tolerance=tol).steps_used[:, 0][answer] for tol in TOLERANCES}
+        parts.append(part)
+    targets = problems["y"][problems["answer"]].to(device)
+    out = {"steps": {}}
+    for j, k in enumerate(steps):
+        logits = torch.cat([p["per_step"][j] for p in parts]).float()
+        out["steps"][k] = {"acc": (logits.argmax(-1) == targets).double().mean().item(),
+                           "ce": torch.nn.functional.cross_entropy(logits, targets).item()}
+    if not thinks:
+        return {**out, "exact": dict.fromkeys(steps, exact_match(model, problems, tokenizer, None, chunk))}
+    out["exact"] = {k: exact_match(model, problems, tokenizer, k, chunk) for k in steps}
+    log_p, correct, entropy, energy = (torch.cat([p["candidates"][c] for p in parts], dim=-1) for c in range(4))
+    ce, random_pick = -log_p, torch.zeros_like(energy)
+    n_all = [n for n in (1, 2, 4, 8, 16) if n <= candidates]
+    out["best of"] = {pick: {n: {"acc": 1 - sample.best_of(1 - correct[:, :n], score[:, :n]).mean().item(),
+                                 "ce": sample.best_of(ce[:, :n], score[:, :n]).mean().item()} for n in n_all}
+                      for pick, score in (("energy", energy), ("random", random_pick), ("oracle", ce))}
+    out["spearman ce"] = sample.spearman(energy, ce).mean().item()
+    out["spearman entropy"] = sample.spearman(energy, entropy).mean().item()
+    argmax = torch.cat([p["argmax"] for p in parts], dim=1)
+    out["argmax changed"] = {k: (argmax[k] != argmax[k - 1]).double().mean().item() for k in range(1, len(argmax))}
+    carry = torch.cat([p["answer_carry"] for p in parts])
+    digit = targets != tokenizer.encode("\n")[0]
+    out["adaptive"] = {}
+    for tol in TOLERANCES:
+        used = torch.cat([p["steps_used"][tol] for p in parts]).double()
+        out["adaptive"][tol] = {"all": used.mean().item(), "carry": used[carry & digit].mean().item(),
+                                "no carry": used[~carry & digit].mean().item()}
+    return out
+
+
+@torch.no_grad()
+def exact_match(model, problems, tokenizer, steps, chunk):
+    """The share of problems whose whole answer greedy generation writes exactly (thinking `steps` steps)."""
+    device, right = next(model.parameters()).device, 0
+    longest = max(map(len, problems["answers"]))
+    for i in range(0, len(problems["prompts"]), chunk):
+        prompts = problems["prompts"][i:i + chunk].to(device)
+        thinking = {"steps": steps} if steps else {}
+        out = ebt.generate(model, prompts, longest, temperature=0, generator=torch.Generator().manual_seed(i), **thinking)
+        for row, answer in zip(out.idx[:, prompts.shape[1]:].tolist(), problems["answers"][i:i + chunk]):
+            right += tokenizer.decode(row[:len(answer)]) == answer
+    return right / len(problems["prompts"])
+
+
+def task_runs(args, out, device):
+    """Train what is missing of the task's runs (every model, each seed, TASK_LENGTH steps on train.txt)
+    and measure each on TASK_PROBLEMS problems of val.txt (in distribution) and of ood.txt (more digits)."""
+    if not all((TASK_DATA / f"{split}.txt").exists() for split in ("train", "val", "ood")):
+        addition.write(TASK_DATA)
+    runs = {}
+    for m, (prefix, flags) in RUNS.items():
+        for s in args.seeds:
+            d = out / f"task-{prefix}-{TASK_LENGTH}-seed{s}"
+            ensure_trained(train_text.main, ["--preset", args.preset, *flags, "--data", str(TASK_DATA / "train.txt"),
+                                             "--max_steps", str(TASK_LENGTH), "--seed", str(s), "--out_dir", str(d),
+                                             "--device", args.device],
+                           d, {**train_text.PRESETS[args.preset], "max_steps": TASK_LENGTH, "seed": s})
+    for m, (prefix, _) in RUNS.items():
+        for s in args.seeds:
+            print(f"evaluating task-{prefix}-{TASK_LENGTH}-seed{s}", flush=True)
+            model, tokenizer = cli.load_text_model(out / f"task-{prefix}-{TASK_LENGTH}-seed{s}" / "ckpt.pt", device)
+            K = model.trained_steps() if isinstance(model, ebt.Thinker) else 1
+            steps = sorted({1, K, 2 * K, 4 * K}) if isinstance(model, ebt.Thinker) else [1]  # the Transformer++: once
+            runs[m, s] = {"trained": K, **{split: task_scores(model, task_problems(
+                (TASK_DATA / f"{split}.txt").read_text(), tokenizer, model.config.block_size, TASK_PROBLEMS),
+                tokenizer, steps) for split in ("val", "ood")}}
+    return runs
+
+
+def markdown_table(head, rows):
+    return "\n".join(["| " + " | ".join(head) + " |", "|---" * len(head) + "|", *("| " + " | ".join(r) + " |" for r in rows)])
+
+
+def task_tables(runs, seeds):
+    """The task's tables (markdown): each cell one value per seed, "a / b"."""
+    splits = (("val", "in"), ("ood", "OOD"))
+    cell = lambda m, get, fmt="{:.1%}": " / ".join(fmt.format(get(runs[m, s])) for s in seeds)
+    at = lambda c, split, times, what: c[split]["steps" if what != "exact" else "exact"][max(1, times * c["trained"])]
+    learning = markdown_table(
+        ["model", "accuracy in", "accuracy OOD", "CE in", "CE OOD", "exact match in", "exact match OOD"],
+        [[m, *(cell(m, lambda c, sp=sp: at(c, sp, 1, "steps")["acc"]) for sp, _ in splits),
+          *(cell(m, lambda c, sp=sp: at(c, sp, 1, "steps")["ce"], "{:.3f}") for sp, _ in splits),
+          *(cell(m, lambda c, sp=sp: at(c, sp, 1, "exact")) for sp, _ in splits)] for m in RUNS])
+    thinking = markdown_table(
+        ["model", "thinking steps", "accuracy in", "accuracy OOD", "exact match in", "exact match OOD"],
+        [[m, label, *(cell(m, lambda c, sp=sp, t=t: at(c, sp, t, "steps")["acc"]) for sp, _ in splits),
+          *(cell(m, lambda c, sp=sp, t=t: at(c, sp, t, "exact")) for sp, _ in splits)]
+         for m in EBTS for label, t in (("1", 0), ("as trained", 1), ("2x", 2), ("4x", 4))])
+    picks = [(n, pick) for n in (4, 16) for pick in ("energy", "random", "oracle")]
+    verify = markdown_table(
+        ["model, text", "Spearman(E, CE)", "Spearman(E, entropy)", *(f"best of {n}, {p}" for n, p in picks)],
+        [[f"{m} {name}", *(cell(m, lambda c, sp=sp, k=k: c[sp][k], "{:+.2f}") for k in ("spearman ce", "spearman entropy")),
+          *(cell(m, lambda c, sp=sp, n=n, p=p: c[sp]["best of"][p][n]["acc"]) for n, p in picks)]
+         for m in EBTS for sp, name in splits])
+    most = max(4 * runs[m, seeds[0]]["trained"] for m in EBTS)
+    changes = markdown_table(
+        ["model, text", *(f"step {k}" for k in range(1, most + 1))],
+        [[f"{m} {name}", *(cell(m, lambda c, sp=sp, k=k: c[sp]["argmax changed"].get(k, math.nan), "{:.0%}")
+                          for k in range(1, most + 1))] for m in EBTS for sp, name in splits])
+    adaptive = markdown_table(
+        ["model, tolerance", *(f"{what}, {name}" for _, name in splits for what in ("answer tokens", "digits carried into",
+                                                                                     "digits not carried into"))],
+        [[f"{m}, {tol:g}", *(cell(m, lambda c, sp=sp, w=w, tol=tol: c[sp]["adaptive"][tol][w], "{:.2f}")
+                             for sp, _ in splits for w in ("all", "carry", "no carry"))] for m in EBTS for tol in TOLERANCES])
+    return learning, thinking, verify, changes, adaptive
+
+
+def plot_task(runs, seeds, path):
+    """Answer accuracy against thinking steps, and the best of n candidates picked by energy, at random and
+    by the truth (means over the seeds)."""
+    fig = cli.figure(figsize=(10, 3.8), layout="constrained")
+    steps_ax, best_ax = fig.subplots(1, 2)
+    for i, m in enumerate(RUNS):
+        for split, style in (("val", "-"), ("ood", "--")):
+            per_seed = [runs[m, s][split]["steps"] for s in seeds]
+            ks = sorted(per_seed[0])
+            acc = [mean([p[k]["acc"] for p in per_seed]) for k in ks]
+            label = f"{m} {'in distribution' if split == 'val' else 'OOD'}"
+            if m in EBTS:
+                steps_ax.plot(ks, acc, style, marker="o", color=f"C{i}", label=label)
+            else:  # one answer, whatever the steps
+                steps_ax.axhline(acc[0], ls=style, color=f"C{i}", lw=1, label=label)
+    steps_ax.set(xscale="log", xlabel="thinking steps (1 candidate)", ylabel="answer-token accuracy",
+                 title="thinking longer")
+    for i, m in enumerate(EBTS, 1):
+        best = [runs[m, s]["val"]["best of"] for s in seeds]
+        ns = sorted(best[0]["energy"])
+        for pick, style in (("energy", "-"), ("random", "--"), ("oracle", ":")):
+            best_ax.plot(ns, [mean([b[pick][n]["acc"] for b in best]) for n in ns], style, marker="o", ms=3,
+                         color=f"C{i}", label=f"{m}: by {pick}")
+    best_ax.set(xscale="log", xlabel="candidates n (trained steps)", ylabel="answer-token accuracy, in distribution",
+                title="self-verification: the best of n")
+    for ax in (steps_ax, best_ax):
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("the addition task: answer tokens only")
+    fig.savefig(path, dpi=90)
+
+
 # The whole report --------------------------------------------------------------
 
 def main(argv=None):
@@ -344,6 +565,56 @@ def main(argv=None):
     out, report_dir = Path(args.out_dir), Path(args.report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     device = cli.pick_device(args.device)
+    if args.part in ("all", "text"):
+        text_part(args, out, report_dir, device)
+    if args.part in ("all", "task"):
+        task_part(args, out, report_dir, device)
+    if args.part in ("all", "images"):
+        images_part(args, out, report_dir)
+
+
+def write_section(path, title, body):
+    """results.md holds a section per part (## title), each rewritten by its own part, the others kept."""
+    text = Path(path).read_text() if Path(path).exists() else ""
+    head, *sections = text.split("\n## ")
+    kept = {s.split("\n", 1)[0]: s.split("\n", 1)[1].strip() for s in sections}
+    kept[title] = body.strip()
+    head = head.strip() or "# Results\n\nMade by `python results.py` (see README, Results); `--part` remakes one section."
+    cli.write_atomically(path, lambda tmp: tmp.write_text(
+        head + "\n\n" + "\n\n".join(f"## {t}\n\n{b}" for t, b in kept.items()) + "\n"))
+
+
+def task_part(args, out, report_dir, device):
+    runs, seeds = task_runs(args, out, device), args.seeds
+    plot_task(runs, seeds, report_dir / "task.png")
+    learning, thinking, verify, changes, adaptive = task_tables(runs, seeds)
+    report = "\n\n".join([
+        f"`python results.py --part task`: multi-digit addition (`data/addition.py`: operands of 1 to 5 digits, the "
+        f"sum written least significant digit first; OOD: 6 to 7 digits), `--preset {args.preset}`, {TASK_LENGTH} "
+        f"optimizer steps, every model at equal batch, seeds {' / '.join(map(str, seeds))} (each cell gives both). "
+        f"Answer tokens only (the sum's digits and the newline that ends it), {TASK_PROBLEMS} problems per text, "
+        "each read with the problems before it as context.",
+        "T1. Teacher forcing at the trained steps (accuracy of the argmax, cross-entropy in nats), and exact match "
+        "of whole answers generated greedily (temperature 0) thinking the trained steps\n\n" + learning,
+        "T2. Thinking longer: the same after 1, the trained, 2x and 4x the trained steps (one candidate, no noise)"
+        "\n\n" + thinking,
+        "T3. Does the energy verify: across 16 candidates per answer token (trained steps, Langevin noise 1, the "
+        "paper's), Spearman's correlation of the final energy with each candidate's cross-entropy and with its "
+        "entropy, and the accuracy of the best of n picked by lowest energy, at random, and by the truth (oracle)"
+        "\n\n" + verify,
+        "T4. What each thinking step does: the share of answer tokens whose most likely value the step changes"
+        "\n\n" + changes,
+        f"T5. Adaptive stopping (`--tolerance`, at most 4x the trained steps): mean steps a token thinks before "
+        "a step lowers its energy by less than the tolerance; harder tokens are the digits a carry comes into, "
+        "and the longer OOD sums\n\n" + adaptive])
+    write_section(report_dir / "results.md", "The addition task", report)
+    cli.write_atomically(out / "task.json", lambda tmp: tmp.write_text(
+        json.dumps({f"{m}|{s}": c for (m, s), c in runs.items()}, indent=1) + "\n"))
+    print(report)
+    print(f"wrote {report_dir / 'results.md'} (its addition task section), {report_dir / 'task.png'}, {out / 'task.json'}")
+
+
+def text_part(args, out, report_dir, device):
     lengths, seeds = sorted(args.lengths), args.seeds
     dirs = {(m, n, s): out / f"{prefix}-{n}-seed{s}" for m, (prefix, _) in RUNS.items() for n in lengths for s in seeds}
     # the main comparison (the shortest length of 1500 steps or more) first: it matters most
@@ -400,12 +671,15 @@ def main(argv=None):
         f"seed {seeds[0]}, beside the paper's S2 (2-3 steps): CE at the trained steps, and as in 6\n\n"
         + experiment_table(runs, label, main_length, seeds[0]),
     ])
-    results_md = "# Results\n\nMade by `python results.py` (see README, Results).\n\n" + report + "\n"
-    cli.write_atomically(report_dir / "results.md", lambda tmp: tmp.write_text(results_md))
+    write_section(report_dir / "results.md", "Tiny Shakespeare", report)
     numbers = json.dumps({f"{m}|{n}|{s}": c for (m, n, s), c in runs.items()}, indent=1) + "\n"
     cli.write_atomically(out / "results.json", lambda tmp: tmp.write_text(numbers))
     print(report)
     print(f"wrote {report_dir / 'results.md'} and the plots in {report_dir}, {out / 'results.json'}")
+
+
+def images_part(args, out, report_dir):
+    seeds = args.seeds
     image_dirs = [out / f"image-{name}" for name in IMAGE_RUNS]
     for d, flags in zip(image_dirs, IMAGE_RUNS.values()):
         ensure_trained(train_image.main, [*flags, "--seed", str(seeds[0]), "--out_dir", str(d), "--device", args.device], d)

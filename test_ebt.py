@@ -1617,12 +1617,24 @@ def test_results_trains_what_is_missing_then_reports_from_checkpoints(tmp_path, 
                   "4", "--report_steps", "2", "--passes", "1", "2"]
     monkeypatch.setattr(results, "IMAGE_RUNS", {k: v + tiny_image for k, v in results.IMAGE_RUNS.items()})
     monkeypatch.setattr(train_image, "DIT_PASSES", (1, 2))
+    monkeypatch.setattr(results, "TASK_DATA", tmp_path / "addition")
+    monkeypatch.setattr(results, "TASK_LENGTH", 2)
+    monkeypatch.setattr(results, "TASK_PROBLEMS", 8)
+    write = results.addition.write
+    monkeypatch.setattr(results.addition, "write", lambda out_dir: write(out_dir, digits=2, n_train=3000, n_eval=100))
     argv = ["--seeds", "1", "2", "--lengths", "3", "--out_dir", str(tmp_path), "--report_dir", str(tmp_path),
             "--windows", "2", "--device", "cpu"]
     results.main(argv)
-    # every model at both seeds, the experiment at the first, the image runs
-    assert capsys.readouterr().out.count("$ python ") == len(results.RUNS) * 2 + 1 + len(results.IMAGE_RUNS)
+    # every model at both seeds, the experiment at the first, the same on the task, the image runs
+    assert capsys.readouterr().out.count("$ python ") == len(results.RUNS) * 2 * 2 + 1 + len(results.IMAGE_RUNS)
     report = (tmp_path / "results.md").read_text()
+    assert report.index("## Tiny Shakespeare") < report.index("## The addition task")
+    for section in ("T1. Teacher forcing", "T2. Thinking longer", "T3. Does the energy verify", "T4. What each",
+                    "T5. Adaptive stopping"):
+        assert section in report
+    task = json.loads((tmp_path / "task.json").read_text())
+    assert sorted(task["S2|1"]["ood"]["steps"]) == ["1", "12", "3", "6"] and list(task["Transformer++|2"]["val"]["steps"]) == ["1"]
+    assert 0 <= task["S1|2"]["val"]["best of"]["oracle"]["16"]["acc"] <= 1 and (tmp_path / "task.png").stat().st_size > 0
     for section in ("1. Learning", "2. CE against thinking steps", "3. CE against self-verification",
                     "4. S2: what thinking changes", "5. S1, the same", "6. Does the energy rank",
                     "7. The same at every training length", "8. What each thinking step does", "9. Beyond the paper"):
@@ -1638,8 +1650,26 @@ def test_results_trains_what_is_missing_then_reports_from_checkpoints(tmp_path, 
     results.main(argv)  # everything is trained now: only the report is made again
     assert "$ python " not in capsys.readouterr().out
     assert (tmp_path / "results.md").read_text() == report
+    results.main([*argv, "--part", "task"])  # one part: its section made again, the others kept
+    assert (tmp_path / "results.md").read_text() == report
     with pytest.raises(ebt.UsageError, match="other settings"):  # runs of another preset are not reused
         results.main([*argv, "--preset", "gpu"])
+
+
+def test_addition_problems_read_their_answers_and_carries_as_by_hand():
+    """95 + 17 = 112, written 211: no carry into the units, one into the tens (5 + 7) and the hundreds (95 + 17)."""
+    import results
+    from data import addition
+    text = "1+1=2\n" * 20 + "95+17=211\n"
+    tok = cli.CharTokenizer.fit("0123456789+=\n")
+    p = results.task_problems(text, tok, 16, 100)
+    last = {k: v[-1] for k, v in p.items()}
+    assert p["answers"][-1] == "211\n" and tok.decode(last["y"][last["answer"]].tolist()) == "211\n"
+    assert last["carry"][last["answer"]].tolist() == [False, True, True, False]
+    assert tok.decode(last["prompts"].tolist()).endswith("95+17=") and len(last["prompts"]) == 6
+    assert tok.decode(last["x"].tolist()) + "\n" == text[-17:] and not last["carry"][~last["answer"]].any()
+    generated = addition.problems(500, 0, (1, 3))
+    assert all(int(line.split("=")[1][::-1]) == eval(line.split("=")[0]) for line in generated.splitlines())
 
 
 # -----------------------------------------------------------------------------

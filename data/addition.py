@@ -53,9 +53,17 @@ def answer_spans(text):
     return spans
 
 
-def answer_positions(text):
-    """Every answer token's character position, in order."""
-    return [i for start, end in answer_spans(text) for i in range(start, end)]
+def write(out_dir, digits=5, n_train=200_000, n_eval=2_000, seed=0):
+    """train.txt and val.txt (operands of 1 to `digits` digits), ood.txt (digits + 1 to digits + 2)."""
+    os.makedirs(out_dir, exist_ok=True)
+    splits = {"train": (n_train, seed, (1, digits)), "val": (n_eval, seed + 1, (1, digits)),
+              "ood": (n_eval, seed + 2, (digits + 1, digits + 2))}
+    for name, (n, split_seed, operand_digits) in splits.items():
+        path = os.path.join(out_dir, f"{name}.txt")
+        with open(path + ".tmp", "w") as f:  # renamed when whole: an interrupted write leaves no split
+            f.write(problems(n, split_seed, operand_digits))
+        os.replace(path + ".tmp", path)
+        print(f"{path}: {n} problems, operands of {operand_digits[0]} to {operand_digits[1]} digits")
 
 
 if __name__ == "__main__":
@@ -66,12 +74,4 @@ if __name__ == "__main__":
     parser.add_argument("--n_eval", type=int, default=2_000, help="problems in val.txt and in ood.txt")
     parser.add_argument("--seed", type=int, default=0, help="train uses seed, val seed + 1, ood seed + 2")
     args = parser.parse_args()
-    os.makedirs(args.out_dir, exist_ok=True)
-    splits = {"train": (args.n_train, args.seed, (1, args.digits)),
-              "val": (args.n_eval, args.seed + 1, (1, args.digits)),
-              "ood": (args.n_eval, args.seed + 2, (args.digits + 1, args.digits + 2))}
-    for name, (n, seed, digits) in splits.items():
-        path = os.path.join(args.out_dir, f"{name}.txt")
-        with open(path, "w") as f:
-            f.write(problems(n, seed, digits))
-        print(f"{path}: {n} problems, operands of {digits[0]} to {digits[1]} digits")
+    write(args.out_dir, args.digits, args.n_train, args.n_eval, args.seed)
