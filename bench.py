@@ -19,6 +19,7 @@ import copy
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -29,6 +30,7 @@ import torch
 import cli
 import ebt
 import train_text
+from data import prepare
 
 HERE = Path(__file__).resolve().parent
 
@@ -214,7 +216,7 @@ def count_syncs(steps=20, log_interval=10):
     torch.manual_seed(0)
     rng = random.Random(0)
     tok = cli.CharTokenizer.fit("abcdefgh ")
-    data = ebt.TextData(tok.encode("".join(rng.choice("abcdefgh ") for _ in range(5000))), 16)
+    data = ebt.TextData(*prepare.split(tok.encode("".join(rng.choice("abcdefgh ") for _ in range(5000)))), 16)
     model = ebt.build_model(ebt.ModelConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
     adamw = torch.optim.AdamW  # fused, as on CUDA: no per-parameter reads of the step counters
     torch.optim.AdamW = lambda *a, **k: adamw(*a, **{**k, "fused": True})
@@ -306,6 +308,72 @@ def gpu_check(out, args):
     keep("cuda tests", (r.stdout.strip().splitlines() or [f"pytest printed nothing: {r.stderr[-500:]}"])[-1])
 
 
+def run_measured(argv, until=None, env=None):
+    """Run a command to its end: (seconds until a line of its output holds `until`, else to its end; its peak
+    resident set in MB; its output)."""
+    start, first, lines = time.time(), None, []
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE,
+                            env={**os.environ, **(env or {})})
+    for line in proc.stdout:
+        lines.append(line)
+        if first is None and until and until in line:
+            first = time.time() - start
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status:
+        raise ebt.UsageError(f"{' '.join(map(str, argv[:3]))} ... failed: {''.join(lines[-3:]).strip()}")
+    return first or time.time() - start, usage.ru_maxrss / 1024, "".join(lines)
+
+
+BPE_OFFLINE = ("import sys, tiktoken, test_ebt; enc = test_ebt.small_bpe(); tiktoken.get_encoding = lambda name: enc; "
+               "from data import prepare; prepare.main(sys.argv[1:])")  # the tests' BPE: GPT-2's files need a network
+
+
+def corpus_check(sizes_mb, old=None, runs=None):
+    """Your own corpus, measured: for each size, a corpus of Tiny Shakespeare repeated (generated in a temporary
+    folder, removed after) is prepared (characters; BPE with the tests' offline encoding) and trained from (a
+    prepared folder; the plain file, prepared into its cache first, then again from the cache): MB/s, peak
+    resident set, time to the first logged step, and reading a batch against a training step. old: a checkout
+    of an earlier nanoEBT, whose train_text.py reads the file whole, timed on the same files."""
+    import tempfile
+    rows = []
+    train = [sys.executable, "train_text.py", "--preset", "cpu", "--max_steps", "1", "--log_interval", "1",
+             "--eval_batches", "1", "--device", "cpu"]
+    with tempfile.TemporaryDirectory(dir=runs) as tmp:
+        tmp, text = Path(tmp), cli.shakespeare()
+        for mb in sizes_mb:
+            corpus = tmp / f"corpus-{mb}mb.txt"
+            with open(corpus, "w") as f:
+                for _ in range(max(1, round(mb * 1e6 / len(text)))):
+                    f.write(text)
+            size, row = corpus.stat().st_size / 1e6, {"MB": mb}
+            for kind, argv in (("char", [sys.executable, "data/prepare.py"]), ("bpe", [sys.executable, "-c", BPE_OFFLINE])):
+                seconds, rss, _ = run_measured([*argv, str(corpus), "--out_dir", str(tmp / kind), "--tokenizer",
+                                                "char" if kind == "char" else "gpt2", "--overwrite"])
+                row[f"prepare {kind}"] = {"MB/s": size / seconds, "peak MB": rss}
+            cache = {"NANOEBT_CACHE": str(tmp / "cache")}
+            for name, data, env in (("train, prepared", tmp / "char", None), ("train, file (prepares)", corpus, cache),
+                                    ("train, file (cached)", corpus, cache)):
+                seconds, rss, _ = run_measured([*train, "--data", str(data), "--out_dir", str(tmp / "run"),
+                                                "--eval_interval", "1000"], until="step 1/1", env=env)
+                shutil.rmtree(tmp / "run")
+                row[name] = {"first step s": seconds, "peak MB": rss}
+            if old:
+                seconds, rss, _ = run_measured([sys.executable, str(Path(old) / "train_text.py"), *train[2:], "--data",
+                                                str(corpus), "--out_dir", str(tmp / "run"), "--eval_interval", "1000"],
+                                               until="step 1/1")
+                shutil.rmtree(tmp / "run")
+                row["train, file (before)"] = {"first step s": seconds, "peak MB": rss}
+            batch = ebt.TextData(*(lambda c: (c.train, c.val))(prepare.Corpus(tmp / "char")), 64)
+            g, start = torch.Generator().manual_seed(0), time.perf_counter()
+            for _ in range(100):
+                batch.batch("train", 16, g)
+            row["batch ms"] = (time.perf_counter() - start) * 10
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            corpus.unlink()
+    return rows
+
+
 def main(argv=None):
     cpu = train_text.PRESETS["cpu"]  # the default size: train_text.py's CPU preset
     p = cli.ArgumentParser(description=__doc__)
@@ -330,6 +398,9 @@ def main(argv=None):
     p.add_argument("--syncs", action="store_true", help="count device-to-host reads per training step, by call site")
     p.add_argument("--gpu_check", metavar="OUT", help="the README's 'On one GPU' measurements, JSON in OUT")
     p.add_argument("--seconds", type=float, default=90, help="--gpu_check: wall time of each default text run")
+    p.add_argument("--corpus_check", type=float, nargs="+", metavar="MB", help="preparing and training from generated "
+                   "corpora of these sizes (MB): speed, memory, time to the first step")
+    p.add_argument("--old", help="--corpus_check: also time an earlier checkout's train_text.py (its folder)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one "kind:steps" and print JSON
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
@@ -341,6 +412,10 @@ def main(argv=None):
         cli.check_out_dir(args.gpu_check, "--gpu_check")
     if args.syncs:
         return count_syncs()
+    if args.corpus_check:
+        for mb in args.corpus_check:
+            cli.check_range(mb, "corpus_check", lambda v: 0.01 <= v <= 100_000, "in 0.01..100000 (MB)")
+        return corpus_check(args.corpus_check, args.old)
     if args.gpu_check:
         return gpu_check(Path(args.gpu_check), args)
     if args.one:

@@ -23,6 +23,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -704,25 +705,24 @@ def build_model(cfg, seed=None):
 
 
 # -----------------------------------------------------------------------------
-# 5. Text data (the corpus and tokenizers are read by cli.py)
+# 5. Text data (prepared into token files by data/prepare.py)
 
 def random_windows(ids, length, count, generator):
-    """count random windows of a 1-D token tensor: inputs (count, length) and next-token targets."""
+    """count random windows of 1-D token ids (a memmap reads only these): inputs, targets, each (count, length)."""
     start = torch.randint(len(ids) - length, (count,), generator=generator)
-    chunk = ids[start[:, None] + torch.arange(length + 1)]
+    chunk = torch.as_tensor(np.asarray(ids[(start[:, None] + torch.arange(length + 1)).numpy()], dtype=np.int64))
     return chunk[:, :-1], chunk[:, 1:]
 
 
 class TextData:
-    """A token stream split 90/10 into train and validation; batches are random windows."""
+    """Token ids split into train and validation (1-D arrays, or numpy memmaps of data/prepare.py's token
+    files); batches are random windows of block_size tokens and their targets."""
 
-    def __init__(self, ids, block_size, source="text"):
-        ids = torch.tensor(ids, dtype=torch.long)
-        n_val = max(len(ids) // 10, block_size + 1)
-        if len(ids) - n_val < block_size + 1:
-            raise UsageError(f"{source} has {len(ids)} tokens: too short for block size {block_size} "
-                             f"(needs at least {2 * (block_size + 1)}); use more text or a smaller --block_size")
-        self.split = {"train": ids[:-n_val], "val": ids[-n_val:]}
+    def __init__(self, train, val, block_size, source="text"):
+        if min(len(train), len(val)) < block_size + 1:
+            raise UsageError(f"{source} has {len(train):,} training and {len(val):,} validation tokens: too few for "
+                             f"block size {block_size} (each needs {block_size + 1}); use more text or a smaller --block_size")
+        self.split = {"train": train, "val": val}
         self.block_size = self.tokens_per_sample = block_size
 
     def batch(self, split, batch_size, generator):

@@ -45,7 +45,7 @@ import ebt
 import sample
 import train_image
 import train_text
-from data import addition
+from data import addition, prepare
 
 RUNS = {"Transformer++": ("transformer", ["--model", "transformer"]),  # label -> (directory, flags)
           "S1": ("s1", ["--recipe", "s1"]),
@@ -110,7 +110,7 @@ def curves(path, windows, device):
     """Cross-entropy (nats per token) against thinking steps and candidates, on the validation
     split and on the OOD text: {"val" | "ood": {"steps" | "candidates": {k: CE}}, "trained": K}."""
     model, tokenizer = cli.load_text_model(path, device)
-    val, ood, _ = sample.validation_and_ood(tokenizer, model.config.block_size, cli.shakespeare())
+    val, ood, _ = sample.validation_and_ood(tokenizer, prepare.corpus())
     out = {"trained": model.trained_steps() if isinstance(model, ebt.Thinker) else 1}
     for split, ids in (("val", val), ("ood", ood)):
         r = sample.thinking_curves(model, ids, sorted({*STEPS, out["trained"]}), CANDIDATES, windows=windows, seed=0)

@@ -18,6 +18,7 @@ import torch
 
 import cli
 import ebt
+from data import prepare
 
 # -----------------------------------------------------------------------------
 # Plots of thinking. Each takes a model (eval mode) and a text, or what generate() returned,
@@ -381,13 +382,12 @@ def in_vocabulary(text, tokenizer):
     return kept, len(text) - len(kept)
 
 
-def validation_and_ood(tokenizer, block_size, data_text, ood_text=None):
-    """Token ids to evaluate thinking on: the validation split of the training text, and an
+def validation_and_ood(tokenizer, corpus, ood_text=None):
+    """Token ids to evaluate thinking on: the validation split of the training corpus (data/prepare.py), and an
     out-of-distribution text (default: pydoc_data.topics) cut to the vocabulary.
     Returns (val ids, OOD ids, characters dropped from the OOD text)."""
-    val = ebt.TextData(tokenizer.encode(data_text), block_size).split["val"]
     ood, dropped = in_vocabulary(pydoc_topics_text() if ood_text is None else ood_text, tokenizer)
-    return val, torch.tensor(tokenizer.encode(ood)), dropped
+    return corpus.val, torch.tensor(tokenizer.encode(ood)), dropped
 
 
 # -----------------------------------------------------------------------------
@@ -425,8 +425,8 @@ def parse_args(argv=None):
     g.add_argument("--init_std", type=float, help="std of the random starting logits (default: as trained)")
     m = p.add_argument_group("other modes")
     m.add_argument("--eval", action="store_true", help="perplexity vs thinking steps and candidates on val and OOD text")
-    m.add_argument("--data", help="--eval: the training text, whose last 10%% is the validation split (default: the "
-                   "checkpoint's own, recorded at training)")
+    m.add_argument("--data", help="--eval: the training corpus, a text file or a prepared folder, whose last 10%% is "
+                   "the validation split (default: the checkpoint's own, recorded at training)")
     m.add_argument("--ood", help="--eval: out-of-distribution text file (default: Python's pydoc_data.topics)")
     m.add_argument("--windows", type=int, default=64, help="--eval: random windows of block_size tokens per text (default: %(default)s)")
     args = p.parse_args(argv)
@@ -441,21 +441,18 @@ def parse_args(argv=None):
     return args
 
 
-def training_text(ckpt_path, data=None):
-    """The text a checkpoint was trained on: data if given, else the path it recorded (None: Tiny
-    Shakespeare); checked against its checksum."""
-    recorded = cli.load_checkpoint(ckpt_path).get("data", {})
-    path = data or recorded.get("path")
-    text = cli.text_or_shakespeare(path)
-    if recorded.get("sha256") not in (None, cli.sha256_text(text)):
-        raise ebt.UsageError(f"{path or 'Tiny Shakespeare'} is not the text {ckpt_path} was trained on (checksum); "
-                             "pass that text with --data (another text goes in --ood)")
-    return text
+def training_corpus(ckpt_path, data=None):
+    """The corpus a checkpoint was trained on: data if given, else the one it recorded (None: Tiny
+    Shakespeare), checked to be the same (data/prepare.py)."""
+    ckpt = cli.load_checkpoint(ckpt_path)
+    corpus = prepare.corpus(data or (ckpt.get("data") or {}).get("path"), ckpt["tokenizer"]["kind"],
+                            say=lambda line: print(line, file=sys.stderr))  # stdout is for the results
+    corpus.check_trained_on(ckpt, ckpt_path, "pass that corpus with --data (another text goes in --ood)")
+    return corpus
 
 
-def evaluate_thinking(model, tokenizer, text, args):
-    val, ood, dropped = validation_and_ood(tokenizer, model.config.block_size, text,
-                                           cli.read_text(args.ood, "--ood") if args.ood else None)
+def evaluate_thinking(model, tokenizer, corpus, args):
+    val, ood, dropped = validation_and_ood(tokenizer, corpus, cli.read_text(args.ood, "--ood") if args.ood else None)
     ood_name = Path(args.ood).name if args.ood else "pydoc_data.topics"
     print(f"OOD text {ood_name}: {len(ood)} tokens kept, {dropped} characters outside the vocabulary dropped")
     if dropped > 0.1 * (len(ood) + dropped):
@@ -491,7 +488,7 @@ def main(argv=None):
         cli.compile_model(model)
         print("compiling: the first tokens take 30-90 s", file=sys.stderr, flush=True)
     if args.eval:
-        return evaluate_thinking(model, tokenizer, training_text(ckpt, args.data), args)
+        return evaluate_thinking(model, tokenizer, training_corpus(ckpt, args.data), args)
     if args.plots:
         cli.require_ebt(model, "--plots")
     idx = torch.tensor([tokenizer.encode(args.prompt)], device=device)

@@ -13,10 +13,12 @@ import math
 import os
 import pickle
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import weakref
 from pathlib import Path
@@ -26,11 +28,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+os.environ["NANOEBT_CACHE"] = tempfile.mkdtemp(prefix="nanoebt-cache-")  # text files prepared here, not in data/
 import cli
 import ebt
 import sample
 import train_image
 import train_text
+from data import prepare
 
 HERE = Path(__file__).resolve().parent
 CUDA = [pytest.param("cuda", marks=[pytest.mark.cuda,
@@ -95,7 +99,7 @@ def unigram_entropy(text):
 
 def words_data(block_size=16):
     tok = cli.CharTokenizer.fit(synthetic_text())
-    return tok, ebt.TextData(tok.encode(synthetic_text()), block_size)
+    return tok, ebt.TextData(*prepare.split(tok.encode(synthetic_text())), block_size)
 
 
 def train_config(tmp_path, **kw):
@@ -1101,7 +1105,7 @@ def test_sample_eval_reads_the_text_the_checkpoint_was_trained_on(tmp_path, text
     sample.main(["--ckpt", str(ckpt), "--eval", "--windows", "2", "--device", "cpu", "--ood", str(text_file)])
     out = capsys.readouterr().out
     assert out.startswith("OOD text words.txt: ") and "perplexity" in out
-    with pytest.raises(ebt.UsageError, match="not the text"):
+    with pytest.raises(ebt.UsageError, match="not the corpus"):  # a checkpoint from before prepared corpora: checksum
         sample.main(["--ckpt", str(ckpt), "--eval", "--data", str(HERE / "README.md"), "--device", "cpu"])
 
 
@@ -1151,8 +1155,8 @@ def test_the_seed_fixes_the_whole_run_initial_weights_included(text_file, tmp_pa
 BAD_INPUTS = [  # (case, driver, argv: {name} is a path of the bad_input_files fixture, what the one line says)
     ("missing data", "text", ["--data", "{tmp}/nope.txt"], "does not exist"),
     ("empty data", "text", ["--data", "{empty}"], "empty"),
-    ("data shorter than a block", "text", ["--data", "{short}"], "too short"),
-    ("data is a directory", "text", ["--data", "{tmp}"], "is a directory"),
+    ("data shorter than a block", "text", ["--data", "{short}"], "too few for block size"),
+    ("data is a folder, not prepared", "text", ["--data", "{tmp}"], "python data/prepare.py"),
     ("width not divisible by heads", "text", ["--n_embd", "30", "--n_head", "4"], "--n_embd 30"),
     ("negative lr", "text", ["--lr", "-1"], "--lr -1"),
     ("nan step size", "text", ["--step_size", "nan"], "--step_size nan"),
@@ -1237,8 +1241,25 @@ BAD_INPUTS = [  # (case, driver, argv: {name} is a path of the bad_input_files f
     ("bench: batch 0", "bench", ["--batch_size", "0"], "--batch_size 0"),
     ("bench: a billion iterations", "bench", ["--iters", "1000000000"], "--iters"),
     ("bench: gpu check under a file", "bench", ["--gpu_check", "{file}/gpu"], "cannot be written"),
+    # your own corpus: preparing it, and prepared folders that are not whole
+    ("binary data", "text", ["--data", "{binary}"], "not UTF-8 text"),
+    ("prepare: a folder with no files", "prepare", ["{empty_dir}", "--out_dir", "{tmp}/p"], "no files"),
+    ("prepare: a binary file", "prepare", ["{binary}", "--out_dir", "{tmp}/p"], "not UTF-8 text"),
+    ("prepare: an empty file", "prepare", ["{empty}", "--out_dir", "{tmp}/p"], "is empty"),
+    ("prepare: nothing matches", "prepare", ["{tmp}/*.none", "--out_dir", "{tmp}/p"], "no such file, folder or glob"),
+    ("prepare: into a file", "prepare", ["{text}", "--out_dir", "{file}"], "is a file"),
+    ("prepared: a truncated token file", "text", ["--data", "{truncated_corpus}"], "missing or truncated"),
+    ("prepared: a missing token file", "text", ["--data", "{nofile_corpus}"], "missing or truncated"),
+    ("prepared: no meta.json", "text", ["--data", "{nometa_corpus}"], "not a prepared corpus"),
+    ("prepared: a damaged meta.json", "text", ["--data", "{damaged_corpus}"], "damaged"),
+    ("prepared: a vocabulary past its dtype", "text", ["--data", "{wide_corpus}"], "does not fit its token dtype"),
+    ("prepared: another tokenizer asked", "text", ["--data", "{corpus}", "--tokenizer", "gpt2"], "conflicts with"),
+    ("resume on another prepared corpus", "text", ["--resume", "--out_dir", "{ebt_dir}", "--data", "{other_corpus}"],
+     "not the corpus"),
+    ("sample: eval on another prepared corpus", "sample", ["--ckpt", "{ebt}", "--eval", "--data", "{other_corpus}"],
+     "not the corpus"),
 ]
-DRIVERS = {"text": train_text.main, "sample": sample.main, "image": train_image.main,
+DRIVERS = {"text": train_text.main, "sample": sample.main, "image": train_image.main, "prepare": prepare.main,
            "results": lambda argv: __import__("results").main(argv), "bench": lambda argv: __import__("bench").main(argv)}
 
 
@@ -1257,6 +1278,21 @@ def bad_input_files(tmp_path, checkpoints, text_file, monkeypatch):
         (tmp_path / name).mkdir()
         paths[name] = tmp_path / name
     (tmp_path / "broken_dir" / "broken.png").write_bytes(b"not a png")
+    paths["binary"] = tmp_path / "binary.txt"
+    paths["binary"].write_bytes(bytes(range(256)) * 4)
+    for name, text in (("corpus", synthetic_text()), ("other_corpus", synthetic_text(seed=1))):
+        (tmp_path / f"{name}.txt").write_text(text)
+        prepare.prepare(tmp_path / f"{name}.txt", tmp_path / name, say=quiet)
+        paths[name] = tmp_path / name
+    for name, damage in (("truncated", lambda d: os.truncate(d / "train.bin", 100)),
+                         ("nofile", lambda d: (d / "val.bin").unlink()),
+                         ("nometa", lambda d: (d / "meta.json").unlink()),
+                         ("damaged", lambda d: (d / "meta.json").write_text('{"tokens": ')),
+                         ("wide", lambda d: (d / "meta.json").write_text(json.dumps(
+                             {**json.loads((d / "meta.json").read_text()), "vocab_size": 70000})))):
+        shutil.copytree(paths["corpus"], tmp_path / f"{name}_corpus")
+        damage(tmp_path / f"{name}_corpus")
+        paths[f"{name}_corpus"] = tmp_path / f"{name}_corpus"
     matplotlib.image.imsave(tmp_path / "small_dir" / "tiny.png", np.zeros((20, 20, 3)))
     return paths
 
@@ -1417,13 +1453,90 @@ def test_gpt2_tokenizer_without_its_files_is_a_one_line_error(tmp_path, monkeypa
     assert code == 2 and err.count("\n") == 1 and "--tokenizer char" in err and "network unreachable" in err, err
 
 
-def test_gpt2_tokenizer_round_trip():
-    try:
-        tok = cli.GPT2Tokenizer()
-    except ebt.UsageError as e:
-        pytest.skip(f"tiktoken cannot load the gpt2 files here: {e}")
-    text = "To be, or not to be: that is the question."
-    assert tok.vocab_size == 50257 and tok.decode(tok.encode(text)) == text
+def small_bpe():
+    """A BPE tiktoken.Encoding built here, offline: the 256 bytes, a few merges, GPT-2's pre-tokenizer."""
+    import tiktoken
+    ranks = {bytes([i]): i for i in range(256)}
+    for merged in (b"th", b"the", b" t", b" the", b"at", b" c", b" cat", b"an", b" s", b" sat", b"og", b" d", b" dog"):
+        ranks[merged] = len(ranks)
+    pattern = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+    return tiktoken.Encoding(name="gpt2", pat_str=pattern, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": len(ranks)})
+
+
+@pytest.fixture
+def offline_bpe(monkeypatch):
+    """--tokenizer gpt2 through a small BPE built here: tiktoken's real files are never fetched."""
+    import tiktoken
+    enc = small_bpe()
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: enc)
+    return enc
+
+
+def test_gpt2_tokenizer_round_trip_and_long_texts_encode_as_the_whole(offline_bpe):
+    tok = cli.GPT2Tokenizer()
+    text = ("the cat sat\n\n  on the dog.\nthe end\n" * 300)[:-1]
+    assert tok.vocab_size == offline_bpe.n_vocab and tok.decode(tok.encode(text)) == text
+    assert tok.encode_array(text, piece=50).tolist() == offline_bpe.encode_ordinary(text)  # cut where BPE cuts
+
+
+def test_prepare_streams_characters_and_bpe_into_token_files_as_the_whole_text_encodes(tmp_path, monkeypatch,
+                                                                                         offline_bpe):
+    """Small chunks, so that every boundary is crossed: the ids are the whole text's, the last tenth validates,
+    and the record names the sources by checksum."""
+    monkeypatch.setattr(prepare, "CHUNK", 997)
+    texts = ["the cat sät\n\n on the dog ✓\n" * 200, "a dog ran far away\n  the end\n" * 100]
+    for i, text in enumerate(texts):
+        (tmp_path / "src").mkdir(exist_ok=True)
+        (tmp_path / "src" / f"{i}.txt").write_text(text)
+    whole = "".join(texts)
+    for kind, expected in (("char", cli.CharTokenizer.fit(whole).encode(whole)), ("gpt2", None)):
+        expected = expected or offline_bpe.encode_ordinary(texts[0]) + offline_bpe.encode_ordinary(texts[1])
+        code, out, err = run_cli(prepare.main, str(tmp_path / "src"), "--out_dir", str(tmp_path / kind), "--tokenizer", kind)
+        assert code == 0 and "MB/s" in out and not err, err
+        corpus = prepare.Corpus(tmp_path / kind)
+        assert np.concatenate([corpus.train, corpus.val]).tolist() == expected
+        assert len(corpus.val) == len(expected) // 10 and corpus.train.dtype == np.uint16
+        assert [s["sha256"] for s in corpus.meta["sources"]] == [cli.sha256_text(t) for t in texts]
+    code, _, err = run_cli(prepare.main, str(tmp_path / "src" / "*.txt"), "--out_dir", str(tmp_path / "char"))
+    assert code == 2 and "--overwrite" in err, err  # a second prepare into the same place refuses
+    assert run_cli(prepare.main, str(tmp_path / "src" / "*.txt"), "--out_dir", str(tmp_path / "char"), "--overwrite")[0] == 0
+
+
+def test_an_interrupted_prepare_leaves_nothing_that_looks_prepared(tmp_path, monkeypatch, text_file):
+    def interrupted(*a, **k):
+        yield np.arange(5)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(prepare, "encoded", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare(text_file, tmp_path / "p")
+    assert not (tmp_path / "p" / "meta.json").exists()
+    with pytest.raises(ebt.UsageError, match="not a prepared corpus"):
+        prepare.Corpus(tmp_path / "p")
+
+
+def test_bpe_prepare_train_resume_sample_and_eval_offline(tmp_path, offline_bpe, text_file, capsys):
+    """--tokenizer gpt2 end to end with a BPE built here: prepare, train, resume, sample, --eval; another corpus is
+    refused by its prepared id."""
+    corpus = tmp_path / "bpe"
+    assert run_cli(prepare.main, str(text_file), "--out_dir", str(corpus), "--tokenizer", "gpt2")[0] == 0
+    out = tmp_path / "run"
+    common = [*TINY, "--data", str(corpus), "--out_dir", str(out)]
+    code, _, err = run_cli(train_text.main, *common, "--max_steps", "2")
+    assert code == 0, err
+    ckpt = cli.load_checkpoint(out / "ckpt.pt")
+    assert ckpt["data"]["id"] == prepare.Corpus(corpus).id and ckpt["model_config"]["vocab_size"] == offline_bpe.n_vocab
+    code, _, err = run_cli(train_text.main, *common, "--max_steps", "4", "--resume")
+    assert code == 0 and cli.load_checkpoint(out / "ckpt.pt")["step"] == 4, err
+    code, text, err = run_cli(sample.main, "--ckpt", str(out / "ckpt.pt"), "--prompt", "the cat", "--num_tokens", "5",
+                              "--device", "cpu")
+    assert code == 0 and text.startswith("the cat"), err
+    code, text, err = run_cli(sample.main, "--ckpt", str(out / "ckpt.pt"), "--eval", "--windows", "2", "--device", "cpu")
+    assert code == 0 and "perplexity" in text, err
+    (tmp_path / "other.txt").write_text(synthetic_text(seed=1))
+    code, _, err = run_cli(train_text.main, *common[:-4], "--data", str(tmp_path / "other.txt"), "--tokenizer", "gpt2",
+                           "--out_dir", str(out), "--max_steps", "6", "--resume")
+    assert code == 2 and "not the corpus" in err and err.count("\n") == 1, err
 
 
 def test_offline_download_names_the_data_flag(tmp_path, monkeypatch):
@@ -1541,7 +1654,7 @@ def test_resume_restores_the_runs_settings_and_refuses_a_conflict(tmp_path, text
     code, stdout, err = run_cli(train_text.main, "--resume", "--out_dir", out, "--device", "cpu")
     assert code == 0 and "nothing to train" in stdout and cli.load_checkpoint(tmp_path / "out" / "ckpt.pt")["step"] == 6
     for conflict, message in ((["--n_embd", "32"], "--n_embd 32 conflicts"), (["--tokenizer", "gpt2"], "tokenizer"),
-                              (["--data", str(HERE / "README.md")], "not the text"),
+                              (["--data", str(HERE / "README.md")], "not the corpus"),
                               (["--recipe", "s1"], "--recipe s1 conflicts"), (["--preset", "gpu"], "--preset gpu")):
         code, _, err = run_cli(train_text.main, "--resume", "--out_dir", out, "--device", "cpu", *conflict)
         assert code == 2 and message in err and err.count("\n") == 1, err

@@ -1,10 +1,11 @@
 """
-Train a text EBT (or the Transformer++ baseline) on Tiny Shakespeare (shipped) or any text file.
+Train a text EBT (or the Transformer++ baseline) on Tiny Shakespeare (shipped) or a corpus of your own.
 
     python train_text.py                        # EBT, recipe S1; preset from the device (gpu, else cpu)
     python train_text.py --recipe s2            # the paper's System 2 recipe
     python train_text.py --model transformer    # the baseline, same backbone and batch, in out-text-transformer/
-    python train_text.py --data my.txt --tokenizer gpt2
+    python train_text.py --data my.txt --tokenizer gpt2   # prepared into data/cache/ on first use
+    python data/prepare.py "books/*.txt" --out_dir data/books && python train_text.py --data data/books
     python train_text.py --resume               # continue out-text/ckpt.pt with its own settings
 
 Recipes (the paper's job scripts, every value overridable by its flag):
@@ -14,6 +15,7 @@ Recipes (the paper's job scripts, every value overridable by its flag):
 """
 import cli
 import ebt
+from data import prepare
 
 PRESETS = {  # sizes and budgets; every entry can be overridden by its flag
     # gpu: an H100 run of 5000 steps had its lowest validation loss near step 500 and overfit after
@@ -57,8 +59,9 @@ def parse_args(argv=None):
     thinking = p.add_argument_group("thinking (EBT)")
     cli.add_flags(thinking, ebt.ModelConfig, cli.THINKING_FLAGS, recipe)
     cli.add_flags(thinking, ebt.TrainConfig, ("eval_steps",))
-    s("--data", help="text file to train on (default: Tiny Shakespeare, shipped in data/)")
-    s("--tokenizer", choices=("char", "gpt2"), help="(default: char)")
+    s("--data", help="a text file (prepared into data/cache/ on first use), or a folder prepared by data/prepare.py "
+      "(default: Tiny Shakespeare, shipped in data/)")
+    s("--tokenizer", choices=("char", "gpt2"), help="for a text file (default: char; a prepared folder has its own)")
     s("--out_dir", help="checkpoint, metrics.jsonl and loss.png (default: out-text, the Transformer++ out-text-transformer)")
     s("--resume", action="store_true", help="continue from out_dir/ckpt.pt with its settings; flags given override "
       "its training settings and must agree with the rest")
@@ -70,7 +73,7 @@ def parse_args(argv=None):
 
 def main(argv=None, log=cli.printed):
     args = parse_args(argv)
-    device = cli.pick_device(args.device)
+    _, _, device = cli.join_process_group(cli.pick_device(args.device))  # under torchrun: first, the ranks prepare data as one
     cli.prepare_out_dir(args.out_dir, args.resume)
     ckpt = cli.load_checkpoint(f"{args.out_dir}/ckpt.pt", needs=cli.RESUMABLE) if args.resume else None
     if ckpt and "tokenizer" not in ckpt:
@@ -78,15 +81,13 @@ def main(argv=None, log=cli.printed):
     model = ckpt["model_config"]["model"] if ckpt else args.model or "ebt"
     cli.refuse_thinking(args, model)
     path = args.data or (ckpt["data"]["path"] if ckpt else None)
-    text = cli.text_or_shakespeare(path)
-    if ckpt and cli.sha256_text(text) != ckpt["data"]["sha256"]:
-        raise ebt.UsageError(f"{path or 'Tiny Shakespeare'} is not the text {args.out_dir}/ckpt.pt was trained on "
-                             "(checksum); resume with the same --data or start a new --out_dir")
+    corpus = prepare.corpus(path, (ckpt.get("started") or {}).get("tokenizer") if ckpt else args.tokenizer, say=log)
+    if ckpt:
+        corpus.check_trained_on(ckpt, f"{args.out_dir}/ckpt.pt", "resume with the same --data or start a new --out_dir")
     started = ckpt.get("started", {}) if ckpt else {
         "preset": args.preset or ("cpu" if device == "cpu" else "gpu"), "recipe": args.recipe or "s1"
-        if model in ebt.EBT_KINDS else None, "tokenizer": args.tokenizer or "char"}
-    tokenizer = cli.tokenizer_from_state(ckpt["tokenizer"]) if ckpt else (
-        cli.CharTokenizer.fit(text) if started["tokenizer"] == "char" else cli.GPT2Tokenizer())
+        if model in ebt.EBT_KINDS else None, "tokenizer": corpus.meta["tokenizer"]["kind"]}
+    tokenizer = cli.tokenizer_from_state(ckpt["tokenizer"]) if ckpt else corpus.tokenizer
     if not ckpt:
         log(f"preset {started['preset']}" + ("" if args.preset else f" (chosen for device {device}; --preset to change)"))
         if started["preset"] == "gpu" and device == "cpu":
@@ -105,9 +106,9 @@ def main(argv=None, log=cli.printed):
                               {"model": model, "vocab_size": tokenizer.vocab_size}]
     cfg, tc = cli.configs(args, layers, ckpt, derive, log)
     cli.check_fits(cfg, tc.batch_size, cfg.block_size, device)
-    tc.out_dir, (_, _, tc.device) = args.out_dir, cli.join_process_group(device)
-    data = ebt.TextData(tokenizer.encode(text), cfg.block_size, source=path or "Tiny Shakespeare")
-    meta = {"tokenizer": tokenizer.state(), "data": {"path": path, "sha256": cli.sha256_text(text)}, "started": started}
+    tc.out_dir, tc.device = args.out_dir, device
+    data = ebt.TextData(corpus.train, corpus.val, cfg.block_size, source=path or "Tiny Shakespeare")
+    meta = {"tokenizer": tokenizer.state(), "data": {"path": path, "id": corpus.id}, "started": started}
     model = ebt.build_model(cfg, tc.seed)
     if tc.compile:
         cli.compile_model(model)
