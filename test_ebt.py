@@ -58,7 +58,8 @@ TINY = ["--preset", "cpu", "--n_layer", "1", "--n_head", "2", "--n_embd", "16", 
         "--batch_size", "4", "--max_steps", "4", "--eval_interval", "2", "--eval_batches", "1", "--log_interval", "1",
         "--device", "cpu"]  # train_text.py at the smallest size
 TINY_IMAGE = ["--image_size", "16", "--n_layer", "1", "--n_embd", "32", "--max_steps", "4", "--eval_interval", "4",
-              "--eval_batches", "1", "--batch_size", "4", "--report_steps", "3", "--passes", "1", "3", "--device", "cpu"]
+              "--eval_batches", "1", "--batch_size", "4", "--report_steps", "3", "--passes", "1", "3",
+              "--device", "cpu", "--dataset", "grace_hopper"]  # the smallest size; matplotlib's photo: no scikit-image
 
 
 def config(**kw):
@@ -1727,7 +1728,7 @@ def test_results_trains_what_is_missing_then_reports_from_checkpoints(tmp_path, 
         n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, max_steps=2, lr=3e-3,
         eval_interval=2, eval_batches=1, log_interval=1))
     tiny_image = [*TINY_IMAGE[:6], "--max_steps", "2", "--eval_interval", "2", "--eval_batches", "1", "--batch_size",
-                  "4", "--report_steps", "2", "--passes", "1", "2"]
+                  "4", "--report_steps", "2", "--passes", "1", "2", "--dataset", "grace_hopper"]
     monkeypatch.setattr(results, "IMAGE_RUNS", {k: v + tiny_image for k, v in results.IMAGE_RUNS.items()})
     monkeypatch.setattr(train_image, "DIT_PASSES", (1, 2))
     monkeypatch.setattr(results, "TASK_DATA", tmp_path / "addition")
@@ -1795,7 +1796,7 @@ def image_config(**kw):
 
 
 def photo_data(crop=16):
-    return train_image.ImageData(*train_image.held_out_strips(train_image.sample_photos(), crop), crop)
+    return train_image.load_data({"dataset": "grace_hopper", "data": None, "image_size": crop})
 
 
 def held_out_crops(n=64, t=99):
@@ -1986,6 +1987,62 @@ def test_train_image_driver_end_to_end(tmp_path, monkeypatch):
     shutil.copytree("out-image-ebt", "copy/out-image-ebt")
     with pytest.raises(ebt.UsageError, match="named out-image-ebt"):
         train_image.main(["--compare", "out-image-ebt", "copy/out-image-ebt", "--device", "cpu"])
+
+
+def no_network(monkeypatch):
+    import socket
+    def refuse(*a, **k):
+        raise OSError("no network in this test")
+    for name in ("connect", "connect_ex"):
+        monkeypatch.setattr(socket.socket, name, refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+def test_image_photos_split_is_disjoint_and_ships_in_the_wheels(monkeypatch):
+    pytest.importorskip("skimage")
+    no_network(monkeypatch)  # a photograph scikit-image fetches on first use would fail here
+    train, test = train_image.PHOTOS["train"], train_image.PHOTOS["test"]
+    assert len(train) >= 3 and len(test) >= 2 and not set(train) & set(test)
+    data = train_image.load_data({"dataset": "photos", "data": None, "photos": train_image.PHOTOS, "image_size": 32})
+    assert len(data.split["train"]) == len(train) and len(data.split["val"]) == len(test)
+    for img in (*data.split["train"], *data.split["val"]):  # colour photographs, whole, in [0, 1]
+        assert img.shape[0] == 3 and min(img.shape[1:]) >= 300 and 0 <= img.min() < img.max() <= 1
+    # no test photograph is (a crop of the same size as) a training one
+    assert not any(a.shape == b.shape and torch.equal(a, b) for a in data.split["val"] for b in data.split["train"])
+    g = torch.Generator().manual_seed(0)
+    crops = data.batch("val", 64, g)[0]
+    assert crops.shape == (64, 3, 32, 32) and -1 <= crops.min() < crops.max() <= 1
+
+
+def test_photos_without_scikit_image_is_one_line_and_exit_2(tmp_path, monkeypatch):
+    for name in ("skimage", "skimage.data"):
+        monkeypatch.setitem(sys.modules, name, None)  # import skimage raises ImportError, installed or not
+    code, _, err = run_cli(train_image.main, "--max_steps", "1", "--device", "cpu", "--out_dir", str(tmp_path / "o"))
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert "pip install scikit-image" in err and "--dataset grace_hopper" in err
+    assert not (tmp_path / "o" / "ckpt.pt").exists()  # refused before training
+    train_image.main(["--out_dir", str(tmp_path / "gh"), *TINY_IMAGE, "--max_steps", "1"])  # the other photo needs none
+    assert "tested on those bottom fifths" in (tmp_path / "gh" / "psnr.md").read_text()
+
+
+def test_train_image_on_photos_reports_the_photographs_it_never_saw(tmp_path, monkeypatch):
+    pytest.importorskip("skimage")
+    monkeypatch.chdir(tmp_path)
+    flags = [a for a in TINY_IMAGE if a not in ("--dataset", "grace_hopper")]  # the default data: photos
+    train_image.main(["--model", "regressor", "--max_steps", "1", *flags])
+    said = ("Data: trained on the photographs astronaut, grace_hopper, motorcycle_left, rocket; tested on others, "
+            "never seen in training: chelsea, coffee.")
+    assert said in (tmp_path / "out-image-regressor" / "psnr.md").read_text()
+    ckpt = cli.load_checkpoint("out-image-regressor/ckpt.pt")
+    assert ckpt["started"]["photos"] == train_image.PHOTOS  # the split as trained: a later PHOTOS cannot change it
+    # a run from before the split recorded "photos" for matplotlib's one photo: it is read as grace_hopper
+    old = {**ckpt, "started": {"recipe": None, "dataset": "photos", "data": None}}
+    Path("old").mkdir()
+    torch.save(old, "old/ckpt.pt")
+    train_image.main(["--compare", "old", "--out_dir", "report", "--passes", "1", "--device", "cpu"])
+    assert "Data: trained on grace_hopper without the bottom fifth" in Path("report/psnr.md").read_text()
+    with pytest.raises(ebt.UsageError, match="trained on other data"):
+        train_image.main(["--compare", "old", "out-image-regressor", "--passes", "1", "--device", "cpu"])
 
 
 # -----------------------------------------------------------------------------

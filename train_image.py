@@ -1,14 +1,18 @@
 """
 Train an image denoising EBT, or one of its baselines on the same transformer, and compare them.
 
-    python train_image.py --model ebt                  # the photo matplotlib ships, no download; recipe S1
+    python train_image.py --model ebt                  # photographs, tested on others; recipe S1
     python train_image.py --model ebt --recipe s2 --out_dir out-image-ebt-s2
     python train_image.py --model dit                  # Diffusion Transformer: predicts the noise, DDIM
     python train_image.py --model regressor            # one forward pass to the clean image
     python train_image.py --compare out-image-ebt out-image-ebt-s2 out-image-dit out-image-regressor
+    python train_image.py --dataset grace_hopper       # matplotlib's one photograph (no scikit-image)
     python train_image.py --dataset mnist              # or cifar10: downloaded once and cached
     python train_image.py --data my_photos/            # a folder of PNG / JPEG files
 
+The default data (--dataset photos) are whole colour photographs, no download: four to train on
+and two others, never seen in training, for every reported number (PHOTOS). All but grace_hopper
+ship in scikit-image's wheel, an optional dependency of this driver only (pip install scikit-image).
 The noise is the DDPM forward process of the paper's image runs (linear betas over 1000 steps,
 images in [-1, 1]): training at step t = 99 (the DiT: t in 1..99), the report at t = 99 (in
 distribution), 199 and 299 (out of distribution). Training ends with a report in out_dir (also
@@ -135,8 +139,9 @@ def parse_args(argv=None):
     s("--model", choices=("ebt", "dit", "regressor"), help="(default: ebt)")
     s("--recipe", choices=IMAGE_RECIPES, help="the EBT's (default: s1)")
     s("--compare", nargs="+", metavar="OUT_DIR", help="report on trained checkpoints instead of training")
-    s("--dataset", choices=("photos", "mnist", "cifar10"),
-      help="photos: matplotlib's sample photo, bottom fifth held out (default: photos)")
+    s("--dataset", choices=("photos", "grace_hopper", "mnist", "cifar10"),
+      help=f"photos: train on {', '.join(PHOTOS['train'])}, test on {', '.join(PHOTOS['test'])} (needs "
+      "scikit-image); grace_hopper: matplotlib's one photograph, bottom fifth held out (default: photos)")
     s("--data", help="a folder of PNG/JPEG images instead (bottom fifth of each held out)")
     cli.add_flags(p, ebt.ModelConfig, MODEL_FLAGS, {**DEFAULTS, "image_size": "28 for mnist, else 32"})
     cli.add_flags(p, ebt.TrainConfig, TRAIN_FLAGS, DEFAULTS)
@@ -179,8 +184,9 @@ class ImageData:
     each model noises the crops itself (the EBT and the regressor at t = noise_t, the DiT at a
     random t up to it)."""
 
-    def __init__(self, train, val, crop, source="images"):
-        """train, val: sequences of (C, H, W) images (a list, or one (N, C, H, W) tensor)."""
+    def __init__(self, train, val, crop, source="images", about=""):
+        """train, val: sequences of (C, H, W) images (a list, or one (N, C, H, W) tensor). about: what the
+        images are, for the report."""
         for split, images in (("train", train), ("val", val)):
             if len(images) == 0:
                 raise UsageError(f"{source}: no {split} images")
@@ -188,7 +194,7 @@ class ImageData:
                 raise UsageError(f"{source}: some {split} images are smaller than the {crop}x{crop} crop; "
                                      "use a smaller --image_size")
         self.split = {"train": train, "val": val}
-        self.crop, self.channels = crop, train[0].shape[0]
+        self.crop, self.channels, self.about = crop, train[0].shape[0], about
         self.tokens_per_sample = crop * crop  # pixels count as tokens in the throughput log
 
     def batch(self, split, batch_size, generator):
@@ -228,10 +234,25 @@ def image_folder(path):
     return [(f.name, read_image(f)) for f in files]
 
 
-def sample_photos():
-    """The photograph matplotlib ships (its other sample images are graphics, not photos)."""
-    import matplotlib.cbook
-    return [("grace_hopper.jpg", read_image(matplotlib.cbook.get_sample_data("grace_hopper.jpg")))]
+# Colour photographs that ship with matplotlib (grace_hopper) and in scikit-image's wheel (skimage.data, no
+# download), whole, in two disjoint sets: the test photographs are never seen in training, and show what
+# none of the training ones does (an animal's fur, a close-up cup). Left out: motorcycle_left's stereo twin,
+# the grey photographs, and hubble_deep_field, retina, immunohistochemistry (scientific, mostly flat background).
+PHOTOS = {"train": ("astronaut", "grace_hopper", "motorcycle_left", "rocket"), "test": ("chelsea", "coffee")}
+
+
+def photograph(name):
+    """One of PHOTOS as a (3, H, W) float tensor in [0, 1]."""
+    if name == "grace_hopper":
+        import matplotlib.cbook
+        return read_image(matplotlib.cbook.get_sample_data("grace_hopper.jpg"))
+    try:
+        import skimage.data  # optional: only these photographs need it
+    except ImportError:
+        raise UsageError("--dataset photos (the default) reads photographs that ship with scikit-image: "
+                         "pip install scikit-image; or use --dataset grace_hopper or --data DIR") from None
+    a = skimage.data.stereo_motorcycle()[0] if name == "motorcycle_left" else getattr(skimage.data, name)()
+    return torch.from_numpy(a).permute(2, 0, 1).float() / 255  # (H, W, 3) uint8
 
 
 def held_out_strips(named_images, crop):
@@ -328,21 +349,34 @@ def download_dataset(name):
 
 
 def data_spec(ckpt):
-    """What data a checkpoint was trained on: dataset (photos, mnist, cifar10 or folder), data, image_size."""
+    """What data a checkpoint was trained on: dataset (photos, grace_hopper, mnist, cifar10 or folder), data
+    (the folder), photos (the photos' split, as trained), image_size."""
     started = ckpt.get("image_data") or ckpt["started"]
-    return {"dataset": started["dataset"], "data": started["data"], "image_size": ckpt["model_config"]["image_size"]}
+    spec = {"dataset": started["dataset"], "data": started["data"], "photos": started.get("photos"),
+            "image_size": ckpt["model_config"]["image_size"]}
+    if spec["dataset"] == "photos" and not spec["photos"]:  # a run from before the split: "photos" was grace_hopper
+        spec["dataset"] = "grace_hopper"
+    return spec
 
 
 def load_data(spec):
-    """ImageData from a data spec (data_spec)."""
-    if spec["dataset"] in ("mnist", "cifar10"):
-        train, val = download_dataset(spec["dataset"])  # their own train / test split
-        source = spec["dataset"]
-    else:
-        named = image_folder(spec["data"]) if spec["dataset"] == "folder" else sample_photos()
-        train, val = held_out_strips(named, spec["image_size"])
-        source = spec["data"] or "matplotlib's sample photo"
-    return ImageData(train, val, spec["image_size"], source=source)
+    """ImageData from a data spec (data_spec); its `about` says what it trains and tests on."""
+    dataset, crop = spec["dataset"], spec["image_size"]
+    if dataset in ("mnist", "cifar10"):
+        train, val = download_dataset(dataset)
+        source, about = dataset, f"{dataset}: trained on its training set, tested on its test set"
+    elif dataset == "photos":  # the split the run was trained on, as its checkpoint records it
+        train, val = ([photograph(name) for name in spec["photos"][split]] for split in ("train", "test"))
+        source = "the photographs"
+        about = (f"trained on the photographs {', '.join(spec['photos']['train'])}; tested on others, never seen "
+                 f"in training: {', '.join(spec['photos']['test'])}")
+    else:  # one set of images: the bottom fifth of each held out
+        named = image_folder(spec["data"]) if dataset == "folder" else [("grace_hopper", photograph("grace_hopper"))]
+        train, val = held_out_strips(named, crop)
+        source = spec["data"] or "grace_hopper"
+        about = (f"trained on {', '.join(name for name, _ in named)} without the bottom fifth of each; tested on "
+                 "those bottom fifths")
+    return ImageData(train, val, crop, source=source, about=about)
 
 
 # -----------------------------------------------------------------------------
@@ -357,8 +391,9 @@ def train_models(args, device):
     kind = ckpt["model_config"]["model"] if ckpt else args.model or "image_ebt"
     cli.refuse_thinking(args, kind, IMAGE_THINKING_FLAGS + ("eval_steps", "recipe"))
     dataset = "folder" if args.data else args.dataset or "photos"
-    started = ckpt.get("started", data_spec(ckpt)) if ckpt else {
-        "recipe": args.recipe or "s1" if kind in ebt.EBT_KINDS else None, "dataset": dataset, "data": args.data}
+    started = {**ckpt.get("started", {}), **data_spec(ckpt)} if ckpt else {  # data_spec reads older checkpoints
+        "recipe": args.recipe or "s1" if kind in ebt.EBT_KINDS else None, "dataset": dataset, "data": args.data,
+        "photos": PHOTOS if dataset == "photos" else None}
     layers = [DEFAULTS, IMAGE_RECIPES[started["recipe"]] if kind in ebt.EBT_KINDS else {},
               {"model": kind, "channels": 1 if dataset == "mnist" else 3, "image_size": 28 if dataset == "mnist" else 32}]
     derive = lambda values: values.update(step_size_lr_mult=values["step_size_lr_mult"] or 3 * values["step_size"])
@@ -431,7 +466,8 @@ def report(models, data, args, device):
              "|---|---|" + "---|" * len(levels)]
     lines += [f"| {name} | {p} | " + " | ".join(f"{row[t]:.2f}" for t in levels) + " |"
               for (name, p), row in table.items()]
-    text = (f"PSNR (dB, images in [-1, 1]) on {REPORT_CROPS} held-out {data.crop}x{data.crop} crops, DDPM noise at step "
+    text = (f"Data: {data.about}.\n\n"
+            f"PSNR (dB, images in [-1, 1]) on {REPORT_CROPS} held-out {data.crop}x{data.crop} crops, DDPM noise at step "
             "t; an EBT's forward passes are its thinking steps (each also a backward pass), a DiT's its DDIM "
             "steps.\n\n" + "\n".join(lines) + "\n")
     cli.write_atomically(out / "psnr.md", lambda tmp: tmp.write_text(text))
