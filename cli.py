@@ -7,6 +7,7 @@ errors as one line with exit code 2.
 import argparse
 import contextlib
 import datetime
+import fcntl
 import functools
 import gzip
 import hashlib
@@ -312,10 +313,42 @@ def check_out_dir(out, flag="--out_dir"):
         raise UsageError(f"{flag} {out} is a file, not a directory; pass a directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / ".nanoebt-write-test").touch()
-        (out / ".nanoebt-write-test").unlink()
+        probe = out / f".nanoebt-write-test-{os.getpid()}"  # its own: ranks check at once
+        probe.touch()
+        probe.unlink()
     except OSError as e:
         raise UsageError(f"{flag} {out} cannot be written ({e.strerror or e}); pass a directory you can write to") from None
+
+
+@contextlib.contextmanager
+def owned(out_dir):
+    """While a run runs, it owns its folder: another training process into it (a new run or --resume) refuses
+    in one line, touching nothing. The claim is an OS lock (flock) on out_dir/.lock, so it ends with the process
+    that holds it, kill -9 included; under torchrun rank 0 holds it for every rank of the run."""
+    out, dist = Path(out_dir), torch.distributed
+    check_out_dir(out)
+    lock = open(out / ".lock", "a+") if not dist.is_initialized() or dist.get_rank() == 0 else None
+    try:
+        busy = lock is not None and fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB) is not None
+    except BlockingIOError:
+        busy = True
+    if Run(out).any(busy):  # every rank decides with rank 0
+        holder = ""
+        if lock:
+            lock.seek(0)
+            holder = lock.read().strip()  # the pid the owner wrote
+            lock.close()
+        raise UsageError(f"{out} is in use by another run{f' (process {holder})' if holder else ''}; wait for it to end, "
+                         "or pass another --out_dir")
+    if lock:
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+    try:
+        yield
+    finally:
+        if lock:
+            lock.close()
 
 
 def prepare_out_dir(out, resume):

@@ -1,7 +1,7 @@
 """
 Re-create results.md and the plots of the README's "Results": the paper's claims tested at
 small scale, on character-level Tiny Shakespeare with the CPU preset of train_text.py, and on
-the photo matplotlib ships with the defaults of train_image.py.
+photographs (train_image.py: four to train on, two unseen to test on) with its defaults.
 
     python results.py                    # train what is missing in out-results/, then report
     python results.py --seeds 1337       # one seed instead of two: the report goes to out-results/report

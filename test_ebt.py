@@ -1642,6 +1642,36 @@ def test_the_same_command_twice_refuses_and_keeps_the_first_run(tmp_path):
     assert {f.name: f.read_bytes() for f in (tmp_path / "out").iterdir()} == before
 
 
+def test_a_folder_in_use_refuses_a_second_run_and_is_left_untouched(tmp_path, text_file):
+    out = tmp_path / "o"
+    with cli.owned(out):  # another run holds it (flock: another open file, as another process would)
+        for extra in ([], ["--resume"]):
+            code, _, err = run_cli(train_text.main, *TINY, "--data", str(text_file), "--out_dir", str(out), *extra)
+            assert code == 2 and f"{out} is in use by another run (process {os.getpid()})" in err, err
+        code, _, err = run_cli(train_image.main, *TINY_IMAGE, "--out_dir", str(out))
+        assert code == 2 and "in use" in err, err
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    assert run_cli(train_text.main, *TINY, "--data", str(text_file), "--out_dir", str(out))[0] == 0  # released
+
+
+@pytest.mark.slow
+def test_a_run_owns_its_folder_until_its_process_ends_kill_9_included(tmp_path, text_file):
+    out, argv = tmp_path / "o", [*TINY, "--data", str(text_file), "--max_steps", "100000", "--eval_interval", "2"]
+    first = subprocess.Popen([sys.executable, "train_text.py", *argv, "--out_dir", str(tmp_path / "o")], cwd=HERE,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_step([first], out / "metrics.jsonl", 3)
+        for extra in ([], ["--resume"]):
+            r = run_script("train_text.py", *argv, "--out_dir", str(out), *extra)
+            assert r.returncode == 2 and "is in use by another run" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    finally:
+        first.kill()  # kill -9: the claim goes with the process
+        first.wait()
+    step = cli.load_checkpoint(out / "ckpt.pt")["step"]
+    r = run_script("train_text.py", *argv[:-4], "--max_steps", str(step + 2), "--out_dir", str(out), "--resume")
+    assert r.returncode == 0 and cli.load_checkpoint(out / "ckpt.pt")["step"] == step + 2, r.stderr
+
+
 def test_resume_restores_the_runs_settings_and_refuses_a_conflict(tmp_path, text_file):
     out = str(tmp_path / "out")
     assert run_cli(train_text.main, *TINY, "--out_dir", out, "--data", str(text_file), "--lr", "0.004",

@@ -383,27 +383,29 @@ def load_data(spec):
 # Training and the report
 
 def train_models(args, device):
-    cli.prepare_out_dir(args.out_dir, args.resume)
-    ckpt = cli.load_checkpoint(Path(args.out_dir) / "ckpt.pt", needs=cli.RESUMABLE) if args.resume else None
-    if ckpt and ckpt["model_config"]["model"] not in ebt.IMAGE_KINDS:
-        raise UsageError(f"{args.out_dir}/ckpt.pt holds a {ckpt['model_config']['model']!r} model; resume it with "
-                         "train_text.py")
-    kind = ckpt["model_config"]["model"] if ckpt else args.model or "image_ebt"
-    cli.refuse_thinking(args, kind, IMAGE_THINKING_FLAGS + ("eval_steps", "recipe"))
-    dataset = "folder" if args.data else args.dataset or "photos"
-    started = {**ckpt.get("started", {}), **data_spec(ckpt)} if ckpt else {  # data_spec reads older checkpoints
-        "recipe": args.recipe or "s1" if kind in ebt.EBT_KINDS else None, "dataset": dataset, "data": args.data,
-        "photos": PHOTOS if dataset == "photos" else None}
-    layers = [DEFAULTS, IMAGE_RECIPES[started["recipe"]] if kind in ebt.EBT_KINDS else {},
-              {"model": kind, "channels": 1 if dataset == "mnist" else 3, "image_size": 28 if dataset == "mnist" else 32}]
-    derive = lambda values: values.update(step_size_lr_mult=values["step_size_lr_mult"] or 3 * values["step_size"])
-    cfg, tc = cli.configs(args, layers, ckpt, derive)
-    tc.out_dir, (_, _, tc.device) = args.out_dir, cli.join_process_group(device)
-    data = load_data({**started, "image_size": cfg.image_size})
-    model = ebt.build_model(cfg, tc.seed)
-    if tc.compile:
-        cli.compile_model(model)
-    ebt.train(model, data, tc, cli.Run(tc.out_dir, {"started": started}, resume=bool(ckpt)))
+    device = cli.join_process_group(device)[2]  # under torchrun the ranks own out_dir as one
+    with cli.owned(args.out_dir):  # a second run into out_dir refuses while this one runs
+        cli.prepare_out_dir(args.out_dir, args.resume)
+        ckpt = cli.load_checkpoint(Path(args.out_dir) / "ckpt.pt", needs=cli.RESUMABLE) if args.resume else None
+        if ckpt and ckpt["model_config"]["model"] not in ebt.IMAGE_KINDS:
+            raise UsageError(f"{args.out_dir}/ckpt.pt holds a {ckpt['model_config']['model']!r} model; resume it with "
+                             "train_text.py")
+        kind = ckpt["model_config"]["model"] if ckpt else args.model or "image_ebt"
+        cli.refuse_thinking(args, kind, IMAGE_THINKING_FLAGS + ("eval_steps", "recipe"))
+        dataset = "folder" if args.data else args.dataset or "photos"
+        started = {**ckpt.get("started", {}), **data_spec(ckpt)} if ckpt else {  # data_spec reads older checkpoints
+            "recipe": args.recipe or "s1" if kind in ebt.EBT_KINDS else None, "dataset": dataset, "data": args.data,
+            "photos": PHOTOS if dataset == "photos" else None}
+        layers = [DEFAULTS, IMAGE_RECIPES[started["recipe"]] if kind in ebt.EBT_KINDS else {},
+                  {"model": kind, "channels": 1 if dataset == "mnist" else 3, "image_size": 28 if dataset == "mnist" else 32}]
+        derive = lambda values: values.update(step_size_lr_mult=values["step_size_lr_mult"] or 3 * values["step_size"])
+        cfg, tc = cli.configs(args, layers, ckpt, derive)
+        tc.out_dir, tc.device = args.out_dir, device
+        data = load_data({**started, "image_size": cfg.image_size})
+        model = ebt.build_model(cfg, tc.seed)
+        if tc.compile:
+            cli.compile_model(model)
+        ebt.train(model, data, tc, cli.Run(tc.out_dir, {"started": started}, resume=bool(ckpt)))
     return {Path(args.out_dir).name: model.eval()}, data
 
 

@@ -73,7 +73,12 @@ def parse_args(argv=None):
 
 def main(argv=None, log=cli.printed):
     args = parse_args(argv)
-    _, _, device = cli.join_process_group(cli.pick_device(args.device))  # under torchrun: first, the ranks prepare data as one
+    _, _, device = cli.join_process_group(cli.pick_device(args.device))  # under torchrun the ranks own out_dir as one
+    with cli.owned(args.out_dir):  # a second run into out_dir refuses while this one runs
+        run_training(args, device, log)
+
+
+def run_training(args, device, log):
     cli.prepare_out_dir(args.out_dir, args.resume)
     ckpt = cli.load_checkpoint(f"{args.out_dir}/ckpt.pt", needs=cli.RESUMABLE) if args.resume else None
     if ckpt and "tokenizer" not in ckpt:
