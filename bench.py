@@ -142,8 +142,9 @@ def allocated_memory_env():
 def measure_in_subprocess(one, argv, env=None, echo_stderr=False):
     """measure() of one "kind:steps" in a fresh process: each configuration's peak is its own."""
     r = subprocess.run([sys.executable, __file__, *argv, "--one", one], capture_output=True, text=True, env=env)
-    if r.returncode:
-        sys.exit(r.stderr)
+    if r.returncode:  # its one-line error as ours (exit code 2), or the last line of what it printed
+        raise ebt.UsageError(r.stderr.strip().splitlines()[-1].removeprefix("error: ") if r.stderr.strip() else
+                             f"measuring {one} failed (exit code {r.returncode})")
     if echo_stderr:
         sys.stderr.write(r.stderr)
     return json.loads(r.stdout)
@@ -251,7 +252,8 @@ def run_until(argv, out_dir, seconds=None, step=None, start_up=300):
         output.seek(0)
         output = output.read()
     if proc.returncode not in (0, 130 if done else 0):  # 130: stopped by us, saved
-        sys.exit(f"{' '.join(argv)} failed:\n{output[-3000:]}")
+        raise ebt.UsageError(f"{' '.join(map(str, argv))} failed (exit code {proc.returncode}): "
+                             + (output.strip().splitlines() or ["no output"])[-1])
     return cli.read_records(metrics), output
 
 

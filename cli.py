@@ -38,7 +38,16 @@ THINKING_FLAGS = ("think_steps", "landscapes", "step_size", "learn_step_size", "
 # -----------------------------------------------------------------------------
 # Errors as one line, signals, the process group
 
-DIST_TIMEOUT = float(os.environ.get("NANOEBT_DIST_TIMEOUT", 300))  # seconds a rank waits for another
+def dist_timeout():
+    """Seconds a rank waits for another: NANOEBT_DIST_TIMEOUT, default 300."""
+    value = os.environ.get("NANOEBT_DIST_TIMEOUT", "300")
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < 10**7:
+        raise UsageError(f"NANOEBT_DIST_TIMEOUT={value!r}: must be a number of seconds in 0..10^7 (default 300)")
+    return seconds
 
 
 def run(main):
@@ -94,13 +103,13 @@ def failure(e):
     text = str(e)
     if isinstance(e, torch.cuda.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text:
         return "out of memory; lower the sizes (--batch_size, --block_size, --candidates, --windows)"
-    if "PytorchStreamWriter" in text or "unexpected pos" in text:
+    if any(s in text for s in ("PytorchStreamWriter", "unexpected pos", "iostream error", "No space left")):
         return f"writing a file failed ({text.splitlines()[0]}): is the disk full? The previous checkpoint is kept"
     if torch.distributed.is_initialized() and any(s in text for s in ("Timed out", "timeout", "closed by peer",
                                                                        "Connection reset")):
         silent = silent_ranks()
         who = f"rank {', '.join(map(str, silent))}" if silent else "a peer rank"
-        return (f"{who} stopped answering: no reply within {DIST_TIMEOUT:g} s (stopped, crashed or far too slow; "
+        return (f"{who} stopped answering: no reply within {dist_timeout():g} s (stopped, crashed or far too slow; "
                 "NANOEBT_DIST_TIMEOUT sets the wait); the last checkpoint is kept")
     return None
 
@@ -127,7 +136,7 @@ def join_process_group(device):
     dist = torch.distributed
     if not dist.is_initialized():
         dist.init_process_group("cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo",
-                                timeout=datetime.timedelta(seconds=DIST_TIMEOUT))
+                                timeout=datetime.timedelta(seconds=dist_timeout()))
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
@@ -270,11 +279,12 @@ def check_sampling(args):
     """sample.py's values for ebt.generate, each checked here once."""
     for name, ok, what in (("num_tokens", lambda v: 0 <= v <= 10**7, "in 0..10^7"),
                            ("temperature", ebt.finite, "finite and >= 0"),
-                           ("top_k", lambda v: v >= 1, ">= 1"), ("candidates", lambda v: v >= 1, ">= 1"),
+                           ("top_k", lambda v: v >= 1, ">= 1"), ("candidates", lambda v: 1 <= v <= 4096, "in 1..4096"),
                            ("steps", lambda v: 1 <= v <= 10_000, "in 1..10000"),
                            ("step_size", lambda v: ebt.finite(v) and v > 0, "finite and > 0"),
                            ("langevin_std", ebt.finite, "finite and >= 0"), ("tolerance", ebt.finite, "finite and >= 0"),
-                           ("windows", lambda v: v >= 1, ">= 1"), ("seed", lambda v: 0 <= v < ebt.MAX_SEED, "in 0..2^62")):
+                           ("windows", lambda v: 1 <= v <= 10**6, "in 1..10^6"),
+                           ("seed", lambda v: 0 <= v < ebt.MAX_SEED, "in 0..2^62")):
         check_range(getattr(args, name), name, ok, what)
 
 
@@ -543,9 +553,21 @@ class RunLog:
         plot_metrics(self.records, self.out / "loss.png")
 
 
+def is_record(record):
+    """A metrics.jsonl record as the log and its plots read it: a kind, a step, and a train or eval record's
+    loss (an eval's loss after each thinking step, if it has them) as numbers."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    return (isinstance(record, dict) and isinstance(record.get("kind"), str) and isinstance(record.get("step"), int)
+            and not isinstance(record["step"], bool) and record["step"] >= 0
+            and (record["kind"] not in ("train", "eval") or number(record.get("loss")))
+            and (record["kind"] != "eval" or "loss_per_step" not in record or (
+                isinstance(record["loss_per_step"], list) and len(record["loss_per_step"]) > 0
+                and all(map(number, record["loss_per_step"])))))
+
+
 def read_records(path):
-    """The records of a metrics.jsonl: one JSON object with a kind and a step per line; anything else (a
-    line torn by a crash mid-write, stray bytes) is skipped."""
+    """The records of a metrics.jsonl: one JSON object per line (is_record); anything else (a line torn by a
+    crash mid-write, stray bytes, a record without what the plots read) is skipped."""
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"{path} is a directory; move it away (training writes its log there)")
@@ -553,7 +575,7 @@ def read_records(path):
     for line in path.read_bytes().decode("utf-8", errors="replace").splitlines() if path.exists() else ():
         with contextlib.suppress(json.JSONDecodeError):
             record = json.loads(line)
-            if isinstance(record, dict) and isinstance(record.get("step"), int) and "kind" in record:
+            if is_record(record):
                 records.append(record)
     return records
 

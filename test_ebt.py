@@ -944,7 +944,9 @@ def test_notebook_code_cells_run_top_to_bottom(tmp_path, monkeypatch):
     """notebooks/thinking.ipynb, read with the standard library, its code cells executed in order the way
     Jupyter would (from notebooks/), against a tiny checkpoint trained here."""
     train_text.main([*TINY, "--max_steps", "2", "--out_dir", str(tmp_path / "run")], log=quiet)
+    train_image.main([*TINY_IMAGE, "--out_dir", str(tmp_path / "image")])
     monkeypatch.setenv("NANOEBT_CKPT", str(tmp_path / "run" / "ckpt.pt"))
+    monkeypatch.setenv("NANOEBT_IMAGE_CKPT", str(tmp_path / "image" / "ckpt.pt"))
     monkeypatch.chdir(HERE / "notebooks")
     notebook = json.loads((HERE / "notebooks" / "thinking.ipynb").read_text())
     cells = [c for c in notebook["cells"] if c["cell_type"] == "code"]
@@ -955,7 +957,7 @@ def test_notebook_code_cells_run_top_to_bottom(tmp_path, monkeypatch):
         exec(compile(source, "notebook", "exec"), scope)
         if not last.startswith((" ", "print(")) and "=" not in last:  # a cell's last expression is what it shows
             shown.append(eval(last, scope))
-    assert len(shown) == 5 and all(fig._repr_png_()[:4] == b"\x89PNG" for fig in shown)
+    assert len(shown) == 7 and all(fig._repr_png_()[:4] == b"\x89PNG" for fig in shown)
     assert all(any(o.get("output_type") in ("display_data", "execute_result") or o.get("name") == "stdout"
                    for o in c["outputs"]) for c in cells), "the shipped notebook is executed"
 
@@ -1228,6 +1230,10 @@ BAD_INPUTS = [  # (case, driver, argv: {name} is a path of the bad_input_files f
     ("resume a checkpoint without its step", "text", ["--resume", "--out_dir", "{nostep_dir}"], "holds no step"),
     ("sample: seed past 64 bits", "sample", ["--ckpt", "{ebt}", "--seed", str(2**70)], "--seed"),
     ("sample: a billion tokens", "sample", ["--ckpt", "{ebt}", "--num_tokens", "1000000000"], "--num_tokens"),
+    ("sample: candidates past 64 bits", "sample", ["--ckpt", "{ebt}", "--candidates", str(2**70)], "--candidates"),
+    ("sample: windows past 64 bits", "sample", ["--ckpt", "{ebt}", "--eval", "--windows", str(2**70)], "--windows"),
+    ("bench: a measurement that fails", "bench", ["--only", "ebt:1", "--n_embd", "30", "--n_head", "4",
+                                                  "--no_generation"], "n_embd=30"),
     ("sample: plots under a file", "sample", ["--ckpt", "{ebt}", "--plots", "{file}/plots"], "cannot be written"),
     ("sample: empty prompt", "sample", ["--ckpt", "{ebt}", "--prompt", ""], "--prompt is empty"),
     ("sample: NaN weights", "sample", ["--ckpt", "{nan}"], "not all finite"),
@@ -1354,7 +1360,8 @@ def test_flags_are_the_config_fields_with_their_help():
 
 
 @pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
-                                   RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 640 vs 548")])
+                                   RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 640 vs 548"),
+                                   RuntimeError("basic_ios::clear: iostream error")])
 def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, error):
     saves, save = [], torch.save
 
@@ -1367,7 +1374,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeyp
     monkeypatch.setattr(torch, "save", full_after_one)
     code, _, err = run_cli(train_text.main, *TINY, "--out_dir", str(tmp_path / "o"))
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    assert ("No space left" if isinstance(error, OSError) else "disk full") in err
+    assert ("No space left" if isinstance(error, OSError) else "disk full") in err and str(error) in err
     monkeypatch.undo()
     assert cli.load_checkpoint(tmp_path / "o" / "ckpt.pt")["step"] == 2 and not list((tmp_path / "o").glob("*.tmp"))
 
@@ -1375,8 +1382,11 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeyp
 def test_a_metrics_log_with_stray_lines_is_read_past_and_a_directory_is_named(tmp_path):
     out = tmp_path / "o"
     assert run_cli(train_text.main, *TINY, "--max_steps", "2", "--out_dir", str(out))[0] == 0
-    with open(out / "metrics.jsonl", "ab") as f:  # a list, a record without a step, random bytes, a torn line
-        f.write(b'[1, 2]\n{"kind": "train"}\n\xff\xfe\x00garbage\n{"kind": "train", "st')
+    with open(out / "metrics.jsonl", "ab") as f:  # a list, a record without a step, random bytes, a torn line,
+        f.write(b'[1, 2]\n{"kind": "train"}\n\xff\xfe\x00garbage\n{"kind": "train", "st\n'
+                b'{"kind": "train", "step": 1}\n{"kind": "eval", "step": 1, "loss": "low"}\n'  # records the plots
+                b'{"kind": "eval", "step": 2, "loss": 1.0, "loss_per_step": [1, null]}\n'    # cannot read,
+                b'{"kind": "train", "step": 1.5, "loss": 1.0}\n{"kind": "train", "step": -1, "loss": 1.0}\n')  # steps
     code, _, err = run_cli(train_text.main, "--resume", "--out_dir", str(out), "--max_steps", "3", "--device", "cpu")
     assert code == 0, err
     assert [r["step"] for r in cli.read_records(out / "metrics.jsonl") if r["kind"] == "train"] == [1, 2, 3]
@@ -1384,6 +1394,15 @@ def test_a_metrics_log_with_stray_lines_is_read_past_and_a_directory_is_named(tm
     (out / "metrics.jsonl").mkdir()
     code, _, err = run_cli(train_text.main, "--resume", "--out_dir", str(out), "--max_steps", "4", "--device", "cpu")
     assert code == 2 and "is a directory" in err and err.count("\n") == 1, err
+
+
+def test_a_malformed_dist_timeout_is_one_line(monkeypatch):
+    for value in ("five", "-1", "nan", "1e30"):
+        monkeypatch.setenv("NANOEBT_DIST_TIMEOUT", value)
+        with pytest.raises(ebt.UsageError, match=f"NANOEBT_DIST_TIMEOUT='{value}'"):
+            cli.dist_timeout()
+    monkeypatch.setenv("NANOEBT_DIST_TIMEOUT", "2.5")
+    assert cli.dist_timeout() == 2.5
 
 
 def test_a_stop_signal_ends_training_after_its_step_saved(tmp_path):
