@@ -412,6 +412,13 @@ def main(argv=None):
         cli.check_range(getattr(args, name), name, lambda v: low <= v <= high, f"in {low}..{high}")
     if args.gpu_check:
         cli.check_out_dir(args.gpu_check, "--gpu_check")
+        if not cli.pick_device(args.device).startswith("cuda") and "--device" not in argv:
+            raise ebt.UsageError("--gpu_check found no CUDA GPU: its runs are sized for one (hours here); on a CPU "
+                                 "pass --device cpu and small sizes to try the script")
+    for one in [args.one] if args.one else args.only or ():
+        kind, _, steps = one.partition(":")
+        if not ((kind == "transformer" and steps == "0") or (kind == "ebt" and steps.isdigit() and int(steps) > 0)):
+            raise ebt.UsageError(f"--only {one}: each configuration is transformer:0 or ebt:K with K >= 1 thinking steps")
     if args.syncs:
         return count_syncs()
     if args.corpus_check:
@@ -424,10 +431,6 @@ def main(argv=None):
         kind, steps = args.one.split(":")
         print(json.dumps(measure(kind, int(steps), args)))
         return
-    for one in args.only or ():
-        kind, _, steps = one.partition(":")
-        if not ((kind == "transformer" and steps == "0") or (kind == "ebt" and steps.isdigit() and int(steps) > 0)):
-            raise ebt.UsageError(f"--only {one}: each configuration is transformer:0 or ebt:K with K >= 1 thinking steps")
     cuda = cli.pick_device(args.device).startswith("cuda")
     rows = []
     for one in args.only or ("transformer:0", "ebt:1", "ebt:2", "ebt:3"):

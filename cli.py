@@ -249,6 +249,8 @@ def configs(args, layers, ckpt=None, derive=None, log=print):
         train = {k: v for k, v in values.items() if k in train_names}
     else:
         model, train = dict(ckpt["model_config"]), dict(ckpt["train_config"])
+        check_types(model, ebt.ModelConfig, args.out_dir)
+        check_types(train, ebt.TrainConfig, args.out_dir)
         started = ckpt.get("started", {})
         for k, v in {**given(args, model_names), **given(args, started)}.items():
             saved = model[k] if k in model_names else started[k]
@@ -259,6 +261,10 @@ def configs(args, layers, ckpt=None, derive=None, log=print):
             if train[k] != v:
                 log(f"notice: --{k} {v} overrides the checkpoint's {train[k]}")
                 train[k] = v
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        if ckpt.get("world", world) != world:  # each process takes batch_size: the global batch changes with them
+            log(f"notice: {world} process{'es' * (world > 1)} resume a run of {ckpt['world']}: the global batch "
+                f"changes from {ckpt['world'] * train['batch_size']} to {world * train['batch_size']} sequences")
     try:
         cfg, tc = ebt.ModelConfig(**model), ebt.TrainConfig(**train)
     except ebt.ConfigError as e:
@@ -266,7 +272,29 @@ def configs(args, layers, ckpt=None, derive=None, log=print):
     if cfg.replay_size and round(cfg.replay_batch * tc.batch_size) > cfg.replay_size:
         raise UsageError(f"--replay_batch {cfg.replay_batch}: {round(cfg.replay_batch * tc.batch_size)} replayed "
                          f"sequences a batch, more than the buffer's {cfg.replay_size} (--replay_size)")
+    warn_unlikely(cfg, tc, given(args, model_names + train_names), log)
     return cfg, tc
+
+
+def check_types(values, config, out_dir):
+    """A checkpoint's recorded config, each value of its field's type (a step count is a whole number)."""
+    for f in fields(config):
+        v, kind = values.get(f.name), {int: int, float: (int, float), bool: bool, str: str}[f.type]
+        if f.name not in values or isinstance(v, bool) != (f.type is bool) or not isinstance(v, kind) or (
+                isinstance(v, float) and not math.isfinite(v)):
+            raise UsageError(f"{out_dir}/ckpt.pt records {f.name}={v!r}, not a{'n' * (f.type is int)} "
+                             f"{f.type.__name__}: it was not written by this nanoEBT; start a new run in another --out_dir")
+
+
+def warn_unlikely(cfg, tc, given, log):
+    """One warning line for each value that is legal but almost surely a mistake."""
+    if tc.warmup_steps >= tc.max_steps:
+        log(f"warning: --warmup_steps {tc.warmup_steps:g} is not below --max_steps {tc.max_steps}: the learning "
+            "rate never reaches --lr")
+    if "replay_batch" in given and not cfg.replay_size:
+        log("warning: --replay_batch does nothing without a replay buffer (--replay_size 0)")
+    if "step_size_lr_mult" in given and not cfg.learn_step_size:
+        log("warning: --step_size_lr_mult does nothing: alpha is not learned (--no-learn_step_size)")
 
 
 def refuse_thinking(args, model, names=THINKING_FLAGS + ("eval_steps", "recipe")):
@@ -281,7 +309,7 @@ def check_sampling(args):
                            ("temperature", ebt.finite, "finite and >= 0"),
                            ("top_k", lambda v: v >= 1, ">= 1"), ("candidates", lambda v: 1 <= v <= 4096, "in 1..4096"),
                            ("steps", lambda v: 1 <= v <= 10_000, "in 1..10000"),
-                           ("step_size", lambda v: ebt.finite(v) and v > 0, "finite and > 0"),
+                           ("step_size", lambda v: ebt.finite(v) and 0 < v <= 1e6, "in (0, 1e6]"),
                            ("langevin_std", ebt.finite, "finite and >= 0"), ("tolerance", ebt.finite, "finite and >= 0"),
                            ("windows", lambda v: 1 <= v <= 10**6, "in 1..10^6"),
                            ("seed", lambda v: 0 <= v < ebt.MAX_SEED, "in 0..2^62")):
@@ -451,7 +479,7 @@ class Run(ebt.Run):
             write_atomically(own, lambda tmp: torch.save(replay.kept, tmp))
         self.any(False)  # every buffer is written before the checkpoint that names its step
         state = {"model": model.state_dict(), "model_config": asdict(model.config), "train_config": asdict(tc),
-                 **record, **self.meta}
+                 "world": self.world, **record, **self.meta}
         if self.rank == 0:
             write_atomically(self.checkpoint, lambda tmp: torch.save({
                 **state, "optimizer": optimizer.state_dict(), **({"replay": replay.kept} if replay is not None else {})}, tmp))
@@ -749,6 +777,11 @@ def load_checkpoint(path, device="cpu", needs=("model", "model_config")):
     if missing:
         raise UsageError(f"checkpoint {path} holds no {', '.join(missing)}: it cannot be resumed; start a new run "
                          "in another --out_dir")
+    step = ckpt.get("step", 0)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0 or not all(
+            isinstance(ckpt.get(k, {}), dict) for k in ("model_config", "train_config", "model")):
+        raise UsageError(f"checkpoint {path} records step {step!r} or configs that no run writes (a step is a whole "
+                         "number >= 0); start a new run in another --out_dir")
     return ckpt
 
 
@@ -772,7 +805,11 @@ def load_text_model(path, device="cpu", **overrides):
     ckpt = load_checkpoint(path, device)
     if "tokenizer" not in ckpt:
         raise UsageError(f"checkpoint {path} holds no tokenizer: it is not a text model")
-    return load_model(ckpt, device, **overrides), tokenizer_from_state(ckpt["tokenizer"])
+    model, tokenizer = load_model(ckpt, device, **overrides), tokenizer_from_state(ckpt["tokenizer"])
+    if tokenizer.vocab_size > model.config.vocab_size:  # its ids past the model's would index nothing
+        raise UsageError(f"checkpoint {path}: its tokenizer has {tokenizer.vocab_size} tokens, its model "
+                         f"{model.config.vocab_size}; they were not trained together")
+    return model, tokenizer
 
 
 def require_ebt(model, what):

@@ -1087,7 +1087,10 @@ def checkpoints(tmp_path_factory):
     paths["image"] = tmp / "image" / "ckpt.pt"
     ckpt = torch.load(paths["ebt"], weights_only=True)
     for name, content in (("nan", {**ckpt, "model": {k: v * float("nan") for k, v in ckpt["model"].items()}}),
-                          ("nostep", {k: v for k, v in ckpt.items() if k != "step"})):
+                          ("nostep", {k: v for k, v in ckpt.items() if k != "step"}),
+                          ("fracstep", {**ckpt, "step": 1.5}), ("negstep", {**ckpt, "step": -3}),
+                          ("strlayers", {**ckpt, "model_config": {**ckpt["model_config"], "n_layer": "1"}}),
+                          ("widetok", {**ckpt, "tokenizer": {"kind": "char", "chars": "".join(map(chr, range(40, 140)))}})):
         paths[name] = tmp / name / "ckpt.pt"
         paths[name].parent.mkdir()
         torch.save(content, paths[name])
@@ -1229,6 +1232,14 @@ BAD_INPUTS = [  # (case, driver, argv: {name} is a path of the bad_input_files f
     ("cpu:7", "text", ["--device", "cpu:7"], "not available"),
     ("resume a checkpoint without its step", "text", ["--resume", "--out_dir", "{nostep_dir}"], "holds no step"),
     ("sample: seed past 64 bits", "sample", ["--ckpt", "{ebt}", "--seed", str(2**70)], "--seed"),
+    ("resume a checkpoint at a fractional step", "text", ["--resume", "--out_dir", "{fracstep_dir}"], "records step 1.5"),
+    ("resume a checkpoint at a negative step", "text", ["--resume", "--out_dir", "{negstep_dir}"], "records step -3"),
+    ("resume a checkpoint with a layer count as text", "text", ["--resume", "--out_dir", "{strlayers_dir}"],
+     "records n_layer='1'"),
+    ("sample: a tokenizer larger than its model", "sample", ["--ckpt", "{widetok}"], "not trained together"),
+    ("sample: step size 1e30", "sample", ["--ckpt", "{ebt}", "--step_size", "1e30"], "--step_size"),
+    ("bench: gpu check without a GPU", "bench", ["--gpu_check", "{tmp}/gpu"], "no CUDA GPU"),
+    ("bench: a malformed configuration to measure", "bench", ["--one", "rnn"], "each configuration"),
     ("sample: a billion tokens", "sample", ["--ckpt", "{ebt}", "--num_tokens", "1000000000"], "--num_tokens"),
     ("sample: candidates past 64 bits", "sample", ["--ckpt", "{ebt}", "--candidates", str(2**70)], "--candidates"),
     ("sample: windows past 64 bits", "sample", ["--ckpt", "{ebt}", "--eval", "--windows", str(2**70)], "--windows"),
@@ -1394,6 +1405,31 @@ def test_a_metrics_log_with_stray_lines_is_read_past_and_a_directory_is_named(tm
     (out / "metrics.jsonl").mkdir()
     code, _, err = run_cli(train_text.main, "--resume", "--out_dir", str(out), "--max_steps", "4", "--device", "cpu")
     assert code == 2 and "is a directory" in err and err.count("\n") == 1, err
+
+
+def test_legal_values_that_are_almost_surely_mistakes_get_one_warning_line(tmp_path, monkeypatch, text_file):
+    monkeypatch.setattr(ebt, "train", lambda model, data, tc, run=None: None)
+    (tmp_path / "one.txt").write_text("a" * 5000)
+    for argv, warning in ((["--warmup_steps", "5000", "--max_steps", "10"], "never reaches --lr"),
+                          (["--replay_batch", "0.25"], "--replay_batch does nothing"),
+                          (["--recipe", "s2", "--step_size_lr_mult", "10"], "--step_size_lr_mult does nothing"),
+                          (["--vocab_size", "100"], "never occur in the data"),
+                          (["--data", str(tmp_path / "one.txt")], "one distinct token")):
+        said = []
+        train_text.main(["--device", "cpu", "--data", str(text_file), "--out_dir", str(tmp_path / str(len(argv))),
+                         *argv], log=said.append)
+        assert sum(line.startswith("warning:") and warning in line for line in said) == 1, said
+        assert not [line for line in said if line.startswith("warning:") and warning not in line], said
+
+
+def test_resuming_with_another_number_of_processes_says_the_global_batch_changes(tmp_path, text_file):
+    out = tmp_path / "o"
+    assert run_cli(train_text.main, *TINY, "--data", str(text_file), "--out_dir", str(out))[0] == 0
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["world"] == 1
+    torch.save({**ckpt, "world": 2}, out / "ckpt.pt")  # as a two-process run leaves it
+    code, stdout, err = run_cli(train_text.main, "--resume", "--out_dir", str(out), "--max_steps", "6", "--device", "cpu")
+    assert code == 0 and "notice: 1 process resume a run of 2: the global batch changes from 8 to 4" in stdout, err
 
 
 def test_a_malformed_dist_timeout_is_one_line(monkeypatch):

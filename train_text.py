@@ -99,6 +99,11 @@ def run_training(args, device, log):
             log("warning: the gpu preset on a CPU takes hours and may not fit in memory; --preset cpu is sized for it")
     if args.vocab_size is not None and args.vocab_size < tokenizer.vocab_size:
         raise ebt.UsageError(f"--vocab_size {args.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
+    if args.vocab_size is not None and args.vocab_size > tokenizer.vocab_size:
+        log(f"warning: --vocab_size {args.vocab_size} pads the tokenizer's {tokenizer.vocab_size}: ids "
+            f"{tokenizer.vocab_size}.. never occur in the data")
+    if tokenizer.vocab_size == 1:
+        log(f"warning: {path or 'the corpus'} holds one distinct token: there is nothing to predict")
 
     def derive(values):  # S1: a landscape per step, alpha from the vocabulary; alpha's lr follows alpha
         if values.get("landscapes", 0) is None:
