@@ -10,18 +10,18 @@ energy of the candidate distribution p,
 and it is trained end to end through those steps (second-order gradients), so it learns a landscape
 whose descent lands on the right answer.
 
-Reading order: 1. configuration; 2. the transformer blocks; 3. thinking: think(), one descent loop for
-text and images, and Thinker, what every EBT shares; 4. the text EBT and its Transformer++ baseline;
-5. text data; 6. the training loop; 7. generation and evaluation; 8. the image EBT. Flags, files, logs
-and compiling live in cli.py. Paper: "Energy-Based Transformers are Scalable Learners and Thinkers",
-Gladstone et al., 2025 (arXiv 2507.02092); the method follows its code (github.com/alexiglad/EBT).
+Reading order: 1. configuration; 2. the transformer blocks; 3. thinking: think(), one descent loop for text
+and images, and Thinker, what every EBT shares; 4. the text EBT and its Transformer++ baseline; 5. text data;
+6. the training loop; 7. generation and evaluation; 8. the image EBT. Flags, files, logs and compiling: cli.py.
+Paper: "Energy-Based Transformers are Scalable Learners and Thinkers", Gladstone et al., 2025 (arXiv
+2507.02092); the method follows its code (github.com/alexiglad/EBT).
 """
 
 import contextlib
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -39,11 +39,11 @@ class UsageError(Exception):
 
 
 class ConfigError(UsageError, ValueError):
-    """An impossible configuration value, naming its field."""
+    """An impossible configuration value or argument of the public API, naming it: where.name=value: why."""
 
-    def __init__(self, config, name, why):
-        self.name, self.value, self.why = name, getattr(config, name), why
-        super().__init__(f"{type(config).__name__}.{name}={self.value!r}: {why}")
+    def __init__(self, where, name, why, value=None):
+        self.name, self.value, self.why = name, getattr(where, name, value), why
+        super().__init__(f"{where if isinstance(where, str) else type(where).__name__}.{name}={self.value!r}: {why}")
 
 
 # -----------------------------------------------------------------------------
@@ -71,6 +71,14 @@ def finite(value, low=0.0):
 def check(config, name, ok, why):
     if not ok:
         raise ConfigError(config, name, why)
+
+
+def check_types(config):
+    """Each field of its declared type (an int field takes no float, a float field an int), before any range."""
+    for f in fields(config):
+        v, kind = getattr(config, f.name), {int: int, float: (int, float), bool: bool, str: str}[f.type]
+        check(config, f.name, isinstance(v, kind) and (f.type is bool or not isinstance(v, bool)),
+              f"must be of type {f.type.__name__}")
 
 
 @dataclass
@@ -103,6 +111,7 @@ class ModelConfig:
     noise_t: int = option(99, "training noise, a DDPM step (the DiT trains on 1..noise_t)")
 
     def __post_init__(self):
+        check_types(self)
         c = lambda name, ok, why: check(self, name, ok, why)
         c("model", self.model in TEXT_KINDS + IMAGE_KINDS, f"must be one of {TEXT_KINDS + IMAGE_KINDS}")
         for n in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "channels", "image_size", "patch_size",
@@ -117,9 +126,8 @@ class ModelConfig:
           f"think_steps + random_steps must be <= {MAX_THINK_STEPS} in training")
         c("landscapes", self.landscapes <= self.think_steps + self.random_steps, "must be <= the steps trained")
         c("step_size", finite(self.step_size) and self.step_size > 0, "must be finite and > 0")
-        for n in ("step_size_lr_mult", "init_std", "langevin_std", "replay_batch"):
-            c(n, finite(getattr(self, n)), "must be finite and >= 0")
-        c("step_size_lr_mult", self.step_size_lr_mult <= 1e6, "must be <= 1e6 (alpha would jump to its floor)")
+        for n, most in (("step_size_lr_mult", 1e6), ("init_std", 1e3), ("langevin_std", 1e3), ("replay_batch", 1e3)):
+            c(n, finite(getattr(self, n)) and getattr(self, n) <= most, f"must be in 0..{most:g}")
         c("random_step_size", finite(self.random_step_size, low=1), "must be finite and >= 1")
         c("noise_t", 1 <= self.noise_t <= DDPM_STEPS, f"must be a DDPM step in 1..{DDPM_STEPS}")
         self.mlp_hidden = self.mlp_hidden or self.n_embd
@@ -144,9 +152,10 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile the training step whole and thinking at inference (cli.py)")
 
     def __post_init__(self):
+        check_types(self)
         for n in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval"):
             check(self, n, getattr(self, n) >= 1, "must be >= 1")
-        for n, most in (("grad_accum", 1024), ("eval_batches", 1000), ("eval_steps", 1000)):  # passes, unlogged
+        for n, most in (("grad_accum", 1024), ("eval_batches", 1000), ("eval_steps", 1000), ("max_steps", 10**9)):
             check(self, n, getattr(self, n) <= most, f"must be <= {most}")
         check(self, "seed", 0 <= self.seed < MAX_SEED, "must be in 0..2^62 (torch's generators take 64 bits)")
         for n in ("lr", "warmup_steps", "weight_decay", "grad_clip", "eval_steps"):
@@ -162,8 +171,7 @@ def RMSNorm(dim):
 
 
 class Rotary(nn.Module):
-    """Rotary positions: x * cos + swap_halves(x) * sin with tables widened to Dh, four ops, which
-    matters because the prediction stream differentiates through it twice."""
+    """Rotary positions: x * cos + swap_halves(x) * sin, tables widened to Dh: four ops, differentiated twice."""
 
     def __init__(self, head_dim, max_positions, base=10000.0):
         super().__init__()
@@ -320,8 +328,8 @@ class Trunk(nn.Module):
 
 
 class KVCache:
-    """The context stream's keys and values in generation, preallocated: per layer (B, H, block_size, Dh), the first
-    `filled` positions holding tokens. Fixed shapes: a compiled token is one graph at every position."""
+    """Generation's context keys and values, preallocated (fixed shapes: a compiled token is one graph): per layer
+    (B, H, block_size, Dh), the first `filled` positions holding tokens."""
 
     def __init__(self, model, batch, device):
         cfg, kind = model.config, device.type
@@ -363,9 +371,8 @@ def energy_and_gradient(energy_fn, x, k, create_graph):
 
 def think(energy_fn, y, steps, step_size, *, normalize=None, create_graph=False, detach=True, truncate=False,
           langevin_std=0.0, on_step=None, gradient=energy_and_gradient):
-    """Minimise energy_fn(x, k) -> (B, ...) energies by `steps` steps of gradient descent from y.
-
-    Step k scores the candidate x = normalize(y) (text: the distribution softmax(y); images: y itself)
+    """Minimise energy_fn(x, k) -> (B, ...) energies by `steps` steps of gradient descent from y. Step k scores
+    the candidate x = normalize(y) (text: the distribution softmax(y); images: y itself)
     and moves to y <- x - step_size * dE/dx: for text the gradient is with respect to the probabilities
     and the new logits replace the old ones, as in the paper's code (model/nlp/ebt.py, EBT_NLP.forward
     with normalize_initial_condition). step_size: a number, or a tensor that broadcasts against y.
@@ -418,9 +425,8 @@ def think_adaptively(energy_fn, y, steps, step_size, tolerance, **options):
 
 
 class Thinker:
-    """What every EBT (text or image) shares: the step size alpha, how many steps to think, and think()
-    and learning through it with the config's options. The model defines config, raw_step_size,
-    normalize (None: the identity) and energy_dims (text: energies (B, P); images: (B,))."""
+    """What every EBT shares: the step size alpha, how many steps, and think() and learning through it with the
+    config's options. The model defines config, raw_step_size, normalize (None: identity), energy_dims."""
     normalize = None
     gradient = staticmethod(energy_and_gradient)  # compiled: by torch.func (cli.compile_model)
 
@@ -522,11 +528,10 @@ def cross_entropy(logits, targets):
 
 
 class TextEBT(Thinker, nn.Module):
-    """Scores, for every position i, a candidate distribution over the next token. Two streams share one
-    set of blocks: the context tokens (ordinary causal attention) and one prediction token per position,
-    embedded from its candidate distribution p as p @ W. The context never looks at predictions, so its
-    keys and values are computed once and reused at every thinking step (the paper's code runs both
-    streams again at every step)."""
+    """Scores, for every position i, a candidate distribution over the next token. Two streams share one set of
+    blocks: the context tokens (causal attention) and one prediction token per position, embedded from its
+    candidate p as p @ W. The context never looks at predictions, so its keys and values are computed once and
+    reused at every thinking step (the paper's code runs both streams again at every step)."""
     normalize = staticmethod(lambda logits: logits.softmax(-1))  # the candidate is a distribution
     energy_dims = 2  # energies (B, P), one per position
 
@@ -577,10 +582,9 @@ class TextEBT(Thinker, nn.Module):
         return self.loss(losses), {**self.metrics(traj, losses), **({"final": traj.ys[-1]} if self.training else {})}
 
     def learn(self, idx, targets, weight, steps=None, generator=None):
-        """One training batch: think, and backpropagate loss x weight a thinking step at a time where the graphs
-        allow (Thinker.descend_and_backward). The context stream runs without a graph, its keys and values
-        leaves of the steps, then again with its graph to take what they collected (one more forward instead
-        of keeping its activations)."""
+        """One training batch: think, backpropagating loss x weight a step at a time (descend_and_backward). The
+        context stream runs without a graph, its keys and values leaves of the steps, then again with its graph
+        to take what they collected (one more forward instead of keeping its activations)."""
         fresh = len(idx)
         idx, targets, y0 = self.training_starts(idx, targets, generator)
         with torch.no_grad():
@@ -607,10 +611,9 @@ class TextEBT(Thinker, nn.Module):
 
     def think_candidates(self, context, P, candidates=1, generator=None, y0=None, langevin_std=None, filled=None,
                          **thinking):
-        """Think from `candidates` random starts (y0: (B * N, P, V), or drawn) about each of the last P
-        positions of a context; only the prediction tokens run. Several candidates think with the paper's
-        inference noise (langevin_std 1): the softmax all but erases their different starts. thinking:
-        steps, step_size, tolerance. Returns ys (B, N, P, V), energies (B, N, P) (steps_used if adaptive)."""
+        """Think from `candidates` random starts (y0: (B * N, P, V), or drawn) about each of the last P positions of a
+        context (thinking: steps, step_size, tolerance); several think with the paper's inference noise (the softmax
+        all but erases their starts). Returns ys (B, N, P, V), energies (B, N, P) (steps_used if adaptive)."""
         B, N = context[0][0].shape[0], candidates
         if N > 1:  # a view, not a copy: every candidate reads the same keys and values
             context = [tuple(t[:, None].expand(B, N, *t.shape[1:]).flatten(0, 1) for t in kv) for kv in context]
@@ -646,9 +649,8 @@ def keep_lowest(x, final_energy):
 
 
 class ReplayBuffer:
-    """The paper's S2 replay buffer (model/replay_buffer.py, flag mcmc_replay_buffer): the final logits
-    of the last `size` training sequences, replayed as starting points so that training sees longer
-    descents than it pays for. Each process keeps its own; train() checkpoints `kept`."""
+    """The paper's S2 replay buffer (model/replay_buffer.py, mcmc_replay_buffer): the final logits of the last `size`
+    training sequences, replayed as starts so that training sees longer descents than it pays for; per process."""
 
     def __init__(self, size):
         self.size, self.kept = size, {}  # "idx", "targets" (N, S) and "logits" (N, S, V)
@@ -739,9 +741,8 @@ class Stop:
 
 
 def train(model, data, tc, run=None):
-    """AdamW with warm-up and cosine decay, clipping, accumulation, evaluation and checkpoints, for every model;
-    data.batch(split, batch_size, generator) -> (x, y); run: see Run. Batches and noise are functions of (seed,
-    step), so a resumed run continues exactly; the host waits for the device only to log and evaluate."""
+    """AdamW, warm-up and cosine decay, clipping, accumulation, evaluation, checkpoints (run: see Run), for every
+    model; batches and noise are functions of (seed, step), so a resumed run continues exactly."""
     run, device, records, thinks = run or Run(), best_device(tc.device), [], isinstance(model, Thinker)
     report = lambda record: run.rank == 0 and (records.append({**record, "time": time.time()}), run(records[-1]))
     model.to(device)
@@ -909,8 +910,7 @@ class Generation:
 
 
 def sample_next(logits, temperature=1.0, top_k=None, generator=None):
-    """Next token ids (B, 1) drawn from softmax(logits / temperature) over the top_k tokens;
-    temperature 0 takes the most likely one."""
+    """Next token ids (B, 1) from softmax(logits / temperature) over the top_k tokens; temperature 0: the argmax."""
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
     logits = logits / temperature
@@ -989,8 +989,7 @@ def psnr(pred, clean):
 
 
 class PatchTransformer(nn.Module):
-    """The image models' body: patch embedding and learned positions, then the shared blocks without a
-    mask, modulated by a conditioning vector (adaLN-Zero)."""
+    """The image models' body: patches and learned positions, the shared blocks unmasked, adaLN-Zero conditioned."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -1009,9 +1008,8 @@ class PatchTransformer(nn.Module):
 
 
 class ImageEBT(Thinker, nn.Module):
-    """The energy of a candidate clean image (in [-1, 1]): the mean over patches of a scalar head, the
-    blocks conditioned on the step embedding. Denoising is thinking from the noisy image,
-    y <- y - alpha dE/dy. Gates and head start at zero: untrained, it returns its input."""
+    """The energy of a candidate clean image in [-1, 1], a head's mean over patches, the blocks conditioned on the
+    step; denoising is thinking from the noisy image, y <- y - alpha dE/dy. Untrained, it returns its input."""
     energy_dims = 1  # energies (B,), one per image
 
     def __init__(self, cfg):

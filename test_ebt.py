@@ -1348,11 +1348,19 @@ def test_bad_input_in_a_real_process_is_one_line_and_exit_2(bad_input_files):
     (dict(n_embd=30, n_head=4), "n_embd"), (dict(think_steps=0), "think_steps"), (dict(step_size=0.0), "step_size"),
     (dict(step_size=-1.0), "step_size"), (dict(model="rnn"), "model"), (dict(random_step_size=0.5), "random_step_size"),
     (dict(init_std=-1.0), "init_std"), (dict(langevin_std=float("nan")), "langevin_std"), (dict(landscapes=3), "landscapes"),
-    (dict(think_steps=100000), "think_steps")])
+    (dict(think_steps=100000), "think_steps"), (dict(n_layer=2.5), "n_layer"), (dict(n_head="2"), "n_head"),
+    (dict(detach=1), "detach"), (dict(n_layer=True), "n_layer"), (dict(init_std=1e9), "init_std"),
+    (dict(langevin_std=1e30), "langevin_std")])
 def test_config_rejects_impossible_values(kw, field):
     with pytest.raises(ebt.ConfigError, match=f"ModelConfig.{field}=") as e:
         config(**kw)
-    assert e.value.name == field
+    assert e.value.name == field and isinstance(e.value, ValueError)
+    for kw, field in ((dict(max_steps=10**12), "max_steps"), (dict(lr=1), None), (dict(seed=1.0), "seed")):
+        if field is None:
+            ebt.TrainConfig(**kw)  # a float field takes an int
+        else:
+            with pytest.raises(ebt.ConfigError, match=f"TrainConfig.{field}="):
+                ebt.TrainConfig(**kw)
     with pytest.raises(ebt.UsageError, match="does not fit its own config"):
         cli.load_model({"model_config": {**vars(config()), "no_such_option": 1}, "model": {}})
 
