@@ -360,10 +360,12 @@ def owned(out_dir):
     out, dist = Path(out_dir), torch.distributed
     check_out_dir(out)
     lock = open(out / ".lock", "a+") if not dist.is_initialized() or dist.get_rank() == 0 else None
-    try:
-        busy = lock is not None and fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB) is not None
-    except BlockingIOError:
-        busy = True
+    busy = False
+    if lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another process holds it
+            busy = True
     if Run(out).any(busy):  # every rank decides with rank 0
         holder = ""
         if lock:
