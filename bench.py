@@ -14,6 +14,7 @@ memory column from a second process in which glibc returns every freed block, so
 follows what is allocated, as on CUDA (allocated_memory_env); the resident-set column from
 the timing process, which also counts what glibc keeps after it is freed.
 """
+import cli  # first: a Ctrl-C while torch loads exits quietly
 import argparse
 import copy
 import json
@@ -27,7 +28,6 @@ from pathlib import Path
 
 import torch
 
-import cli
 import ebt
 import train_text
 from data import prepare
@@ -406,10 +406,10 @@ def main(argv=None):
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one "kind:steps" and print JSON
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
-    for name, low, high in (("iters", 1, 10_000), ("warmup", 0, 10_000), ("n_layer", 1, 10_000), ("n_head", 1, 10_000),
-                            ("n_embd", 1, 10**5), ("block_size", 1, 10**5), ("batch_size", 1, 10**5),
-                            ("vocab_size", 1, 10**7)):
-        cli.check_range(getattr(args, name), name, lambda v: low <= v <= high, f"in {low}..{high}")
+    limits = {"iters": (int, 1, 10_000), "warmup": (int, 0, 10_000), "n_layer": (int, 1, 10_000),
+              "n_head": (int, 1, 10_000), "n_embd": (int, 1, 10**5), "block_size": (int, 1, 10**5),
+              "batch_size": (int, 1, 10**5), "vocab_size": (int, 1, 10**7), "corpus_check": (float, 0.01, 100_000)}
+    cli.check_flags({name: getattr(args, name) for name in limits}, limits)
     if args.gpu_check:
         cli.check_out_dir(args.gpu_check, "--gpu_check")
         if not cli.pick_device(args.device).startswith("cuda") and "--device" not in argv:
@@ -422,8 +422,6 @@ def main(argv=None):
     if args.syncs:
         return count_syncs()
     if args.corpus_check:
-        for mb in args.corpus_check:
-            cli.check_range(mb, "corpus_check", lambda v: 0.01 <= v <= 100_000, "in 0.01..100000 (MB)")
         return corpus_check(args.corpus_check, args.old)
     if args.gpu_check:
         return gpu_check(Path(args.gpu_check), args)

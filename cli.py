@@ -18,15 +18,28 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
-import numpy as np
-import torch
 
-import ebt
-from ebt import UsageError
+def quiet_interrupt(signum, frame):
+    """Ctrl-C before run() listens, while torch loads (a second or two): exit 130 as any stop does, no traceback."""
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
+
+
+# the drivers import cli first, so this covers their start-up; for any other importer nothing changes after it
+outer = signal.signal(signal.SIGINT, quiet_interrupt) if threading.current_thread() is threading.main_thread() else None
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import ebt  # noqa: E402
+from ebt import UsageError  # noqa: E402
+
+if outer is not None:
+    signal.signal(signal.SIGINT, outer)
 
 SHAKESPEARE = Path(__file__).resolve().parent / "data" / "tinyshakespeare.txt.gz"  # ships with nanoEBT
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -298,22 +311,20 @@ def refuse_thinking(args, model, names=THINKING_FLAGS + ("eval_steps", "recipe")
 
 
 def check_sampling(args):
-    """sample.py's values for ebt.generate, each checked here once."""
-    for name, ok, what in (("num_tokens", lambda v: 0 <= v <= 10**7, "in 0..10^7"),
-                           ("temperature", ebt.finite, "finite and >= 0"),
-                           ("top_k", lambda v: v >= 1, ">= 1"), ("candidates", lambda v: 1 <= v <= 4096, "in 1..4096"),
-                           ("steps", lambda v: 1 <= v <= 10_000, "in 1..10000"),
-                           ("step_size", lambda v: ebt.finite(v) and 0 < v <= 1e6, "in (0, 1e6]"),
-                           ("langevin_std", ebt.finite, "finite and >= 0"), ("tolerance", ebt.finite, "finite and >= 0"),
-                           ("windows", lambda v: 1 <= v <= 10**6, "in 1..10^6"),
-                           ("seed", lambda v: 0 <= v < ebt.MAX_SEED, "in 0..2^62")):
-        check_range(getattr(args, name), name, ok, what)
+    """sample.py's values: those for ebt.generate within its limits (ebt.SAMPLING_LIMITS), and its own."""
+    limits = {**ebt.SAMPLING_LIMITS, "windows": (int, 1, 10**6), "seed": (int, 0, ebt.MAX_SEED - 1)}
+    check_flags({name: getattr(args, name) for name in limits}, limits)
 
 
-def check_range(value, name, ok, what):
-    """One-line UsageError for a flag value that is NaN or out of range: ok(value) must hold."""
-    if value is not None and (value != value or not ok(value)):
-        raise UsageError(f"--{name} {value}: must be {what}")
+def check_flags(values, limits):
+    """One-line UsageError for the first flag value (name -> a value, a list of them, or None: not given) not of
+    its type or outside its limits (name -> (type, least, most), as ebt.check_values reads them)."""
+    for name, value in values.items():
+        for v in value if isinstance(value, list) else [] if value is None else [value]:
+            try:
+                ebt.check_values("--", {name: v}, limits)
+            except ebt.ConfigError as e:
+                raise UsageError(f"--{name} {v}: {e.why}") from None
 
 
 def add_device_flag(parser):

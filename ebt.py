@@ -59,13 +59,29 @@ MAX_SEED = 2**62  # seeds are 0..MAX_SEED - 1: torch's generators take 64 bits
 DDPM_STEPS = 1000  # the image noise: a DDPM forward process over this many steps
 
 
-def option(default, help):
-    """A config field with its help text: the drivers make their flags from these (cli.py)."""
-    return field(default=default, metadata={"help": help})
+def option(default, help, least=-math.inf, most=math.inf):
+    """A config field with its help text (the drivers make their flags from these: cli.py) and, for a number, the
+    least and most it may be."""
+    return field(default=default, metadata={"help": help, "limits": (least, most)})
 
 
-def finite(value, low=0.0):
-    return isinstance(value, (int, float)) and math.isfinite(value) and value >= low
+def check_values(where, values, limits):
+    """A ConfigError naming the first of values (name -> value) not of its type (an int takes no float, a float takes
+    an int, only a bool a bool) or, for a number, not finite in least..most. limits: name -> (type, least, most)."""
+    for name, v in values.items():
+        kind, least, most = limits[name]
+        if not isinstance(v, (int, float) if kind is float else kind) or isinstance(v, bool) != (kind is bool):
+            raise ConfigError(where, name, f"must be of type {kind.__name__}", v)
+        if kind in (int, float) and not (least <= v <= most and v != math.inf):  # NaN fails the comparisons
+            show = lambda x: f"{x:,}" if isinstance(x, int) else f"{x:g}"
+            why = f">= {show(least)}" if most == math.inf else f"in {show(least)}..{show(most)}"
+            raise ConfigError(where, name, f"must be {'finite and ' * (kind is float)}{why}", v)
+
+
+def check_fields(config):
+    """Each field of its type and within its option's limits (then __post_init__ checks what relates fields)."""
+    check_values(config, {f.name: getattr(config, f.name) for f in fields(config)},
+                 {f.name: (f.type, *f.metadata["limits"]) for f in fields(config)})
 
 
 def check(config, name, ok, why):
@@ -73,93 +89,70 @@ def check(config, name, ok, why):
         raise ConfigError(config, name, why)
 
 
-def check_types(config):
-    """Each field of its declared type (an int field takes no float, a float field an int), before any range."""
-    for f in fields(config):
-        v, kind = getattr(config, f.name), {int: int, float: (int, float), bool: bool, str: str}[f.type]
-        check(config, f.name, isinstance(v, kind) and (f.type is bool or not isinstance(v, bool)),
-              f"must be of type {f.type.__name__}")
-
-
 @dataclass
 class ModelConfig:
     model: str = option("ebt", "ebt or transformer (the Transformer++ baseline); image_ebt, image_dit, image_regressor")
-    vocab_size: int = option(65, "token ids")
-    block_size: int = option(256, "context length")
-    n_layer: int = option(6, "transformer blocks")
-    n_head: int = option(6, "attention heads")
-    n_embd: int = option(384, "model width")
-    mlp_hidden: int = option(0, "SwiGLU hidden width; 0 = n_embd, as in the paper's models")
+    vocab_size: int = option(65, "token ids", 1)
+    block_size: int = option(256, "context length", 1)
+    n_layer: int = option(6, "transformer blocks", 1)
+    n_head: int = option(6, "attention heads", 1)
+    n_embd: int = option(384, "model width", 1)
+    mlp_hidden: int = option(0, "SwiGLU hidden width; 0 = n_embd, as in the paper's models", 0)
     # thinking (EBTs); the defaults are the paper's S1, whose alpha train_text.py scales to the vocabulary
-    think_steps: int = option(2, "descent steps in training")
-    landscapes: int = option(2, "step embeddings: step k descends landscape min(k, landscapes - 1)")
-    step_size: float = option(500.0, "alpha, the step size of the descent (its start, when learned)")
+    think_steps: int = option(2, "descent steps in training", 1)
+    landscapes: int = option(2, "step embeddings: step k descends landscape min(k, landscapes - 1)", 1)
+    step_size: float = option(500.0, "alpha, the step size of the descent (its start, when learned)", 0)
     learn_step_size: bool = option(True, "learn alpha (own learning rate, no weight decay)")
-    step_size_lr_mult: float = option(1500.0, "alpha's learning rate / the base learning rate")
-    init_std: float = option(1.0, "thinking starts from logits drawn from N(0, init_std^2)")
-    langevin_std: float = option(0.0, "training: Gaussian noise of this std on the logits before each step")
-    random_step_size: float = option(1.0, "training: each token's alpha drawn from U[alpha/s, alpha*s]; 1 = off")
-    random_steps: int = option(0, "training: think_steps + U{0..n} steps, one count per optimizer step")
+    step_size_lr_mult: float = option(1500.0, "alpha's learning rate / the base learning rate", 0, 1e6)
+    init_std: float = option(1.0, "thinking starts from logits drawn from N(0, init_std^2)", 0, 1e3)
+    langevin_std: float = option(0.0, "training: Gaussian noise of this std on the logits before each step", 0, 1e3)
+    random_step_size: float = option(1.0, "training: each token's alpha drawn from U[alpha/s, alpha*s]; 1 = off", 1)
+    random_steps: int = option(0, "training: think_steps + U{0..n} steps, one count per optimizer step", 0)
     truncate: bool = option(False, "train the last step only: only its gradient keeps its graph")
     detach: bool = option(True, "cut the graph between steps")
-    replay_size: int = option(0, "replay buffer: the final logits of the last N training sequences; 0 = off")
-    replay_batch: float = option(0.5, "replayed sequences joining each batch, a fraction of it")
+    replay_size: int = option(0, "replay buffer: the final logits of the last N training sequences; 0 = off", 0)
+    replay_batch: float = option(0.5, "replayed sequences joining each batch, a fraction of it", 0, 1e3)
     # images: square crops in [-1, 1], cut into square patches
-    channels: int = option(3, "image channels")
-    image_size: int = option(32, "crop size in pixels")
-    patch_size: int = option(4, "patch size in pixels")
-    noise_t: int = option(99, "training noise, a DDPM step (the DiT trains on 1..noise_t)")
+    channels: int = option(3, "image channels", 1)
+    image_size: int = option(32, "crop size in pixels", 1)
+    patch_size: int = option(4, "patch size in pixels", 1)
+    noise_t: int = option(99, "training noise, a DDPM step (the DiT trains on 1..noise_t)", 1, DDPM_STEPS)
 
     def __post_init__(self):
-        check_types(self)
+        check_fields(self)
         c = lambda name, ok, why: check(self, name, ok, why)
         c("model", self.model in TEXT_KINDS + IMAGE_KINDS, f"must be one of {TEXT_KINDS + IMAGE_KINDS}")
-        for n in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "channels", "image_size", "patch_size",
-                  "think_steps", "landscapes"):
-            c(n, getattr(self, n) >= 1, "must be >= 1")
-        for n in ("mlp_hidden", "random_steps", "replay_size"):
-            c(n, getattr(self, n) >= 0, "must be >= 0")
         c("n_embd", self.n_embd % self.n_head == 0, f"must be divisible by n_head={self.n_head}")
         c("n_embd", self.model not in TEXT_KINDS or self.n_embd // self.n_head % 2 == 0, "head size must be even")
         c("image_size", self.image_size % self.patch_size == 0, f"must be a multiple of patch_size={self.patch_size}")
         c("think_steps", self.think_steps + self.random_steps <= MAX_THINK_STEPS,
           f"think_steps + random_steps must be <= {MAX_THINK_STEPS} in training")
         c("landscapes", self.landscapes <= self.think_steps + self.random_steps, "must be <= the steps trained")
-        c("step_size", finite(self.step_size) and self.step_size > 0, "must be finite and > 0")
-        for n, most in (("step_size_lr_mult", 1e6), ("init_std", 1e3), ("langevin_std", 1e3), ("replay_batch", 1e3)):
-            c(n, finite(getattr(self, n)) and getattr(self, n) <= most, f"must be in 0..{most:g}")
-        c("random_step_size", finite(self.random_step_size, low=1), "must be finite and >= 1")
-        c("noise_t", 1 <= self.noise_t <= DDPM_STEPS, f"must be a DDPM step in 1..{DDPM_STEPS}")
+        c("step_size", self.step_size > 0, "must be > 0")
         self.mlp_hidden = self.mlp_hidden or self.n_embd
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = option(5000, "optimizer steps")
-    batch_size: int = option(64, "sequences (or crops) per optimizer step and process")
-    grad_accum: int = option(1, "micro-batches per optimizer step, each of batch_size")
-    lr: float = option(1e-3, "learning rate after warm-up, decayed by cosine to a tenth")
-    warmup_steps: int = option(100, "linear warm-up steps")
-    weight_decay: float = option(0.1, "AdamW weight decay of the matrices")
-    grad_clip: float = option(1.0, "clip the gradient norm to this; 0 = off")
-    eval_interval: int = option(250, "evaluate and save every this many steps")
-    eval_batches: int = option(20, "validation batches per evaluation")
-    eval_steps: int = option(0, f"EBTs: thinking steps at evaluation; 0 = {THINK_LONGER}x the trained steps")
-    log_interval: int = option(10, "log every this many steps")
+    max_steps: int = option(5000, "optimizer steps", 1, 10**9)
+    batch_size: int = option(64, "sequences (or crops) per optimizer step and process", 1)
+    grad_accum: int = option(1, "micro-batches per optimizer step, each of batch_size", 1, 1024)
+    lr: float = option(1e-3, "learning rate after warm-up, decayed by cosine to a tenth", 0)
+    warmup_steps: int = option(100, "linear warm-up steps", 0)
+    weight_decay: float = option(0.1, "AdamW weight decay of the matrices", 0)
+    grad_clip: float = option(1.0, "clip the gradient norm to this; 0 = off", 0)
+    eval_interval: int = option(250, "evaluate and save every this many steps", 1)
+    eval_batches: int = option(20, "validation batches per evaluation", 1, 1000)
+    eval_steps: int = option(0, f"EBTs: thinking steps at evaluation; 0 = {THINK_LONGER}x the trained steps", 0, 1000)
+    log_interval: int = option(10, "log every this many steps", 1)
     out_dir: str = option("out", "checkpoint, metrics.jsonl and loss.png go here")
     device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda or mps")
-    seed: int = option(1337, "fixes the initial weights, the batches and the noise")
+    seed: int = option(1337, "fixes the initial weights, the batches and the noise (torch's generators take 64 bits)",
+                       0, MAX_SEED - 1)
     compile: bool = option(False, "torch.compile the training step whole and thinking at inference (cli.py)")
 
     def __post_init__(self):
-        check_types(self)
-        for n in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval"):
-            check(self, n, getattr(self, n) >= 1, "must be >= 1")
-        for n, most in (("grad_accum", 1024), ("eval_batches", 1000), ("eval_steps", 1000), ("max_steps", 10**9)):
-            check(self, n, getattr(self, n) <= most, f"must be <= {most}")
-        check(self, "seed", 0 <= self.seed < MAX_SEED, "must be in 0..2^62 (torch's generators take 64 bits)")
-        for n in ("lr", "warmup_steps", "weight_decay", "grad_clip", "eval_steps"):
-            check(self, n, finite(getattr(self, n)), "must be finite and >= 0")
+        check_fields(self)
         check(self, "lr", self.lr > 0, "must be > 0")
 
 
@@ -342,9 +335,8 @@ class KVCache:
 def init_weights(module):
     if isinstance(module, (nn.Linear, nn.Embedding)):
         if getattr(module, "zero_init", False):
-            nn.init.zeros_(module.weight)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
+            for p in module.parameters():
+                nn.init.zeros_(p)
         else:
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
@@ -819,8 +811,7 @@ class Run:
     own_part = mean = staticmethod(lambda t: t)  # this process's part of a global batch; a mean over processes
     share_weights = average_gradients = staticmethod(lambda model: None)  # rank 0's weights; the mean gradient
 
-    def __call__(self, record):
-        print(record)
+    __call__ = staticmethod(print)  # each record train() reports
 
     def save(self, model, optimizer, tc, record, new_best=False):
         """Keep the run at record["step"] (returned; None: not kept); new_best: its lowest validation loss yet."""
@@ -838,10 +829,8 @@ def non_finite(what, step, saved, run):
 
 def best_device(name="auto"):
     """The device to run on: as named, or for "auto" cuda, then mps, then cpu."""
-    if name != "auto":
-        return name
-    return ("cuda" if torch.cuda.is_available() else
-            "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu")
+    auto = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return auto if name == "auto" else name
 
 
 def autocast(device):
@@ -909,6 +898,12 @@ class Generation:
     trajectory: list = None                # n tensors (B, K+1): the kept candidate's energy along its steps
 
 
+# generate()'s arguments, and sample.py's flags: (type, least, most)
+SAMPLING_LIMITS = {"num_tokens": (int, 0, 10**7), "temperature": (float, 0, math.inf), "top_k": (int, 1, math.inf),
+                   "candidates": (int, 1, 4096), "steps": (int, 1, 10_000), "step_size": (float, 1e-9, 1e6),
+                   "langevin_std": (float, 0, 1e3), "tolerance": (float, 0, math.inf)}
+
+
 def sample_next(logits, temperature=1.0, top_k=None, generator=None):
     """Next token ids (B, 1) from softmax(logits / temperature) over the top_k tokens; temperature 0: the argmax."""
     if temperature == 0:
@@ -934,8 +929,13 @@ def generate(model, idx, num_tokens, temperature=1.0, top_k=None, generator=None
     called after the n-th new token (progress). The sampling options are the usual ones, keywords each."""
     if thinking and not isinstance(model, TextEBT):
         raise UsageError(f"thinking ({', '.join(thinking)}) needs an EBT; this is a {model.config.model!r} model")
-    if idx.shape[1] < 1:
-        raise UsageError("the prompt is empty; give at least one token")
+    arguments = dict(thinking, num_tokens=num_tokens, temperature=temperature, top_k=top_k)
+    check_values("generate", {k: v for k, v in arguments.items() if k in SAMPLING_LIMITS and v is not None},
+                 SAMPLING_LIMITS)
+    V, ids = model.config.vocab_size, torch.is_tensor(idx) and idx.dim() == 2 and idx.dtype in (torch.long, torch.int)
+    if not (ids and idx.numel() and 0 <= idx.min() and idx.max() < V):
+        raise ConfigError("generate", "idx", f"must be a (B, T) int64 tensor of ids in 0..{V - 1}, B and T >= 1",
+                          f"ids {idx.min()}..{idx.max()}" if ids and idx.numel() else getattr(idx, "shape", idx))
     block, keep = model.config.block_size, max(1, model.config.block_size // 2)
     start, seen, per_token = max(0, idx.shape[1] - block), 0, []  # the window is idx[:, start:], seen of it cached
     cache = KVCache(model, len(idx), idx.device) if use_cache else None

@@ -34,13 +34,13 @@ candidates.png, gains.png, verifier.png and task.png to assets/ (--report_dir), 
 (train_image.py --compare of the EBT S1 and S2, the DiT and the regressor, first seed) to assets/image/,
 and results.json and task.json (every number, per run) to out-results/.
 """
+import cli  # first: a Ctrl-C while torch loads exits quietly
 import json
 import math
 from pathlib import Path
 
 import torch
 
-import cli
 import ebt
 import sample
 import train_image
@@ -77,10 +77,8 @@ def parse_args(argv=None):
     for name in ("seeds", "lengths"):
         if len(set(getattr(args, name))) != len(getattr(args, name)):
             raise ebt.UsageError(f"--{name} has repeated values")
-    if min(args.lengths) < 1 or args.windows < 1:
-        raise ebt.UsageError("--lengths and --windows must be >= 1")
-    for seed in args.seeds:
-        cli.check_range(seed, "seeds", lambda v: 0 <= v < ebt.MAX_SEED, "in 0..2^62")
+    cli.check_flags({"seeds": args.seeds, "lengths": args.lengths, "windows": args.windows},
+                    {"seeds": (int, 0, ebt.MAX_SEED - 1), "lengths": (int, 1, math.inf), "windows": (int, 1, math.inf)})
     default = all(getattr(args, k) == p.get_default(k) for k in ("seeds", "lengths", "out_dir", "windows", "preset"))
     args.report_dir = args.report_dir or ("assets" if default else str(Path(args.out_dir) / "report"))
     cli.check_out_dir(args.out_dir)
@@ -404,19 +402,21 @@ def task_scores(model, problems, tokenizer, steps, candidates=16, chunk=64):
             part["per_step"] = [model.logits(x)[0][answer]] * len(steps)
             parts.append(part)
             continue
-        context = model.context(x)
-        one = model.think_candidates(context, x.shape[1], 1, g, steps=max(steps))
+        # only the last P positions think: every answer ends its window (a prediction sees no other)
+        context, P = model.context(x), int(answer.sum(1).max())
+        y, answer = y[:, -P:], answer[:, -P:]
+        one = model.think_candidates(context, P, 1, g, steps=max(steps))
         part["per_step"] = [one.ys[k][:, 0][answer] for k in steps]
         part["argmax"] = torch.stack([y_[:, 0][answer].argmax(-1) for y_ in one.ys])  # (K + 1, M)
         torch.manual_seed(i)  # the candidates' inference noise
-        many = model.think_candidates(context, x.shape[1], candidates, g)
-        energy = many.energies[-1]  # (B, N, T)
+        many = model.think_candidates(context, P, candidates, g)
+        energy = many.energies[-1]  # (B, N, P)
         part["candidates"] = (at_answers(many.ys[-1].log_softmax(-1).gather(-1, y[:, None, :, None].expand(
             -1, candidates, -1, 1)).squeeze(-1), answer),  # log-probability of the truth, (1, N, M)
             at_answers((many.ys[-1].argmax(-1) == y[:, None]).double(), answer),
             at_answers(-(many.ys[-1].softmax(-1) * many.ys[-1].log_softmax(-1)).sum(-1), answer),
             at_answers(energy, answer))
-        part["steps_used"] = {tol: model.think_candidates(context, x.shape[1], 1, g, steps=max(steps),
+        part["steps_used"] = {tol: model.think_candidates(context, P, 1, g, steps=max(steps),
                                                           tolerance=tol).steps_used[:, 0][answer] for tol in TOLERANCES}
         parts.append(part)
     targets = problems["y"][problems["answer"]].to(device)
@@ -494,7 +494,8 @@ def markdown_table(head, rows):
 def task_tables(runs, seeds):
     """The task's tables (markdown): each cell one value per seed, "a / b"."""
     splits = (("val", "in"), ("ood", "OOD"))
-    cell = lambda m, get, fmt="{:.1%}": " / ".join(fmt.format(get(runs[m, s])) for s in seeds)
+    cell = lambda m, get, fmt="{:.1%}": " / ".join("-" if get(runs[m, s]) is None else fmt.format(get(runs[m, s]))
+                                                   for s in seeds)
     at = lambda c, split, times, what: c[split]["steps" if what != "exact" else "exact"][max(1, times * c["trained"])]
     learning = markdown_table(
         ["model", "accuracy in", "accuracy OOD", "CE in", "CE OOD", "exact match in", "exact match OOD"],
@@ -515,7 +516,7 @@ def task_tables(runs, seeds):
     most = max(4 * runs[m, seeds[0]]["trained"] for m in EBTS)
     changes = markdown_table(
         ["model, text", *(f"step {k}" for k in range(1, most + 1))],
-        [[f"{m} {name}", *(cell(m, lambda c, sp=sp, k=k: c[sp]["argmax changed"].get(k, math.nan), "{:.0%}")
+        [[f"{m} {name}", *(cell(m, lambda c, sp=sp, k=k: c[sp]["argmax changed"].get(k), "{:.0%}")
                           for k in range(1, most + 1))] for m in EBTS for sp, name in splits])
     adaptive = markdown_table(
         ["model, tolerance", *(f"{what}, {name}" for _, name in splits for what in ("answer tokens", "digits carried into",
@@ -542,14 +543,17 @@ def plot_task(runs, seeds, path):
                 steps_ax.axhline(acc[0], ls=style, color=f"C{i}", lw=1, label=label)
     steps_ax.set(xscale="log", xlabel="thinking steps (1 candidate)", ylabel="answer-token accuracy",
                  title="thinking longer")
+    ticks = sorted({k for m in EBTS for k in runs[m, seeds[0]]["val"]["steps"]})
+    steps_ax.set_xticks(ticks, [str(k) for k in ticks])
     for i, m in enumerate(EBTS, 1):
         best = [runs[m, s]["val"]["best of"] for s in seeds]
         ns = sorted(best[0]["energy"])
-        for pick, style in (("energy", "-"), ("random", "--"), ("oracle", ":")):
+        for pick, style, how in (("energy", "-", "by energy"), ("random", "--", "at random"), ("oracle", ":", "by the truth")):
             best_ax.plot(ns, [mean([b[pick][n]["acc"] for b in best]) for n in ns], style, marker="o", ms=3,
-                         color=f"C{i}", label=f"{m}: by {pick}")
+                         color=f"C{i}", label=f"{m}: {how}")
     best_ax.set(xscale="log", xlabel="candidates n (trained steps)", ylabel="answer-token accuracy, in distribution",
                 title="self-verification: the best of n")
+    best_ax.set_xticks(ns, [str(n) for n in ns])
     for ax in (steps_ax, best_ax):
         ax.minorticks_off()
         ax.grid(alpha=0.3)

@@ -8,15 +8,15 @@ plots of thinking live here too (a notebook imports them: `import sample`).
     python sample.py --plots plots/                         # 5 PNGs of the thinking behind the text
     python sample.py --eval --plots plots/                  # perplexity vs steps and candidates, val and OOD
 """
+import cli  # first: a Ctrl-C while torch loads exits quietly
+import math
 import sys
 import time
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-import cli
 import ebt
 from data import prepare
 

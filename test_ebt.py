@@ -860,6 +860,28 @@ def test_transformer_generation_logits_are_the_last_position_of_a_full_pass():
         ebt.generate(model, prompt, 1, candidates=2)
 
 
+GENERATE_MISUSES = [  # (case, the argument named, generate()'s keywords over a good call)
+    ("float ids", "idx", {"idx": torch.zeros(1, 3)}), ("1-D ids", "idx", {"idx": torch.zeros(3, dtype=torch.long)}),
+    ("empty prompt", "idx", {"idx": torch.zeros(1, 0, dtype=torch.long)}),
+    ("an id past the vocabulary", "idx", {"idx": torch.tensor([[0, 13]])}),
+    ("a negative id", "idx", {"idx": torch.tensor([[-1, 0]])}), ("ids in a list", "idx", {"idx": [[0, 1]]}),
+    ("negative count", "num_tokens", {"num_tokens": -1}), ("NaN temperature", "temperature", {"temperature": math.nan}),
+    ("negative temperature", "temperature", {"temperature": -0.5}), ("zero top_k", "top_k", {"top_k": 0}),
+    ("no candidates", "candidates", {"candidates": 0}), ("negative steps", "steps", {"steps": -2}),
+    ("zero steps", "steps", {"steps": 0}), ("fractional steps", "steps", {"steps": 2.5}),
+    ("negative tolerance", "tolerance", {"tolerance": -1e-3}), ("zero step size", "step_size", {"step_size": 0.0}),
+    ("NaN noise", "langevin_std", {"langevin_std": math.nan}), ("a flag as steps", "steps", {"steps": True}),
+]
+
+
+@pytest.mark.parametrize("case, name, call", GENERATE_MISUSES, ids=[c for c, _, _ in GENERATE_MISUSES])
+def test_generate_names_an_impossible_argument_in_a_value_error(case, name, call):
+    model = tiny().eval()
+    with pytest.raises(ValueError, match=rf"^generate\.{name}="):
+        ebt.generate(model, **{"idx": torch.zeros(1, 3, dtype=torch.long), "num_tokens": 2, **call})
+    assert len(ebt.generate(model, torch.tensor([[0, 12]], dtype=torch.int), 2, steps=1).idx[0]) == 4  # the limits pass
+
+
 def test_self_verification_keeps_the_lowest_final_energy():
     model = tiny(step_size=0.5).eval()
     prompt = torch.randint(13, (3, 4), generator=torch.Generator().manual_seed(1))
@@ -1130,6 +1152,16 @@ def test_ctrl_c_in_sample_is_one_line(checkpoints, monkeypatch):
     monkeypatch.setattr(ebt, "generate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     code, _, err = run_cli(sample.main, "--ckpt", str(checkpoints["ebt"]), "--device", "cpu")
     assert code == 130 and err == "interrupted\n"
+
+
+@pytest.mark.parametrize("driver", ["train_text.py", "train_image.py", "sample.py", "bench.py", "results.py",
+                                    "data/prepare.py"])
+def test_ctrl_c_while_torch_loads_is_one_line(driver, tmp_path):
+    """A numpy that interrupts its own import: the Ctrl-C lands while the driver's libraries load."""
+    (tmp_path / "numpy.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGINT)\n")
+    r = subprocess.run([sys.executable, str(HERE / driver), "--help"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert (r.returncode, r.stderr) == (130, "interrupted\n")
 
 
 # -----------------------------------------------------------------------------

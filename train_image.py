@@ -20,6 +20,7 @@ what --compare writes, for several checkpoints): psnr.md, PSNR against forward p
 model at every noise level; psnr.png, the same as a plot; grid.png, a few denoised validation
 crops; energy.png (an EBT's), the mean energy along the thinking steps.
 """
+import cli  # first: a Ctrl-C while torch loads exits quietly
 import math
 import os
 import urllib.request
@@ -29,7 +30,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import cli
 import ebt
 from ebt import UsageError
 
@@ -165,11 +165,9 @@ def parse_args(argv=None):
     cli.check_out_dir(args.out_dir)
     if args.data and args.dataset:
         raise UsageError(f"--data {args.data} and --dataset {args.dataset}: give one (--data is a folder of images)")
-    cli.check_range(args.report_steps, "report_steps", lambda v: 1 <= v <= 1000, "in 1..1000")
-    for v in args.eval_t or []:
-        cli.check_range(v, "eval_t", lambda v: 1 <= v <= ebt.DDPM_STEPS, f"a DDPM step in 1..{ebt.DDPM_STEPS}")
-    for v in args.passes:  # DDIM from step t takes at most t passes
-        cli.check_range(v, "passes", lambda v: 1 <= v <= ebt.DDPM_STEPS, f"in 1..{ebt.DDPM_STEPS}")
+    # eval_t: a DDPM step; passes: DDIM from step t takes at most t
+    cli.check_flags({"report_steps": args.report_steps, "eval_t": args.eval_t, "passes": args.passes},
+                    {"report_steps": (int, 1, 1000), "eval_t": (int, 1, ebt.DDPM_STEPS), "passes": (int, 1, ebt.DDPM_STEPS)})
     return args
 
 

@@ -25,10 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository's modules
-import cli  # noqa: E402
+import cli  # noqa: E402  (before numpy: a Ctrl-C while it loads exits quietly)
+import numpy as np  # noqa: E402
 from ebt import UsageError  # noqa: E402
 
 CHUNK = 1 << 22  # characters read at a time
