@@ -1576,6 +1576,17 @@ def test_gpt2_tokenizer_round_trip_and_long_texts_encode_as_the_whole(offline_bp
     assert tok.encode_array(text, piece=50).tolist() == offline_bpe.encode_ordinary(text)  # cut where BPE cuts
 
 
+def test_character_arrays_encode_as_encode_does_on_both_paths():
+    tok = cli.CharTokenizer.fit("abc ä\n")
+    for text in ("ab c\na", "ä bc\n"):  # ASCII (translated as bytes) and not (a table of code points)
+        assert tok.encode_array(text).tolist() == tok.encode(text)
+    for text in ("abz", "äz"):
+        with pytest.raises(ebt.UsageError, match="'z'"):
+            tok.encode_array(text)
+    wide = cli.CharTokenizer([chr(i) for i in range(300)])  # 255 characters or more: ASCII by the table too
+    assert wide.encode_array("az").tolist() == [97, 122] and prepare.code_points("ba").tolist() == [97, 98]
+
+
 def test_prepare_streams_characters_and_bpe_into_token_files_as_the_whole_text_encodes(tmp_path, monkeypatch,
                                                                                          offline_bpe):
     """Small chunks, so that every boundary is crossed: the ids are the whole text's, the last tenth validates,
