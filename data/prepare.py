@@ -21,6 +21,7 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -149,8 +150,7 @@ def prepare(spec, out_dir, tokenizer="char", overwrite=False, say=print):
             ids.astype(dtype).tofile(f)
     n = all_ids.stat().st_size // np.dtype(dtype).itemsize
     n_val = int(n * VAL_FRACTION)
-    cli.write_atomically(out / "val.bin", lambda tmp: np.memmap(all_ids, dtype, "r", offset=(n - n_val) * np.dtype(
-        dtype).itemsize).tofile(tmp) if n_val else tmp.write_bytes(b""))
+    cli.write_atomically(out / "val.bin", lambda tmp: copy_tail(all_ids, (n - n_val) * np.dtype(dtype).itemsize, tmp))
     os.truncate(all_ids, (n - n_val) * np.dtype(dtype).itemsize)
     os.replace(all_ids, out / "train.bin")
     meta = {"format": "nanoebt-tokens-1", "tokenizer": tok.state(), "vocab_size": tok.vocab_size,
@@ -162,6 +162,13 @@ def prepare(spec, out_dir, tokenizer="char", overwrite=False, say=print):
     say(f"prepared {out}: {n - n_val:,} training and {n_val:,} validation tokens ({np.dtype(dtype).name}), "
         f"vocabulary {tok.vocab_size:,}")
     return meta
+
+
+def copy_tail(source, offset, target):
+    """source's bytes from offset on into target, a block at a time (a memmap's pages would count in memory)."""
+    with open(source, "rb") as f, open(target, "wb") as out:
+        f.seek(offset)
+        shutil.copyfileobj(f, out, 1 << 24)
 
 
 def split(ids):
