@@ -16,6 +16,7 @@ the timing process, which also counts what glibc keeps after it is freed.
 """
 import cli  # first: a Ctrl-C while torch loads exits quietly
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -23,6 +24,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -312,18 +314,31 @@ def gpu_check(out, args):
 
 def run_measured(argv, until=None, env=None):
     """Run a command to its end: (seconds until a line of its output holds `until`, else to its end; its peak
-    resident set in MB; its output)."""
-    start, first, lines = time.time(), None, []
+    resident set in MB; its output). The peak is the command's own high-water mark (Linux: VmHWM, read every
+    10 ms): the rusage a parent reads also holds the parent's own peak, which a spawned child inherits."""
+    start, first, lines, peak = time.time(), None, [], [0.0]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE,
                             env={**os.environ, **(env or {})})
+
+    def watch():  # a process that has ended (a zombie) has no VmHWM line
+        status = Path(f"/proc/{proc.pid}/status")
+        while not ended.is_set():
+            with contextlib.suppress(OSError):
+                kb = [line.split()[1] for line in status.read_text().splitlines() if line.startswith("VmHWM")]
+                peak[0] = max([peak[0], *(int(k) / 1024 for k in kb)])
+            time.sleep(0.01)
+    ended, watcher = threading.Event(), threading.Thread(target=watch, daemon=True)
+    watcher.start()
     for line in proc.stdout:
         lines.append(line)
         if first is None and until and until in line:
             first = time.time() - start
     _, status, usage = os.wait4(proc.pid, 0)
+    ended.set()
+    watcher.join()
     if status:
         raise ebt.UsageError(f"{' '.join(map(str, argv[:3]))} ... failed: {''.join(lines[-3:]).strip()}")
-    return first or time.time() - start, usage.ru_maxrss / 1024, "".join(lines)
+    return first or time.time() - start, peak[0] or usage.ru_maxrss / 1024, "".join(lines)
 
 
 BPE_OFFLINE = ("import sys, tiktoken, test_ebt; enc = test_ebt.small_bpe(); tiktoken.get_encoding = lambda name: enc; "

@@ -17,6 +17,7 @@ import math
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -122,8 +123,11 @@ def failure(e):
                                                                        "Connection reset")):
         silent = silent_ranks()
         who = f"rank {', '.join(map(str, silent))}" if silent else "a peer rank"
+        ended = [r for r in silent or () if end_if_stopped(r)]
         return (f"{who} stopped answering: no reply within {dist_timeout():g} s (stopped, crashed or far too slow; "
-                "NANOEBT_DIST_TIMEOUT sets the wait); the last checkpoint is kept")
+                "NANOEBT_DIST_TIMEOUT sets the wait); the last checkpoint is kept" + (
+                    f"; rank {', '.join(map(str, ended))}, stopped (SIGSTOP) on this machine, is ended now"
+                    if ended else ""))
     return None
 
 
@@ -140,6 +144,17 @@ def silent_ranks(wait=2.0):
         return None
 
 
+def end_if_stopped(rank):
+    """Kill a rank that is stopped (SIGSTOP) on this machine, and say whether it was: it can act on no signal but
+    SIGKILL, which torchrun sends only after 30 s. Its host and pid are in the store since it joined."""
+    with contextlib.suppress(Exception):  # another machine's rank, or one already gone: left as it is
+        host, pid = torch.distributed.distributed_c10d._get_default_store().get(f"nanoebt/pid/{rank}").decode().split()
+        if host == socket.gethostname() and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T":
+            os.kill(int(pid), signal.SIGKILL)
+            return True
+    return False
+
+
 def join_process_group(device):
     """Under torchrun (RANK set) join the process group, with a timeout so that a rank that stops answering
     is named (failure) instead of waited for for 30 minutes: gloo for CPU tensors (the flags every rank
@@ -150,6 +165,8 @@ def join_process_group(device):
     if not dist.is_initialized():
         dist.init_process_group("cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo",
                                 timeout=datetime.timedelta(seconds=dist_timeout()))
+        store = dist.distributed_c10d._get_default_store()  # where end_if_stopped finds this rank
+        store.set(f"nanoebt/pid/{dist.get_rank()}", f"{socket.gethostname()} {os.getpid()}")
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
