@@ -64,8 +64,9 @@ def flops_per_step(cfg, B, S, steps):
     return 3 * F + steps * 6 * F_pred
 
 
-def measure(kind, steps, args):
-    """Time training steps of one configuration in this process."""
+def measure(kind, steps, args, rounds=(None,), ready=lambda: None):
+    """Time training steps of one configuration in this process: build and warm it up, call ready(), then
+    yield one measurement (the median of args.iters steps) for each item of rounds."""
     device = cli.pick_device(args.device)
     torch.manual_seed(0)
     thinking = dict(think_steps=max(steps, 1), landscapes=max(steps, 1))
@@ -99,28 +100,30 @@ def measure(kind, steps, args):
     elif args.compile and Path("/proc/self/clear_refs").exists():  # leave the compiler's own peak out (Linux)
         Path("/proc/self/clear_refs").write_text("5")
         rss_before = peak_rss()
-    times = []
-    for _ in range(args.iters):  # the median step: this shared machine has noisy neighbours
-        sync()
-        t = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t)
-    dt = sorted(times)[len(times) // 2]
-    if device.startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated()
-    else:  # what training added to the process: peak RSS minus the RSS with the model built
-        peak = peak_rss() - rss_before
-    if args.profile:  # where a step's time goes, to stderr (main passes it on)
-        with torch.profiler.profile() as prof:
+    ready()
+    flops = flops_per_step(cfg, args.batch_size, args.block_size, steps)
+    for i, _ in enumerate(rounds):
+        times = []
+        for _ in range(args.iters):  # the median step: this shared machine has noisy neighbours
+            sync()
+            t = time.perf_counter()
             step()
             sync()
-        sort = "self_device_time_total" if device.startswith("cuda") else "self_cpu_time_total"
-        print(f"{kind}, {steps} thinking steps: one training step\n"
-              + prof.key_averages().table(sort_by=sort, row_limit=15), file=sys.stderr)
-    flops = flops_per_step(cfg, args.batch_size, args.block_size, steps)
-    return {"model": kind, "steps": steps, "step_s": dt, "tokens_per_s": args.batch_size * args.block_size / dt,
-            "peak_mb": peak / 2**20, "tflops": flops / dt / 1e12, "device": device, "compile_s": compile_s}
+            times.append(time.perf_counter() - t)
+        dt = sorted(times)[len(times) // 2]
+        if device.startswith("cuda"):
+            peak = torch.cuda.max_memory_allocated()
+        else:  # what training added to the process: peak RSS minus the RSS with the model built
+            peak = peak_rss() - rss_before
+        if args.profile and i == 0:  # where a step's time goes, to stderr (main passes it on)
+            with torch.profiler.profile() as prof:
+                step()
+                sync()
+            sort = "self_device_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+            print(f"{kind}, {steps} thinking steps: one training step\n"
+                  + prof.key_averages().table(sort_by=sort, row_limit=15), file=sys.stderr)
+        yield {"model": kind, "steps": steps, "step_s": dt, "tokens_per_s": args.batch_size * args.block_size / dt,
+               "peak_mb": peak / 2**20, "tflops": flops / dt / 1e12, "device": device, "compile_s": compile_s}
 
 
 def peak_rss():
@@ -141,15 +144,53 @@ def allocated_memory_env():
     return {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
-def measure_in_subprocess(one, argv, env=None, echo_stderr=False):
-    """measure() of one "kind:steps" in a fresh process: each configuration's peak is its own."""
-    r = subprocess.run([sys.executable, __file__, *argv, "--one", one], capture_output=True, text=True, env=env)
-    if r.returncode:  # its one-line error as ours (exit code 2), or the last line of what it printed
-        raise ebt.UsageError(r.stderr.strip().splitlines()[-1].removeprefix("error: ") if r.stderr.strip() else
-                             f"measuring {one} failed (exit code {r.returncode})")
-    if echo_stderr:
-        sys.stderr.write(r.stderr)
-    return json.loads(r.stdout)
+def measure_alternating(ones, argv, rounds, env=None, echo_stderr=False):
+    """measure() of each "kind:steps" in a process of its own (each peak its own), built and warmed up (compiled)
+    one at a time, then timed in rounds that alternate between them, the order turned each round: a neighbour's
+    load on this shared machine falls on every configuration of a round alike. Returns, per configuration, its
+    last measurement with step_s and tokens_per_s from its median round, and rounds_s, its step time each round."""
+    import tempfile
+    workers = []
+
+    def answer(proc, err, one):  # a line of the worker's, or its one-line error as ours (exit code 2)
+        line = proc.stdout.readline()
+        if line:
+            return line
+        proc.wait()
+        err.seek(0)
+        lines = err.read().strip().splitlines()
+        raise ebt.UsageError(lines[-1].removeprefix("error: ") if lines else
+                             f"measuring {one} failed (exit code {proc.returncode})")
+    try:
+        for one in ones:
+            err = tempfile.TemporaryFile("w+")
+            proc = subprocess.Popen([sys.executable, __file__, *argv, "--one", one], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+            workers.append((proc, err, one))
+            answer(proc, err, one)  # "ready": no configuration is timed while another is built or compiled
+        per_round = [[None] * len(ones) for _ in range(rounds)]
+        for r in range(rounds):
+            for i in [(r + j) % len(ones) for j in range(len(ones))]:
+                proc, err, one = workers[i]
+                proc.stdin.write("round\n")
+                proc.stdin.flush()
+                per_round[r][i] = json.loads(answer(proc, err, one))
+    finally:
+        for proc, err, _ in workers:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()  # the end of its rounds
+            proc.wait()
+            if echo_stderr:
+                err.seek(0)
+                sys.stderr.write(err.read())
+            err.close()
+    rows = []
+    for i in range(len(ones)):
+        times = [per_round[r][i]["step_s"] for r in range(rounds)]
+        median = sorted(times)[len(times) // 2]
+        tokens = per_round[-1][i]["tokens_per_s"] * per_round[-1][i]["step_s"]
+        rows.append({**per_round[-1][i], "step_s": median, "tokens_per_s": tokens / median, "rounds_s": times})
+    return rows
 
 
 def time_generation(args, contexts=(64, 128, 256), new_tokens=16):
@@ -398,7 +439,9 @@ def main(argv=None):
     for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size"):
         p.add_argument(f"--{k}", type=int, default=cpu[k], help="(default: %(default)s, the CPU preset's)")
     p.add_argument("--vocab_size", type=int, default=65)
-    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--iters", type=int, default=10, help="timed steps a round (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds alternating between the configurations; each "
+                   "ratio is the median of the rounds' own (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--peak_tflops", type=float, default=989.0, help="for MFU on CUDA (H100/H200 dense bf16: 989)")
     p.add_argument("--compile", action="store_true", help="torch.compile as train_text.py --compile does; "
@@ -421,9 +464,10 @@ def main(argv=None):
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one "kind:steps" and print JSON
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
-    limits = {"iters": (int, 1, 10_000), "warmup": (int, 0, 10_000), "n_layer": (int, 1, 10_000),
-              "n_head": (int, 1, 10_000), "n_embd": (int, 1, 10**5), "block_size": (int, 1, 10**5),
-              "batch_size": (int, 1, 10**5), "vocab_size": (int, 1, 10**7), "corpus_check": (float, 0.01, 100_000)}
+    limits = {"iters": (int, 1, 10_000), "rounds": (int, 1, 1000), "warmup": (int, 0, 10_000),
+              "n_layer": (int, 1, 10_000), "n_head": (int, 1, 10_000), "n_embd": (int, 1, 10**5),
+              "block_size": (int, 1, 10**5), "batch_size": (int, 1, 10**5), "vocab_size": (int, 1, 10**7),
+              "corpus_check": (float, 0.01, 100_000)}
     cli.check_flags({name: getattr(args, name) for name in limits}, limits)
     if args.gpu_check:
         cli.check_out_dir(args.gpu_check, "--gpu_check")
@@ -440,19 +484,19 @@ def main(argv=None):
         return corpus_check(args.corpus_check, args.old)
     if args.gpu_check:
         return gpu_check(Path(args.gpu_check), args)
-    if args.one:
+    if args.one:  # a worker of measure_alternating: "ready", then a measurement for each line it is sent
         kind, steps = args.one.split(":")
-        print(json.dumps(measure(kind, int(steps), args)))
+        for row in measure(kind, int(steps), args, sys.stdin, ready=lambda: print("ready", flush=True)):
+            print(json.dumps(row), flush=True)
         return
     cuda = cli.pick_device(args.device).startswith("cuda")
-    rows = []
-    for one in args.only or ("transformer:0", "ebt:1", "ebt:2", "ebt:3"):
-        row = measure_in_subprocess(one, argv, echo_stderr=args.profile)
+    ones = args.only or ("transformer:0", "ebt:1", "ebt:2", "ebt:3")
+    rows = measure_alternating(ones, argv, args.rounds, echo_stderr=args.profile)
+    for one, row in zip(ones, rows):
         if not cuda:  # memory again, with glibc returning every freed block (see allocated_memory_env)
-            allocated = measure_in_subprocess(one, [a for a in argv if a != "--profile"]
-                                              + ["--iters", "1", "--warmup", "2"], env=allocated_memory_env())
+            allocated, = measure_alternating([one], [a for a in argv if a != "--profile"] + ["--iters", "1", "--warmup",
+                                             "2"], 1, env=allocated_memory_env())
             row["resident_mb"], row["peak_mb"] = row["peak_mb"], allocated["peak_mb"]
-        rows.append(row)
     base = rows[0]  # the first configuration is the reference of the ratios
     print(f"device {base['device']}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{args.n_layer} layers x {args.n_embd} wide, batch {args.batch_size} x {args.block_size}")
@@ -460,11 +504,16 @@ def main(argv=None):
     ref = name(base)
     last = (" MFU |" if cuda else f" peak resident set (MB) | x {ref} resident set |") + (
         " compiling (s) |" if args.compile else "")
+    print(f"step: the median over {args.rounds} alternating rounds of {args.iters} steps each; x {ref} time: the median "
+          "of the rounds' own ratios (their range)")
     print(f"| model | step (ms) | tokens/s | x {ref} time | peak training memory (MB) | x {ref} memory |" + last)
     print("|---|---|---|---|---|---|" + "---|" * last.count("|"))
     for r in rows:
         ratio = lambda k: f"{r[k] / base[k]:.2f}" if base[k] > 0 else "-"
-        print(f"| {name(r)} | {r['step_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | {ratio('step_s')} | "
+        per_round = sorted(t / b for t, b in zip(r["rounds_s"], base["rounds_s"]))  # each round's own ratio
+        time_ratio = f"{per_round[len(per_round) // 2]:.2f}" + (
+            f" ({per_round[0]:.2f}-{per_round[-1]:.2f})" if len(per_round) > 1 else "")
+        print(f"| {name(r)} | {r['step_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | {time_ratio} | "
               f"{r['peak_mb']:.0f} | {ratio('peak_mb')} |"
               + (f" {100 * r['tflops'] / args.peak_tflops:.1f}% |" if cuda else
                  f" {r['resident_mb']:.0f} | {ratio('resident_mb')} |")

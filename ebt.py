@@ -90,7 +90,7 @@ def check(config, name, ok, why):
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig:  # each field: option(default, help, least, most), checked by check_fields
     model: str = option("ebt", "ebt or transformer (the Transformer++ baseline); image_ebt, image_dit, image_regressor")
     vocab_size: int = option(65, "token ids", 1)
     block_size: int = option(256, "context length", 1)

@@ -1853,8 +1853,8 @@ def test_bench_measures_a_training_step_of_each_configuration(one, s2):
     args = argparse.Namespace(device="cpu", vocab_size=13, block_size=16, n_layer=1, n_head=2, n_embd=16,
                               batch_size=2, iters=1, warmup=1, compile=False, s2=s2, one_backward=False, profile=False)
     kind, steps = one.split(":")
-    row = bench.measure(kind, int(steps), args)
-    assert row["model"] == kind and row["steps"] == int(steps) and row["step_s"] > 0 and row["tflops"] > 0
+    row, again = bench.measure(kind, int(steps), args, rounds=range(2))
+    assert again["step_s"] > 0 and row["model"] == kind and row["steps"] == int(steps) and row["step_s"] > 0 and row["tflops"] > 0
 
 
 @pytest.mark.slow
