@@ -1,4 +1,4 @@
-"""nanoEBT tests. Run: python -m pytest -q test_ebt.py  (7 minutes on 2 CPU cores, no network).
+"""nanoEBT tests. Run: python -m pytest -q test_ebt.py  (7 to 10 minutes on 2 CPU cores, no network).
 
 By concern: blocks and attention, the descent, training, generation, drivers and bad input, images,
 data parallel. -m "not slow" leaves out the compiled and multi-process tests; -m cuda runs the GPU ones.
