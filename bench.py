@@ -126,13 +126,21 @@ def measure(kind, steps, args, rounds=(None,), ready=lambda: None):
                "peak_mb": peak / 2**20, "tflops": flops / dt / 1e12, "device": device, "compile_s": compile_s}
 
 
+def high_water_mark(pid="self"):
+    """A process's peak resident set in bytes from /proc (Linux: VmHWM, which clear_refs resets); None where /proc
+    has none (another system, a process gone or ended)."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
 def peak_rss():
-    """This process's peak resident set in bytes: on Linux its high-water mark (which clear_refs resets),
-    else ru_maxrss (in bytes on macOS)."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        return next(int(line.split()[1]) * 1024 for line in status.read_text().splitlines() if line.startswith("VmHWM"))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    """This process's peak resident set in bytes: its high-water mark, else ru_maxrss (in bytes on macOS)."""
+    peak = high_water_mark()
+    return peak if peak is not None else (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024))
 
 
 def allocated_memory_env():
@@ -361,12 +369,9 @@ def run_measured(argv, until=None, env=None):
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE,
                             env={**os.environ, **(env or {})})
 
-    def watch():  # a process that has ended (a zombie) has no VmHWM line
-        status = Path(f"/proc/{proc.pid}/status")
+    def watch():
         while not ended.is_set():
-            with contextlib.suppress(OSError):
-                kb = [line.split()[1] for line in status.read_text().splitlines() if line.startswith("VmHWM")]
-                peak[0] = max([peak[0], *(int(k) / 1024 for k in kb)])
+            peak[0] = max(peak[0], (high_water_mark(proc.pid) or 0) / 2**20)
             time.sleep(0.01)
     ended, watcher = threading.Event(), threading.Thread(target=watch, daemon=True)
     watcher.start()
