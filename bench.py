@@ -33,6 +33,9 @@ import torch
 import ebt
 import train_text
 from data import prepare
+from data.text import CharTokenizer, TextData, shakespeare
+import rundir
+import compiled
 
 HERE = Path(__file__).resolve().parent
 
@@ -71,13 +74,13 @@ def measure(kind, steps, args, rounds=(None,), ready=lambda: None):
     torch.manual_seed(0)
     thinking = dict(think_steps=max(steps, 1), landscapes=max(steps, 1))
     if args.s2:  # S2's options (train_text.py --recipe s2) without its replay buffer, at a fixed step count
-        thinking = {**train_text.RECIPES["s2"], "think_steps": max(steps, 1), "random_steps": 0, "replay_size": 0,
-                    "step_size_lr_mult": 3 * train_text.RECIPES["s2"]["step_size"]}
+        thinking = {**ebt.RECIPES["s2"], "think_steps": max(steps, 1), "random_steps": 0, "replay_size": 0,
+                    "step_size_lr_mult": 3 * ebt.RECIPES["s2"]["step_size"]}
     cfg = ebt.ModelConfig(model=kind, vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                           n_head=args.n_head, n_embd=args.n_embd, **thinking)
     model = ebt.build_model(cfg).to(device)
     if args.compile:
-        cli.compile_model(model, args.compile_mode)
+        compiled.compile_model(model, args.compile_mode)
     opt = torch.optim.AdamW(ebt.param_groups(model, 0.1), lr=1e-4)
     x = torch.randint(args.vocab_size, (args.batch_size, args.block_size), device=device)
 
@@ -214,7 +217,7 @@ def time_generation(args, contexts=(64, 128, 256), new_tokens=16):
     cfg = ebt.ModelConfig(vocab_size=args.vocab_size, block_size=max(contexts), n_layer=args.n_layer,
                           n_head=args.n_head, n_embd=args.n_embd)
     reference = ebt.build_model(cfg).to(device).eval()
-    model = cli.compile_model(copy.deepcopy(reference), args.compile_mode) if args.compile else reference
+    model = compiled.compile_model(copy.deepcopy(reference), args.compile_mode) if args.compile else reference
     g = torch.Generator().manual_seed(0)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
@@ -232,7 +235,7 @@ def time_generation(args, contexts=(64, 128, 256), new_tokens=16):
     def reference_way(window):  # always eager, as the paper's code runs
         y0 = reference.initial_logits(*window.shape, device)
         energy = lambda p, k: reference.energy(p, reference.context(window), min(k, cfg.landscapes - 1))
-        return ebt.think(energy, y0, 2, reference.current_step_size().detach(),  # both streams again at every step
+        return ebt.think(energy, y0, 2, reference.step_size().detach(),  # both streams again at every step
                          normalize=reference.normalize).ys[-1][:, -1]
 
     rows = []
@@ -267,14 +270,14 @@ def count_syncs(steps=20, log_interval=10):
     ebt.evaluate = lambda *a, **k: {"loss": 0.0}
     torch.manual_seed(0)
     rng = random.Random(0)
-    tok = cli.CharTokenizer.fit("abcdefgh ")
-    data = ebt.TextData(*prepare.split(tok.encode("".join(rng.choice("abcdefgh ") for _ in range(5000)))), 16)
+    tok = CharTokenizer.fit("abcdefgh ")
+    data = TextData(*prepare.split(tok.encode("".join(rng.choice("abcdefgh ") for _ in range(5000)))), 16)
     model = ebt.build_model(ebt.ModelConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
     adamw = torch.optim.AdamW  # fused, as on CUDA: no per-parameter reads of the step counters
     torch.optim.AdamW = lambda *a, **k: adamw(*a, **{**k, "fused": True})
     with tempfile.TemporaryDirectory() as d, Spy():
         ebt.train(model, data, ebt.TrainConfig(max_steps=steps, batch_size=4, eval_interval=10**6,
-                                               log_interval=log_interval, out_dir=d, device="cpu"), cli.Run(d, say=lambda *a: None))
+                                               log_interval=log_interval, out_dir=d, device="cpu"), rundir.Run(d, say=lambda *a: None))
     print(f"device-to-host reads in {steps} training steps (logging every {log_interval}):")
     for site, n in sites.most_common():
         print(f"{n:5d}  {site}")
@@ -292,7 +295,7 @@ def run_until(argv, out_dir, seconds=None, step=None, start_up=300):
         proc = subprocess.Popen([sys.executable, *argv], stdout=output, stderr=subprocess.STDOUT, text=True)
         while proc.poll() is None:
             time.sleep(1)
-            trained = [r for r in cli.read_records(metrics) if r["kind"] == "train"] if metrics.exists() else []
+            trained = [r for r in rundir.read_records(metrics) if r["kind"] == "train"] if metrics.exists() else []
             first = first or (time.time() if trained else None)
             done = seconds is not None and (time.time() - first > seconds if first else time.time() - t0 > seconds + start_up)
             done = done or (step is not None and any(r["step"] >= step for r in trained))
@@ -305,7 +308,7 @@ def run_until(argv, out_dir, seconds=None, step=None, start_up=300):
     if proc.returncode not in (0, 130 if done else 0):  # 130: stopped by us, saved
         raise ebt.UsageError(f"{' '.join(map(str, argv))} failed (exit code {proc.returncode}): "
                              + (output.strip().splitlines() or ["no output"])[-1])
-    return cli.read_records(metrics), output
+    return rundir.read_records(metrics), output
 
 
 def summarise_run(records, max_steps):
@@ -337,7 +340,7 @@ def gpu_check(out, args):
     def keep(name, value):
         result[name] = value
         print(f"{name}: {value}", flush=True)
-        cli.write_atomically(out / "gpu_check.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
+        rundir.write_atomically(out / "gpu_check.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
     size = ["--device", args.device, "--n_layer", str(args.n_layer), "--n_head", str(args.n_head), "--n_embd",
             str(args.n_embd), "--block_size", str(args.block_size), "--batch_size", str(args.batch_size)]
     for name, extra in (("bench eager", []), ("bench compiled", ["--compile"]),
@@ -402,7 +405,7 @@ def corpus_check(sizes_mb, old=None, runs=None):
     train = [sys.executable, "train_text.py", "--preset", "cpu", "--max_steps", "1", "--log_interval", "1",
              "--eval_batches", "1", "--device", "cpu"]
     with tempfile.TemporaryDirectory(dir=runs) as tmp:
-        tmp, text = Path(tmp), cli.shakespeare()
+        tmp, text = Path(tmp), shakespeare()
         for mb in sizes_mb:
             corpus = tmp / f"corpus-{mb}mb.txt"
             with open(corpus, "w") as f:
@@ -426,7 +429,7 @@ def corpus_check(sizes_mb, old=None, runs=None):
                                                until="step 1/1")
                 shutil.rmtree(tmp / "run")
                 row["train, file (before)"] = {"first step s": seconds, "peak MB": rss}
-            batch = ebt.TextData(*(lambda c: (c.train, c.val))(prepare.Corpus(tmp / "char")), 64)
+            batch = TextData(*(lambda c: (c.train, c.val))(prepare.Corpus(tmp / "char")), 64)
             g, start = torch.Generator().manual_seed(0), time.perf_counter()
             for _ in range(100):
                 batch.batch("train", 16, g)
@@ -475,7 +478,7 @@ def main(argv=None):
               "corpus_check": (float, 0.01, 100_000)}
     cli.check_flags({name: getattr(args, name) for name in limits}, limits)
     if args.gpu_check:
-        cli.check_out_dir(args.gpu_check, "--gpu_check")
+        rundir.check_out_dir(args.gpu_check, "--gpu_check")
         if not cli.pick_device(args.device).startswith("cuda") and "--device" not in argv:
             raise ebt.UsageError("--gpu_check found no CUDA GPU: its runs are sized for one (hours here); on a CPU "
                                  "pass --device cpu and small sizes to try the script")
@@ -535,4 +538,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.invoke(main)

@@ -21,29 +21,18 @@ import contextlib
 import math
 import random
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from checks import UsageError, check, check_fields, check_generate
+
 # Thinking sharpens candidates until some probabilities fall below float32's normal range (1e-38);
 # CPUs compute with such denormal numbers many times slower, and they mean nothing here.
 torch.set_flush_denormal(True)
-
-
-class UsageError(Exception):
-    """A problem with the user's input: the drivers report it in one line, exit code 2."""
-
-
-class ConfigError(UsageError, ValueError):
-    """An impossible configuration value or argument of the public API, naming it: where.name=value: why."""
-
-    def __init__(self, where, name, why, value=None):
-        self.name, self.value, self.why = name, getattr(where, name, value), why
-        super().__init__(f"{where if isinstance(where, str) else type(where).__name__}.{name}={self.value!r}: {why}")
 
 
 # -----------------------------------------------------------------------------
@@ -57,36 +46,13 @@ THINK_LONGER = 4  # evaluation and the plots think this many times the trained s
 MAX_THINK_STEPS = 64  # in training each step is a second-order forward and backward
 MAX_SEED = 2**62  # seeds are 0..MAX_SEED - 1: torch's generators take 64 bits
 DDPM_STEPS = 1000  # the image noise: a DDPM forward process over this many steps
+MIN_STEP_SIZE = 1e-3  # alpha's floor (the paper's code clamps at 1e-4 and then gives alpha no gradient)
 
 
 def option(default, help, least=-math.inf, most=math.inf):
     """A config field with its help text (the drivers make their flags from these: cli.py) and, for a number, the
     least and most it may be."""
     return field(default=default, metadata={"help": help, "limits": (least, most)})
-
-
-def check_values(where, values, limits):
-    """A ConfigError naming the first of values (name -> value) not of its type (an int takes no float, a float takes
-    an int, only a bool a bool) or, for a number, not finite in least..most. limits: name -> (type, least, most)."""
-    for name, v in values.items():
-        kind, least, most = limits[name]
-        if not isinstance(v, (int, float) if kind is float else kind) or isinstance(v, bool) != (kind is bool):
-            raise ConfigError(where, name, f"must be of type {kind.__name__}", v)
-        if kind in (int, float) and not (least <= v <= most and v != math.inf):  # NaN fails the comparisons
-            show = lambda x: f"{x:,}" if isinstance(x, int) else f"{x:g}"
-            why = f">= {show(least)}" if most == math.inf else f"in {show(least)}..{show(most)}"
-            raise ConfigError(where, name, f"must be {'finite and ' * (kind is float)}{why}", v)
-
-
-def check_fields(config):
-    """Each field of its type and within its option's limits (then __post_init__ checks what relates fields)."""
-    check_values(config, {f.name: getattr(config, f.name) for f in fields(config)},
-                 {f.name: (f.type, *f.metadata["limits"]) for f in fields(config)})
-
-
-def check(config, name, ok, why):
-    if not ok:
-        raise ConfigError(config, name, why)
 
 
 @dataclass
@@ -249,14 +215,6 @@ class Attention(nn.Module):
                 y = F.scaled_dot_product_attention(q, keys, values, attn_mask=torch.cat([visible, only_self], dim=1))
         return self.merge(y)
 
-    def attend_all(self, x, double_backward):
-        """Bidirectional attention over image patches x (B, T, D), positions already added."""
-        q, k, v = self.heads(x)
-        if double_backward:  # explicit softmax: the fused kernels have no second derivative
-            att = ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(dim=-1)  # (B, H, T, T)
-            return self.merge(att @ v)
-        return self.merge(F.scaled_dot_product_attention(q, k, v))
-
 
 class MLP(nn.Module):
     """SwiGLU feed-forward."""
@@ -278,9 +236,6 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.n_embd)
         self.mlp = MLP(cfg)
-        if cfg.model in IMAGE_KINDS:  # adaLN-Zero (DiT): a conditioning vector sets shift, scale and gate
-            self.ada = nn.Linear(cfg.n_embd, 6 * cfg.n_embd)
-            self.ada.zero_init = True  # gates start at zero: every block starts as the identity
 
     def forward(self, x, rotary, cache=None):
         a, kv = self.attn(self.attn_norm(x), rotary, cache)
@@ -290,12 +245,6 @@ class Block(nn.Module):
     def forward_predictions(self, x, rotary, context, double_backward, filled=None):
         x = x + self.attn.attend_predictions(self.attn_norm(x), rotary, context, double_backward, filled)
         return x + self.mlp(self.mlp_norm(x))
-
-    def forward_bidirectional(self, x, cond, double_backward):
-        """Image patches: every patch sees every patch; cond (B, D) modulates the block."""
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(cond))[:, None].chunk(6, dim=-1)
-        x = x + gate1 * self.attn.attend_all(self.attn_norm(x) * (1 + scale1) + shift1, double_backward)
-        return x + gate2 * self.mlp(self.mlp_norm(x) * (1 + scale2) + shift2)
 
 
 class Trunk(nn.Module):
@@ -420,12 +369,21 @@ class Thinker:
     """What every EBT shares: the step size alpha, how many steps, and think() and learning through it with the
     config's options. The model defines config, raw_step_size, normalize (None: identity), energy_dims."""
     normalize = None
-    gradient = staticmethod(energy_and_gradient)  # compiled: by torch.func (cli.compile_model)
+    gradient = staticmethod(energy_and_gradient)  # compiled: by torch.func (compiled.compile_model)
 
-    def current_step_size(self):
-        """alpha, kept >= 1e-3 in value; the gradient passes the clamp, so alpha can come back."""
+    def step_size(self, y0=None):
+        """alpha, kept >= MIN_STEP_SIZE in value, its gradient passing the floor so that alpha can come back. For a
+        descent from y0 in training with random_step_size s > 1 (S2): alpha x U[1/s, s] per energy (token or image),
+        drawn once for the whole descent. At inference nothing is learned."""
         raw = self.raw_step_size
-        return raw + (raw.clamp(min=1e-3) - raw).detach()
+        alpha = raw + (raw.clamp(min=MIN_STEP_SIZE) - raw).detach()
+        s, d = self.config.random_step_size, self.energy_dims
+        if not self.training:
+            return alpha.detach()
+        if y0 is None or s == 1:
+            return alpha
+        shape = y0.shape[:d] + (1,) * (y0.dim() - d)
+        return alpha * torch.empty(shape, dtype=y0.dtype, device=y0.device).uniform_(1 / s, s)
 
     def differentiates_twice(self):
         """In training through the descent; then attention is explicit (fused kernels have no double backward)."""
@@ -435,10 +393,6 @@ class Thinker:
         """The most steps training takes (S2: 2 or 3, so 3)."""
         return self.config.think_steps + self.config.random_steps
 
-    def longer_steps(self):
-        """Thinking past training, as evaluation and the plots show it by default."""
-        return THINK_LONGER * self.trained_steps()
-
     def draw_steps(self, rng=random):
         """Training's step count, think_steps + U{0..random_steps} (a Python rng: no device read)."""
         return self.config.think_steps + rng.randrange(self.config.random_steps + 1)
@@ -447,24 +401,13 @@ class Thinker:
         """How many steps to think: as asked, else a draw in training and the trained steps at inference."""
         return steps or (self.draw_steps() if self.training else self.trained_steps())
 
-    def step_sizes(self, y0):
-        """alpha for one descent from y0: in training with random_step_size s > 1 (S2) alpha x U[1/s, s] per
-        energy (token or image), drawn once for the whole descent; at inference nothing is learned."""
-        if not self.training:
-            return self.current_step_size().detach()
-        step_size, s, d = self.current_step_size(), self.config.random_step_size, self.energy_dims
-        if s == 1:
-            return step_size
-        shape = y0.shape[:d] + (1,) * (y0.dim() - d)
-        return step_size * torch.empty(shape, dtype=y0.dtype, device=y0.device).uniform_(1 / s, s)
-
     def descend(self, energy_fn, y0, steps=None, step_size=None, langevin_std=0.0, tolerance=None, on_step=None):
         """think() with this model's options; energy_fn(x, landscape), step k on landscape min(k, landscapes - 1).
-        Training adds the second-order graph and S2's randomness (step_sizes, Langevin noise); at inference
+        Training adds the second-order graph and S2's randomness (step_size, Langevin noise); at inference
         step_size, langevin_std and tolerance (think_adaptively) may be chosen."""
         cfg, training, steps = self.config, self.training, self.step_count(steps)
         on_landscape = lambda x, k: energy_fn(x, min(k, cfg.landscapes - 1))
-        step_size = self.step_sizes(y0) if step_size is None else step_size
+        step_size = self.step_size(y0) if step_size is None else step_size
         options = dict(normalize=self.normalize, langevin_std=cfg.langevin_std if training else langevin_std,
                        gradient=self.gradient)
         if tolerance is not None:
@@ -472,9 +415,14 @@ class Thinker:
         return think(on_landscape, y0, steps, step_size, create_graph=training, detach=cfg.detach,
                      truncate=cfg.truncate, on_step=on_step, **options)
 
+    def step_weights(self, steps):
+        """Each step's weight in the descent's loss: the mean over the steps (S1), or with truncate the last step
+        alone (S2). The one definition of the loss: forward() sums it, learn() backpropagates it a step at a time."""
+        return [float(k == steps - 1) for k in range(steps)] if self.config.truncate else [1 / steps] * steps
+
     def loss(self, losses):
-        """The descent's loss from each step's: their mean (S1), or with truncate the last step's (S2)."""
-        return losses[-1] if self.config.truncate else sum(losses) / len(losses)
+        """The descent's loss from each step's loss (a step of weight 0 is left out: its loss may be anything)."""
+        return sum(w * loss for w, loss in zip(self.step_weights(len(losses)), losses) if w)
 
     def descend_and_backward(self, energy_fn, y0, target, loss_fn, weight, steps=None, leaves=()):
         """Think from y0 and backpropagate Thinker.loss of the steps' loss_fn(y, target) x weight into the
@@ -483,7 +431,8 @@ class Thinker:
         truncate), each step's loss is backpropagated at once: the same gradient, one step's second-order
         graph alive instead of all; otherwise the whole descent at the end. Returns (trajectory, losses)."""
         cfg, steps = self.config, self.step_count(steps)
-        drawn = self.step_sizes(y0)  # a leaf for the steps too: each step's backward frees its own graph
+        weights = self.step_weights(steps)
+        drawn = self.step_size(y0)  # a leaf for the steps too: each step's backward frees its own graph
         step_size = drawn.detach().requires_grad_(drawn.requires_grad)
         inputs = [t for t in (*self.parameters(), *leaves, step_size) if t.requires_grad]
         stepwise, losses = cfg.detach or cfg.truncate, []
@@ -491,8 +440,8 @@ class Thinker:
         def backward_step(k, y):  # think()'s hand-off
             loss = loss_fn(y, target)
             losses.append(loss.detach() if stepwise else loss)
-            if stepwise and (k == steps - 1 or not cfg.truncate):
-                (loss * ((1.0 if cfg.truncate else 1.0 / steps) * weight)).backward(inputs=inputs)
+            if stepwise and weights[k]:
+                (loss * (weights[k] * weight)).backward(inputs=inputs)
                 return y.detach()
             return y
         traj = self.descend(energy_fn, y0, steps, step_size, on_step=backward_step)
@@ -506,10 +455,44 @@ class Thinker:
         """What the log shows, as tensors. energy_last: in training that of the last step's start."""
         m = {"loss": self.loss(losses).detach(), "loss_first": losses[0].detach(), "loss_last": losses[-1].detach(),
              "energy_first": traj.energies[0].detach().mean(), "energy_last": traj.energies[-1].detach().mean(),
-             "step_size": self.current_step_size().detach()}
+             "step_size": self.step_size().detach()}
         if not self.training:
             m["loss_per_step"] = torch.stack(losses).detach()
         return m
+
+
+# The paper's training recipes (its job scripts job_scripts/nlp/pretrain/ebt_s1.sh and ebt_s2.sh), as the ModelConfig
+# fields each sets; the drivers layer flags over them, and derive_thinking() fills what is left as None.
+RECIPES = {
+    # 2 steps, one step embedding each, alpha learned (no weight decay), the mean cross-entropy over steps
+    "s1": dict(think_steps=2, landscapes=None, random_steps=0, step_size=None, learn_step_size=True,
+               step_size_lr_mult=None, langevin_std=0.0, random_step_size=1.0, truncate=False, detach=True,
+               replay_size=0),
+    # one landscape descended 2 or 3 times, alpha 5 fixed, per-token alpha in [alpha/2, 2 alpha], Langevin
+    # noise 3, no detach, the last step trained only, a replay buffer of 192 sequences
+    "s2": dict(think_steps=2, landscapes=1, random_steps=1, step_size=5.0, learn_step_size=False,
+               step_size_lr_mult=None, langevin_std=3.0, random_step_size=2.0, truncate=True, detach=False,
+               replay_size=192),
+}
+IMAGE_RECIPES = {  # S1 as the paper's image runs (one step; alpha 3000 at 128 x 128, 1000 at 32 x 32 here), S2 as text's
+    "s1": dict(think_steps=1, landscapes=1, random_steps=0, random_step_size=1.0, truncate=False, detach=True,
+               step_size=1000.0, step_size_lr_mult=None),
+    "s2": dict(think_steps=2, landscapes=1, random_steps=1, random_step_size=2.0, truncate=True, detach=False,
+               step_size=1000.0, step_size_lr_mult=None),
+}
+
+
+def derive_thinking(values):
+    """Fill what a recipe leaves as None (values: ModelConfig fields): S1's landscape per step; S1's alpha from
+    the vocabulary, 0.25 sqrt(V), the best of a sweep at V = 65 (2.0) and near it at 50,257 (56; the paper's 500
+    was tuned at 50,277: README, "Choosing alpha"); alpha's learning rate 3 x alpha (the paper's 1500 at 500)."""
+    if values.get("landscapes", 0) is None:
+        values["landscapes"] = values["think_steps"]
+    if values.get("step_size", 0) is None:
+        values["step_size"] = round(0.25 * values["vocab_size"] ** 0.5, 1)
+    if values.get("step_size_lr_mult", 0) is None:
+        values["step_size_lr_mult"] = 3 * values["step_size"]
+    return values
 
 
 # -----------------------------------------------------------------------------
@@ -566,7 +549,7 @@ class TextEBT(Thinker, nn.Module):
     def forward(self, idx, targets, steps=None, generator=None, y0=None):
         """Think from y0 (random logits if None) at every position of idx (B, S): (Thinker.loss of the steps'
         cross-entropies, metrics). In training mode the loss's graph runs through the whole descent, and
-        the metrics hold the final logits (for a replay buffer: cli.compile_model)."""
+        the metrics hold the final logits (for a replay buffer: compiled.compile_model)."""
         context = self.context(idx)
         y0 = self.initial_logits(*idx.shape, idx.device, generator) if y0 is None else y0
         traj = self.descend(lambda p, k: self.energy(p, context, k), y0, steps)
@@ -686,13 +669,13 @@ class Transformer(nn.Module):
         return loss, {"loss": loss.detach()}
 
 
-MODELS = {}  # kind -> class; section 8 adds the image EBT, train_image.py its baselines
+MODELS = {"ebt": TextEBT, "transformer": Transformer}  # kind -> class; image_models.py adds the image models
 
 
 def build_model(cfg, seed=None):
     """seed: makes the initial weights repeatable (training seeds its own batches and noise)."""
     if cfg.model not in MODELS:
-        raise UsageError(f"model {cfg.model!r} is defined in train_image.py; import it first")
+        raise UsageError(f"model {cfg.model!r} is defined in image_models.py; import it first")
     if seed is not None:
         torch.manual_seed(seed)
     return MODELS[cfg.model](cfg)
@@ -701,124 +684,114 @@ def build_model(cfg, seed=None):
 # -----------------------------------------------------------------------------
 # 5. Text data (prepared into token files by data/prepare.py)
 
-def random_windows(ids, length, count, generator):
-    """count random windows of 1-D token ids (a memmap reads only these): inputs, targets, each (count, length)."""
-    start = torch.randint(len(ids) - length, (count,), generator=generator)
-    chunk = torch.as_tensor(np.asarray(ids[(start[:, None] + torch.arange(length + 1)).numpy()], dtype=np.int64))
-    return chunk[:, :-1], chunk[:, 1:]
-
-
-class TextData:
-    """Token ids split into train and validation (1-D arrays, or numpy memmaps of data/prepare.py's token
-    files); batches are random windows of block_size tokens and their targets."""
-
-    def __init__(self, train, val, block_size, source="text"):
-        if min(len(train), len(val)) < block_size + 1:
-            raise UsageError(f"{source} has {len(train):,} training and {len(val):,} validation tokens: too few for "
-                             f"block size {block_size} (each needs {block_size + 1}); use more text or a smaller --block_size")
-        self.split = {"train": train, "val": val}
-        self.block_size = self.tokens_per_sample = block_size
-
-    def batch(self, split, batch_size, generator):
-        return random_windows(self.split[split], self.block_size, batch_size, generator)
-
 
 # -----------------------------------------------------------------------------
 # 6. The training loop
 
-class Stop:
-    """A stop signal, set by the drivers' handler (cli.run) while train() listens: every rank ends after
-    the same step, saved. Outside train(), and at a second Ctrl-C, the handler stops at once."""
-    listening = requested = False
-
-
 def train(model, data, tc, run=None):
-    """AdamW, warm-up and cosine decay, clipping, accumulation, evaluation, checkpoints (run: see Run), for every
-    model; batches and noise are functions of (seed, step), so a resumed run continues exactly."""
-    run, device, records, thinks = run or Run(), best_device(tc.device), [], isinstance(model, Thinker)
-    report = lambda record: run.rank == 0 and (records.append({**record, "time": time.time()}), run(records[-1]))
+    """AdamW with warm-up and cosine decay, clipping and gradient accumulation, for every model; evaluation and
+    checkpoints go through run (Run: one process that keeps nothing). Batches and noise are functions of (seed,
+    step), so a resumed run goes on exactly as a straight one would. Returns the records it logged."""
+    run, device, thinks = run or Run(), best_device(tc.device), isinstance(model, Thinker)
     model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95),
                                   fused=device.startswith("cuda"))
-    # the step of the last checkpoint, and the lowest validation loss so far
-    saved, best = run.restore(model, optimizer, device) if run.resume else (None, math.inf)
-    step, stopping, nonfinite = saved or 0, False, torch.zeros((), dtype=torch.bool, device=device)
-    run.share_weights(model)
-    report({"kind": "start", "step": step, "max_steps": tc.max_steps, "resumed": run.resume, "out_dir": tc.out_dir,
-            "model": model.config.model, "parameters": sum(p.numel() for p in model.parameters()), "device": device,
-            "world": run.world, "tokens_per_step": tc.batch_size * tc.grad_accum * run.world * data.tokens_per_sample})
-    Stop.listening, Stop.requested = True, False
+    saved, best = run.restore(model, optimizer, device) if run.resume else (None, math.inf)  # saved: a checkpoint's step
+    step, nonfinite = saved or 0, torch.zeros((), dtype=torch.bool, device=device)
+    run.share_weights(model)  # rank 0's
+    run.log({"kind": "start", "step": step, "max_steps": tc.max_steps, "resumed": run.resume, "out_dir": tc.out_dir,
+             "model": model.config.model, "parameters": sum(p.numel() for p in model.parameters()), "device": device,
+             "world": run.world, "tokens_per_step": tc.batch_size * tc.grad_accum * run.world * data.tokens_per_sample})
     try:
-        while step < tc.max_steps:
-            lr = lr_at(step, tc)
-            for param_group in optimizer.param_groups:
-                param_group["lr"] = lr * param_group["lr_mult"]
-            # one step count per optimizer step, the same on every rank and micro-step
-            steps = model.draw_steps(random.Random(batch_seed(tc.seed, step, -1))) if thinks else None
-            for micro in range(tc.grad_accum):
-                g = torch.Generator().manual_seed(batch_seed(tc.seed, step, micro))
-                x, y = (t.to(device) for t in run.own_part(data.batch("train", tc.batch_size * run.world, g)))
-                torch.manual_seed(batch_seed(tc.seed, step, micro) + run.rank)  # thinking noise, replay picks
-                with autocast(device):
-                    if thinks:  # an EBT backpropagates one thinking step at a time
-                        metrics = model.learn(x, y, 1 / tc.grad_accum, steps)
-                    else:
-                        loss, metrics = model(x, y)
-                        (loss / tc.grad_accum).backward()
-                nonfinite |= ~torch.isfinite(metrics["loss"])  # kept on the device, read when logging
-            run.average_gradients(model)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
-            nonfinite |= ~torch.isfinite(grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
+        with run.listening():  # to a stop signal (Ctrl-C, SIGTERM): training ends after the step, saved
+            while step < tc.max_steps and not run.stop_requested():
+                lr = lr_at(step, tc)
+                for param_group in optimizer.param_groups:
+                    param_group["lr"] = lr * param_group["lr_mult"]
+                # one step count per optimizer step, the same on every rank and micro-step
+                steps = model.draw_steps(random.Random(batch_seed(tc.seed, step, -1))) if thinks else None
+                for micro in range(tc.grad_accum):
+                    g = torch.Generator().manual_seed(batch_seed(tc.seed, step, micro))
+                    x, y = (t.to(device) for t in run.own_part(data.batch("train", tc.batch_size * run.world, g)))
+                    torch.manual_seed(batch_seed(tc.seed, step, micro) + run.rank)  # thinking noise, replay picks
+                    with autocast(device):
+                        if thinks:  # an EBT backpropagates one thinking step at a time
+                            metrics = model.learn(x, y, 1 / tc.grad_accum, steps)
+                        else:
+                            loss, metrics = model(x, y)
+                            (loss / tc.grad_accum).backward()
+                    nonfinite |= ~torch.isfinite(metrics["loss"])  # kept on the device, read when logging
+                run.average_gradients(model)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
+                nonfinite |= ~torch.isfinite(grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
 
-            logging = step % tc.log_interval == 0 or step == tc.max_steps
-            evaluating = step % tc.eval_interval == 0 or step == tc.max_steps
-            if (logging or evaluating) and run.any(nonfinite):
-                raise non_finite("the loss or the gradient", step, saved, run)
-            if logging:
-                metrics["loss"] = run.mean(metrics["loss"])  # over the global batch
-                memory = {"peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20} if device.startswith("cuda") else {}
-                report({"kind": "train", "step": step, "lr": lr, "grad_norm": grad_norm.item(), **memory,
-                        **{k: v.item() for k, v in metrics.items()}})
-            if evaluating:  # a checkpoint only of weights whose validation loss is finite
-                m = evaluate(model, data, tc, device) if run.rank == 0 else {"loss": 0.0}
-                if run.any(not math.isfinite(m["loss"])):
-                    raise non_finite("the validation loss", step, saved, run)
-                report({"kind": "eval", "step": step, **m})
-                new_best, best = m["loss"] < best, min(best, m["loss"])
-                saved = run.save(model, optimizer, tc, {"step": step, "best_loss": best}, new_best) or saved
-                report({"kind": "saved", "step": step})  # throughput counts training only
-            if stopping := run.any(Stop.requested):  # a stop signal: every rank ends after this step
-                raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        if (stopping or run.world == 1) and not nonfinite and saved != step:  # else this rank alone: no set to save
-            saved = run.save(model, optimizer, tc, {"step": step, "best_loss": best}) or saved
-        report({"kind": "message", "step": step, "text": f"interrupted at step {step}; " + (
-            f"saved {run.checkpoint} (continue with --resume)" if saved == step else "not saved")})
-        raise  # the driver stops here (exit code 130), before any report on a half-trained model
-    finally:
-        Stop.listening = False
-    return records
+                logging = step % tc.log_interval == 0 or step == tc.max_steps
+                evaluating = step % tc.eval_interval == 0 or step == tc.max_steps
+                if (logging or evaluating) and run.any(nonfinite):
+                    raise non_finite("the loss or the gradient", step, saved, run)
+                if logging:
+                    metrics["loss"] = run.mean(metrics["loss"])  # over the global batch
+                    memory = {"peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20} if device.startswith("cuda") else {}
+                    run.log({"kind": "train", "step": step, "lr": lr, "grad_norm": grad_norm.item(), **memory,
+                             **{k: v.item() for k, v in metrics.items()}})
+                if evaluating:  # by rank 0; a checkpoint only of weights whose validation loss is finite
+                    m = evaluate(model, data, tc, device) if run.rank == 0 else None
+                    if run.any(m is not None and not math.isfinite(m["loss"])):
+                        raise non_finite("the validation loss", step, saved, run)
+                    new_best = m is not None and m["loss"] < best
+                    best = m["loss"] if new_best else best
+                    run.log({"kind": "eval", "step": step, **(m or {})})
+                    saved = run.save(model, optimizer, tc, {"step": step, "best_loss": best}, new_best) or saved
+                    run.log({"kind": "saved", "step": step})  # throughput counts training only
+    except KeyboardInterrupt:  # at once (a second Ctrl-C): a lone process keeps the step it had reached
+        interrupted(model, optimizer, tc, run, step, best, saved, save=run.world == 1 and not nonfinite)
+    if step < tc.max_steps:  # a stop signal: every rank ends after the same step
+        interrupted(model, optimizer, tc, run, step, best, saved, save=not nonfinite)
+    return run.records
+
+
+def interrupted(model, optimizer, tc, run, step, best, saved, save):
+    """Keep the run at this step (unless it is kept already, or must not be), say so, and stop: the driver exits
+    with code 130, before any report on a half-trained model."""
+    if save and saved != step:
+        saved = run.save(model, optimizer, tc, {"step": step, "best_loss": best}) or saved
+    run.log({"kind": "message", "step": step, "text": f"interrupted at step {step}; " + (
+        f"saved {run.checkpoint} (continue with --resume)" if saved == step else "not saved")})
+    raise KeyboardInterrupt
 
 
 class Run:
-    """Where train() runs: here one process that prints its records and keeps no files. The drivers' cli.Run
-    joins the processes of a data-parallel run (torchrun) and owns the run's folder (checkpoints, logs)."""
+    """Where train() runs: here one process that prints what train() logs and keeps no files. The drivers'
+    rundir.Run joins the processes of a data-parallel run (torchrun), owns the run's folder (checkpoints, the
+    log) and stops on a signal."""
     rank, world, resume, checkpoint = 0, 1, False, None
+    listening = staticmethod(contextlib.nullcontext)  # to a stop signal (Ctrl-C, SIGTERM)
+    stop_requested = staticmethod(lambda: False)  # by a signal, on any process
     any = staticmethod(bool)  # whether a flag holds on any process, so that every process decides alike
     own_part = mean = staticmethod(lambda t: t)  # this process's part of a global batch; a mean over processes
     share_weights = average_gradients = staticmethod(lambda model: None)  # rank 0's weights; the mean gradient
 
-    __call__ = staticmethod(print)  # each record train() reports
+    def __init__(self):
+        self.records = []
+
+    def log(self, record):
+        """Keep a record of what train() did (rank 0's), with its time, and show it."""
+        if self.rank == 0:
+            self.records.append({**record, "time": time.time()})
+            self.show(self.records[-1])
+
+    def show(self, record):
+        print(record)
 
     def save(self, model, optimizer, tc, record, new_best=False):
         """Keep the run at record["step"] (returned; None: not kept); new_best: its lowest validation loss yet."""
         return None
 
     def restore(self, model, optimizer, device):
-        raise UsageError("this run keeps no checkpoint to resume from; give train() a cli.Run")
+        raise UsageError("this run keeps no checkpoint to resume from; give train() a rundir.Run")
 
 
 def non_finite(what, step, saved, run):
@@ -867,11 +840,11 @@ def batch_seed(seed, step, micro_step):
 @torch.no_grad()
 def evaluate(model, data, tc, device):
     """Mean validation metrics on fixed batches and starting noise. An EBT thinks tc.eval_steps (default
-    longer_steps()); its "loss" (and "psnr") is the one after the trained steps."""
+    THINK_LONGER x the trained steps); its "loss" (and "psnr") is the one after the trained steps."""
     model.eval()
     g = torch.Generator().manual_seed(tc.seed + 1)
     thinks = isinstance(model, Thinker)
-    thinking = {"steps": tc.eval_steps or model.longer_steps(), "generator": g} if thinks else {}
+    thinking = {"steps": tc.eval_steps or THINK_LONGER * model.trained_steps(), "generator": g} if thinks else {}
     totals = {}
     for _ in range(tc.eval_batches):
         x, y = data.batch("val", tc.batch_size, generator=g)
@@ -896,12 +869,6 @@ class Generation:
     candidate_energy: torch.Tensor = None  # (B, n, N) final energy of every candidate
     steps_used: torch.Tensor = None        # (B, n) descent steps the kept candidate took
     trajectory: list = None                # n tensors (B, K+1): the kept candidate's energy along its steps
-
-
-# generate()'s arguments, and sample.py's flags: (type, least, most)
-SAMPLING_LIMITS = {"num_tokens": (int, 0, 10**7), "temperature": (float, 0, math.inf), "top_k": (int, 1, math.inf),
-                   "candidates": (int, 1, 4096), "steps": (int, 1, 10_000), "step_size": (float, 1e-9, 1e6),
-                   "langevin_std": (float, 0, 1e3), "tolerance": (float, 0, math.inf)}
 
 
 def sample_next(logits, temperature=1.0, top_k=None, generator=None):
@@ -929,13 +896,7 @@ def generate(model, idx, num_tokens, temperature=1.0, top_k=None, generator=None
     called after the n-th new token (progress). The sampling options are the usual ones, keywords each."""
     if thinking and not isinstance(model, TextEBT):
         raise UsageError(f"thinking ({', '.join(thinking)}) needs an EBT; this is a {model.config.model!r} model")
-    arguments = dict(thinking, num_tokens=num_tokens, temperature=temperature, top_k=top_k)
-    check_values("generate", {k: v for k, v in arguments.items() if k in SAMPLING_LIMITS and v is not None},
-                 SAMPLING_LIMITS)
-    V, ids = model.config.vocab_size, torch.is_tensor(idx) and idx.dim() == 2 and idx.dtype in (torch.long, torch.int)
-    if not (ids and idx.numel() and 0 <= idx.min() and idx.max() < V):
-        raise ConfigError("generate", "idx", f"must be a (B, T) int64 tensor of ids in 0..{V - 1}, B and T >= 1",
-                          f"ids {idx.min()}..{idx.max()}" if ids and idx.numel() else getattr(idx, "shape", idx))
+    check_generate(model, idx, dict(thinking, num_tokens=num_tokens, temperature=temperature, top_k=top_k))
     block, keep = model.config.block_size, max(1, model.config.block_size // 2)
     start, seen, per_token = max(0, idx.shape[1] - block), 0, []  # the window is idx[:, start:], seen of it cached
     cache = KVCache(model, len(idx), idx.device) if use_cache else None
@@ -956,93 +917,3 @@ def generate(model, idx, num_tokens, temperature=1.0, top_k=None, generator=None
         out.energy, out.candidate_energy, out.steps_used = (stack(k) for k in ("energy", "candidate_energy", "steps_used"))
         out.trajectory = [d["trajectory"] for _, d in per_token]
     return out
-
-
-# -----------------------------------------------------------------------------
-# 8. Images: DDPM noise and the denoising EBT (its baselines live in train_image.py)
-
-def signal_variance(t):
-    """The share of the signal's variance left after t steps of the DDPM forward process of the paper's image
-    runs (0 = clean; DDPM's alpha-bar): the product over s = 1..t of (1 - beta_s), betas linear from 1e-4 to 0.02."""
-    betas = torch.linspace(1e-4, 0.02, DDPM_STEPS, dtype=torch.float64)
-    return torch.cat([torch.ones(1, dtype=torch.float64), (1 - betas).cumprod(0)])[t]
-
-
-def ddpm_noise(clean, t, noise):
-    """x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) noise, a_t = signal_variance(t) (DDPM's alpha-bar); t an int or (B,).
-    At t = 99 (the paper's training level) the signal is scaled by 0.95 and the noise std is 0.32."""
-    a = signal_variance(torch.as_tensor(t)).to(clean.device, clean.dtype).reshape(-1, 1, 1, 1)
-    return a.sqrt() * clean + (1 - a).sqrt() * noise
-
-
-def patchify(img, p):
-    """(B, C, H, W) -> (B, H/p * W/p, C*p*p), patches in row-major order."""
-    B, C, H, W = img.shape
-    x = img.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(B, (H // p) * (W // p), C * p * p)
-
-
-def psnr(pred, clean):
-    """Peak signal-to-noise ratio in dB of each image in [-1, 1] (pred is clipped first): (B,)."""
-    mse = (pred.clamp(-1, 1) - clean).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(4 / mse.clamp(min=1e-10))
-
-
-class PatchTransformer(nn.Module):
-    """The image models' body: patches and learned positions, the shared blocks unmasked, adaLN-Zero conditioned."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.patch_size = cfg.patch_size
-        self.patch_emb = nn.Linear(cfg.channels * cfg.patch_size ** 2, cfg.n_embd, bias=False)
-        self.pos_emb = nn.Embedding((cfg.image_size // cfg.patch_size) ** 2, cfg.n_embd)  # one per (row, col)
-        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
-        self.norm = RMSNorm(cfg.n_embd)
-
-    def forward(self, img, cond, double_backward=False):
-        """img: (B, C, S, S); cond: (B, D). Returns (B, N, D)."""
-        x = self.patch_emb(patchify(img, self.patch_size)) + self.pos_emb.weight
-        for block in self.blocks:
-            x = block.forward_bidirectional(x, cond, double_backward)
-        return self.norm(x)
-
-
-class ImageEBT(Thinker, nn.Module):
-    """The energy of a candidate clean image in [-1, 1], a head's mean over patches, the blocks conditioned on the
-    step; denoising is thinking from the noisy image, y <- y - alpha dE/dy. Untrained, it returns its input."""
-    energy_dims = 1  # energies (B,), one per image
-
-    def __init__(self, cfg):
-        super().__init__()
-        assert cfg.model == "image_ebt"
-        self.config = cfg
-        self.body = PatchTransformer(cfg)
-        self.step_emb = nn.Embedding(cfg.landscapes, cfg.n_embd)
-        self.energy_head = nn.Linear(cfg.n_embd, 1, bias=False)
-        self.energy_head.zero_init = True
-        self.apply(init_weights)
-        self.raw_step_size = nn.Parameter(torch.tensor(float(cfg.step_size)), requires_grad=cfg.learn_step_size)
-
-    def energy(self, img, landscape):
-        """img: (B, C, S, S) candidates. Returns energies (B,)."""
-        cond = self.step_emb.weight[landscape].expand(len(img), -1)
-        return self.energy_head(self.body(img, cond, self.differentiates_twice())).squeeze(-1).mean(1)
-
-    def forward(self, clean, noise, steps=None, generator=None):
-        """Think from the clean images noised to step noise_t; each step's loss is its smooth-L1 distance
-        to the clean image. generator: unused (the start is the noisy image)."""
-        traj = self.descend(self.energy, ddpm_noise(clean, self.config.noise_t, noise), steps)
-        losses = [F.smooth_l1_loss(y, clean) for y in traj.ys[1:]]
-        metrics = {**self.metrics(traj, losses), "psnr": psnr(traj.ys[-1].detach(), clean).mean()}
-        if not self.training:
-            metrics["psnr_per_step"] = torch.stack([psnr(y, clean).mean() for y in traj.ys[1:]])
-        return self.loss(losses), metrics
-
-    def learn(self, clean, noise, weight, steps=None):
-        """One training batch, backpropagated one thinking step at a time (Thinker.descend_and_backward)."""
-        noisy = ddpm_noise(clean, self.config.noise_t, noise)
-        traj, losses = self.descend_and_backward(self.energy, noisy, clean, F.smooth_l1_loss, weight, steps)
-        return {**self.metrics(traj, losses), "psnr": psnr(traj.ys[-1].detach(), clean).mean()}
-
-
-MODELS.update(ebt=TextEBT, transformer=Transformer, image_ebt=ImageEBT)

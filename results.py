@@ -46,6 +46,8 @@ import sample
 import train_image
 import train_text
 from data import addition, prepare
+import rundir
+import plots
 
 RUNS = {"Transformer++": ("transformer", ["--model", "transformer"]),  # label -> (directory, flags)
           "S1": ("s1", ["--recipe", "s1"]),
@@ -81,8 +83,8 @@ def parse_args(argv=None):
                     {"seeds": (int, 0, ebt.MAX_SEED - 1), "lengths": (int, 1, math.inf), "windows": (int, 1, math.inf)})
     default = all(getattr(args, k) == p.get_default(k) for k in ("seeds", "lengths", "out_dir", "windows", "preset"))
     args.report_dir = args.report_dir or ("assets" if default else str(Path(args.out_dir) / "report"))
-    cli.check_out_dir(args.out_dir)
-    cli.check_out_dir(args.report_dir, "--report_dir")
+    rundir.check_out_dir(args.out_dir)
+    rundir.check_out_dir(args.report_dir, "--report_dir")
     return args
 
 
@@ -92,7 +94,7 @@ def ensure_trained(main, argv, out_dir, expect=None):
     results.py with another --preset left its runs in the same directories)."""
     path = Path(out_dir) / "ckpt.pt"
     if path.exists():
-        ckpt = cli.load_checkpoint(path)
+        ckpt = rundir.load_checkpoint(path)
         saved = {**ckpt["model_config"], **ckpt["train_config"]}
         wrong = ", ".join(f"{k} {saved.get(k)} (not {v})" for k, v in (expect or {}).items() if saved.get(k) != v)
         if wrong:
@@ -107,7 +109,7 @@ def ensure_trained(main, argv, out_dir, expect=None):
 def curves(path, windows, device):
     """Cross-entropy (nats per token) against thinking steps and candidates, on the validation
     split and on the OOD text: {"val" | "ood": {"steps" | "candidates": {k: CE}}, "trained": K}."""
-    model, tokenizer = cli.load_text_model(path, device)
+    model, tokenizer = rundir.load_text_model(path, device)
     val, ood, _ = sample.validation_and_ood(tokenizer, prepare.corpus())
     out = {"trained": model.trained_steps() if isinstance(model, ebt.Thinker) else 1}
     for split, ids in (("val", val), ("ood", ood)):
@@ -249,7 +251,7 @@ def experiment_table(runs, label, length, seed):
 # Plots -------------------------------------------------------------------------
 
 def plot_gap(runs, lengths, seeds, path):
-    fig = cli.figure(figsize=(9, 3.6), layout="constrained")
+    fig = plots.figure(figsize=(9, 3.6), layout="constrained")
     ce_ax, gap_ax = fig.subplots(1, 2)
     for i, m in enumerate(RUNS):
         ce_ax.plot(lengths, [mean([at_trained(runs[m, n, s]) for s in seeds]) for n in lengths], marker="o",
@@ -275,7 +277,7 @@ def plot_gap(runs, lengths, seeds, path):
 def plot_curves(runs, length, seeds, kind, xlabel, path, title):
     """One panel per text: each model's mean CE over seeds, the range shaded; the
     Transformer++ (which does not think) dashed."""
-    fig = cli.figure(figsize=(9, 3.6), layout="constrained")
+    fig = plots.figure(figsize=(9, 3.6), layout="constrained")
     for ax, (split, name) in zip(fig.subplots(1, 2), (("val", "validation (Tiny Shakespeare)"),
                                                        ("ood", "OOD (pydoc_data.topics)"))):
         for i, m in enumerate(RUNS):
@@ -303,7 +305,7 @@ def plot_curves(runs, length, seeds, kind, xlabel, path, title):
 
 def plot_gains(runs, lengths, seeds, path):
     """S2's thinking gains (perplexity change) against training length, val and OOD."""
-    fig = cli.figure(figsize=(10, 3.8), layout="constrained")
+    fig = plots.figure(figsize=(10, 3.8), layout="constrained")
     for ax, (split, name) in zip(fig.subplots(1, 2), (("val", "validation"), ("ood", "OOD"))):
         for i, kind in enumerate(("2x steps", "4x steps", "best of 4", "best of 16")):
             values = [[gains(runs["S2", n, s], split)[kind] for s in seeds] for n in lengths]
@@ -321,7 +323,7 @@ def plot_gains(runs, lengths, seeds, path):
 def plot_verifier(runs, lengths, length, seeds, path):
     """Does the energy rank its candidates: each EBT's candidates at a few validation positions (first
     seed), the best of n by energy and by the truth against a random pick, and Spearman against training."""
-    fig = cli.figure(figsize=(10, 7.6), layout="constrained")
+    fig = plots.figure(figsize=(10, 7.6), layout="constrained")
     (s1_ax, s2_ax), (best_ax, length_ax) = fig.subplots(2, 2)
     for ax, m in ((s1_ax, "S1"), (s2_ax, "S2")):
         sample.draw_candidates(ax, runs[m, length, seeds[0]]["val"]["verifier"], f"{m}, validation, seed {seeds[0]}")
@@ -478,7 +480,7 @@ def task_runs(args, out, device):
     for m, (prefix, _) in RUNS.items():
         for s in args.seeds:
             print(f"evaluating task-{prefix}-{TASK_LENGTH}-seed{s}", flush=True)
-            model, tokenizer = cli.load_text_model(out / f"task-{prefix}-{TASK_LENGTH}-seed{s}" / "ckpt.pt", device)
+            model, tokenizer = rundir.load_text_model(out / f"task-{prefix}-{TASK_LENGTH}-seed{s}" / "ckpt.pt", device)
             K = model.trained_steps() if isinstance(model, ebt.Thinker) else 1
             steps = sorted({1, K, 2 * K, 4 * K}) if isinstance(model, ebt.Thinker) else [1]  # the Transformer++: once
             runs[m, s] = {"trained": K, **{split: task_scores(model, task_problems(
@@ -529,7 +531,7 @@ def task_tables(runs, seeds):
 def plot_task(runs, seeds, path):
     """Answer accuracy against thinking steps, and the best of n candidates picked by energy, at random and
     by the truth (means over the seeds)."""
-    fig = cli.figure(figsize=(10, 3.8), layout="constrained")
+    fig = plots.figure(figsize=(10, 3.8), layout="constrained")
     steps_ax, best_ax = fig.subplots(1, 2)
     for i, m in enumerate(RUNS):
         for split, style in (("val", "-"), ("ood", "--")):
@@ -584,7 +586,7 @@ def write_section(path, title, body):
     kept = {s.split("\n", 1)[0]: s.split("\n", 1)[1].strip() for s in sections}
     kept[title] = body.strip()
     head = head.strip() or "# Results\n\nMade by `python results.py` (see README, Results); `--part` remakes one section."
-    cli.write_atomically(path, lambda tmp: tmp.write_text(
+    rundir.write_atomically(path, lambda tmp: tmp.write_text(
         head + "\n\n" + "\n\n".join(f"## {t}\n\n{b}" for t, b in kept.items()) + "\n"))
 
 
@@ -612,7 +614,7 @@ def task_part(args, out, report_dir, device):
         "a step lowers its energy by less than the tolerance; harder tokens are the digits a carry comes into, "
         "and the longer OOD sums\n\n" + adaptive])
     write_section(report_dir / "results.md", "The addition task", report)
-    cli.write_atomically(out / "task.json", lambda tmp: tmp.write_text(
+    rundir.write_atomically(out / "task.json", lambda tmp: tmp.write_text(
         json.dumps({f"{m}|{s}": c for (m, s), c in runs.items()}, indent=1) + "\n"))
     print(report)
     print(f"wrote {report_dir / 'results.md'} (its addition task section), {report_dir / 'task.png'}, {out / 'task.json'}")
@@ -677,7 +679,7 @@ def text_part(args, out, report_dir, device):
     ])
     write_section(report_dir / "results.md", "Tiny Shakespeare", report)
     numbers = json.dumps({f"{m}|{n}|{s}": c for (m, n, s), c in runs.items()}, indent=1) + "\n"
-    cli.write_atomically(out / "results.json", lambda tmp: tmp.write_text(numbers))
+    rundir.write_atomically(out / "results.json", lambda tmp: tmp.write_text(numbers))
     print(report)
     print(f"wrote {report_dir / 'results.md'} and the plots in {report_dir}, {out / 'results.json'}")
 
@@ -692,4 +694,4 @@ def images_part(args, out, report_dir):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.invoke(main)

@@ -19,6 +19,10 @@ import torch
 
 import ebt
 from data import prepare
+from data.text import CharTokenizer, random_windows, read_text
+import rundir
+import plots
+import compiled
 
 # -----------------------------------------------------------------------------
 # Plots of thinking. Each takes a model (eval mode) and a text, or what generate() returned,
@@ -41,7 +45,7 @@ def thinking_table(results, trained_steps):
 
 def plot_thinking_curves(results, trained_steps, title="perplexity vs thinking"):
     """results: {label: thinking_curves(...)} -> a Figure: perplexity against steps and candidates."""
-    fig = cli.figure(figsize=(8, 3.4), layout="constrained")
+    fig = plots.figure(figsize=(8, 3.4), layout="constrained")
     by_steps, by_candidates = fig.subplots(1, 2)
     for label, r in results.items():
         by_steps.plot(list(r["steps"]), list(r["steps"].values()), marker="o", label=label)
@@ -80,14 +84,14 @@ def token_label(tokenizer, i):
 def think_on_text(model, tokenizer, text, steps=None, seed=0):
     """Think about every next token of a text (its last block_size + 1 tokens) from fixed random
     starts, for `steps` steps (default longer_steps(): where thinking longer goes)."""
-    cli.require_ebt(model, "plotting the energy")
+    rundir.require_ebt(model, "plotting the energy")
     ids = torch.tensor(tokenizer.encode(text)[-(model.config.block_size + 1):])
     if len(ids) < 2:
         raise ebt.UsageError(f"the text {text!r} is too short to plot: it needs at least 2 tokens")
     device = next(model.parameters()).device
     context = model.context(ids[None, :-1].to(device))
     traj = model.think_candidates(context, len(ids) - 1, 1, torch.Generator().manual_seed(seed),
-                                  steps=steps or model.longer_steps())
+                                  steps=steps or ebt.THINK_LONGER * model.trained_steps())
     traj = ebt.Trajectory([y[:, 0] for y in traj.ys], [e[:, 0] for e in traj.energies])
     return TextThinking(ids, [token_label(tokenizer, i) for i in ids[1:].tolist()], traj, context)
 
@@ -103,7 +107,7 @@ def step_axis_label(model):
 def plot_energy_trajectories(model, energies, title, position_label):
     """Energy (T, K+1) against thinking step, one faint line per token coloured by its position, and their mean."""
     from matplotlib import cm, colors
-    fig = cli.figure(figsize=(6.6, 3.4), layout="constrained")
+    fig = plots.figure(figsize=(6.6, 3.4), layout="constrained")
     ax = fig.subplots()
     by_position = cm.ScalarMappable(colors.Normalize(0, max(1, len(energies) - 1)), "viridis")
     for i, e in enumerate(energies):
@@ -128,7 +132,7 @@ def plot_generation(model, generation, row=0):
     """The energy trajectories of generated tokens: what generate() returned (one row of its
     batch). Positions that stopped early (adaptive stopping) end early. Returns (Figure,
     energies (n, K+1), NaN after a stop)."""
-    cli.require_ebt(model, "plotting a generation's energies")
+    rundir.require_ebt(model, "plotting a generation's energies")
     if not generation.trajectory:
         raise ebt.UsageError("the generation has no thinking trajectories (no new tokens, or not an EBT)")
     K = max(t.shape[-1] for t in generation.trajectory)
@@ -146,7 +150,7 @@ def plot_energy_heatmap(model, tokenizer, text, steps=None, seed=0):
     energies = thought.energies()
     per_row, T = 32, len(energies)  # a long text wraps into rows of readable labels
     rows = (T + per_row - 1) // per_row
-    fig = cli.figure(figsize=(0.26 * min(T, per_row) + 2.2, 1.9 * rows + 0.5), layout="constrained")
+    fig = plots.figure(figsize=(0.26 * min(T, per_row) + 2.2, 1.9 * rows + 0.5), layout="constrained")
     axes = fig.subplots(rows, 1, squeeze=False)[:, 0]
     for r, ax in enumerate(axes):
         part = slice(r * per_row, min(T, (r + 1) * per_row))
@@ -187,7 +191,7 @@ def plot_energy_landscape(model, tokenizer, text, position=-1, steps=None, seed=
             model.energy(chunk[:, None].softmax(-1), [(k.expand(len(chunk), -1, -1, -1), w.expand(len(chunk), -1, -1, -1))
                                           for k, w in context], min(len(path) - 2, model.config.landscapes - 1))[:, 0]
             for chunk in points.split(64)]).reshape(grid, grid).float().cpu()
-    fig = cli.figure(figsize=(5, 4), layout="constrained")
+    fig = plots.figure(figsize=(5, 4), layout="constrained")
     ax = fig.subplots()
     filled = ax.contourf(a.numpy(), b.numpy(), energies.numpy(), levels=20, cmap="viridis")
     fig.colorbar(filled, ax=ax, label="energy")
@@ -211,7 +215,7 @@ def plot_distribution_sharpening(model, tokenizer, text, position=-1, steps=None
     target = thought.ids[1:][position].item()
     labels = [token_label(tokenizer, i) + (" (true)" if i == target else "") for i in shown]
     K = len(probs) - 1
-    fig = cli.figure(figsize=(max(5, 0.5 * K + 3), 0.3 * len(shown) + 2.6), layout="constrained")
+    fig = plots.figure(figsize=(max(5, 0.5 * K + 3), 0.3 * len(shown) + 2.6), layout="constrained")
     spread, ax = fig.subplots(2, 1, sharex=True, height_ratios=(1, max(2, 0.4 * len(shown))))
     spread.plot(range(K + 1), entropy.numpy(), marker="o", color="C0")
     spread.set(ylabel="entropy\n(nats)", title=f"distribution sharpening at position {position % len(thought.labels)}")
@@ -245,7 +249,7 @@ def thinking_curves(model, ids, steps=(1, 2, 4, 8), candidates=(1, 2, 4, 8), win
                              f"block_size={model.config.block_size}")
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
-    x, y = (t.to(device) for t in ebt.random_windows(ids, model.config.block_size, windows, g))
+    x, y = (t.to(device) for t in random_windows(ids, model.config.block_size, windows, g))
     ppl = lambda logits: math.exp(ebt.cross_entropy(logits.float(), y).item())
     if not isinstance(model, ebt.TextEBT):
         flat = ppl(model.logits(x)[0])
@@ -354,7 +358,7 @@ def draw_best_of(ax, diagnostics, label, color):
 def plot_verifier(results, title="does the energy rank its candidates?"):
     """results: {source name: thinking_curves(...)} of an EBT -> a Figure: each source's candidates at a few
     positions, and the best of n picked by energy, at random and by the truth."""
-    fig = cli.figure(figsize=(4.2 * (len(results) + 1), 3.8), layout="constrained")
+    fig = plots.figure(figsize=(4.2 * (len(results) + 1), 3.8), layout="constrained")
     axes = fig.subplots(1, len(results) + 1)
     for ax, (name, r) in zip(axes, results.items()):
         draw_candidates(ax, r["verifier"], name)
@@ -376,7 +380,7 @@ def pydoc_topics_text():
 def in_vocabulary(text, tokenizer):
     """The text without the characters a char tokenizer lacks (GPT-2 BPE covers everything),
     and how many were dropped."""
-    if not isinstance(tokenizer, cli.CharTokenizer):
+    if not isinstance(tokenizer, CharTokenizer):
         return text, 0
     kept = "".join(c for c in text if c in tokenizer.index)
     return kept, len(text) - len(kept)
@@ -432,7 +436,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     cli.check_sampling(args)
     if args.plots:
-        cli.check_out_dir(args.plots, "--plots")
+        rundir.check_out_dir(args.plots, "--plots")
     if args.eval:
         for name in ("steps", "step_size", "candidates", "langevin_std", "tolerance", "top_k"):
             if getattr(args, name) is not None:
@@ -444,7 +448,7 @@ def parse_args(argv=None):
 def training_corpus(ckpt_path, data=None):
     """The corpus a checkpoint was trained on: data if given, else the one it recorded (None: Tiny
     Shakespeare), checked to be the same (data/prepare.py)."""
-    ckpt = cli.load_checkpoint(ckpt_path)
+    ckpt = rundir.load_checkpoint(ckpt_path)
     corpus = prepare.corpus(data or (ckpt.get("data") or {}).get("path"), ckpt["tokenizer"]["kind"],
                             say=lambda line: print(line, file=sys.stderr))  # stdout is for the results
     corpus.check_trained_on(ckpt, ckpt_path, "pass that corpus with --data (another text goes in --ood)")
@@ -452,7 +456,7 @@ def training_corpus(ckpt_path, data=None):
 
 
 def evaluate_thinking(model, tokenizer, corpus, args):
-    val, ood, dropped = validation_and_ood(tokenizer, corpus, cli.read_text(args.ood, "--ood") if args.ood else None)
+    val, ood, dropped = validation_and_ood(tokenizer, corpus, read_text(args.ood, "--ood") if args.ood else None)
     ood_name = Path(args.ood).name if args.ood else "pydoc_data.topics"
     print(f"OOD text {ood_name}: {len(ood)} tokens kept, {dropped} characters outside the vocabulary dropped")
     if dropped > 0.1 * (len(ood) + dropped):
@@ -483,14 +487,14 @@ def main(argv=None):
     thinking = {k: getattr(args, k) for k in ("steps", "step_size", "candidates", "langevin_std", "tolerance")
                 if getattr(args, k) is not None}
     overrides = {} if args.init_std is None else {"init_std": args.init_std}
-    model, tokenizer = cli.load_text_model(ckpt, device, **overrides)
+    model, tokenizer = rundir.load_text_model(ckpt, device, **overrides)
     if args.compile:
-        cli.compile_model(model)
+        compiled.compile_model(model)
         print("compiling: the first tokens take 30-90 s", file=sys.stderr, flush=True)
     if args.eval:
         return evaluate_thinking(model, tokenizer, training_corpus(ckpt, args.data), args)
     if args.plots:
-        cli.require_ebt(model, "--plots")
+        rundir.require_ebt(model, "--plots")
     idx = torch.tensor([tokenizer.encode(args.prompt)], device=device)
     t0 = time.time()
     progress = lambda n: n % 1000 == 0 and print(f"{n}/{args.num_tokens} tokens, {time.time() - t0:.0f}s",
@@ -516,4 +520,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.invoke(main)

@@ -35,6 +35,12 @@ import sample
 import train_image
 import train_text
 from data import prepare
+from data.text import CharTokenizer, GPT2Tokenizer, SHAKESPEARE, TextData, random_windows, sha256_text, text_or_shakespeare
+import rundir
+import plots
+import image_models
+import compiled
+import checks
 
 HERE = Path(__file__).resolve().parent
 CUDA = [pytest.param("cuda", marks=[pytest.mark.cuda,
@@ -52,7 +58,7 @@ def synthetic_text(n_words=6000, seed=0):
 
 
 VOCAB = len(set(synthetic_text()))
-S2 = {**train_text.RECIPES["s2"], "step_size": 0.5, "step_size_lr_mult": 1.0, "langevin_std": 0.3,
+S2 = {**ebt.RECIPES["s2"], "step_size": 0.5, "step_size_lr_mult": 1.0, "langevin_std": 0.3,
       "replay_size": 8}  # the paper's S2, with a step and noise the tiny float64 models' numbers keep meaningful
 TINY = ["--preset", "cpu", "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "16",
         "--batch_size", "4", "--max_steps", "4", "--eval_interval", "2", "--eval_batches", "1", "--log_interval", "1",
@@ -99,8 +105,8 @@ def unigram_entropy(text):
 
 
 def words_data(block_size=16):
-    tok = cli.CharTokenizer.fit(synthetic_text())
-    return tok, ebt.TextData(*prepare.split(tok.encode(synthetic_text())), block_size)
+    tok = CharTokenizer.fit(synthetic_text())
+    return tok, TextData(*prepare.split(tok.encode(synthetic_text())), block_size)
 
 
 def train_config(tmp_path, **kw):
@@ -114,7 +120,7 @@ quiet = lambda *a: None
 
 class Silent(ebt.Run):
     """train() in one process, keeping nothing and saying nothing."""
-    def __call__(self, record):
+    def show(self, record):
         pass
 
 
@@ -229,9 +235,9 @@ def test_cached_context_matches_full_two_stream_attention(training):
 def test_bidirectional_attention_explicit_matches_fused():
     attn = ebt.Attention(image_config())
     x = torch.randn(2, 16, 64)
-    torch.testing.assert_close(attn.attend_all(x, True), attn.attend_all(x, False), rtol=0, atol=1e-5)
+    torch.testing.assert_close(image_models.attend_all(attn, x, True), image_models.attend_all(attn, x, False), rtol=0, atol=1e-5)
     x.requires_grad_()  # not causal: the first token depends on the last
-    (grad,) = torch.autograd.grad(attn.attend_all(x, True)[:, 0].sum(), x)
+    (grad,) = torch.autograd.grad(image_models.attend_all(attn, x, True)[:, 0].sum(), x)
     assert grad[:, -1].abs().sum() > 0
 
 
@@ -339,7 +345,7 @@ def test_step_size_below_its_clamp_still_gets_a_gradient():
     model = tiny()
     with torch.no_grad():
         model.raw_step_size.fill_(-1.0)
-    assert model.current_step_size().item() == pytest.approx(1e-3)
+    assert model.step_size().item() == pytest.approx(1e-3)
     idx = torch.randint(13, (2, 16), generator=torch.Generator().manual_seed(5))
     model.train()(idx, idx)[0].backward()
     assert model.raw_step_size.grad.abs() > 0
@@ -362,7 +368,7 @@ def test_training_backpropagates_through_the_descent():
     y0 = torch.randn(2, 16, 13, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     for create_graph in (True, False):
         model.zero_grad(set_to_none=True)
-        traj = ebt.think(lambda p, k: model.energy(p, context, k), y0, 2, model.current_step_size(), normalize=model.normalize,
+        traj = ebt.think(lambda p, k: model.energy(p, context, k), y0, 2, model.step_size(), normalize=model.normalize,
                          create_graph=create_graph)
         sum(ebt.cross_entropy(y, targets) for y in traj.ys[1:]).backward()
         grads[create_graph] = {n: p.grad for n, p in model.named_parameters()}
@@ -377,7 +383,7 @@ def hand_descent_loss(model, idx, targets, y0, steps, last_only, langevin_std=0.
     steps, a landscape per step, mean CE) or S2 (no detach, one landscape, only the last gradient keeps
     its graph, CE of the last step; alpha x U[1/s, s] per token, drawn first, then Langevin noise on the
     logits before each step), drawing from torch's global generator in the model's order."""
-    context, alpha, y, losses = model.context(idx), model.current_step_size(), y0, []
+    context, alpha, y, losses = model.context(idx), model.step_size(), y0, []
     if random_step_size > 1:
         alpha = alpha * torch.empty(*y0.shape[:-1], 1, dtype=y0.dtype).uniform_(1 / random_step_size, random_step_size)
     for k in range(steps):
@@ -609,17 +615,17 @@ def test_cuda_training_uses_fused_adamw_with_the_step_size_group(tmp_path, monke
     model = ebt.build_model(config(vocab_size=tok.vocab_size, step_size=20.0), seed=0)
     ebt.train(model, data, train_config(tmp_path, device="cuda", max_steps=4), Silent())
     assert built[0]["fused"] is True
-    assert model.current_step_size().item() != 20.0 and all(torch.isfinite(p).all() for p in model.parameters())
-    assert cli.load_checkpoint(tmp_path / "out" / "ckpt.pt")["step"] == 4
+    assert model.step_size().item() != 20.0 and all(torch.isfinite(p).all() for p in model.parameters())
+    assert rundir.load_checkpoint(tmp_path / "out" / "ckpt.pt")["step"] == 4
 
 
 def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     tok, data = words_data()
     model = ebt.build_model(config(vocab_size=tok.vocab_size))
-    ebt.train(model, data, train_config(tmp_path, max_steps=3), cli.Run(tmp_path / "out", {"tokenizer": tok.state()}, say=quiet))
-    ckpt = cli.load_checkpoint(tmp_path / "out" / "ckpt.pt")
+    ebt.train(model, data, train_config(tmp_path, max_steps=3), rundir.Run(tmp_path / "out", {"tokenizer": tok.state()}, say=quiet))
+    ckpt = rundir.load_checkpoint(tmp_path / "out" / "ckpt.pt")
     assert ckpt["step"] == 3 and ckpt["tokenizer"] == tok.state()
-    loaded = cli.load_model(ckpt)
+    loaded = rundir.load_model(ckpt)
     x, _ = data.batch("val", 4, generator=torch.Generator().manual_seed(0))
     outputs = []
     for m in (model.eval(), loaded):
@@ -627,7 +633,7 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
         traj = predict(m, x, steps=3)
         outputs.append((torch.stack(traj.ys[1:]), torch.stack(traj.energies)))
     assert all(torch.equal(a, b) for a, b in zip(*outputs))
-    assert [r["step"] for r in cli.read_records(tmp_path / "out" / "metrics.jsonl")] == [1, 2, 3, 3]
+    assert [r["step"] for r in rundir.read_records(tmp_path / "out" / "metrics.jsonl")] == [1, 2, 3, 3]
     assert (tmp_path / "out" / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -635,9 +641,9 @@ def test_best_pt_holds_the_model_at_its_lowest_validation_loss_and_sample_reads_
     out = tmp_path / "o"
     assert run_cli(train_text.main, *TINY, "--max_steps", "12", "--eval_interval", "2", "--lr", "0.05",
                    "--data", str(text_file), "--out_dir", str(out))[0] == 0
-    evals = [r for r in cli.read_records(out / "metrics.jsonl") if r["kind"] == "eval"]
+    evals = [r for r in rundir.read_records(out / "metrics.jsonl") if r["kind"] == "eval"]
     lowest = min(evals, key=lambda r: r["loss"])
-    best, last = cli.load_checkpoint(out / "best.pt"), cli.load_checkpoint(out / "ckpt.pt")
+    best, last = rundir.load_checkpoint(out / "best.pt"), rundir.load_checkpoint(out / "ckpt.pt")
     assert best["step"] == lowest["step"] and best["best_loss"] == last["best_loss"] == lowest["loss"]
     assert "optimizer" not in best and last["step"] == 12 != best["step"]  # this run's lowest is before its end
     code, _, err = run_cli(sample.main, "--out_dir", str(out), "--num_tokens", "3", "--device", "cpu")
@@ -657,25 +663,25 @@ def test_logged_throughput_counts_the_steps_since_the_last_log_or_evaluation(tmp
     monkeypatch.setattr(model, "forward", timed_forward)
     monkeypatch.setattr(ebt.time, "time", lambda: clock[0])  # the records' timestamps
     tc = train_config(tmp_path, max_steps=7, log_interval=2, eval_interval=3)
-    ebt.train(model, data, tc, cli.Run(tc.out_dir, say=quiet))
-    logged = [(r["step"], r["tokens_per_s"]) for r in cli.read_records(tmp_path / "out" / "metrics.jsonl")
+    ebt.train(model, data, tc, rundir.Run(tc.out_dir, say=quiet))
+    logged = [(r["step"], r["tokens_per_s"]) for r in rundir.read_records(tmp_path / "out" / "metrics.jsonl")
               if r["kind"] == "train"]
     assert logged == [(s, float(tc.batch_size * data.tokens_per_sample)) for s in (2, 4, 6, 7)]
 
 
 def test_loss_plot_shows_the_trained_step_count_whatever_eval_thinks(tmp_path, monkeypatch):
     figures = []
-    make = cli.figure
+    make = plots.figure
     monkeypatch.setattr(cli, "figure", lambda **kw: figures.append(make(**kw)) or figures[-1])
     for per_step, trained in (([3.0, 2.0, 1.5, 1.4], 2), ([3.0], 1), ([3.0, 2.0, 1.5], 3)):
         records = [{"kind": "eval", "step": s, "loss_per_step": per_step, "loss": per_step[trained - 1]}
                    for s in (10, 20)]
-        cli.plot_metrics(records, tmp_path / "loss.png")
+        plots.plot_metrics(records, tmp_path / "loss.png")
         labels = [line.get_label() for line in figures[-1].axes[0].get_lines()]
         assert len(labels) == len(set(labels)) and sum("as trained" in label for label in labels) == 1, labels
         assert f"val loss, {trained} thinking step{'s' if trained > 1 else ''} (as trained)" in labels
         assert figures[-1].axes[0].get_ylabel() == "loss (nats per token)"
-    cli.plot_metrics([{"kind": "start", "step": 0, "model": "image_ebt"}, *records], tmp_path / "loss.png")
+    plots.plot_metrics([{"kind": "start", "step": 0, "model": "image_ebt"}, *records], tmp_path / "loss.png")
     assert "smooth L1 on pixels" in figures[-1].axes[0].get_ylabel()  # an image model's loss is no cross-entropy
 
 
@@ -701,13 +707,13 @@ def test_interrupt_then_resume_continues_exactly(tmp_path, recipe):
     def run(tc, data, resume=False):
         torch.manual_seed(123)  # not tc.seed: resume must restore, not re-seed
         model = ebt.build_model(config(vocab_size=VOCAB, **thinking))
-        return model, ebt.train(model, data, tc, cli.Run(tc.out_dir, resume=resume, say=quiet))
+        return model, ebt.train(model, data, tc, rundir.Run(tc.out_dir, resume=resume, say=quiet))
 
     straight, _ = run(train_config(tmp_path / "a"), words_data()[1])
     tc = train_config(tmp_path / "b")
     with pytest.raises(KeyboardInterrupt):  # saved, then passed on: the driver exits 130
         run(tc, InterruptAt(words_data()[1], 4))  # Ctrl-C during step 5
-    assert cli.load_checkpoint(tmp_path / "b" / "out" / "ckpt.pt")["step"] == 4
+    assert rundir.load_checkpoint(tmp_path / "b" / "out" / "ckpt.pt")["step"] == 4
     resumed, records = run(tc, words_data()[1], resume=True)
     assert [r["step"] for r in records if r["kind"] == "train"] == [5, 6]
     for (n, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
@@ -737,30 +743,30 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, gradient
     # bad at the last of 6 steps: a NaN gradient no later loss would reveal
     model = NaNAfter(ebt.build_model(config(vocab_size=VOCAB, model="transformer")), 5, gradient)
     with pytest.raises(ebt.UsageError, match="NaN or infinite"):
-        ebt.train(model, data, train_config(tmp_path, eval_interval=3), cli.Run(tmp_path / "out", say=quiet))
-    assert cli.load_checkpoint(tmp_path / "out" / "ckpt.pt")["step"] == 3
+        ebt.train(model, data, train_config(tmp_path, eval_interval=3), rundir.Run(tmp_path / "out", say=quiet))
+    assert rundir.load_checkpoint(tmp_path / "out" / "ckpt.pt")["step"] == 3
 
 
 def test_nan_before_the_first_evaluation_says_no_checkpoint_exists(tmp_path):
     _, data = words_data()
     model = NaNAfter(ebt.build_model(config(vocab_size=VOCAB, model="transformer")), 1)
     with pytest.raises(ebt.UsageError, match="no checkpoint was written yet"):
-        ebt.train(model, data, train_config(tmp_path, eval_interval=100, max_steps=200), cli.Run(tmp_path / "out", say=quiet))
+        ebt.train(model, data, train_config(tmp_path, eval_interval=100, max_steps=200), rundir.Run(tmp_path / "out", say=quiet))
     assert not (tmp_path / "out" / "ckpt.pt").exists()
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    cli.write_atomically(path, lambda tmp: torch.save({"model": {}, "model_config": {}, "step": 1}, tmp))
+    rundir.write_atomically(path, lambda tmp: torch.save({"model": {}, "model_config": {}, "step": 1}, tmp))
 
     def crash(obj, f):
         Path(f).write_bytes(b"partial")
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError):
-        cli.write_atomically(path, lambda tmp: torch.save({"model": {}, "model_config": {}, "step": 2}, tmp))
+        rundir.write_atomically(path, lambda tmp: torch.save({"model": {}, "model_config": {}, "step": 2}, tmp))
     monkeypatch.undo()
-    assert cli.load_checkpoint(path)["step"] == 1
+    assert rundir.load_checkpoint(path)["step"] == 1
 
 
 # -----------------------------------------------------------------------------
@@ -795,22 +801,22 @@ def test_compiled_generation_and_evaluation_match_eager(device):
     restarted. The preallocated KV cache keeps a token's shapes fixed: one graph serves every position."""
     from torch._dynamo.utils import counters
     model = tiny(step_size=0.1).to(device).eval()
-    compiled = cli.compile_model(copy.deepcopy(model))
+    fast_model = compiled.compile_model(copy.deepcopy(model))
     graphs = [counters["stats"]["unique_graphs"]]
     prompt = torch.randint(13, (1, 3), generator=torch.Generator().manual_seed(1)).to(device)
     eager = ebt.generate(model, prompt, 15, generator=torch.Generator().manual_seed(0))
-    fast = ebt.generate(compiled, prompt, 15, generator=torch.Generator().manual_seed(0),
+    fast = ebt.generate(fast_model, prompt, 15, generator=torch.Generator().manual_seed(0),
                         on_token=lambda n: graphs.append(counters["stats"]["unique_graphs"]))
     assert torch.equal(fast.idx, eager.idx)
     torch.testing.assert_close(fast.logits, eager.logits, rtol=0, atol=1e-10)
     torch.testing.assert_close(fast.energy, eager.energy, rtol=0, atol=1e-10)
     assert graphs[2] > graphs[0]  # compiled, not run eagerly behind our back
     assert graphs[2] == graphs[13], graphs  # tokens 3 to 13, positions 5 to 15: no graph more
-    ebt.generate(compiled, prompt.flip(1), 15, generator=torch.Generator().manual_seed(1))
+    ebt.generate(fast_model, prompt.flip(1), 15, generator=torch.Generator().manual_seed(1))
     assert counters["stats"]["unique_graphs"] == graphs[-1]  # nor for another prompt and a new cache
     idx = torch.randint(13, (3, 16), generator=torch.Generator().manual_seed(0)).to(device)
     losses = []
-    for m in (model, compiled):
+    for m in (model, fast_model):
         torch.manual_seed(5)
         losses.append(m(idx, idx, steps=3)[1]["loss_per_step"])
     torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=1e-10)
@@ -831,12 +837,12 @@ def test_the_compiled_training_step_gives_the_eager_gradients(recipe, device):
 def compiled_step_matches_eager(recipe, device):
     kw = dict(step_size=0.5, langevin_std=0.3, random_step_size=2.0) if recipe == "s1" else S2
     model = tiny(weights=0.3, n_layer=1, **kw).to(device).train()
-    compiled = cli.compile_model(copy.deepcopy(model))
+    fast_model = compiled.compile_model(copy.deepcopy(model))
     g = torch.Generator().manual_seed(6)
     for _ in range(2):  # S2: the second batch also replays the first's sequences
         batch = tuple(torch.randint(13, (3, 16), generator=g).to(device) for _ in range(2))
         grads = []
-        for m in (model, compiled):
+        for m in (model, fast_model):
             m.zero_grad(set_to_none=True)
             torch.manual_seed(4)
             metrics = m.learn(*batch, 0.5, steps=2, generator=torch.Generator().manual_seed(1))
@@ -846,8 +852,8 @@ def compiled_step_matches_eager(recipe, device):
             torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-10, atol=1e-12, msg=n)
         assert "final" not in metrics and math.isfinite(metrics["loss"])
     if recipe == "s2":
-        assert torch.equal(compiled.replay.kept["idx"], model.replay.kept["idx"])
-        torch.testing.assert_close(compiled.replay.kept["logits"], model.replay.kept["logits"], rtol=1e-10, atol=1e-12)
+        assert torch.equal(fast_model.replay.kept["idx"], model.replay.kept["idx"])
+        torch.testing.assert_close(fast_model.replay.kept["logits"], model.replay.kept["logits"], rtol=1e-10, atol=1e-12)
 
 
 def test_transformer_generation_logits_are_the_last_position_of_a_full_pass():
@@ -916,7 +922,7 @@ def test_sampling_follows_the_distribution_top_k_and_temperature():
     (sample.plot_energy_per_step, (10, 4)), (sample.plot_energy_heatmap, (10, 4)),
     (sample.plot_energy_landscape, (9, 9)), (sample.plot_distribution_sharpening, (4, 17))])
 def test_plot_functions_return_a_figure_and_write_a_png(plot, numbers_shape, tmp_path):
-    tokenizer = cli.CharTokenizer.fit(synthetic_text())
+    tokenizer = CharTokenizer.fit(synthetic_text())
     model = tiny(vocab_size=tokenizer.vocab_size).eval()
     fig, numbers = plot(model, tokenizer, "the cat sat", steps=3, **({"grid": 9} if "landscape" in plot.__name__ else {}))
     assert fig.axes[0].get_title() and fig.axes[-2].get_xlabel()
@@ -929,7 +935,7 @@ def test_plot_functions_return_a_figure_and_write_a_png(plot, numbers_shape, tmp
 
 
 def test_a_long_heatmap_wraps_into_rows_of_readable_labels():
-    tokenizer = cli.CharTokenizer.fit(synthetic_text())
+    tokenizer = CharTokenizer.fit(synthetic_text())
     model = tiny(vocab_size=tokenizer.vocab_size, block_size=48).eval()
     text = "the cat sat on the mat and the dog sat on the log"[:45]
     fig, energies = sample.plot_energy_heatmap(model, tokenizer, text, steps=2)
@@ -941,10 +947,10 @@ def test_a_long_heatmap_wraps_into_rows_of_readable_labels():
 
 
 def test_plots_default_to_thinking_longer_than_trained_with_integer_ticks():
-    tokenizer = cli.CharTokenizer.fit(synthetic_text())
+    tokenizer = CharTokenizer.fit(synthetic_text())
     model = tiny(vocab_size=tokenizer.vocab_size).eval()
     fig, energies = sample.plot_energy_per_step(model, tokenizer, "the cat sat")
-    assert energies.shape[1] == model.longer_steps() + 1
+    assert energies.shape[1] == ebt.THINK_LONGER * model.trained_steps() + 1
     ticks = [t for t in fig.axes[0].get_xticks() if 0 <= t <= energies.shape[1] - 1]
     assert ticks and all(float(t).is_integer() for t in ticks)
     assert "landscape" in fig.axes[0].get_xlabel()
@@ -988,7 +994,7 @@ def test_thinking_curves_are_the_perplexity_of_each_step_count_on_the_seeded_win
     """What every Results table reads: exp(CE) of the logits after k steps, on windows and starts drawn from
     the seed's generator (windows first, then the starts), the same on every call; N = 1 candidate is
     thinking as trained; the table and the plot show them."""
-    tokenizer = cli.CharTokenizer.fit(synthetic_text())
+    tokenizer = CharTokenizer.fit(synthetic_text())
     ids = torch.tensor(tokenizer.encode(synthetic_text(300)))
     model = tiny(vocab_size=tokenizer.vocab_size, step_size=0.5).eval()
     curves = sample.thinking_curves(model, ids, steps=(1, 3), candidates=(1, 4), windows=3, seed=4)
@@ -996,7 +1002,7 @@ def test_thinking_curves_are_the_perplexity_of_each_step_count_on_the_seeded_win
     trained = sample.thinking_curves(model, ids, steps=(model.trained_steps(),), candidates=(1,), windows=3, seed=4)
     assert curves["candidates"][1] == trained["steps"][model.trained_steps()]  # one candidate: as trained, no noise
     g = torch.Generator().manual_seed(4)
-    x, y = ebt.random_windows(ids, model.config.block_size, 3, g)
+    x, y = random_windows(ids, model.config.block_size, 3, g)
     y0 = model.initial_logits(*x.shape, "cpu", g)
     for k in (1, 3):
         logits = predict(model, x, steps=k, y0=y0).ys[k]
@@ -1072,7 +1078,7 @@ def test_verifier_diagnostics_on_energies_whose_answer_is_known():
 def test_thinking_curves_verify_as_their_candidates_curve_does():
     """The verifier's pick by energy is the candidates curve (two computations: keep_lowest then one
     cross-entropy, and per-candidate cross-entropies then best_of); the table and plot show it."""
-    tokenizer = cli.CharTokenizer.fit(synthetic_text())
+    tokenizer = CharTokenizer.fit(synthetic_text())
     ids = torch.tensor(tokenizer.encode(synthetic_text(300)))
     model = tiny(vocab_size=tokenizer.vocab_size, step_size=0.5).eval()
     curves = sample.thinking_curves(model, ids, steps=(1, 3), candidates=(1, 2, 4), windows=3, seed=4)
@@ -1087,7 +1093,7 @@ def test_thinking_curves_verify_as_their_candidates_curve_does():
     assert len(fig.axes) == 3 and fig.axes[-1].get_ylabel() == "perplexity change vs a random pick (%)"
 
 def test_ood_text_is_filtered_to_the_vocabulary():
-    tokenizer = cli.CharTokenizer.fit(synthetic_text())
+    tokenizer = CharTokenizer.fit(synthetic_text())
     text, dropped = sample.in_vocabulary(sample.pydoc_topics_text()[:2000], tokenizer)
     assert dropped > 0 and len(text) + dropped == 2000
     tokenizer.encode(text)  # no error: every remaining character is known
@@ -1125,11 +1131,11 @@ def checkpoints(tmp_path_factory):
 
 
 def test_sample_eval_reads_the_text_the_checkpoint_was_trained_on(tmp_path, text_file, capsys):
-    tok = cli.CharTokenizer.fit(text_file.read_text())
+    tok = CharTokenizer.fit(text_file.read_text())
     cfg = config(vocab_size=tok.vocab_size)
     ckpt = tmp_path / "ckpt.pt"
     torch.save({"model": ebt.build_model(cfg).state_dict(), "model_config": dataclasses.asdict(cfg), "tokenizer": tok.state(),
-                "data": {"path": str(text_file), "sha256": cli.sha256_text(text_file.read_text())}}, ckpt)
+                "data": {"path": str(text_file), "sha256": sha256_text(text_file.read_text())}}, ckpt)
     sample.main(["--ckpt", str(ckpt), "--eval", "--windows", "2", "--device", "cpu", "--ood", str(text_file)])
     out = capsys.readouterr().out
     assert out.startswith("OOD text words.txt: ") and "perplexity" in out
@@ -1186,7 +1192,7 @@ def test_the_seed_fixes_the_whole_run_initial_weights_included(text_file, tmp_pa
     for i, seed in enumerate(seeds):
         train_text.main([*TINY, "--data", str(text_file), "--max_steps", "2", "--seed", str(seed), "--out_dir",
                          str(tmp_path / str(i))], log=quiet)
-        runs.append(cli.load_checkpoint(tmp_path / str(i) / "ckpt.pt")["model"])
+        runs.append(rundir.load_checkpoint(tmp_path / str(i) / "ckpt.pt")["model"])
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0]) == same
 
 
@@ -1384,17 +1390,17 @@ def test_bad_input_in_a_real_process_is_one_line_and_exit_2(bad_input_files):
     (dict(detach=1), "detach"), (dict(n_layer=True), "n_layer"), (dict(init_std=1e9), "init_std"),
     (dict(langevin_std=1e30), "langevin_std")])
 def test_config_rejects_impossible_values(kw, field):
-    with pytest.raises(ebt.ConfigError, match=f"ModelConfig.{field}=") as e:
+    with pytest.raises(checks.ConfigError, match=f"ModelConfig.{field}=") as e:
         config(**kw)
     assert e.value.name == field and isinstance(e.value, ValueError)
     for kw, field in ((dict(max_steps=10**12), "max_steps"), (dict(lr=1), None), (dict(seed=1.0), "seed")):
         if field is None:
             ebt.TrainConfig(**kw)  # a float field takes an int
         else:
-            with pytest.raises(ebt.ConfigError, match=f"TrainConfig.{field}="):
+            with pytest.raises(checks.ConfigError, match=f"TrainConfig.{field}="):
                 ebt.TrainConfig(**kw)
     with pytest.raises(ebt.UsageError, match="does not fit its own config"):
-        cli.load_model({"model_config": {**vars(config()), "no_such_option": 1}, "model": {}})
+        rundir.load_model({"model_config": {**vars(config()), "no_such_option": 1}, "model": {}})
 
 
 def test_flags_are_the_config_fields_with_their_help():
@@ -1427,7 +1433,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeyp
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
     assert ("No space left" if isinstance(error, OSError) else "disk full") in err and str(error) in err
     monkeypatch.undo()
-    assert cli.load_checkpoint(tmp_path / "o" / "ckpt.pt")["step"] == 2 and not list((tmp_path / "o").glob("*.tmp"))
+    assert rundir.load_checkpoint(tmp_path / "o" / "ckpt.pt")["step"] == 2 and not list((tmp_path / "o").glob("*.tmp"))
 
 
 def test_a_metrics_log_with_stray_lines_is_read_past_and_a_directory_is_named(tmp_path):
@@ -1440,7 +1446,7 @@ def test_a_metrics_log_with_stray_lines_is_read_past_and_a_directory_is_named(tm
                 b'{"kind": "train", "step": 1.5, "loss": 1.0}\n{"kind": "train", "step": -1, "loss": 1.0}\n')  # steps
     code, _, err = run_cli(train_text.main, "--resume", "--out_dir", str(out), "--max_steps", "3", "--device", "cpu")
     assert code == 0, err
-    assert [r["step"] for r in cli.read_records(out / "metrics.jsonl") if r["kind"] == "train"] == [1, 2, 3]
+    assert [r["step"] for r in rundir.read_records(out / "metrics.jsonl") if r["kind"] == "train"] == [1, 2, 3]
     (out / "metrics.jsonl").unlink()
     (out / "metrics.jsonl").mkdir()
     code, _, err = run_cli(train_text.main, "--resume", "--out_dir", str(out), "--max_steps", "4", "--device", "cpu")
@@ -1476,9 +1482,9 @@ def test_a_malformed_dist_timeout_is_one_line(monkeypatch):
     for value in ("five", "-1", "nan", "1e30"):
         monkeypatch.setenv("NANOEBT_DIST_TIMEOUT", value)
         with pytest.raises(ebt.UsageError, match=f"NANOEBT_DIST_TIMEOUT='{value}'"):
-            cli.dist_timeout()
+            rundir.dist_timeout()
     monkeypatch.setenv("NANOEBT_DIST_TIMEOUT", "2.5")
-    assert cli.dist_timeout() == 2.5
+    assert rundir.dist_timeout() == 2.5
 
 
 def test_a_stop_signal_ends_training_after_its_step_saved(tmp_path):
@@ -1486,24 +1492,24 @@ def test_a_stop_signal_ends_training_after_its_step_saved(tmp_path):
     training raises KeyboardInterrupt (exit code 130); outside train(), or a second Ctrl-C, stops at once."""
     _, data = words_data()
 
-    class SignalDuring(cli.Run):  # as if the signal landed while the log drew its plot, mid-step
-        def __call__(self, record):
-            super().__call__(record)
+    class SignalDuring(rundir.Run):  # as if the signal landed while the log drew its plot, mid-step
+        def show(self, record):
+            super().show(record)
             if record["kind"] == "train" and record["step"] == 3:
                 cli.stop(signal.SIGTERM, None)
                 cli.stop(signal.SIGTERM, None)  # torchrun's SIGTERM after the terminal's: still the same orderly stop
     with pytest.raises(KeyboardInterrupt):
         ebt.train(ebt.build_model(config(vocab_size=VOCAB)), data, train_config(tmp_path, max_steps=50, eval_interval=100),
                   SignalDuring(tmp_path / "out", say=quiet))
-    assert cli.load_checkpoint(tmp_path / "out" / "ckpt.pt")["step"] == 3 and not ebt.Stop.listening
+    assert rundir.load_checkpoint(tmp_path / "out" / "ckpt.pt")["step"] == 3 and not rundir.stop_listening
     with pytest.raises(KeyboardInterrupt):  # not training: at once
         cli.stop(signal.SIGINT, None)
-    ebt.Stop.listening, ebt.Stop.requested = True, True
+    rundir.stop_listening, rundir.stop_requested = True, True
     try:
         with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C: at once
             cli.stop(signal.SIGINT, None)
     finally:
-        ebt.Stop.listening = ebt.Stop.requested = False
+        rundir.stop_listening = rundir.stop_requested = False
 
 
 def test_a_checkpoint_is_never_of_weights_whose_validation_is_not_finite(tmp_path):
@@ -1515,7 +1521,7 @@ def test_a_checkpoint_is_never_of_weights_whose_validation_is_not_finite(tmp_pat
 
 def test_alpha_at_its_floor_is_warned_once():
     said = []
-    log = cli.RunLog(said.append)
+    log = rundir.RunLog(said.append)
     log({"kind": "start", "step": 0, "max_steps": 9, "resumed": False, "out_dir": "/tmp/nanoebt-test-runlog",
          "model": "ebt", "parameters": 1, "device": "cpu", "world": 1, "tokens_per_step": 1, "time": 0.0})
     for step, alpha in ((1, 2.0), (2, 0.001), (3, 0.001)):
@@ -1570,20 +1576,20 @@ def offline_bpe(monkeypatch):
 
 
 def test_gpt2_tokenizer_round_trip_and_long_texts_encode_as_the_whole(offline_bpe):
-    tok = cli.GPT2Tokenizer()
+    tok = GPT2Tokenizer()
     text = ("the cat sat\n\n  on the dog.\nthe end\n" * 300)[:-1]
     assert tok.vocab_size == offline_bpe.n_vocab and tok.decode(tok.encode(text)) == text
     assert tok.encode_array(text, piece=50).tolist() == offline_bpe.encode_ordinary(text)  # cut where BPE cuts
 
 
 def test_character_arrays_encode_as_encode_does_on_both_paths():
-    tok = cli.CharTokenizer.fit("abc ä\n")
+    tok = CharTokenizer.fit("abc ä\n")
     for text in ("ab c\na", "ä bc\n"):  # ASCII (translated as bytes) and not (a table of code points)
         assert tok.encode_array(text).tolist() == tok.encode(text)
     for text in ("abz", "äz"):
         with pytest.raises(ebt.UsageError, match="'z'"):
             tok.encode_array(text)
-    wide = cli.CharTokenizer([chr(i) for i in range(300)])  # 255 characters or more: ASCII by the table too
+    wide = CharTokenizer([chr(i) for i in range(300)])  # 255 characters or more: ASCII by the table too
     assert wide.encode_array("az").tolist() == [97, 122] and prepare.code_points("ba").tolist() == [97, 98]
 
 
@@ -1597,14 +1603,14 @@ def test_prepare_streams_characters_and_bpe_into_token_files_as_the_whole_text_e
         (tmp_path / "src").mkdir(exist_ok=True)
         (tmp_path / "src" / f"{i}.txt").write_text(text)
     whole = "".join(texts)
-    for kind, expected in (("char", cli.CharTokenizer.fit(whole).encode(whole)), ("gpt2", None)):
+    for kind, expected in (("char", CharTokenizer.fit(whole).encode(whole)), ("gpt2", None)):
         expected = expected or offline_bpe.encode_ordinary(texts[0]) + offline_bpe.encode_ordinary(texts[1])
         code, out, err = run_cli(prepare.main, str(tmp_path / "src"), "--out_dir", str(tmp_path / kind), "--tokenizer", kind)
         assert code == 0 and "MB/s" in out and not err, err
         corpus = prepare.Corpus(tmp_path / kind)
         assert np.concatenate([corpus.train, corpus.val]).tolist() == expected
         assert len(corpus.val) == len(expected) // 10 and corpus.train.dtype == np.uint16
-        assert [s["sha256"] for s in corpus.meta["sources"]] == [cli.sha256_text(t) for t in texts]
+        assert [s["sha256"] for s in corpus.meta["sources"]] == [sha256_text(t) for t in texts]
     code, _, err = run_cli(prepare.main, str(tmp_path / "src" / "*.txt"), "--out_dir", str(tmp_path / "char"))
     assert code == 2 and "--overwrite" in err, err  # a second prepare into the same place refuses
     assert run_cli(prepare.main, str(tmp_path / "src" / "*.txt"), "--out_dir", str(tmp_path / "char"), "--overwrite")[0] == 0
@@ -1631,10 +1637,10 @@ def test_bpe_prepare_train_resume_sample_and_eval_offline(tmp_path, offline_bpe,
     common = [*TINY, "--data", str(corpus), "--out_dir", str(out)]
     code, _, err = run_cli(train_text.main, *common, "--max_steps", "2")
     assert code == 0, err
-    ckpt = cli.load_checkpoint(out / "ckpt.pt")
+    ckpt = rundir.load_checkpoint(out / "ckpt.pt")
     assert ckpt["data"]["id"] == prepare.Corpus(corpus).id and ckpt["model_config"]["vocab_size"] == offline_bpe.n_vocab
     code, _, err = run_cli(train_text.main, *common, "--max_steps", "4", "--resume")
-    assert code == 0 and cli.load_checkpoint(out / "ckpt.pt")["step"] == 4, err
+    assert code == 0 and rundir.load_checkpoint(out / "ckpt.pt")["step"] == 4, err
     code, text, err = run_cli(sample.main, "--ckpt", str(out / "ckpt.pt"), "--prompt", "the cat", "--num_tokens", "5",
                               "--device", "cpu")
     assert code == 0 and text.startswith("the cat"), err
@@ -1654,12 +1660,12 @@ def test_offline_download_names_the_data_flag(tmp_path, monkeypatch):
 
 
 def test_tiny_shakespeare_ships_with_the_project_is_the_default_and_is_checked(tmp_path, monkeypatch):
-    assert cli.text_or_shakespeare() == gzip.decompress(cli.SHAKESPEARE.read_bytes()).decode()
+    assert text_or_shakespeare() == gzip.decompress(SHAKESPEARE.read_bytes()).decode()
     damaged = tmp_path / "tinyshakespeare.txt.gz"
-    damaged.write_bytes(gzip.compress(cli.text_or_shakespeare().replace("ROMEO", "JULIET", 1).encode()))
+    damaged.write_bytes(gzip.compress(text_or_shakespeare().replace("ROMEO", "JULIET", 1).encode()))
     monkeypatch.setattr(cli, "SHAKESPEARE", damaged)
     with pytest.raises(ebt.UsageError, match="checksum"):
-        cli.text_or_shakespeare()
+        text_or_shakespeare()
 
 
 def trained_config(argv, monkeypatch):
@@ -1687,10 +1693,10 @@ def test_the_baseline_trains_beside_the_ebt_by_default():
 
 def test_default_s1_step_size_is_a_quarter_of_the_square_root_of_the_vocabulary(tmp_path, monkeypatch):
     model, _ = trained_config(["--device", "cpu", "--out_dir", str(tmp_path / "a")], monkeypatch)  # 65 characters
-    assert model.config.vocab_size == 65 and model.current_step_size().item() == 2.0 and model.config.step_size_lr_mult == 6.0
+    assert model.config.vocab_size == 65 and model.step_size().item() == 2.0 and model.config.step_size_lr_mult == 6.0
     model, _ = trained_config(["--device", "cpu", "--vocab_size", "50257", "--n_layer", "1", "--out_dir",
                                str(tmp_path / "b")], monkeypatch)
-    assert model.current_step_size().item() == 56.0  # README "Choosing alpha"
+    assert model.step_size().item() == 56.0  # README "Choosing alpha"
 
 
 @pytest.mark.parametrize("recipe", ["s1", "s2"])
@@ -1709,12 +1715,12 @@ def test_recipes_do_what_the_papers_job_scripts_do(recipe, tmp_path, monkeypatch
     if recipe == "s1":
         assert draws == {2} and model.trained_steps() == 2 and len(model.step_emb.weight) == 2  # a landscape per step
         assert model.raw_step_size.requires_grad and alpha_groups[0]["weight_decay"] == 0
-        assert alpha_groups[0]["lr_mult"] == 3 * model.current_step_size().item()  # the paper's 1500 at alpha 500
+        assert alpha_groups[0]["lr_mult"] == 3 * model.step_size().item()  # the paper's 1500 at alpha 500
         assert metrics["loss"] == pytest.approx((metrics["loss_first"] + metrics["loss_last"]) / 2)  # mean over steps
         assert model.replay is None and losses[0] == losses[1]
     else:
         assert draws == {2, 3} and model.trained_steps() == 3 and len(model.step_emb.weight) == 1  # one landscape
-        assert not model.raw_step_size.requires_grad and not alpha_groups and model.current_step_size().item() == 5.0
+        assert not model.raw_step_size.requires_grad and not alpha_groups and model.step_size().item() == 5.0
         assert metrics["loss"] == metrics["loss_last"]  # the last step's loss only
         assert model.replay.size == 192 and len(model.replay.kept["idx"]) == 4
         assert losses[0] != losses[1] == losses[2]  # Langevin noise and per-token alpha, from the seed
@@ -1750,7 +1756,7 @@ def test_the_same_command_twice_refuses_and_keeps_the_first_run(tmp_path):
 
 def test_a_folder_in_use_refuses_a_second_run_and_is_left_untouched(tmp_path, text_file):
     out = tmp_path / "o"
-    with cli.owned(out):  # another run holds it (flock: another open file, as another process would)
+    with rundir.owned(out):  # another run holds it (flock: another open file, as another process would)
         for extra in ([], ["--resume"]):
             code, _, err = run_cli(train_text.main, *TINY, "--data", str(text_file), "--out_dir", str(out), *extra)
             assert code == 2 and f"{out} is in use by another run (process {os.getpid()})" in err, err
@@ -1773,9 +1779,9 @@ def test_a_run_owns_its_folder_until_its_process_ends_kill_9_included(tmp_path, 
     finally:
         first.kill()  # kill -9: the claim goes with the process
         first.wait()
-    step = cli.load_checkpoint(out / "ckpt.pt")["step"]
+    step = rundir.load_checkpoint(out / "ckpt.pt")["step"]
     r = run_script("train_text.py", *argv[:-4], "--max_steps", str(step + 2), "--out_dir", str(out), "--resume")
-    assert r.returncode == 0 and cli.load_checkpoint(out / "ckpt.pt")["step"] == step + 2, r.stderr
+    assert r.returncode == 0 and rundir.load_checkpoint(out / "ckpt.pt")["step"] == step + 2, r.stderr
 
 
 def test_resume_restores_the_runs_settings_and_refuses_a_conflict(tmp_path, text_file):
@@ -1784,12 +1790,12 @@ def test_resume_restores_the_runs_settings_and_refuses_a_conflict(tmp_path, text
                    "--recipe", "s2")[0] == 0
     code, stdout, err = run_cli(train_text.main, "--resume", "--out_dir", out, "--max_steps", "6", "--device", "cpu")
     assert code == 0, err
-    ckpt = cli.load_checkpoint(tmp_path / "out" / "ckpt.pt")
+    ckpt = rundir.load_checkpoint(tmp_path / "out" / "ckpt.pt")
     assert ckpt["step"] == 6 and ckpt["train_config"]["lr"] == 0.004 and ckpt["train_config"]["batch_size"] == 4
     assert ckpt["model_config"]["n_embd"] == 16 and ckpt["model_config"]["replay_size"] == 192
     assert "notice: --max_steps 6 overrides the checkpoint's 4" in stdout
     code, stdout, err = run_cli(train_text.main, "--resume", "--out_dir", out, "--device", "cpu")
-    assert code == 0 and "nothing to train" in stdout and cli.load_checkpoint(tmp_path / "out" / "ckpt.pt")["step"] == 6
+    assert code == 0 and "nothing to train" in stdout and rundir.load_checkpoint(tmp_path / "out" / "ckpt.pt")["step"] == 6
     for conflict, message in ((["--n_embd", "32"], "--n_embd 32 conflicts"), (["--tokenizer", "gpt2"], "tokenizer"),
                               (["--data", str(HERE / "README.md")], "not the corpus"),
                               (["--recipe", "s1"], "--recipe s1 conflicts"), (["--preset", "gpu"], "--preset gpu")):
@@ -1808,7 +1814,7 @@ def test_sigterm_saves_like_ctrl_c_and_a_stale_temporary_file_is_removed(tmp_pat
     proc.terminate()  # SIGTERM, what schedulers send
     rest = proc.communicate(timeout=60)[0]
     assert proc.returncode == 130 and "interrupted at step" in rest
-    step = cli.load_checkpoint(out / "ckpt.pt")["step"]
+    step = rundir.load_checkpoint(out / "ckpt.pt")["step"]
     assert step >= 3
     (out / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")  # what a crash during a save leaves
     with open(out / "metrics.jsonl", "a") as f:
@@ -1820,8 +1826,8 @@ def test_sigterm_saves_like_ctrl_c_and_a_stale_temporary_file_is_removed(tmp_pat
     assert not (out / "ckpt.pt.tmp").exists()
     code, _, err = resume(step + 1)
     assert code == 0, err
-    assert cli.load_checkpoint(out / "ckpt.pt")["step"] == step + 1
-    assert [r["step"] for r in cli.read_records(out / "metrics.jsonl") if r["kind"] == "train"][-2:] == [step, step + 1]
+    assert rundir.load_checkpoint(out / "ckpt.pt")["step"] == step + 1
+    assert [r["step"] for r in rundir.read_records(out / "metrics.jsonl") if r["kind"] == "train"][-2:] == [step, step + 1]
 
 
 def test_ci_runs_the_test_command_the_readme_gives():
@@ -1911,7 +1917,7 @@ def test_addition_problems_read_their_answers_and_carries_as_by_hand():
     import results
     from data import addition
     text = "1+1=2\n" * 20 + "95+17=211\n"
-    tok = cli.CharTokenizer.fit("0123456789+=\n")
+    tok = CharTokenizer.fit("0123456789+=\n")
     p = results.task_problems(text, tok, 16, 100)
     last = {k: v[-1] for k, v in p.items()}
     assert p["answers"][-1] == "211\n" and tok.decode(last["y"][last["answer"]].tolist()) == "211\n"
@@ -1938,7 +1944,7 @@ def photo_data(crop=16):
 def held_out_crops(n=64, t=99):
     """(noisy at DDPM step t, clean) validation crops, both in [-1, 1]."""
     clean, noise = photo_data().batch("val", n, generator=torch.Generator().manual_seed(5))
-    return ebt.ddpm_noise(clean, t, noise), clean
+    return image_models.ddpm_noise(clean, t, noise), clean
 
 
 def test_image_ebt_evaluation_reports_psnr_at_the_trained_steps(tmp_path):
@@ -1969,12 +1975,12 @@ def trained_image_models(tmp_path_factory):
 def test_ddpm_noise_against_a_hand_computation():
     betas = [1e-4 + (0.02 - 1e-4) * s / 999 for s in range(1000)]  # beta_1 .. beta_1000
     signal = math.prod(1 - b for b in betas[:99])
-    assert ebt.signal_variance(99).item() == pytest.approx(signal, rel=1e-12)
+    assert image_models.signal_variance(99).item() == pytest.approx(signal, rel=1e-12)
     assert math.sqrt(signal) == pytest.approx(0.95, abs=3e-3) and math.sqrt(1 - signal) == pytest.approx(0.32, abs=0.01)
     clean, noise = torch.full((2, 1, 2, 2), 0.5), torch.full((2, 1, 2, 2), -1.0)
     expected = math.sqrt(signal) * 0.5 - math.sqrt(1 - signal)
-    torch.testing.assert_close(ebt.ddpm_noise(clean, 99, noise), torch.full_like(clean, expected))
-    per_image = ebt.ddpm_noise(clean, torch.tensor([0, 99]), noise)  # one step per image; t = 0 is clean
+    torch.testing.assert_close(image_models.ddpm_noise(clean, 99, noise), torch.full_like(clean, expected))
+    per_image = image_models.ddpm_noise(clean, torch.tensor([0, 99]), noise)  # one step per image; t = 0 is clean
     assert torch.equal(per_image[0], clean[0]) and torch.allclose(per_image[1], torch.full_like(clean[1], expected))
 
 
@@ -1998,11 +2004,11 @@ def test_ddim_with_the_true_noise_walks_the_forward_process_back_to_the_clean_im
     monkeypatch.setattr(model, "predicted_noise", lambda x, t: seen.append((x, t[0].item())) or noise)
     for passes in (1, 3, 10):
         seen.clear()
-        out = model.denoise(ebt.ddpm_noise(clean, 99, noise), 99, passes)
+        out = model.denoise(image_models.ddpm_noise(clean, 99, noise), 99, passes)
         torch.testing.assert_close(out, clean, rtol=1e-5, atol=1e-5)
         assert len(seen) == passes and seen[0][1] == 99
         for x, t in seen:
-            torch.testing.assert_close(x, ebt.ddpm_noise(clean, t, noise), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(x, image_models.ddpm_noise(clean, t, noise), rtol=1e-5, atol=1e-5)
 
 
 def test_untrained_adaln_zero_ebt_returns_its_input():
@@ -2014,13 +2020,13 @@ def test_untrained_adaln_zero_ebt_returns_its_input():
 
 def test_each_image_model_trains_and_beats_the_noisy_input(trained_image_models):
     noisy, clean = held_out_crops()
-    before = ebt.psnr(noisy, clean).mean().item()
+    before = image_models.psnr(noisy, clean).mean().item()
     ebt_model = trained_image_models["image_ebt"]
     denoised = {"image_ebt": ebt_model.descend(ebt_model.energy, noisy).ys[-1],
                 "image_dit": trained_image_models["image_dit"].denoise(noisy, 99, 3),
                 "image_regressor": trained_image_models["image_regressor"].denoise(noisy)}
     for kind, y in denoised.items():
-        after = ebt.psnr(y, clean).mean().item()
+        after = image_models.psnr(y, clean).mean().item()
         assert after > before + 4.0, (kind, before, after)  # measured +6.4 (DiT) to +8.6 dB (EBT)
 
 
@@ -2036,7 +2042,7 @@ def test_image_ebt_each_step_lowers_the_energy_it_descends(trained_image_models)
 
 def test_patchify_roundtrip():
     img = torch.randn(2, 3, 16, 16)
-    patches = ebt.patchify(img, 4)
+    patches = image_models.patchify(img, 4)
     assert patches.shape == (2, 16, 48)
     assert torch.equal(patches[0, 1], img[0, :, 0:4, 4:8].reshape(-1))  # row-major, second patch
     assert torch.equal(train_image.unpatchify(patches, 4, 3), img)
@@ -2046,9 +2052,9 @@ def test_psnr_hand_checked():
     clean = torch.zeros(2, 1, 4, 4)
     pred = torch.stack([torch.full((1, 4, 4), 0.2), torch.full((1, 4, 4), 1.0)])
     # images in [-1, 1], peak-to-peak 2: mse 0.04 -> 10 log10(4 / 0.04) = 20 dB; mse 1 -> 6.0206 dB
-    assert torch.allclose(ebt.psnr(pred, clean), torch.tensor([20.0, 6.0206]), atol=1e-4)
+    assert torch.allclose(image_models.psnr(pred, clean), torch.tensor([20.0, 6.0206]), atol=1e-4)
     # predictions are clipped to [-1, 1] first: -1.1 counts as -1
-    assert ebt.psnr(torch.full((1, 1, 4, 4), -1.1), torch.full((1, 1, 4, 4), -1.0)).item() == pytest.approx(106.02, abs=0.01)
+    assert image_models.psnr(torch.full((1, 1, 4, 4), -1.1), torch.full((1, 1, 4, 4), -1.0)).item() == pytest.approx(106.02, abs=0.01)
 
 
 def write_idx_gz(path, array):
@@ -2098,7 +2104,7 @@ def test_train_image_driver_end_to_end(tmp_path, monkeypatch):
     for model in ("ebt", "dit", "regressor"):
         train_image.main(["--model", model, *TINY_IMAGE])
     train_image.main(["--model", "ebt", "--recipe", "s2", "--out_dir", "out-image-ebt-s2", *TINY_IMAGE])
-    assert cli.load_checkpoint("out-image-ebt-s2/ckpt.pt")["model_config"]["random_steps"] == 1
+    assert rundir.load_checkpoint("out-image-ebt-s2/ckpt.pt")["model_config"]["random_steps"] == 1
     dirs = ["out-image-ebt", "out-image-ebt-s2", "out-image-dit", "out-image-regressor"]
     train_image.main(["--compare", *dirs, "--report_steps", "3", "--passes", "1", "3", "--device", "cpu"])
     table = (tmp_path / "out-image-compare" / "psnr.md").read_text()
@@ -2109,7 +2115,7 @@ def test_train_image_driver_end_to_end(tmp_path, monkeypatch):
         assert (tmp_path / "out-image-compare" / f).stat().st_size > 0
     # resume keeps the run's own settings; a training flag given overrides, a model flag must agree
     train_image.main(["--resume", "--max_steps", "6", "--device", "cpu", "--report_steps", "1", "--passes", "1"])
-    ckpt = cli.load_checkpoint("out-image-ebt/ckpt.pt")
+    ckpt = rundir.load_checkpoint("out-image-ebt/ckpt.pt")
     assert ckpt["step"] == 6 and ckpt["train_config"]["batch_size"] == 4 and ckpt["train_config"]["eval_interval"] == 4
     with pytest.raises(ebt.UsageError, match="--n_embd 64 conflicts"):
         train_image.main(["--resume", "--n_embd", "64", "--device", "cpu"])
@@ -2169,7 +2175,7 @@ def test_train_image_on_photos_reports_the_photographs_it_never_saw(tmp_path, mo
     said = ("Data: trained on the photographs astronaut, grace_hopper, motorcycle_left, rocket; tested on others, "
             "never seen in training: chelsea, coffee.")
     assert said in (tmp_path / "out-image-regressor" / "psnr.md").read_text()
-    ckpt = cli.load_checkpoint("out-image-regressor/ckpt.pt")
+    ckpt = rundir.load_checkpoint("out-image-regressor/ckpt.pt")
     assert ckpt["started"]["photos"] == train_image.PHOTOS  # the split as trained: a later PHOTOS cannot change it
     # a run from before the split recorded "photos" for matplotlib's one photo: it is read as grace_hopper
     old = {**ckpt, "started": {"recipe": None, "dataset": "photos", "data": None}}
@@ -2189,17 +2195,17 @@ import sys, torch
 sys.path.insert(0, {here!r})
 import cli, ebt, test_ebt as T, train_text
 torch.set_num_threads(1)
-cli.join_process_group("cpu")
+rundir.join_process_group("cpu")
 batch_size, out, recipe, max_steps = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
 tok, data = T.words_data()
-s2 = {{**train_text.RECIPES["s2"], "step_size_lr_mult": 15.0, "replay_size": 8}}
+s2 = {{**ebt.RECIPES["s2"], "step_size_lr_mult": 15.0, "replay_size": 8}}
 model = ebt.build_model(T.config(vocab_size=tok.vocab_size, init_std=0.0, **(s2 if recipe == "s2" else {{}})), seed=0)
 tc = ebt.TrainConfig(max_steps=max_steps, batch_size=batch_size, grad_accum=2, lr=3e-3, warmup_steps=1,
                      eval_interval=4, eval_batches=2, log_interval=1, out_dir=out, device="cpu", seed=0)
-records = ebt.train(model, data, tc, cli.Run(out, resume=max_steps > 4, say=T.quiet))
+records = ebt.train(model, data, tc, rundir.Run(out, resume=max_steps > 4, say=T.quiet))
 rank = int(__import__("os").environ.get("RANK", 0))
 torch.save({{"state": model.state_dict(), "records": records}}, f"{{out}}/rank{{rank}}.pt")
-cli.leave_process_group()
+rundir.leave_process_group()
 """
 
 
@@ -2242,9 +2248,9 @@ x, y = torch.randint(13, (4, 16), generator=g), torch.randint(13, (4, 16), gener
 mine = slice(2 * rank, 2 * rank + 2)
 torch.manual_seed(4)
 model.learn(x[mine], y[mine], 1.0, steps=2, generator=torch.Generator().manual_seed(1))
-cli.Run(sys.argv[1]).average_gradients(model)
+rundir.Run(sys.argv[1]).average_gradients(model)
 torch.save({{n: p.grad for n, p in model.named_parameters()}}, sys.argv[1] + f"/rank{{rank}}.pt")
-cli.leave_process_group()
+rundir.leave_process_group()
 """
 
 
@@ -2254,14 +2260,14 @@ sys.path.insert(0, {here!r})
 import cli, ebt, test_ebt as T
 torch.distributed.init_process_group("gloo")
 rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-model = cli.compile_model(T.tiny(weights=0.3, n_layer=1, step_size=0.5).train())
+model = compiled.compile_model(T.tiny(weights=0.3, n_layer=1, step_size=0.5).train())
 g = torch.Generator().manual_seed(6)
 x, y = torch.randint(13, (6, 16), generator=g), torch.randint(13, (6, 16), generator=g)
 mine = slice(3 * rank, 3 * rank + 3)
 model.learn(x[mine], y[mine], 1.0, steps=2, generator=torch.Generator().manual_seed(1))
-cli.Run(sys.argv[1]).average_gradients(model)
+rundir.Run(sys.argv[1]).average_gradients(model)
 torch.save({{n: p.grad for n, p in model.named_parameters()}}, sys.argv[1] + f"/rank{{rank}}.pt")
-cli.leave_process_group()
+rundir.leave_process_group()
 """
 
 
@@ -2318,10 +2324,10 @@ model = ebt.build_model(T.config(vocab_size=tok.vocab_size, model="transformer")
 model = T.NaNAfter(model, 2 if rank == 1 else 10**9)  # only rank 1 goes bad
 tc = ebt.TrainConfig(max_steps=50, batch_size=2, eval_interval=100, log_interval=1, out_dir=sys.argv[1], device="cpu")
 try:
-    ebt.train(model, data, tc, cli.Run(tc.out_dir, say=T.quiet))
+    ebt.train(model, data, tc, rundir.Run(tc.out_dir, say=T.quiet))
 except ebt.UsageError as e:
     print(f"rank {{rank}} stopped: {{e}}")
-cli.leave_process_group()
+rundir.leave_process_group()
 """
 
 
@@ -2354,7 +2360,7 @@ spawn_ranks.stores = []
 def wait_for_step(procs, metrics, step):
     """Until the run has logged `step`; a run that ends first fails the test, one that hangs raises after 10 minutes."""
     deadline = time.monotonic() + 600
-    while not any(r["kind"] == "train" and r["step"] >= step for r in cli.read_records(metrics)):
+    while not any(r["kind"] == "train" and r["step"] >= step for r in rundir.read_records(metrics)):
         assert all(p.poll() is None for p in procs), "the run ended before the step"
         if time.monotonic() > deadline:
             raise TimeoutError(f"no step {step} in {metrics} after 10 minutes: the run hangs")
@@ -2377,11 +2383,11 @@ def test_sigterm_under_data_parallel_stops_every_rank_at_one_step_and_resumes_ex
         for p in procs:
             p.terminate()
         assert [p.wait(timeout=60) for p in procs] == [130, 130], (tmp_path / "rank0.log").read_text()[-2000:]
-        step = cli.load_checkpoint(out / "ckpt.pt")["step"]
+        step = rundir.load_checkpoint(out / "ckpt.pt")["step"]
         assert step >= at and [f.name for f in out.glob("replay-rank1-*")] == [f"replay-rank1-step{step}.pt"]
     procs = spawn_ranks([*argv, "--out_dir", str(out), "--resume"], tmp_path)
     assert [p.wait(timeout=300) for p in procs + straight] == [0, 0, 0, 0], (tmp_path / "rank0.log").read_text()[-2000:]
-    a, b = (cli.load_checkpoint(d / "ckpt.pt") for d in (tmp_path / "straight", out))
+    a, b = (rundir.load_checkpoint(d / "ckpt.pt") for d in (tmp_path / "straight", out))
     assert a["step"] == b["step"] == 40
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name

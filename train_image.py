@@ -32,6 +32,10 @@ import torch.nn.functional as F
 
 import ebt
 from ebt import UsageError
+import rundir
+import plots
+import image_models
+import compiled
 
 REPORT_CROPS = 128  # validation crops behind every number in the report
 GRID_CROPS = 4      # rows of grid.png: the report crops with the most detail (pixel std)
@@ -51,7 +55,7 @@ CACHE_DIR = Path(os.environ.get("NANOEBT_CACHE", Path.home() / ".cache" / "nanoe
 
 
 # -----------------------------------------------------------------------------
-# The baselines, on the EBT's transformer (ebt.PatchTransformer) and at its size
+# The baselines, on the EBT's transformer (image_models.PatchTransformer) and at its size
 
 def timestep_embedding(t, dim):
     """Sinusoidal embedding (B, dim) of DDPM steps t (B,)."""
@@ -74,7 +78,7 @@ class ImageDiT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
-        self.body = ebt.PatchTransformer(cfg)
+        self.body = image_models.PatchTransformer(cfg)
         self.time_mlp = nn.Sequential(nn.Linear(cfg.n_embd, cfg.n_embd), nn.SiLU(), nn.Linear(cfg.n_embd, cfg.n_embd))
         self.out = nn.Linear(cfg.n_embd, cfg.channels * cfg.patch_size ** 2, bias=False)
         self.out.zero_init = True
@@ -87,7 +91,7 @@ class ImageDiT(nn.Module):
 
     def forward(self, clean, noise):
         t = torch.randint(1, self.config.noise_t + 1, (len(clean),), device=clean.device)
-        loss = F.mse_loss(self.predicted_noise(ebt.ddpm_noise(clean, t, noise), t), noise)
+        loss = F.mse_loss(self.predicted_noise(image_models.ddpm_noise(clean, t, noise), t), noise)
         return loss, {"loss": loss.detach()}
 
     @torch.no_grad()
@@ -96,7 +100,7 @@ class ImageDiT(nn.Module):
         times = torch.linspace(t, 0, passes + 1).round().long().tolist()
         x = noisy
         for now, later in zip(times, times[1:]):
-            a_now, a_later = ebt.signal_variance(now).item(), ebt.signal_variance(later).item()
+            a_now, a_later = image_models.signal_variance(now).item(), image_models.signal_variance(later).item()
             noise = self.predicted_noise(x, torch.full((len(x),), now, device=x.device))
             clean = (x - (1 - a_now) ** 0.5 * noise) / a_now ** 0.5
             x = a_later ** 0.5 * clean + (1 - a_later) ** 0.5 * noise
@@ -111,7 +115,7 @@ class ImageRegressor(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
-        self.body = ebt.PatchTransformer(cfg)
+        self.body = image_models.PatchTransformer(cfg)
         self.register_buffer("cond", torch.zeros(cfg.n_embd))
         self.out = nn.Linear(cfg.n_embd, cfg.channels * cfg.patch_size ** 2, bias=False)
         self.out.zero_init = True  # predicts a correction to its input: it starts as the identity
@@ -122,9 +126,9 @@ class ImageRegressor(nn.Module):
         return noisy + unpatchify(patches, self.config.patch_size, self.config.channels)
 
     def forward(self, clean, noise):
-        pred = self.denoise(ebt.ddpm_noise(clean, self.config.noise_t, noise))
+        pred = self.denoise(image_models.ddpm_noise(clean, self.config.noise_t, noise))
         loss = F.smooth_l1_loss(pred, clean)
-        return loss, {"loss": loss.detach(), "psnr": ebt.psnr(pred.detach(), clean).mean()}
+        return loss, {"loss": loss.detach(), "psnr": image_models.psnr(pred.detach(), clean).mean()}
 
 
 ebt.MODELS.update(image_dit=ImageDiT, image_regressor=ImageRegressor)
@@ -162,7 +166,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.out_dir = args.out_dir or ("out-image-compare" if args.compare else f"out-image-{args.model or 'ebt'}")
     args.model = args.model and f"image_{args.model}"  # the config's kind
-    cli.check_out_dir(args.out_dir)
+    rundir.check_out_dir(args.out_dir)
     if args.data and args.dataset:
         raise UsageError(f"--data {args.data} and --dataset {args.dataset}: give one (--data is a folder of images)")
     # eval_t: a DDPM step; passes: DDIM from step t takes at most t
@@ -381,10 +385,10 @@ def load_data(spec):
 # Training and the report
 
 def train_models(args, device):
-    device = cli.join_process_group(device)[2]  # under torchrun the ranks own out_dir as one
-    with cli.owned(args.out_dir):  # a second run into out_dir refuses while this one runs
-        cli.prepare_out_dir(args.out_dir, args.resume)
-        ckpt = cli.load_checkpoint(Path(args.out_dir) / "ckpt.pt", needs=cli.RESUMABLE) if args.resume else None
+    device = rundir.join_process_group(device)[2]  # under torchrun the ranks own out_dir as one
+    with rundir.owned(args.out_dir):  # a second run into out_dir refuses while this one runs
+        rundir.prepare_out_dir(args.out_dir, args.resume)
+        ckpt = rundir.load_checkpoint(Path(args.out_dir) / "ckpt.pt", needs=rundir.RESUMABLE) if args.resume else None
         if ckpt and ckpt["model_config"]["model"] not in ebt.IMAGE_KINDS:
             raise UsageError(f"{args.out_dir}/ckpt.pt holds a {ckpt['model_config']['model']!r} model; resume it with "
                              "train_text.py")
@@ -402,8 +406,8 @@ def train_models(args, device):
         data = load_data({**started, "image_size": cfg.image_size})
         model = ebt.build_model(cfg, tc.seed)
         if tc.compile:
-            cli.compile_model(model)
-        ebt.train(model, data, tc, cli.Run(tc.out_dir, {"started": started}, resume=bool(ckpt)))
+            compiled.compile_model(model)
+        ebt.train(model, data, tc, rundir.Run(tc.out_dir, {"started": started}, resume=bool(ckpt)))
     return {Path(args.out_dir).name: model.eval()}, data
 
 
@@ -411,7 +415,7 @@ def load_trained(dirs, device):
     """The image models in dirs (named by their directories), and the data they were trained on."""
     models, spec = {}, None
     for d in dirs:
-        ckpt = cli.load_checkpoint(Path(d) / "ckpt.pt", device)
+        ckpt = rundir.load_checkpoint(Path(d) / "ckpt.pt", device)
         if ckpt["model_config"]["model"] not in ebt.IMAGE_KINDS:
             raise UsageError(f"{d}/ckpt.pt is not an image model checkpoint")
         if spec and data_spec(ckpt) != spec:
@@ -420,7 +424,7 @@ def load_trained(dirs, device):
         if name in models:
             raise UsageError(f"two --compare directories are named {name}; the report names models by "
                              "their directory, so give them different names")
-        models[name] = cli.load_model(ckpt, device)
+        models[name] = rundir.load_model(ckpt, device)
     return models, load_data(spec)
 
 
@@ -435,7 +439,7 @@ def denoise_all(models, noisy, t, passes, steps):
         elif isinstance(model, ImageDiT):
             out.update({(name, p): model.denoise(noisy, t, p) for p in passes})
         else:
-            traj = model.descend(model.energy, noisy, steps or model.longer_steps())
+            traj = model.descend(model.energy, noisy, steps or ebt.THINK_LONGER * model.trained_steps())
             out.update({(name, k): y for k, y in enumerate(traj.ys[1:], 1)})
             energies[name] = [e.mean().item() for e in traj.energies]
     return out, energies
@@ -452,10 +456,10 @@ def report(models, data, args, device):
     detailed = clean.flatten(1).std(1).topk(GRID_CROPS).indices
     table, curves, grid = {}, {}, None
     for t in levels:
-        noisy = ebt.ddpm_noise(clean, t, torch.randn(clean.shape, generator=g).to(device))
+        noisy = image_models.ddpm_noise(clean, t, torch.randn(clean.shape, generator=g).to(device))
         preds, curves[t] = denoise_all(models, noisy, t, args.passes, args.report_steps)
         for key, y in preds.items():
-            table.setdefault(key, {})[t] = ebt.psnr(y, clean).mean().item()
+            table.setdefault(key, {})[t] = image_models.psnr(y, clean).mean().item()
         if grid is None:  # the first level is the training level; an EBT as trained, a DiT at up to 10 passes
             shown = {name: model.trained_steps() if isinstance(model, ebt.Thinker) else 10 for name, model in models.items()}
             grid = {name: preds[name, max((p for (n, p) in preds if n == name and p <= shown.get(name, 0)),
@@ -470,7 +474,7 @@ def report(models, data, args, device):
             f"PSNR (dB, images in [-1, 1]) on {REPORT_CROPS} held-out {data.crop}x{data.crop} crops, DDPM noise at step "
             "t; an EBT's forward passes are its thinking steps (each also a backward pass), a DiT's its DDIM "
             "steps.\n\n" + "\n".join(lines) + "\n")
-    cli.write_atomically(out / "psnr.md", lambda tmp: tmp.write_text(text))
+    rundir.write_atomically(out / "psnr.md", lambda tmp: tmp.write_text(text))
     print(text)
     plot_grid(grid, out / "grid.png")
     plot_psnr(table, levels, trained_t, out / "psnr.png")
@@ -489,7 +493,7 @@ def short(name):
 def plot_grid(columns, path):
     """One row per crop: noisy, each model's denoising (an EBT after its trained steps, the DiT at
     its most passes up to 10), clean."""
-    fig = cli.figure(figsize=(1.2 * len(columns), 1.2 * GRID_CROPS + 0.4))
+    fig = plots.figure(figsize=(1.2 * len(columns), 1.2 * GRID_CROPS + 0.4))
     axes = fig.subplots(GRID_CROPS, len(columns), squeeze=False)
     for c, (name, images) in enumerate(columns.items()):
         axes[0, c].set_title(short(name), fontsize=9)
@@ -504,7 +508,7 @@ def plot_grid(columns, path):
 
 def plot_psnr(table, levels, trained_t, path):
     """PSNR against forward passes, one panel per noise level, one curve per model."""
-    fig = cli.figure(figsize=(3.4 * len(levels) + 1.4, 3.3), layout="constrained")
+    fig = plots.figure(figsize=(3.4 * len(levels) + 1.4, 3.3), layout="constrained")
     names = list(dict.fromkeys(name for name, _ in table))
     for ax, t in zip(fig.subplots(1, len(levels), squeeze=False)[0], levels):
         for i, name in enumerate(names):
@@ -524,7 +528,7 @@ def plot_psnr(table, levels, trained_t, path):
 
 
 def plot_energy(curves, trained_t, path):
-    fig = cli.figure(figsize=(6, 4), layout="constrained")
+    fig = plots.figure(figsize=(6, 4), layout="constrained")
     ax = fig.subplots()
     for t, per_model in curves.items():
         for name, energies in per_model.items():
@@ -546,4 +550,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.invoke(main)

@@ -8,14 +8,14 @@ Train a text EBT (or the Transformer++ baseline) on Tiny Shakespeare (shipped) o
     python data/prepare.py "books/*.txt" --out_dir data/books && python train_text.py --data data/books
     python train_text.py --resume               # continue out-text/ckpt.pt with its own settings
 
-Recipes (the paper's job scripts, every value overridable by its flag):
-  s1  2 steps, one step embedding each, alpha learned (lr x 3 alpha, no decay), mean CE over steps
-  s2  one landscape descended 2 or 3 times (3 at evaluation), alpha 5 fixed, per-token alpha in
-      [alpha/2, 2 alpha], Langevin noise 3, no detach, last step trained only, replay buffer of 192
+The recipes, s1 and s2, are the paper's (ebt.RECIPES); every value they set can be overridden by its flag.
 """
 import cli
+import compiled
 import ebt
+import rundir
 from data import prepare
+from data.text import TextData, tokenizer_from_state
 
 PRESETS = {  # sizes and budgets; every entry can be overridden by its flag
     # gpu: an H100 run of 5000 steps had its lowest validation loss near step 500 and overfit after
@@ -25,23 +25,9 @@ PRESETS = {  # sizes and budgets; every entry can be overridden by its flag
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=16, max_steps=1500,
                 lr=2e-3, eval_interval=250, eval_batches=10, log_interval=25),
 }
-RECIPES = {  # None: derived (new_run)
-    "s1": dict(think_steps=2, landscapes=None, random_steps=0, step_size=None, learn_step_size=True,
-               step_size_lr_mult=None, langevin_std=0.0, random_step_size=1.0, truncate=False, detach=True,
-               replay_size=0),
-    "s2": dict(think_steps=2, landscapes=1, random_steps=1, step_size=5.0, learn_step_size=False,
-               step_size_lr_mult=None, langevin_std=3.0, random_step_size=2.0, truncate=True, detach=False,
-               replay_size=192),
-}
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "mlp_hidden", "vocab_size")
 TRAIN_FLAGS = ("max_steps", "batch_size", "grad_accum", "lr", "warmup_steps", "weight_decay", "grad_clip",
                "eval_interval", "eval_batches", "log_interval", "seed", "compile")
-
-
-def s1_step_size(vocab_size):
-    """S1's alpha: 0.25 sqrt(V), measured best of a sweep at V = 65 (2) and near the best at 50,257
-    (56; 50 was best of 2, 50, 500), README "Choosing alpha". The paper's 500 was tuned at 50,277."""
-    return round(0.25 * vocab_size ** 0.5, 1)
 
 
 def parse_args(argv=None):
@@ -49,13 +35,13 @@ def parse_args(argv=None):
     s = p.add_argument
     s("--preset", choices=PRESETS, help="size and budget (default: gpu when --device is or picks cuda or mps, else cpu)")
     s("--model", choices=ebt.TEXT_KINDS, help="the EBT, or the Transformer++ baseline (default: ebt)")
-    s("--recipe", choices=RECIPES, help="the paper's training recipe for the EBT (default: s1)")
+    s("--recipe", choices=ebt.RECIPES, help="the paper's training recipe for the EBT (default: s1)")
     preset = {k: f"from --preset: gpu {PRESETS['gpu'][k]}, cpu {PRESETS['cpu'][k]}" for k in PRESETS["cpu"]}
     cli.add_flags(p, ebt.ModelConfig, MODEL_FLAGS, {**preset, "vocab_size": "the tokenizer's"})
     cli.add_flags(p, ebt.TrainConfig, TRAIN_FLAGS, preset)
-    recipe = {k: f"from --recipe: s1 {RECIPES['s1'][k]}, s2 {RECIPES['s2'][k]}" for k in RECIPES["s1"]}
+    recipe = {k: f"from --recipe: s1 {ebt.RECIPES['s1'][k]}, s2 {ebt.RECIPES['s2'][k]}" for k in ebt.RECIPES["s1"]}
     recipe.update(landscapes="s1 think_steps, s2 1", step_size="s1 0.25 sqrt(vocabulary), s2 5",
-                  step_size_lr_mult="3 x step_size")
+                  step_size_lr_mult="3 x step_size")  # ebt.derive_thinking
     thinking = p.add_argument_group("thinking (EBT)")
     cli.add_flags(thinking, ebt.ModelConfig, cli.THINKING_FLAGS, recipe)
     cli.add_flags(thinking, ebt.TrainConfig, ("eval_steps",))
@@ -71,16 +57,16 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None, log=cli.printed):
+def main(argv=None, log=rundir.printed):
     args = parse_args(argv)
-    _, _, device = cli.join_process_group(cli.pick_device(args.device))  # under torchrun the ranks own out_dir as one
-    with cli.owned(args.out_dir):  # a second run into out_dir refuses while this one runs
+    _, _, device = rundir.join_process_group(cli.pick_device(args.device))  # under torchrun the ranks own out_dir as one
+    with rundir.owned(args.out_dir):  # a second run into out_dir refuses while this one runs
         run_training(args, device, log)
 
 
 def run_training(args, device, log):
-    cli.prepare_out_dir(args.out_dir, args.resume)
-    ckpt = cli.load_checkpoint(f"{args.out_dir}/ckpt.pt", needs=cli.RESUMABLE) if args.resume else None
+    rundir.prepare_out_dir(args.out_dir, args.resume)
+    ckpt = rundir.load_checkpoint(f"{args.out_dir}/ckpt.pt", needs=rundir.RESUMABLE) if args.resume else None
     if ckpt and "tokenizer" not in ckpt:
         raise ebt.UsageError(f"{args.out_dir}/ckpt.pt holds no text model; resume it with train_image.py")
     model = ckpt["model_config"]["model"] if ckpt else args.model or "ebt"
@@ -92,7 +78,7 @@ def run_training(args, device, log):
     started = ckpt.get("started", {}) if ckpt else {
         "preset": args.preset or ("cpu" if device == "cpu" else "gpu"), "recipe": args.recipe or "s1"
         if model in ebt.EBT_KINDS else None, "tokenizer": corpus.meta["tokenizer"]["kind"]}
-    tokenizer = cli.tokenizer_from_state(ckpt["tokenizer"]) if ckpt else corpus.tokenizer
+    tokenizer = tokenizer_from_state(ckpt["tokenizer"]) if ckpt else corpus.tokenizer
     if not ckpt:
         log(f"preset {started['preset']}" + ("" if args.preset else f" (chosen for device {device}; --preset to change)"))
         if started["preset"] == "gpu" and device == "cpu":
@@ -105,25 +91,18 @@ def run_training(args, device, log):
     if tokenizer.vocab_size == 1:
         log(f"warning: {path or 'the corpus'} holds one distinct token: there is nothing to predict")
 
-    def derive(values):  # S1: a landscape per step, alpha from the vocabulary; alpha's lr follows alpha
-        if values.get("landscapes", 0) is None:
-            values["landscapes"] = values["think_steps"]
-        if values.get("step_size", 0) is None:
-            values["step_size"] = s1_step_size(values["vocab_size"])
-        if values.get("step_size_lr_mult", 0) is None:
-            values["step_size_lr_mult"] = 3 * values["step_size"]
-    layers = [] if ckpt else [PRESETS[started["preset"]], RECIPES[started["recipe"]] if model in ebt.EBT_KINDS else {},
+    layers = [] if ckpt else [PRESETS[started["preset"]], ebt.RECIPES[started["recipe"]] if model in ebt.EBT_KINDS else {},
                               {"model": model, "vocab_size": tokenizer.vocab_size}]
-    cfg, tc = cli.configs(args, layers, ckpt, derive, log)
-    cli.check_fits(cfg, tc.batch_size, cfg.block_size, device)
+    cfg, tc = cli.configs(args, layers, ckpt, ebt.derive_thinking, log)
+    rundir.check_fits(cfg, tc.batch_size, cfg.block_size, device)
     tc.out_dir, tc.device = args.out_dir, device
-    data = ebt.TextData(corpus.train, corpus.val, cfg.block_size, source=path or "Tiny Shakespeare")
+    data = TextData(corpus.train, corpus.val, cfg.block_size, source=path or "Tiny Shakespeare")
     meta = {"tokenizer": tokenizer.state(), "data": {"path": path, "id": corpus.id}, "started": started}
     model = ebt.build_model(cfg, tc.seed)
     if tc.compile:
-        cli.compile_model(model)
-    ebt.train(model, data, tc, cli.Run(tc.out_dir, meta, resume=bool(ckpt), say=log))
+        compiled.compile_model(model)
+    ebt.train(model, data, tc, rundir.Run(tc.out_dir, meta, resume=bool(ckpt), say=log))
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.invoke(main)

@@ -30,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 import cli  # noqa: E402  (before numpy: a Ctrl-C while it loads exits quietly)
 import numpy as np  # noqa: E402
 from ebt import UsageError  # noqa: E402
+from data.text import CharTokenizer, GPT2Tokenizer, SHAKESPEARE, SHAKESPEARE_SHA256, safe_cut, tokenizer_from_state  # noqa: E402
+import rundir  # noqa: E402
 
 CHUNK = 1 << 22  # characters read at a time
 VAL_FRACTION = 0.1
@@ -85,7 +87,7 @@ class Progress:
 
 def encoded(files, tokenizer, progress, sources):
     """Token id arrays of the files' text in order; appends each file's size and checksum to sources once read."""
-    done, tokens, anywhere = 0, 0, isinstance(tokenizer, cli.CharTokenizer)
+    done, tokens, anywhere = 0, 0, isinstance(tokenizer, CharTokenizer)
     for f in files:
         digest, n, size, held = hashlib.sha256(), 0, f.stat().st_size, ""
         for chunk in chunks(f):
@@ -116,7 +118,7 @@ def code_points(text):
 
 
 def last_safe_cut(text):
-    """The last place where BPE may cut text (cli.safe_cut), 0 if none."""
+    """The last place where BPE may cut text (safe_cut), 0 if none."""
     at = text.rfind("\n", 0, len(text) - 1)
     while at != -1 and text[at + 1].isspace():
         at = text.rfind("\n", 0, at)
@@ -128,7 +130,7 @@ def prepare(spec, out_dir, tokenizer="char", overwrite=False, say=print):
     out, files = Path(out_dir), sources_of(spec)
     if (out / "meta.json").exists() and not overwrite:
         raise UsageError(f"{out} already holds a prepared corpus; pass --overwrite to replace it, or another --out_dir")
-    cli.check_out_dir(out)
+    rundir.check_out_dir(out)
     (out / "meta.json").unlink(missing_ok=True)  # from here on the folder is not a prepared corpus
     if tokenizer == "char":  # the vocabulary first: every character of the corpus, in code point order
         seen, total = np.zeros(0x110000, bool), sum(f.stat().st_size for f in files)  # one flag per code point
@@ -139,9 +141,9 @@ def prepare(spec, out_dir, tokenizer="char", overwrite=False, say=print):
                 progress(done, 0)
             done += f.stat().st_size
         progress(done, 0, final=True)
-        tok = cli.CharTokenizer(chr(p) for p in np.flatnonzero(seen))
+        tok = CharTokenizer(chr(p) for p in np.flatnonzero(seen))
     else:
-        tok = cli.GPT2Tokenizer()
+        tok = GPT2Tokenizer()
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     all_ids, sources = out / "tokens.bin.tmp", []
     with open(all_ids, "wb") as f:
@@ -150,7 +152,7 @@ def prepare(spec, out_dir, tokenizer="char", overwrite=False, say=print):
             ids.astype(dtype).tofile(f)
     n = all_ids.stat().st_size // np.dtype(dtype).itemsize
     n_val = int(n * VAL_FRACTION)
-    cli.write_atomically(out / "val.bin", lambda tmp: copy_tail(all_ids, (n - n_val) * np.dtype(dtype).itemsize, tmp))
+    rundir.write_atomically(out / "val.bin", lambda tmp: copy_tail(all_ids, (n - n_val) * np.dtype(dtype).itemsize, tmp))
     os.truncate(all_ids, (n - n_val) * np.dtype(dtype).itemsize)
     os.replace(all_ids, out / "train.bin")
     meta = {"format": "nanoebt-tokens-1", "tokenizer": tok.state(), "vocab_size": tok.vocab_size,
@@ -158,7 +160,7 @@ def prepare(spec, out_dir, tokenizer="char", overwrite=False, say=print):
             "sources": sources}
     content = {**meta, "sources": [s["sha256"] for s in sources]}  # the same text prepared anywhere: the same id
     meta["id"] = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
-    cli.write_atomically(out / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=1) + "\n"))
+    rundir.write_atomically(out / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=1) + "\n"))
     say(f"prepared {out}: {n - n_val:,} training and {n_val:,} validation tokens ({np.dtype(dtype).name}), "
         f"vocabulary {tok.vocab_size:,}")
     return meta
@@ -204,7 +206,7 @@ class Corpus:
         self.folder, self.meta, self.id, self.name = folder, meta, meta["id"], str(folder)
         self.train, self.val = (np.memmap(folder / f"{s}.bin", dtype, "r") if counts[s] else np.zeros(0, dtype)
                                 for s in ("train", "val"))
-        self.tokenizer = cli.tokenizer_from_state(meta["tokenizer"])
+        self.tokenizer = tokenizer_from_state(meta["tokenizer"])
 
     def check_trained_on(self, ckpt, name, hint):
         """Refuse a checkpoint that another corpus trained: by the id of its preparation (a checkpoint from before
@@ -221,7 +223,7 @@ class Corpus:
 def corpus(data=None, tokenizer=None, say=print):
     """The corpus of train_text.py --data: a prepared folder (its own tokenizer); a text file, prepared with
     tokenizer (default char) into the cache on first use; None, Tiny Shakespeare (shipped) likewise."""
-    path = Path(data) if data else cli.SHAKESPEARE
+    path = Path(data) if data else SHAKESPEARE
     if data and path.is_dir():
         prepared = Corpus(path)
         if tokenizer not in (None, prepared.meta["tokenizer"]["kind"]):
@@ -245,7 +247,7 @@ def corpus(data=None, tokenizer=None, say=print):
         if not (folder / "meta.json").exists():
             say(f"preparing {path} into {folder} (once; python data/prepare.py does it by hand)")
             meta = prepare(path, folder, tokenizer, overwrite=True, say=say)
-            if path == cli.SHAKESPEARE and meta["sources"][0]["sha256"] != cli.SHAKESPEARE_SHA256:
+            if path == SHAKESPEARE and meta["sources"][0]["sha256"] != SHAKESPEARE_SHA256:
                 (folder / "meta.json").unlink()
                 raise UsageError(f"{path} does not hold Tiny Shakespeare (checksum); restore it from git, or pass --data")
     prepared = Corpus(folder)
@@ -264,4 +266,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.invoke(main)
