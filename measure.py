@@ -1,6 +1,6 @@
 """
 What thinking does, measured on text: every position of a text thought about at once; perplexity after more
-steps and with more candidates, and whether the energy ranks its candidates; the texts it is measured on.
+steps and with more candidates, and whether the energy ranks its candidates; the texts it is measured on, and its tables.
 Imported by sample.py, results.py, plots.py and the notebook.
 """
 import math
