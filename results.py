@@ -42,12 +42,12 @@ from pathlib import Path
 import torch
 
 import ebt
-import sample
+import measure
+import plots
 import train_image
 import train_text
 from data import addition, prepare
 import rundir
-import plots
 
 RUNS = {"Transformer++": ("transformer", ["--model", "transformer"]),  # label -> (directory, flags)
           "S1": ("s1", ["--recipe", "s1"]),
@@ -110,10 +110,10 @@ def curves(path, windows, device):
     """Cross-entropy (nats per token) against thinking steps and candidates, on the validation
     split and on the OOD text: {"val" | "ood": {"steps" | "candidates": {k: CE}}, "trained": K}."""
     model, tokenizer = rundir.load_text_model(path, device)
-    val, ood, _ = sample.validation_and_ood(tokenizer, prepare.corpus())
+    val, ood, _ = measure.validation_and_ood(tokenizer, prepare.corpus())
     out = {"trained": model.trained_steps() if isinstance(model, ebt.Thinker) else 1}
     for split, ids in (("val", val), ("ood", ood)):
-        r = sample.thinking_curves(model, ids, sorted({*STEPS, out["trained"]}), CANDIDATES, windows=windows, seed=0)
+        r = measure.thinking_curves(model, ids, sorted({*STEPS, out["trained"]}), CANDIDATES, windows=windows, seed=0)
         out[split] = {kind: {k: math.log(p) for k, p in r[kind].items()} for kind in ("steps", "candidates")}
         if "verifier" in r:  # an EBT: does its energy rank its candidates?
             out[split]["verifier"] = r["verifier"]
@@ -124,11 +124,6 @@ def mean(values):
     return sum(values) / len(values)
 
 
-def ppl_change(before, after):
-    """Change of perplexity in percent from a change of cross-entropy (negative: better)."""
-    return 100 * (math.exp(after - before) - 1)
-
-
 def at_trained(c, split="val"):
     return c[split]["steps"][c["trained"]]
 
@@ -137,115 +132,103 @@ def gains(c, split):
     """What thinking does to one run on one text: thinking 2x and 4x the trained steps, and the
     best of 4 and of 16 candidates against 1 (at the trained steps), as perplexity changes."""
     steps, cands, K = c[split]["steps"], c[split]["candidates"], c["trained"]
-    return {"2x steps": ppl_change(steps[K], steps[2 * K]) if 2 * K in steps else float("nan"),
-            "4x steps": ppl_change(steps[K], steps[4 * K]) if 4 * K in steps else float("nan"),
-            "best of 4": ppl_change(cands[1], cands[4]), "best of 16": ppl_change(cands[1], cands[16])}
+    return {"2x steps": measure.ppl_change(steps[K], steps[2 * K]) if 2 * K in steps else float("nan"),
+            "4x steps": measure.ppl_change(steps[K], steps[4 * K]) if 4 * K in steps else float("nan"),
+            "best of 4": measure.ppl_change(cands[1], cands[4]),
+            "best of 16": measure.ppl_change(cands[1], cands[16])}
 
 
 def verifier_gains(c, split, n=max(CANDIDATES)):
     """What the best of n candidates gains over a random one (perplexity change) when picked by energy,
     and when picked by the truth (a perfect verifier)."""
     best = c[split]["verifier"]["best of"]
-    return {pick: ppl_change(best["random"][n], best[pick][n]) for pick in ("energy", "oracle")}
+    return {pick: measure.ppl_change(best["random"][n], best[pick][n]) for pick in ("energy", "oracle")}
 
 
 # Tables (markdown) -------------------------------------------------------------
 
 def learning_table(runs, lengths, seeds):
     """Validation CE at the trained steps per model and length, and the EBTs' gap."""
-    head = ["optimizer steps", *RUNS, *(f"{m} gap" for m in EBTS)]
-    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    head, rows = ["optimizer steps", *RUNS, *(f"{m} gap" for m in EBTS)], []
     for n in lengths:
         ce = {m: [at_trained(runs[m, n, s]) for s in seeds] for m in RUNS}
         cells = [" / ".join(f"{v:.3f}" for v in ce[m]) for m in RUNS]
         cells += [" / ".join(f"{100 * (e / t - 1):+.1f}%" for e, t in zip(ce[m], ce["Transformer++"])) for m in EBTS]
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append([str(n), *cells])
+    return measure.markdown_table(head, rows)
 
 
 def steps_table(runs, length, seeds):
-    head = ["thinking steps", *(f"{m} {split}" for split in ("val", "OOD") for m in EBTS)]
-    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    head, rows = ["thinking steps", *(f"{m} {split}" for split in ("val", "OOD") for m in EBTS)], []
     for k in STEPS:
-        cells = []
+        cells = [str(k)]
         for split in ("val", "ood"):
             for m in EBTS:
                 v = mean([runs[m, length, s][split]["steps"][k] for s in seeds])
                 mark = " (trained)" if k == runs[m, length, seeds[0]]["trained"] else ""
                 cells.append(f"{v:.3f}{mark}")
-        lines.append(f"| {k} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return measure.markdown_table(head, rows)
 
 
 def candidates_table(runs, length, seeds):
     head = ["candidates N", *(f"{m} {split}" for split in ("val", "OOD") for m in EBTS)]
-    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    for n in CANDIDATES:
-        cells = [f"{mean([runs[m, length, s][split]['candidates'][n] for s in seeds]):.3f}"
-                 for split in ("val", "ood") for m in EBTS]
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [[str(n), *(f"{mean([runs[m, length, s][split]['candidates'][n] for s in seeds]):.3f}"
+                       for split in ("val", "ood") for m in EBTS)] for n in CANDIDATES]
+    return measure.markdown_table(head, rows)
 
 
 def gains_table(runs, lengths, seeds, model):
     kinds = ("2x steps", "4x steps", "best of 4", "best of 16")
     head = ["optimizer steps", *(f"{k} {split}" for split in ("val", "OOD") for k in kinds)]
-    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    for n in lengths:
-        cells = [" / ".join(f"{gains(runs[model, n, s], split)[k]:+.1f}%" for s in seeds)
-                 for split in ("val", "ood") for k in kinds]
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [[str(n), *(" / ".join(f"{gains(runs[model, n, s], split)[k]:+.1f}%" for s in seeds)
+                       for split in ("val", "ood") for k in kinds)] for n in lengths]
+    return measure.markdown_table(head, rows)
+
+
+VERIFIER_COLUMNS = ["Spearman(final energy, CE)", "Spearman(final energy, entropy)",
+                    f"best of {max(CANDIDATES)} by energy", f"best of {max(CANDIDATES)} by CE (oracle)"]
+
+
+def verifier_cells(cs, split):
+    """Does the energy rank its candidates, one value per run of cs ("a / b"): Spearman with the cross-entropy
+    and with the entropy, and the best of 16 by energy and by the truth (verifier_gains)."""
+    return [*(" / ".join(f"{c[split]['verifier'][k]:+.2f}" for c in cs) for k in ("correlation", "entropy correlation")),
+            *(" / ".join(f"{verifier_gains(c, split)[pick]:+.1f}%" for c in cs) for pick in ("energy", "oracle"))]
 
 
 def verifier_table(runs, lengths, seeds):
-    """Does the energy rank its candidates: Spearman with the cross-entropy and with the entropy, and the best
-    of 16 by energy and by the truth, per model, text and training length."""
-    n = max(CANDIDATES)
-    head = ["optimizer steps", "model, text", "Spearman(final energy, CE)", "Spearman(final energy, entropy)",
-            f"best of {n} by energy", f"best of {n} by CE (oracle)"]
-    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    for length in lengths:
-        for m in EBTS:
-            for split in ("val", "ood"):
-                cs = [runs[m, length, s] for s in seeds]
-                cells = [*(" / ".join(f"{c[split]['verifier'][k]:+.2f}" for c in cs)
-                           for k in ("correlation", "entropy correlation")),
-                         *(" / ".join(f"{verifier_gains(c, split)[pick]:+.1f}%" for c in cs) for pick in ("energy", "oracle"))]
-                lines.append(f"| {length} | {m} {'val' if split == 'val' else 'OOD'} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """verifier_cells per model, text and training length."""
+    rows = [[str(length), f"{m} {'val' if split == 'val' else 'OOD'}",
+             *verifier_cells([runs[m, length, s] for s in seeds], split)]
+            for length in lengths for m in EBTS for split in ("val", "ood")]
+    return measure.markdown_table(["optimizer steps", "model, text", *VERIFIER_COLUMNS], rows)
 
 
 def step_effect_table(runs, length, seeds):
     """Does a thinking step do anything: the share of positions whose most likely token it changes, and
     its change of the cross-entropy (one noiseless candidate, means over seeds)."""
     columns = [(m, split) for m in EBTS for split in ("val", "ood")]
-    head = ["thinking step", *(f"{m} {'val' if split == 'val' else 'OOD'}" for m, split in columns)]
-    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    head, rows = ["thinking step", *(f"{m} {'val' if split == 'val' else 'OOD'}" for m, split in columns)], []
     for k in range(1, max(STEPS) + 1):
-        cells = []
+        cells = [str(k)]
         for m, split in columns:
             v = [runs[m, length, s][split]["verifier"] for s in seeds]
             mark = " (trained)" if k == runs[m, length, seeds[0]]["trained"] else ""
             cells.append(f"{100 * mean([x['argmax changed'][k] for x in v]):.1f}% / "
                          f"{mean([x['CE change'][k] for x in v]):+.4f}{mark}")
-        lines.append(f"| {k} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return measure.markdown_table(head, rows)
 
 
 def experiment_table(runs, label, length, seed):
-    n = max(CANDIDATES)
-    head = ["model, text", "trained steps", "CE at the trained steps", "Spearman(final energy, CE)",
-            "Spearman(final energy, entropy)", f"best of {n} by energy", f"best of {n} by CE (oracle)"]
-    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    rows = []
     for m in ("S2", label):
         c = runs[m, length, seed]
         for split in ("val", "ood"):
-            g = verifier_gains(c, split)
-            lines.append(f"| {m} {'val' if split == 'val' else 'OOD'} | {c['trained']} | {at_trained(c, split):.3f} | "
-                         f"{c[split]['verifier']['correlation']:+.2f} | {c[split]['verifier']['entropy correlation']:+.2f} | "
-                         f"{g['energy']:+.1f}% | {g['oracle']:+.1f}% |")
-    return "\n".join(lines)
+            rows.append([f"{m} {'val' if split == 'val' else 'OOD'}", str(c["trained"]), f"{at_trained(c, split):.3f}",
+                         *verifier_cells([c], split)])
+    return measure.markdown_table(["model, text", "trained steps", "CE at the trained steps", *VERIFIER_COLUMNS], rows)
 
 
 # Plots -------------------------------------------------------------------------
@@ -267,9 +250,7 @@ def plot_gap(runs, lengths, seeds, path):
     gap_ax.set(xscale="log", xlabel="optimizer steps (same batch)", ylabel="EBT CE / Transformer++ CE - 1 (%)",
                title="the EBTs' gap to the Transformer++")
     for ax in (ce_ax, gap_ax):
-        ax.set_xticks(lengths, [str(n) for n in lengths])
-        ax.minorticks_off()
-        ax.grid(alpha=0.3)
+        plots.grid_at(ax, lengths)
         ax.legend(fontsize=8)
     fig.savefig(path, dpi=90)
 
@@ -294,10 +275,8 @@ def plot_curves(runs, length, seeds, kind, xlabel, path, title):
                            label=f"{m}: trained steps")
         if kind == "candidates":
             ax.set_xscale("log", base=2)
-        ax.set_xticks(xs, [str(x) for x in xs])
-        ax.minorticks_off()
+        plots.grid_at(ax, xs)
         ax.set(title=name, xlabel=xlabel, ylabel="cross-entropy (nats/char)")
-        ax.grid(alpha=0.3)
     fig.legend(*ax.get_legend_handles_labels(), loc="outside right center", fontsize=9)
     fig.suptitle(title)
     fig.savefig(path, dpi=90)
@@ -312,9 +291,7 @@ def plot_gains(runs, lengths, seeds, path):
             ax.plot(lengths, [mean(v) for v in values], marker="o", color=f"C{i}", label=kind)
         ax.axhline(0, color="black", lw=0.8)
         ax.set(xscale="log", title=f"S2, {name}", xlabel="optimizer steps trained", ylabel="perplexity change (%)")
-        ax.set_xticks(lengths, [str(n) for n in lengths])
-        ax.minorticks_off()
-        ax.grid(alpha=0.3)
+        plots.grid_at(ax, lengths)
     fig.legend(*ax.get_legend_handles_labels(), loc="outside right center", fontsize=9)
     fig.suptitle("what thinking more changes, against the trained steps and one candidate (below 0: it helps)")
     fig.savefig(path, dpi=90)
@@ -326,12 +303,12 @@ def plot_verifier(runs, lengths, length, seeds, path):
     fig = plots.figure(figsize=(10, 7.6), layout="constrained")
     (s1_ax, s2_ax), (best_ax, length_ax) = fig.subplots(2, 2)
     for ax, m in ((s1_ax, "S1"), (s2_ax, "S2")):
-        sample.draw_candidates(ax, runs[m, length, seeds[0]]["val"]["verifier"], f"{m}, validation, seed {seeds[0]}")
+        plots.draw_candidates(ax, runs[m, length, seeds[0]]["val"]["verifier"], f"{m}, validation, seed {seeds[0]}")
     s1_ax.legend(fontsize=8)
     for i, m in enumerate(EBTS, 1):
         for split, name in (("val", "val"), ("ood", "OOD")):
-            sample.draw_best_of(best_ax, runs[m, length, seeds[0]][split]["verifier"], f"{m} {name}",
-                                f"C{i}" if split == "val" else f"C{i + 2}")
+            plots.draw_best_of(best_ax, runs[m, length, seeds[0]][split]["verifier"], f"{m} {name}",
+                               f"C{i}" if split == "val" else f"C{i + 2}")
             spearman = [[runs[m, n, s][split]["verifier"]["correlation"] for s in seeds] for n in lengths]
             length_ax.plot(lengths, [mean(r) for r in spearman], marker="o", ls="-" if split == "val" else "--",
                            color=f"C{i}", label=f"{m} {name}")
@@ -340,9 +317,7 @@ def plot_verifier(runs, lengths, length, seeds, path):
     length_ax.axhline(0, color="gray", lw=0.8)
     length_ax.set(xscale="log", xlabel="optimizer steps trained", ylabel="Spearman(final energy, CE), seed mean")
     length_ax.set_title("does ranking grow with training?", fontsize=10)
-    length_ax.set_xticks(lengths, [str(n) for n in lengths])
-    length_ax.minorticks_off()
-    length_ax.grid(alpha=0.3)
+    plots.grid_at(length_ax, lengths)
     length_ax.legend(fontsize=8)
     fig.suptitle("does the energy rank its candidates? (16 candidates per position)")
     fig.savefig(path, dpi=90)
@@ -433,11 +408,11 @@ def task_scores(model, problems, tokenizer, steps, candidates=16, chunk=64):
     log_p, correct, entropy, energy = (torch.cat([p["candidates"][c] for p in parts], dim=-1) for c in range(4))
     ce, random_pick = -log_p, torch.zeros_like(energy)
     n_all = [n for n in (1, 2, 4, 8, 16) if n <= candidates]
-    out["best of"] = {pick: {n: {"acc": 1 - sample.best_of(1 - correct[:, :n], score[:, :n]).mean().item(),
-                                 "ce": sample.best_of(ce[:, :n], score[:, :n]).mean().item()} for n in n_all}
+    out["best of"] = {pick: {n: {"acc": 1 - measure.best_of(1 - correct[:, :n], score[:, :n]).mean().item(),
+                                 "ce": measure.best_of(ce[:, :n], score[:, :n]).mean().item()} for n in n_all}
                       for pick, score in (("energy", energy), ("random", random_pick), ("oracle", ce))}
-    out["spearman ce"] = sample.spearman(energy, ce).mean().item()
-    out["spearman entropy"] = sample.spearman(energy, entropy).mean().item()
+    out["spearman ce"] = measure.spearman(energy, ce).mean().item()
+    out["spearman entropy"] = measure.spearman(energy, entropy).mean().item()
     argmax = torch.cat([p["argmax"] for p in parts], dim=1)
     out["argmax changed"] = {k: (argmax[k] != argmax[k - 1]).double().mean().item() for k in range(1, len(argmax))}
     carry = torch.cat([p["answer_carry"] for p in parts])
@@ -489,38 +464,34 @@ def task_runs(args, out, device):
     return runs
 
 
-def markdown_table(head, rows):
-    return "\n".join(["| " + " | ".join(head) + " |", "|---" * len(head) + "|", *("| " + " | ".join(r) + " |" for r in rows)])
-
-
 def task_tables(runs, seeds):
     """The task's tables (markdown): each cell one value per seed, "a / b"."""
     splits = (("val", "in"), ("ood", "OOD"))
     cell = lambda m, get, fmt="{:.1%}": " / ".join("-" if get(runs[m, s]) is None else fmt.format(get(runs[m, s]))
                                                    for s in seeds)
     at = lambda c, split, times, what: c[split]["steps" if what != "exact" else "exact"][max(1, times * c["trained"])]
-    learning = markdown_table(
+    learning = measure.markdown_table(
         ["model", "accuracy in", "accuracy OOD", "CE in", "CE OOD", "exact match in", "exact match OOD"],
         [[m, *(cell(m, lambda c, sp=sp: at(c, sp, 1, "steps")["acc"]) for sp, _ in splits),
           *(cell(m, lambda c, sp=sp: at(c, sp, 1, "steps")["ce"], "{:.3f}") for sp, _ in splits),
           *(cell(m, lambda c, sp=sp: at(c, sp, 1, "exact")) for sp, _ in splits)] for m in RUNS])
-    thinking = markdown_table(
+    thinking = measure.markdown_table(
         ["model", "thinking steps", "accuracy in", "accuracy OOD", "exact match in", "exact match OOD"],
         [[m, label, *(cell(m, lambda c, sp=sp, t=t: at(c, sp, t, "steps")["acc"]) for sp, _ in splits),
           *(cell(m, lambda c, sp=sp, t=t: at(c, sp, t, "exact")) for sp, _ in splits)]
          for m in EBTS for label, t in (("1", 0), ("as trained", 1), ("2x", 2), ("4x", 4))])
     picks = [(n, pick) for n in (4, 16) for pick in ("energy", "random", "oracle")]
-    verify = markdown_table(
+    verify = measure.markdown_table(
         ["model, text", "Spearman(E, CE)", "Spearman(E, entropy)", *(f"best of {n}, {p}" for n, p in picks)],
         [[f"{m} {name}", *(cell(m, lambda c, sp=sp, k=k: c[sp][k], "{:+.2f}") for k in ("spearman ce", "spearman entropy")),
           *(cell(m, lambda c, sp=sp, n=n, p=p: c[sp]["best of"][p][n]["acc"]) for n, p in picks)]
          for m in EBTS for sp, name in splits])
     most = max(4 * runs[m, seeds[0]]["trained"] for m in EBTS)
-    changes = markdown_table(
+    changes = measure.markdown_table(
         ["model, text", *(f"step {k}" for k in range(1, most + 1))],
         [[f"{m} {name}", *(cell(m, lambda c, sp=sp, k=k: c[sp]["argmax changed"].get(k), "{:.0%}")
                           for k in range(1, most + 1))] for m in EBTS for sp, name in splits])
-    adaptive = markdown_table(
+    adaptive = measure.markdown_table(
         ["model, tolerance", *(f"{what}, {name}" for _, name in splits for what in ("answer tokens", "digits carried into",
                                                                                      "digits not carried into"))],
         [[f"{m}, {tol:g}", *(cell(m, lambda c, sp=sp, w=w, tol=tol: c[sp]["adaptive"][tol][w], "{:.2f}")
@@ -546,7 +517,7 @@ def plot_task(runs, seeds, path):
     steps_ax.set(xscale="log", xlabel="thinking steps (1 candidate)", ylabel="answer-token accuracy",
                  title="thinking longer")
     ticks = sorted({k for m in EBTS for k in runs[m, seeds[0]]["val"]["steps"]})
-    steps_ax.set_xticks(ticks, [str(k) for k in ticks])
+    plots.grid_at(steps_ax, ticks)
     for i, m in enumerate(EBTS, 1):
         best = [runs[m, s]["val"]["best of"] for s in seeds]
         ns = sorted(best[0]["energy"])
@@ -555,10 +526,8 @@ def plot_task(runs, seeds, path):
                          color=f"C{i}", label=f"{m}: {how}")
     best_ax.set(xscale="log", xlabel="candidates n (trained steps)", ylabel="answer-token accuracy, in distribution",
                 title="self-verification: the best of n")
-    best_ax.set_xticks(ns, [str(n) for n in ns])
+    plots.grid_at(best_ax, ns)
     for ax in (steps_ax, best_ax):
-        ax.minorticks_off()
-        ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("the addition task: answer tokens only")
     fig.savefig(path, dpi=90)

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 import ebt
+import plots
 from checks import UsageError
 from data.text import tokenizer_from_state
-from plots import plot_metrics
 
 # A stop signal (Ctrl-C, SIGTERM), set by the drivers' handler (cli.stop) while train() listens (Run.listening):
 # every rank then ends after the same step, saved. Outside train(), and at a second Ctrl-C, the handler stops at once.
@@ -337,11 +337,11 @@ class RunLog:
 
     def on_saved(self, r):
         self.last = r  # the next throughput leaves the evaluation and the save out
-        plot_metrics(self.records, self.out / "loss.png")
+        plots.plot_metrics(self.records, self.out / "loss.png")
 
     def on_message(self, r):
         self.say(r["text"])
-        plot_metrics(self.records, self.out / "loss.png")
+        plots.plot_metrics(self.records, self.out / "loss.png")
 
 
 def is_record(record):

@@ -31,15 +31,14 @@ import torch.nn.functional as F
 os.environ["NANOEBT_CACHE"] = tempfile.mkdtemp(prefix="nanoebt-cache-")  # text files prepared here, not in data/
 import cli
 import ebt
-import image_baselines
+import measure
+import plots
 import sample
 import train_image
 import train_text
-from data import images
 from data import prepare
 from data.text import CharTokenizer, GPT2Tokenizer, SHAKESPEARE, TextData, random_windows, sha256_text, text_or_shakespeare
 import rundir
-import plots
 import image_models
 import compiled
 import checks
@@ -921,15 +920,15 @@ def test_sampling_follows_the_distribution_top_k_and_temperature():
 
 
 @pytest.mark.parametrize("plot, numbers_shape", [
-    (sample.plot_energy_per_step, (10, 4)), (sample.plot_energy_heatmap, (10, 4)),
-    (sample.plot_energy_landscape, (9, 9)), (sample.plot_distribution_sharpening, (4, 17))])
+    (plots.plot_energy_per_step, (10, 4)), (plots.plot_energy_heatmap, (10, 4)),
+    (plots.plot_energy_landscape, (9, 9)), (plots.plot_distribution_sharpening, (4, 17))])
 def test_plot_functions_return_a_figure_and_write_a_png(plot, numbers_shape, tmp_path):
     tokenizer = CharTokenizer.fit(synthetic_text())
     model = tiny(vocab_size=tokenizer.vocab_size).eval()
     fig, numbers = plot(model, tokenizer, "the cat sat", steps=3, **({"grid": 9} if "landscape" in plot.__name__ else {}))
     assert fig.axes[0].get_title() and fig.axes[-2].get_xlabel()
     # plot and colour bar; sharpening: the entropy above
-    assert len(fig.axes) == (3 if plot is sample.plot_distribution_sharpening else 2)
+    assert len(fig.axes) == (3 if plot is plots.plot_distribution_sharpening else 2)
     assert tuple(numbers.shape) == numbers_shape and torch.isfinite(numbers).all()
     fig.savefig(tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "plot.png").stat().st_size > 1000
@@ -940,7 +939,7 @@ def test_a_long_heatmap_wraps_into_rows_of_readable_labels():
     tokenizer = CharTokenizer.fit(synthetic_text())
     model = tiny(vocab_size=tokenizer.vocab_size, block_size=48).eval()
     text = "the cat sat on the mat and the dog sat on the log"[:45]
-    fig, energies = sample.plot_energy_heatmap(model, tokenizer, text, steps=2)
+    fig, energies = plots.plot_energy_heatmap(model, tokenizer, text, steps=2)
     rows = fig.axes[:-1]  # and the colour bar
     assert len(energies) == 44 and len(rows) == 2
     assert [len(ax.get_xticklabels()) for ax in rows] == [32, 12]
@@ -951,7 +950,7 @@ def test_a_long_heatmap_wraps_into_rows_of_readable_labels():
 def test_plots_default_to_thinking_longer_than_trained_with_integer_ticks():
     tokenizer = CharTokenizer.fit(synthetic_text())
     model = tiny(vocab_size=tokenizer.vocab_size).eval()
-    fig, energies = sample.plot_energy_per_step(model, tokenizer, "the cat sat")
+    fig, energies = plots.plot_energy_per_step(model, tokenizer, "the cat sat")
     assert energies.shape[1] == ebt.THINK_LONGER * model.trained_steps() + 1
     ticks = [t for t in fig.axes[0].get_xticks() if 0 <= t <= energies.shape[1] - 1]
     assert ticks and all(float(t).is_integer() for t in ticks)
@@ -961,13 +960,13 @@ def test_plots_default_to_thinking_longer_than_trained_with_integer_ticks():
 def test_plot_generation_takes_what_generate_returns():
     model = tiny(landscapes=1, step_size=0.5).eval()
     out = ebt.generate(model, torch.zeros(1, 2, dtype=torch.long), 5, steps=10, tolerance=1e-4)
-    fig, energies = sample.plot_generation(model, out)
+    fig, energies = plots.plot_generation(model, out)
     assert energies.shape == (5, int(out.steps_used.max()) + 1)
     for row, used in zip(energies, out.steps_used[0]):  # a token that stopped early ends early
         assert torch.isfinite(row[:used + 1]).all() and torch.isnan(row[used + 1:]).all()
     assert fig._repr_png_()[:4] == b"\x89PNG"
     with pytest.raises(ebt.UsageError, match="needs an EBT"):
-        sample.plot_generation(tiny(model="transformer"), out)
+        plots.plot_generation(tiny(model="transformer"), out)
 
 
 def test_notebook_code_cells_run_top_to_bottom(tmp_path, monkeypatch):
@@ -999,9 +998,9 @@ def test_thinking_curves_are_the_perplexity_of_each_step_count_on_the_seeded_win
     tokenizer = CharTokenizer.fit(synthetic_text())
     ids = torch.tensor(tokenizer.encode(synthetic_text(300)))
     model = tiny(vocab_size=tokenizer.vocab_size, step_size=0.5).eval()
-    curves = sample.thinking_curves(model, ids, steps=(1, 3), candidates=(1, 4), windows=3, seed=4)
-    assert curves == sample.thinking_curves(model, ids, steps=(1, 3), candidates=(1, 4), windows=3, seed=4)
-    trained = sample.thinking_curves(model, ids, steps=(model.trained_steps(),), candidates=(1,), windows=3, seed=4)
+    curves = measure.thinking_curves(model, ids, steps=(1, 3), candidates=(1, 4), windows=3, seed=4)
+    assert curves == measure.thinking_curves(model, ids, steps=(1, 3), candidates=(1, 4), windows=3, seed=4)
+    trained = measure.thinking_curves(model, ids, steps=(model.trained_steps(),), candidates=(1,), windows=3, seed=4)
     assert curves["candidates"][1] == trained["steps"][model.trained_steps()]  # one candidate: as trained, no noise
     g = torch.Generator().manual_seed(4)
     x, y = random_windows(ids, model.config.block_size, 3, g)
@@ -1011,9 +1010,9 @@ def test_thinking_curves_are_the_perplexity_of_each_step_count_on_the_seeded_win
         assert curves["steps"][k] == pytest.approx(math.exp(ebt.cross_entropy(logits, y)), rel=1e-6)
     assert curves["steps"][1] != pytest.approx(curves["steps"][3], rel=1e-3)  # the steps change the answer
     results = {"ebt": curves, "other": {kind: {k: 2 * v for k, v in curves[kind].items()} for kind in ("steps", "candidates")}}
-    table = sample.thinking_table(results, trained_steps=3)
+    table = measure.thinking_table(results, trained_steps=3)
     assert "<- trained" in table and "candidates (3 steps)" in table and f"{2 * curves['steps'][3]:.3f}" in table
-    fig = sample.plot_thinking_curves(results, trained_steps=3)
+    fig = plots.plot_thinking_curves(results, trained_steps=3)
     assert [ax.get_ylabel() for ax in fig.axes] == ["perplexity", "perplexity"]
     assert len(fig.axes[0].get_lines()) == 3  # two models and the trained steps
 
@@ -1037,14 +1036,14 @@ def test_spearman_ranks_with_ties_shared():
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 4, (2, 7, 3), generator=g).float()  # few values: many ties
     y = torch.randn(2, 7, 3, generator=g)
-    r = sample.spearman(x, y)
+    r = measure.spearman(x, y)
     for b in range(2):
         for p in range(3):
             rx, ry = (average_ranks(t[b, :, p].tolist()) for t in (x, y))
             want = np.corrcoef(rx, ry)[0, 1] if len(set(rx)) > 1 else 0.0
             assert r[b, p].item() == pytest.approx(want, abs=1e-12)
-    assert (sample.spearman(y, y) == 1).all() and (sample.spearman(-y, y) == -1).all()
-    assert (sample.spearman(torch.zeros_like(y), y) == 0).all()  # an energy that ranks nothing
+    assert (measure.spearman(y, y) == 1).all() and (measure.spearman(-y, y) == -1).all()
+    assert (measure.spearman(torch.zeros_like(y), y) == 0).all()  # an energy that ranks nothing
 
 
 def test_verifier_diagnostics_on_energies_whose_answer_is_known():
@@ -1057,7 +1056,7 @@ def test_verifier_diagnostics_on_energies_whose_answer_is_known():
     ce = -logits.log_softmax(-1).gather(-1, targets[:, None, :, None].expand(W, N, S, 1))[..., 0]  # (W, N, S)
     one = [torch.randn(W, S, V, generator=g)]
     one += [one[0], one[0].flip(-1)]  # step 1 changes nothing, step 2 reverses every distribution
-    check = lambda energy: sample.verifier(one, logits, energy, targets, (1, 2, N), examples=3)
+    check = lambda energy: measure.verifier(one, logits, energy, targets, (1, 2, N), examples=3)
     perfect, worst, constant = check(ce), check(-ce), check(torch.full_like(ce, 0.5))
     assert perfect["correlation"] == pytest.approx(1) and worst["correlation"] == pytest.approx(-1)
     assert constant["correlation"] == 0
@@ -1083,20 +1082,20 @@ def test_thinking_curves_verify_as_their_candidates_curve_does():
     tokenizer = CharTokenizer.fit(synthetic_text())
     ids = torch.tensor(tokenizer.encode(synthetic_text(300)))
     model = tiny(vocab_size=tokenizer.vocab_size, step_size=0.5).eval()
-    curves = sample.thinking_curves(model, ids, steps=(1, 3), candidates=(1, 2, 4), windows=3, seed=4)
+    curves = measure.thinking_curves(model, ids, steps=(1, 3), candidates=(1, 2, 4), windows=3, seed=4)
     v = curves["verifier"]
     for n in (2, 4):
         assert v["best of"]["energy"][n] == pytest.approx(math.log(curves["candidates"][n]), rel=1e-5)
         assert v["best of"]["oracle"][n] < v["best of"]["random"][n]
     assert set(v["argmax changed"]) == {1, 2, 3} and v["argmax changed"][1] > 0.5  # from random logits
     results = {"val": curves, "OOD": curves}
-    assert "Spearman(final energy, CE)" in sample.verifier_table(results)
-    fig = sample.plot_verifier(results)
+    assert "Spearman(final energy, CE)" in measure.verifier_table(results)
+    fig = plots.plot_verifier(results)
     assert len(fig.axes) == 3 and fig.axes[-1].get_ylabel() == "perplexity change vs a random pick (%)"
 
 def test_ood_text_is_filtered_to_the_vocabulary():
     tokenizer = CharTokenizer.fit(synthetic_text())
-    text, dropped = sample.in_vocabulary(sample.pydoc_topics_text()[:2000], tokenizer)
+    text, dropped = measure.in_vocabulary(measure.pydoc_topics_text()[:2000], tokenizer)
     assert dropped > 0 and len(text) + dropped == 2000
     tokenizer.encode(text)  # no error: every remaining character is known
 
@@ -1324,9 +1323,9 @@ DRIVERS = {"text": train_text.main, "sample": sample.main, "image": train_image.
 @pytest.fixture
 def bad_input_files(tmp_path, checkpoints, text_file, monkeypatch):
     import matplotlib.image
-    monkeypatch.setattr(images.urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(
+    monkeypatch.setattr(train_image.urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(
         OSError("network unreachable")))  # the same with or without a network
-    monkeypatch.setattr(images, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(train_image, "CACHE_DIR", tmp_path / "cache")
     paths = {"tmp": tmp_path, "text": text_file, **checkpoints,
              **{f"{k}_dir": p.parent for k, p in checkpoints.items() if k != "file"}}
     for name, content in (("empty", ""), ("short", "too short")):
@@ -1655,9 +1654,9 @@ def test_bpe_prepare_train_resume_sample_and_eval_offline(tmp_path, offline_bpe,
 
 
 def test_offline_download_names_the_data_flag(tmp_path, monkeypatch):
-    monkeypatch.setattr(images.urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    monkeypatch.setattr(train_image.urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
     with pytest.raises(ebt.UsageError, match="--data"):
-        images.download("https://example.com/corpus.txt", tmp_path / "ts.txt")
+        train_image.download("https://example.com/corpus.txt", tmp_path / "ts.txt")
     assert not (tmp_path / "ts.txt").exists()
 
 
@@ -1940,7 +1939,7 @@ def image_config(**kw):
 
 
 def photo_data(crop=16):
-    return images.load_data({"dataset": "grace_hopper", "data": None, "image_size": crop})
+    return train_image.load_data({"dataset": "grace_hopper", "data": None, "image_size": crop})
 
 
 def held_out_crops(n=64, t=99):
@@ -2047,7 +2046,7 @@ def test_patchify_roundtrip():
     patches = image_models.patchify(img, 4)
     assert patches.shape == (2, 16, 48)
     assert torch.equal(patches[0, 1], img[0, :, 0:4, 4:8].reshape(-1))  # row-major, second patch
-    assert torch.equal(image_baselines.unpatchify(patches, 4, 3), img)
+    assert torch.equal(train_image.unpatchify(patches, 4, 3), img)
 
 
 def test_psnr_hand_checked():
@@ -2071,9 +2070,9 @@ def test_mnist_idx_parser_and_cache(tmp_path, monkeypatch):
     (tmp_path / "mnist").mkdir()
     write_idx_gz(tmp_path / "mnist" / "train-images-idx3-ubyte.gz", train)
     write_idx_gz(tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz", test)
-    assert np.array_equal(images.read_idx(tmp_path / "mnist" / "train-images-idx3-ubyte.gz"), train)
-    monkeypatch.setattr(images, "CACHE_DIR", tmp_path)  # cached files: no network
-    got_train, got_test = images.download_dataset("mnist")
+    assert np.array_equal(train_image.read_idx(tmp_path / "mnist" / "train-images-idx3-ubyte.gz"), train)
+    monkeypatch.setattr(train_image, "CACHE_DIR", tmp_path)  # cached files: no network
+    got_train, got_test = train_image.download_dataset("mnist")
     assert got_train.shape == (5, 1, 28, 28) and got_train.dtype == torch.uint8
     assert np.array_equal(got_test[:, 0].numpy(), test)
     for f in ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz"):  # a download cut short, cached
@@ -2094,7 +2093,7 @@ def test_cifar10_tarball_parser(tmp_path):
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
             info.size = len(blob)
             tar.addfile(info, io.BytesIO(blob))
-    train, test = images.read_cifar10(path)
+    train, test = train_image.read_cifar10(path)
     assert train.shape == (5, 3, 32, 32) and test.shape == (4, 3, 32, 32)
     # channel-major rows: the first 1024 values are the red plane
     assert np.array_equal(train[0, 0].reshape(-1), batches["data_batch_1"][0, :1024])
@@ -2145,9 +2144,9 @@ def no_network(monkeypatch):
 def test_image_photos_split_is_disjoint_and_ships_in_the_wheels(monkeypatch):
     pytest.importorskip("skimage")
     no_network(monkeypatch)  # a photograph scikit-image fetches on first use would fail here
-    train, test = images.PHOTOS["train"], images.PHOTOS["test"]
+    train, test = train_image.PHOTOS["train"], train_image.PHOTOS["test"]
     assert len(train) >= 3 and len(test) >= 2 and not set(train) & set(test)
-    data = images.load_data({"dataset": "photos", "data": None, "photos": images.PHOTOS, "image_size": 32})
+    data = train_image.load_data({"dataset": "photos", "data": None, "photos": train_image.PHOTOS, "image_size": 32})
     assert len(data.split["train"]) == len(train) and len(data.split["val"]) == len(test)
     for img in (*data.split["train"], *data.split["val"]):  # colour photographs, whole, in [0, 1]
         assert img.shape[0] == 3 and min(img.shape[1:]) >= 300 and 0 <= img.min() < img.max() <= 1
@@ -2178,7 +2177,7 @@ def test_train_image_on_photos_reports_the_photographs_it_never_saw(tmp_path, mo
             "never seen in training: chelsea, coffee.")
     assert said in (tmp_path / "out-image-regressor" / "psnr.md").read_text()
     ckpt = rundir.load_checkpoint("out-image-regressor/ckpt.pt")
-    assert ckpt["started"]["photos"] == images.PHOTOS  # the split as trained: a later PHOTOS cannot change it
+    assert ckpt["started"]["photos"] == train_image.PHOTOS  # the split as trained: a later PHOTOS cannot change it
     # a run from before the split recorded "photos" for matplotlib's one photo: it is read as grace_hopper
     old = {**ckpt, "started": {"recipe": None, "dataset": "photos", "data": None}}
     Path("old").mkdir()
