@@ -30,12 +30,12 @@ from pathlib import Path
 
 import torch
 
+import compiled
 import ebt
+import rundir
 import train_text
 from data import prepare
 from data.text import CharTokenizer, TextData, shakespeare
-import rundir
-import compiled
 
 HERE = Path(__file__).resolve().parent
 

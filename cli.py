@@ -18,6 +18,7 @@ def quiet_interrupt(signum, frame):
 
 # the drivers import cli first, so this covers their start-up; for any other importer nothing changes after it
 outer = signal.signal(signal.SIGINT, quiet_interrupt) if threading.current_thread() is threading.main_thread() else None
+import numpy  # noqa: E402, F401  (before torch, which imports it under a handler that swallows an exit)
 import torch  # noqa: E402
 
 import ebt  # noqa: E402

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 
 import ebt
-from data.text import random_windows
 import rundir
+from data.text import random_windows
 
 
 @dataclass

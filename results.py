@@ -44,10 +44,10 @@ import torch
 import ebt
 import measure
 import plots
+import rundir
 import train_image
 import train_text
 from data import addition, prepare
-import rundir
 
 RUNS = {"Transformer++": ("transformer", ["--model", "transformer"]),  # label -> (directory, flags)
           "S1": ("s1", ["--recipe", "s1"]),

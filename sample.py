@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
+import compiled
 import ebt
 import measure
 import plots
-from data.text import read_text
 import rundir
-import compiled
+from data.text import read_text
 
 PLOTS = {"energy_per_step": plots.plot_energy_per_step, "energy_heatmap": plots.plot_energy_heatmap,
          "energy_landscape": plots.plot_energy_landscape, "distribution_sharpening": plots.plot_distribution_sharpening}

@@ -29,19 +29,19 @@ import torch
 import torch.nn.functional as F
 
 os.environ["NANOEBT_CACHE"] = tempfile.mkdtemp(prefix="nanoebt-cache-")  # text files prepared here, not in data/
+import checks
 import cli
+import compiled
 import ebt
+import image_models
 import measure
 import plots
+import rundir
 import sample
 import train_image
 import train_text
-from data import prepare
+from data import images, prepare
 from data.text import CharTokenizer, GPT2Tokenizer, SHAKESPEARE, TextData, random_windows, sha256_text, text_or_shakespeare
-import rundir
-import image_models
-import compiled
-import checks
 
 HERE = Path(__file__).resolve().parent
 CUDA = [pytest.param("cuda", marks=[pytest.mark.cuda,
@@ -673,7 +673,7 @@ def test_logged_throughput_counts_the_steps_since_the_last_log_or_evaluation(tmp
 def test_loss_plot_shows_the_trained_step_count_whatever_eval_thinks(tmp_path, monkeypatch):
     figures = []
     make = plots.figure
-    monkeypatch.setattr(cli, "figure", lambda **kw: figures.append(make(**kw)) or figures[-1])
+    monkeypatch.setattr(plots, "figure", lambda **kw: figures.append(make(**kw)) or figures[-1])
     for per_step, trained in (([3.0, 2.0, 1.5, 1.4], 2), ([3.0], 1), ([3.0, 2.0, 1.5], 3)):
         records = [{"kind": "eval", "step": s, "loss_per_step": per_step, "loss": per_step[trained - 1]}
                    for s in (10, 20)]
@@ -1323,9 +1323,9 @@ DRIVERS = {"text": train_text.main, "sample": sample.main, "image": train_image.
 @pytest.fixture
 def bad_input_files(tmp_path, checkpoints, text_file, monkeypatch):
     import matplotlib.image
-    monkeypatch.setattr(train_image.urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(
+    monkeypatch.setattr(images.urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(
         OSError("network unreachable")))  # the same with or without a network
-    monkeypatch.setattr(train_image, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(images, "CACHE_DIR", tmp_path / "cache")
     paths = {"tmp": tmp_path, "text": text_file, **checkpoints,
              **{f"{k}_dir": p.parent for k, p in checkpoints.items() if k != "file"}}
     for name, content in (("empty", ""), ("short", "too short")):
@@ -1654,9 +1654,9 @@ def test_bpe_prepare_train_resume_sample_and_eval_offline(tmp_path, offline_bpe,
 
 
 def test_offline_download_names_the_data_flag(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_image.urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    monkeypatch.setattr(images.urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
     with pytest.raises(ebt.UsageError, match="--data"):
-        train_image.download("https://example.com/corpus.txt", tmp_path / "ts.txt")
+        images.download("https://example.com/corpus.txt", tmp_path / "ts.txt")
     assert not (tmp_path / "ts.txt").exists()
 
 
@@ -1664,7 +1664,7 @@ def test_tiny_shakespeare_ships_with_the_project_is_the_default_and_is_checked(t
     assert text_or_shakespeare() == gzip.decompress(SHAKESPEARE.read_bytes()).decode()
     damaged = tmp_path / "tinyshakespeare.txt.gz"
     damaged.write_bytes(gzip.compress(text_or_shakespeare().replace("ROMEO", "JULIET", 1).encode()))
-    monkeypatch.setattr(cli, "SHAKESPEARE", damaged)
+    monkeypatch.setattr(sys.modules["data.text"], "SHAKESPEARE", damaged)
     with pytest.raises(ebt.UsageError, match="checksum"):
         text_or_shakespeare()
 
@@ -1939,7 +1939,7 @@ def image_config(**kw):
 
 
 def photo_data(crop=16):
-    return train_image.load_data({"dataset": "grace_hopper", "data": None, "image_size": crop})
+    return images.load_data({"dataset": "grace_hopper", "data": None, "image_size": crop})
 
 
 def held_out_crops(n=64, t=99):
@@ -2046,7 +2046,7 @@ def test_patchify_roundtrip():
     patches = image_models.patchify(img, 4)
     assert patches.shape == (2, 16, 48)
     assert torch.equal(patches[0, 1], img[0, :, 0:4, 4:8].reshape(-1))  # row-major, second patch
-    assert torch.equal(train_image.unpatchify(patches, 4, 3), img)
+    assert torch.equal(image_models.unpatchify(patches, 4, 3), img)
 
 
 def test_psnr_hand_checked():
@@ -2070,9 +2070,9 @@ def test_mnist_idx_parser_and_cache(tmp_path, monkeypatch):
     (tmp_path / "mnist").mkdir()
     write_idx_gz(tmp_path / "mnist" / "train-images-idx3-ubyte.gz", train)
     write_idx_gz(tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz", test)
-    assert np.array_equal(train_image.read_idx(tmp_path / "mnist" / "train-images-idx3-ubyte.gz"), train)
-    monkeypatch.setattr(train_image, "CACHE_DIR", tmp_path)  # cached files: no network
-    got_train, got_test = train_image.download_dataset("mnist")
+    assert np.array_equal(images.read_idx(tmp_path / "mnist" / "train-images-idx3-ubyte.gz"), train)
+    monkeypatch.setattr(images, "CACHE_DIR", tmp_path)  # cached files: no network
+    got_train, got_test = images.download_dataset("mnist")
     assert got_train.shape == (5, 1, 28, 28) and got_train.dtype == torch.uint8
     assert np.array_equal(got_test[:, 0].numpy(), test)
     for f in ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz"):  # a download cut short, cached
@@ -2093,7 +2093,7 @@ def test_cifar10_tarball_parser(tmp_path):
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
             info.size = len(blob)
             tar.addfile(info, io.BytesIO(blob))
-    train, test = train_image.read_cifar10(path)
+    train, test = images.read_cifar10(path)
     assert train.shape == (5, 3, 32, 32) and test.shape == (4, 3, 32, 32)
     # channel-major rows: the first 1024 values are the red plane
     assert np.array_equal(train[0, 0].reshape(-1), batches["data_batch_1"][0, :1024])
@@ -2144,9 +2144,9 @@ def no_network(monkeypatch):
 def test_image_photos_split_is_disjoint_and_ships_in_the_wheels(monkeypatch):
     pytest.importorskip("skimage")
     no_network(monkeypatch)  # a photograph scikit-image fetches on first use would fail here
-    train, test = train_image.PHOTOS["train"], train_image.PHOTOS["test"]
+    train, test = images.PHOTOS["train"], images.PHOTOS["test"]
     assert len(train) >= 3 and len(test) >= 2 and not set(train) & set(test)
-    data = train_image.load_data({"dataset": "photos", "data": None, "photos": train_image.PHOTOS, "image_size": 32})
+    data = images.load_data({"dataset": "photos", "data": None, "photos": images.PHOTOS, "image_size": 32})
     assert len(data.split["train"]) == len(train) and len(data.split["val"]) == len(test)
     for img in (*data.split["train"], *data.split["val"]):  # colour photographs, whole, in [0, 1]
         assert img.shape[0] == 3 and min(img.shape[1:]) >= 300 and 0 <= img.min() < img.max() <= 1
@@ -2177,7 +2177,7 @@ def test_train_image_on_photos_reports_the_photographs_it_never_saw(tmp_path, mo
             "never seen in training: chelsea, coffee.")
     assert said in (tmp_path / "out-image-regressor" / "psnr.md").read_text()
     ckpt = rundir.load_checkpoint("out-image-regressor/ckpt.pt")
-    assert ckpt["started"]["photos"] == train_image.PHOTOS  # the split as trained: a later PHOTOS cannot change it
+    assert ckpt["started"]["photos"] == images.PHOTOS  # the split as trained: a later PHOTOS cannot change it
     # a run from before the split recorded "photos" for matplotlib's one photo: it is read as grace_hopper
     old = {**ckpt, "started": {"recipe": None, "dataset": "photos", "data": None}}
     Path("old").mkdir()

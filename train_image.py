@@ -27,23 +27,17 @@ from pathlib import Path
 import torch
 
 import ebt
-import plots
-from data import images
-from ebt import UsageError
-from image_baselines import ImageDiT, ImageRegressor  # and registers them in ebt.MODELS
-import rundir
 import image_models
+import plots
+import rundir
+from checks import UsageError
+from data import images
 
 REPORT_CROPS = 128  # validation crops behind every number in the report
 GRID_CROPS = 4      # rows of grid.png: the report crops with the most detail (pixel std)
 DIT_PASSES = (1, 3, 10, 30, 100)
-DEFAULTS = dict(patch_size=4, n_layer=3, n_head=4, n_embd=96, step_size=1000.0, step_size_lr_mult=None,
-                max_steps=800, batch_size=32, lr=1e-3, warmup_steps=50, eval_interval=200, eval_batches=4,
-                log_interval=50)
-IMAGE_RECIPES = {  # the image EBT: S1 as the paper's image runs (one step); S2 with the text S2's structure
-    "s1": dict(think_steps=1, landscapes=1, random_steps=0, random_step_size=1.0, truncate=False, detach=True),
-    "s2": dict(think_steps=2, landscapes=1, random_steps=1, random_step_size=2.0, truncate=True, detach=False),
-}
+DEFAULTS = dict(patch_size=4, n_layer=3, n_head=4, n_embd=96, max_steps=800, batch_size=32, lr=1e-3,
+                warmup_steps=50, eval_interval=200, eval_batches=4, log_interval=50)
 MODEL_FLAGS = ("image_size", "patch_size", "n_layer", "n_head", "n_embd", "noise_t")
 TRAIN_FLAGS = ("max_steps", "batch_size", "lr", "warmup_steps", "weight_decay", "grad_clip", "eval_interval",
                "eval_batches", "log_interval", "seed")
@@ -54,7 +48,7 @@ def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__)
     s = p.add_argument
     s("--model", choices=("ebt", "dit", "regressor"), help="(default: ebt)")
-    s("--recipe", choices=IMAGE_RECIPES, help="the EBT's (default: s1)")
+    s("--recipe", choices=ebt.IMAGE_RECIPES, help="the EBT's (default: s1)")
     s("--compare", nargs="+", metavar="OUT_DIR", help="report on trained checkpoints instead of training")
     s("--dataset", choices=("photos", "grace_hopper", "mnist", "cifar10"),
       help=f"photos: train on {', '.join(images.PHOTOS['train'])}, test on {', '.join(images.PHOTOS['test'])} (needs "
@@ -63,9 +57,10 @@ def parse_args(argv=None):
     cli.add_flags(p, ebt.ModelConfig, MODEL_FLAGS, {**DEFAULTS, "image_size": "28 for mnist, else 32"})
     cli.add_flags(p, ebt.TrainConfig, TRAIN_FLAGS, DEFAULTS)
     g = p.add_argument_group("thinking (EBT)")
+    recipes = ebt.IMAGE_RECIPES
     cli.add_flags(g, ebt.ModelConfig, IMAGE_THINKING_FLAGS, {
-        **DEFAULTS, "step_size_lr_mult": "3 x step_size",
-        **{k: f"from --recipe: s1 {IMAGE_RECIPES['s1'][k]}, s2 {IMAGE_RECIPES['s2'][k]}" for k in IMAGE_RECIPES["s1"]}})
+        **{k: f"from --recipe: s1 {recipes['s1'][k]}, s2 {recipes['s2'][k]}" for k in recipes["s1"]},
+        "step_size_lr_mult": "3 x step_size"})
     cli.add_flags(g, ebt.TrainConfig, ("eval_steps",))
     g.add_argument("--report_steps", type=int, help=f"thinking steps in the report (default: {ebt.THINK_LONGER}x the trained steps)")
     s("--eval_t", type=int, nargs="+", help="report noise levels, DDPM steps (default: k (noise_t + 1) - 1 for "
@@ -102,10 +97,9 @@ def train_models(args, device):
         started = {**ckpt.get("started", {}), **images.data_spec(ckpt)} if ckpt else {  # data_spec reads older checkpoints
             "recipe": args.recipe or "s1" if kind in ebt.EBT_KINDS else None, "dataset": dataset, "data": args.data,
             "photos": images.PHOTOS if dataset == "photos" else None}
-        layers = [DEFAULTS, IMAGE_RECIPES[started["recipe"]] if kind in ebt.EBT_KINDS else {},
+        layers = [DEFAULTS, ebt.IMAGE_RECIPES[started["recipe"]] if kind in ebt.EBT_KINDS else {},
                   {"model": kind, "channels": 1 if dataset == "mnist" else 3, "image_size": 28 if dataset == "mnist" else 32}]
-        derive = lambda values: values.update(step_size_lr_mult=values["step_size_lr_mult"] or 3 * values["step_size"])
-        cfg, tc = cli.configs(args, layers, ckpt, derive)
+        cfg, tc = cli.configs(args, layers, ckpt, ebt.derive_thinking)
         tc.out_dir, tc.device = args.out_dir, device
         data = images.load_data({**started, "image_size": cfg.image_size})
         model = ebt.build_model(cfg, tc.seed)
@@ -135,10 +129,10 @@ def denoise_all(models, noisy, t, passes, steps):
     each EBT's mean energy along its steps (on each step's landscape)."""
     out, energies = {("noisy input", 0): noisy}, {}
     for name, model in models.items():
-        if isinstance(model, ImageRegressor):
+        if isinstance(model, image_models.ImageRegressor):
             with torch.no_grad():
                 out[name, 1] = model.denoise(noisy)
-        elif isinstance(model, ImageDiT):
+        elif isinstance(model, image_models.ImageDiT):
             out.update({(name, p): model.denoise(noisy, t, p) for p in passes})
         else:
             traj = model.descend(model.energy, noisy, steps or ebt.THINK_LONGER * model.trained_steps())

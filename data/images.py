@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import cli
-from ebt import UsageError
 import rundir
+from checks import UsageError
 
 CACHE_DIR = Path(os.environ.get("NANOEBT_CACHE", Path.home() / ".cache" / "nanoebt"))
 

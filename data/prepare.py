@@ -14,7 +14,6 @@ tiktoken's batch encoder on every core), so memory stays flat whatever the corpu
 written last: a folder without it is not prepared. `train_text.py --data FILE.txt` prepares the file
 into a cache (data/cache/, or $NANOEBT_CACHE) on first use, keyed by its path, size and time.
 """
-import argparse
 import fcntl
 import glob
 import gzip
@@ -29,9 +28,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository's modules
 import cli  # noqa: E402  (before numpy: a Ctrl-C while it loads exits quietly)
 import numpy as np  # noqa: E402
-from ebt import UsageError  # noqa: E402
-from data.text import CharTokenizer, GPT2Tokenizer, SHAKESPEARE, SHAKESPEARE_SHA256, safe_cut, tokenizer_from_state  # noqa: E402
 import rundir  # noqa: E402
+from checks import UsageError  # noqa: E402
+from data.text import CharTokenizer, GPT2Tokenizer, SHAKESPEARE, SHAKESPEARE_SHA256, tokenizer_from_state  # noqa: E402
 
 CHUNK = 1 << 22  # characters read at a time
 VAL_FRACTION = 0.1
