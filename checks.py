@@ -45,6 +45,28 @@ def check(config, name, ok, why):
         raise ConfigError(config, name, why)
 
 
+MAX_THINK_STEPS = 64  # in training each step is a second-order forward and backward
+
+
+def check_model_config(cfg, text_kinds, image_kinds):
+    """A ModelConfig's fields, each of its type and range, and how they relate."""
+    check_fields(cfg)
+    c = lambda name, ok, why: check(cfg, name, ok, why)
+    c("model", cfg.model in text_kinds + image_kinds, f"must be one of {text_kinds + image_kinds}")
+    c("n_embd", cfg.n_embd % cfg.n_head == 0, f"must be divisible by n_head={cfg.n_head}")
+    c("n_embd", cfg.model not in text_kinds or cfg.n_embd // cfg.n_head % 2 == 0, "head size must be even")
+    c("image_size", cfg.image_size % cfg.patch_size == 0, f"must be a multiple of patch_size={cfg.patch_size}")
+    c("think_steps", cfg.think_steps + cfg.random_steps <= MAX_THINK_STEPS,
+      f"think_steps + random_steps must be <= {MAX_THINK_STEPS} in training")
+    c("landscapes", cfg.landscapes <= cfg.think_steps + cfg.random_steps, "must be <= the steps trained")
+    c("step_size", cfg.step_size > 0, "must be > 0")
+
+
+def check_train_config(tc):
+    check_fields(tc)
+    check(tc, "lr", tc.lr > 0, "must be > 0")
+
+
 # ebt.generate()'s arguments, and sample.py's flags: (type, least, most)
 SAMPLING_LIMITS = {"num_tokens": (int, 0, 10**7), "temperature": (float, 0, math.inf), "top_k": (int, 1, math.inf),
                    "candidates": (int, 1, 4096), "steps": (int, 1, 10_000), "step_size": (float, 1e-9, 1e6),
@@ -59,3 +81,10 @@ def check_generate(model, idx, arguments):
     if not (ids and idx.numel() and 0 <= idx.min() and idx.max() < V):
         raise ConfigError("generate", "idx", f"must be a (B, T) int64 tensor of ids in 0..{V - 1}, B and T >= 1",
                           f"ids {idx.min()}..{idx.max()}" if ids and idx.numel() else getattr(idx, "shape", idx))
+
+
+def non_finite(what, step, saved, run):
+    """train()'s stop when the loss or the gradient is no longer finite, naming the last good checkpoint."""
+    return UsageError(f"training stopped: {what} became NaN or infinite by step {step}; " + (
+        f"the last good checkpoint is {run.checkpoint} (step {saved})" if saved is not None else
+        "no checkpoint was written yet") + "; try a lower --lr")

@@ -11,9 +11,8 @@ and it is trained end to end through those steps (second-order gradients), so it
 whose descent lands on the right answer.
 
 Reading order: 1. configuration; 2. the transformer blocks; 3. thinking: think(), one descent loop for text
-and images, and Thinker, what every EBT shares; 4. the text EBT and its Transformer++ baseline; 5. text data;
-6. the training loop; 7. generation and evaluation; 8. the image EBT. Flags, files, logs and compiling: cli.py.
-Paper: "Energy-Based Transformers are Scalable Learners and Thinkers", Gladstone et al., 2025 (arXiv
+and images, Thinker, what every EBT shares, and the paper's recipes; 4. the text EBT and its Transformer++
+baseline; 5. the training loop; 6. generation and evaluation. The image EBT: image_models.py. Paper: "Energy-Based Transformers are Scalable Learners and Thinkers", Gladstone et al., 2025 (arXiv
 2507.02092); the method follows its code (github.com/alexiglad/EBT).
 """
 
@@ -28,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from checks import UsageError, check, check_fields, check_generate
+from checks import UsageError, check_generate, check_model_config, check_train_config, non_finite
 
 # Thinking sharpens candidates until some probabilities fall below float32's normal range (1e-38);
 # CPUs compute with such denormal numbers many times slower, and they mean nothing here.
@@ -43,7 +42,6 @@ IMAGE_KINDS = ("image_ebt", "image_dit", "image_regressor")
 EBT_KINDS = ("ebt", "image_ebt")  # the models that think (as objects: isinstance(model, Thinker))
 VERIFY_LANGEVIN_STD = 1.0  # inference noise for self-verification candidates (the paper's)
 THINK_LONGER = 4  # evaluation and the plots think this many times the trained steps: where more thinking goes
-MAX_THINK_STEPS = 64  # in training each step is a second-order forward and backward
 MAX_SEED = 2**62  # seeds are 0..MAX_SEED - 1: torch's generators take 64 bits
 DDPM_STEPS = 1000  # the image noise: a DDPM forward process over this many steps
 MIN_STEP_SIZE = 1e-3  # alpha's floor (the paper's code clamps at 1e-4 and then gives alpha no gradient)
@@ -85,16 +83,7 @@ class ModelConfig:  # each field: option(default, help, least, most), checked by
     noise_t: int = option(99, "training noise, a DDPM step (the DiT trains on 1..noise_t)", 1, DDPM_STEPS)
 
     def __post_init__(self):
-        check_fields(self)
-        c = lambda name, ok, why: check(self, name, ok, why)
-        c("model", self.model in TEXT_KINDS + IMAGE_KINDS, f"must be one of {TEXT_KINDS + IMAGE_KINDS}")
-        c("n_embd", self.n_embd % self.n_head == 0, f"must be divisible by n_head={self.n_head}")
-        c("n_embd", self.model not in TEXT_KINDS or self.n_embd // self.n_head % 2 == 0, "head size must be even")
-        c("image_size", self.image_size % self.patch_size == 0, f"must be a multiple of patch_size={self.patch_size}")
-        c("think_steps", self.think_steps + self.random_steps <= MAX_THINK_STEPS,
-          f"think_steps + random_steps must be <= {MAX_THINK_STEPS} in training")
-        c("landscapes", self.landscapes <= self.think_steps + self.random_steps, "must be <= the steps trained")
-        c("step_size", self.step_size > 0, "must be > 0")
+        check_model_config(self, TEXT_KINDS, IMAGE_KINDS)  # each field's type and range, and how they relate
         self.mlp_hidden = self.mlp_hidden or self.n_embd
 
 
@@ -115,11 +104,10 @@ class TrainConfig:
     device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda or mps")
     seed: int = option(1337, "fixes the initial weights, the batches and the noise (torch's generators take 64 bits)",
                        0, MAX_SEED - 1)
-    compile: bool = option(False, "torch.compile the training step whole and thinking at inference (cli.py)")
+    compile: bool = option(False, "torch.compile the training step whole and thinking at inference (compiled.py)")
 
     def __post_init__(self):
-        check_fields(self)
-        check(self, "lr", self.lr > 0, "must be > 0")
+        check_train_config(self)
 
 
 # -----------------------------------------------------------------------------
@@ -548,8 +536,8 @@ class TextEBT(Thinker, nn.Module):
 
     def forward(self, idx, targets, steps=None, generator=None, y0=None):
         """Think from y0 (random logits if None) at every position of idx (B, S): (Thinker.loss of the steps'
-        cross-entropies, metrics). In training mode the loss's graph runs through the whole descent, and
-        the metrics hold the final logits (for a replay buffer: compiled.compile_model)."""
+        cross-entropies, metrics). In training mode the loss's graph runs through the whole descent (the compiled
+        training step differentiates it: compiled.py), and the metrics hold the final logits (for the replay buffer)."""
         context = self.context(idx)
         y0 = self.initial_logits(*idx.shape, idx.device, generator) if y0 is None else y0
         traj = self.descend(lambda p, k: self.energy(p, context, k), y0, steps)
@@ -557,9 +545,9 @@ class TextEBT(Thinker, nn.Module):
         return self.loss(losses), {**self.metrics(traj, losses), **({"final": traj.ys[-1]} if self.training else {})}
 
     def learn(self, idx, targets, weight, steps=None, generator=None):
-        """One training batch: think, backpropagating loss x weight a step at a time (descend_and_backward). The
-        context stream runs without a graph, its keys and values leaves of the steps, then again with its graph
-        to take what they collected (one more forward instead of keeping its activations)."""
+        """One training batch: the gradient of forward()'s loss x weight, backpropagated a step at a time
+        (descend_and_backward). The context stream runs without a graph, its keys and values leaves of the steps,
+        then again with its graph to take what they collected (one more forward instead of its activations)."""
         fresh = len(idx)
         idx, targets, y0 = self.training_starts(idx, targets, generator)
         with torch.no_grad():
@@ -682,11 +670,7 @@ def build_model(cfg, seed=None):
 
 
 # -----------------------------------------------------------------------------
-# 5. Text data (prepared into token files by data/prepare.py)
-
-
-# -----------------------------------------------------------------------------
-# 6. The training loop
+# 5. The training loop
 
 def train(model, data, tc, run=None):
     """AdamW with warm-up and cosine decay, clipping and gradient accumulation, for every model; evaluation and
@@ -794,12 +778,6 @@ class Run:
         raise UsageError("this run keeps no checkpoint to resume from; give train() a rundir.Run")
 
 
-def non_finite(what, step, saved, run):
-    return UsageError(f"training stopped: {what} became NaN or infinite by step {step}; " + (
-        f"the last good checkpoint is {run.checkpoint} (step {saved})" if saved is not None else
-        "no checkpoint was written yet") + "; try a lower --lr")
-
-
 def best_device(name="auto"):
     """The device to run on: as named, or for "auto" cuda, then mps, then cpu."""
     auto = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -835,7 +813,7 @@ def batch_seed(seed, step, micro_step):
 
 
 # -----------------------------------------------------------------------------
-# 7. Generation and evaluation
+# 6. Generation and evaluation
 
 @torch.no_grad()
 def evaluate(model, data, tc, device):
