@@ -28,9 +28,9 @@ from checks import SAMPLING_LIMITS, ConfigError, UsageError, check_values  # noq
 if outer is not None:
     signal.signal(signal.SIGINT, outer)
 
-THINKING_FLAGS = ("think_steps", "landscapes", "step_size", "learn_step_size", "step_size_lr_mult", "init_std",
-            "langevin_std", "random_step_size", "random_steps", "truncate", "detach", "replay_size",
-            "replay_batch")  # the ModelConfig fields of a model that thinks; with --eval_steps and --recipe, its flags
+# the ModelConfig fields that set how a model thinks (option's "thinking"): with --eval_steps and --recipe, EBT flags
+THINKING_FLAGS = tuple(f.name for f in fields(ebt.ModelConfig) if f.metadata["thinking"])
+IMAGE_THINKING_FLAGS = tuple(f.name for f in fields(ebt.ModelConfig) if f.metadata["thinking"] == "all")
 
 
 # -----------------------------------------------------------------------------

@@ -12,7 +12,8 @@ whose descent lands on the right answer.
 
 Reading order: 1. configuration; 2. the transformer blocks; 3. thinking: think(), one descent loop for text
 and images, Thinker, what every EBT shares, and the paper's recipes; 4. the text EBT and its Transformer++
-baseline; 5. the training loop; 6. generation and evaluation. The image EBT: image_models.py. Paper: "Energy-Based Transformers are Scalable Learners and Thinkers", Gladstone et al., 2025 (arXiv
+baseline; 5. the training loop; 6. generation and evaluation. The image EBT: image_models.py.
+Paper: "Energy-Based Transformers are Scalable Learners and Thinkers", Gladstone et al., 2025 (arXiv
 2507.02092); the method follows its code (github.com/alexiglad/EBT).
 """
 
@@ -47,10 +48,10 @@ DDPM_STEPS = 1000  # the image noise: a DDPM forward process over this many step
 MIN_STEP_SIZE = 1e-3  # alpha's floor (the paper's code clamps at 1e-4 and then gives alpha no gradient)
 
 
-def option(default, help, least=-math.inf, most=math.inf):
-    """A config field with its help text (the drivers make their flags from these: cli.py) and, for a number, the
-    least and most it may be."""
-    return field(default=default, metadata={"help": help, "limits": (least, most)})
+def option(default, help, least=-math.inf, most=math.inf, thinking=None):
+    """A config field with its help text (the drivers make their flags from these: cli.py), for a number the least
+    and most it may be, and whether it sets how a model thinks ("text": a text EBT's only; "all")."""
+    return field(default=default, metadata={"help": help, "limits": (least, most), "thinking": thinking})
 
 
 @dataclass
@@ -62,20 +63,25 @@ class ModelConfig:  # each field: option(default, help, least, most), checked by
     n_head: int = option(6, "attention heads", 1)
     n_embd: int = option(384, "model width", 1)
     mlp_hidden: int = option(0, "SwiGLU hidden width; 0 = n_embd, as in the paper's models", 0)
-    # thinking (EBTs); the defaults are the paper's S1, whose alpha train_text.py scales to the vocabulary
-    think_steps: int = option(2, "descent steps in training", 1)
-    landscapes: int = option(2, "step embeddings: step k descends landscape min(k, landscapes - 1)", 1)
-    step_size: float = option(500.0, "alpha, the step size of the descent (its start, when learned)", 0)
-    learn_step_size: bool = option(True, "learn alpha (own learning rate, no weight decay)")
-    step_size_lr_mult: float = option(1500.0, "alpha's learning rate / the base learning rate", 0, 1e6)
-    init_std: float = option(1.0, "thinking starts from logits drawn from N(0, init_std^2)", 0, 1e3)
-    langevin_std: float = option(0.0, "training: Gaussian noise of this std on the logits before each step", 0, 1e3)
-    random_step_size: float = option(1.0, "training: each token's alpha drawn from U[alpha/s, alpha*s]; 1 = off", 1)
-    random_steps: int = option(0, "training: think_steps + U{0..n} steps, one count per optimizer step", 0)
-    truncate: bool = option(False, "train the last step only: only its gradient keeps its graph")
-    detach: bool = option(True, "cut the graph between steps")
-    replay_size: int = option(0, "replay buffer: the final logits of the last N training sequences; 0 = off", 0)
-    replay_batch: float = option(0.5, "replayed sequences joining each batch, a fraction of it", 0, 1e3)
+    # thinking (EBTs): the defaults are the paper's S1 at its vocabulary (recipes: RECIPES, derive_thinking)
+    think_steps: int = option(2, "descent steps in training", 1, thinking="all")
+    landscapes: int = option(2, "step embeddings: step k descends landscape min(k, landscapes - 1)", 1, thinking="all")
+    step_size: float = option(500.0, "alpha, the step size of the descent (its start, when learned)", 0, thinking="all")
+    learn_step_size: bool = option(True, "learn alpha (own learning rate, no weight decay)", thinking="all")
+    step_size_lr_mult: float = option(1500.0, "alpha's learning rate / the base learning rate", 0, 1e6, thinking="all")
+    init_std: float = option(1.0, "thinking starts from logits drawn from N(0, init_std^2)", 0, 1e3, thinking="text")
+    langevin_std: float = option(0.0, "training: Gaussian noise of this std on the logits before each step", 0, 1e3,
+                                 thinking="all")
+    random_step_size: float = option(1.0, "training: each token's alpha drawn from U[alpha/s, alpha*s]; 1 = off", 1,
+                                     thinking="all")
+    random_steps: int = option(0, "training: think_steps + U{0..n} steps, one count per optimizer step", 0,
+                               thinking="all")
+    truncate: bool = option(False, "train the last step only: only its gradient keeps its graph", thinking="all")
+    detach: bool = option(True, "cut the graph between steps", thinking="all")
+    replay_size: int = option(0, "replay buffer: the final logits of the last N training sequences; 0 = off", 0,
+                              thinking="text")
+    replay_batch: float = option(0.5, "replayed sequences joining each batch, a fraction of it", 0, 1e3,
+                                 thinking="text")
     # images: square crops in [-1, 1], cut into square patches
     channels: int = option(3, "image channels", 1)
     image_size: int = option(32, "crop size in pixels", 1)
@@ -111,7 +117,7 @@ class TrainConfig:
 
 
 # -----------------------------------------------------------------------------
-# 2. Transformer blocks (Llama style: RMSNorm, rotary positions, SwiGLU, no biases but adaLN's)
+# 2. Transformer blocks (Llama style: RMSNorm, rotary positions, SwiGLU, no biases)
 
 def RMSNorm(dim):
     return nn.RMSNorm(dim, eps=1e-6)  # the fused op has a double backward too
@@ -246,8 +252,7 @@ class Trunk(nn.Module):
         self.rotary = Rotary(cfg.n_embd // cfg.n_head, cfg.block_size + 1)
 
     def forward(self, idx, cache=None):
-        """idx (B, T), written into the KVCache after its tokens if one is given. Returns hidden states (B, T, D)
-        and the per-layer (k, v) attended."""
+        """idx (B, T), after the KVCache's tokens if one is given: hidden states (B, T, D) and each layer's (k, v)."""
         x, kvs = self.tok_emb(idx), []
         for i, block in enumerate(self.blocks):
             x, kv = block(x, self.rotary, None if cache is None else (*cache.kv[i], cache.filled))
@@ -462,7 +467,7 @@ RECIPES = {
                step_size_lr_mult=None, langevin_std=3.0, random_step_size=2.0, truncate=True, detach=False,
                replay_size=192),
 }
-IMAGE_RECIPES = {  # S1 as the paper's image runs (one step; alpha 3000 at 128 x 128, 1000 at 32 x 32 here), S2 as text's
+IMAGE_RECIPES = {  # S1 as the paper's image runs (1 step; alpha 3000 at 128 x 128, 1000 at 32 x 32), S2 as text's
     "s1": dict(think_steps=1, landscapes=1, random_steps=0, random_step_size=1.0, truncate=False, detach=True,
                step_size=1000.0, step_size_lr_mult=None),
     "s2": dict(think_steps=2, landscapes=1, random_steps=1, random_step_size=2.0, truncate=True, detach=False,
@@ -574,9 +579,9 @@ class TextEBT(Thinker, nn.Module):
 
     def think_candidates(self, context, P, candidates=1, generator=None, y0=None, langevin_std=None, filled=None,
                          **thinking):
-        """Think from `candidates` random starts (y0: (B * N, P, V), or drawn) about each of the last P positions of a
-        context (thinking: steps, step_size, tolerance); several think with the paper's inference noise (the softmax
-        all but erases their starts). Returns ys (B, N, P, V), energies (B, N, P) (steps_used if adaptive)."""
+        """Think from N random starts (y0: (B * N, P, V), or drawn) about each of the last P positions of a context;
+        several think with the paper's inference noise (the softmax all but erases their starts). thinking: steps,
+        step_size, tolerance. Returns ys (B, N, P, V), energies (B, N, P) (steps_used if adaptive)."""
         B, N = context[0][0].shape[0], candidates
         if N > 1:  # a view, not a copy: every candidate reads the same keys and values
             context = [tuple(t[:, None].expand(B, N, *t.shape[1:]).flatten(0, 1) for t in kv) for kv in context]
@@ -680,7 +685,7 @@ def train(model, data, tc, run=None):
     model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95),
                                   fused=device.startswith("cuda"))
-    saved, best = run.restore(model, optimizer, device) if run.resume else (None, math.inf)  # saved: a checkpoint's step
+    saved, best = run.restore(model, optimizer, device) if run.resume else (None, math.inf)  # the checkpoint's step
     step, nonfinite = saved or 0, torch.zeros((), dtype=torch.bool, device=device)
     run.share_weights(model)  # rank 0's
     run.log({"kind": "start", "step": step, "max_steps": tc.max_steps, "resumed": run.resume, "out_dir": tc.out_dir,
@@ -718,7 +723,8 @@ def train(model, data, tc, run=None):
                     raise non_finite("the loss or the gradient", step, saved, run)
                 if logging:
                     metrics["loss"] = run.mean(metrics["loss"])  # over the global batch
-                    memory = {"peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20} if device.startswith("cuda") else {}
+                    cuda = device.startswith("cuda")
+                    memory = {"peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20} if cuda else {}
                     run.log({"kind": "train", "step": step, "lr": lr, "grad_norm": grad_norm.item(), **memory,
                              **{k: v.item() for k, v in metrics.items()}})
                 if evaluating:  # by rank 0; a checkpoint only of weights whose validation loss is finite
@@ -738,8 +744,7 @@ def train(model, data, tc, run=None):
 
 
 def interrupted(model, optimizer, tc, run, step, best, saved, save):
-    """Keep the run at this step (unless it is kept already, or must not be), say so, and stop: the driver exits
-    with code 130, before any report on a half-trained model."""
+    """Keep the run at this step (unless kept already, or not to be kept), say so, and stop (exit code 130)."""
     if save and saved != step:
         saved = run.save(model, optimizer, tc, {"step": step, "best_loss": best}) or saved
     run.log({"kind": "message", "step": step, "text": f"interrupted at step {step}; " + (
@@ -748,9 +753,8 @@ def interrupted(model, optimizer, tc, run, step, best, saved, save):
 
 
 class Run:
-    """Where train() runs: here one process that prints what train() logs and keeps no files. The drivers'
-    rundir.Run joins the processes of a data-parallel run (torchrun), owns the run's folder (checkpoints, the
-    log) and stops on a signal."""
+    """Where train() runs: here one process that prints what train() logs and keeps no files. The drivers' rundir.Run
+    adds the processes of a data-parallel run (torchrun), the run's folder (checkpoints, log) and stop signals."""
     rank, world, resume, checkpoint = 0, 1, False, None
     listening = staticmethod(contextlib.nullcontext)  # to a stop signal (Ctrl-C, SIGTERM)
     stop_requested = staticmethod(lambda: False)  # by a signal, on any process
@@ -833,8 +837,8 @@ def evaluate(model, data, tc, device):
     model.train()
     m = {k: (v / tc.eval_batches).tolist() for k, v in totals.items()}
     if thinks:  # "loss" and "psnr" after the trained steps
-        trained = min(model.trained_steps(), len(m["loss_per_step"])) - 1
-        m.update({k.removesuffix("_per_step"): v[trained] for k, v in list(m.items()) if k.endswith("_per_step")})
+        trained = m["trained_steps"] = min(model.trained_steps(), len(m["loss_per_step"]))
+        m.update({k.removesuffix("_per_step"): v[trained - 1] for k, v in list(m.items()) if k.endswith("_per_step")})
     return m
 
 
@@ -870,8 +874,7 @@ def generate(model, idx, num_tokens, temperature=1.0, top_k=None, generator=None
     cache of the context stream makes a token cost one token through the trunk and, for an EBT, the
     thinking of one prediction token per candidate. The window holds at most block_size tokens, then
     restarts from the last block_size // 2; use_cache=False recomputes it for every token (the same
-    result). thinking (EBTs): candidates, steps, step_size, langevin_std, tolerance (next_token). on_token(n):
-    called after the n-th new token (progress). The sampling options are the usual ones, keywords each."""
+    result). thinking (EBTs): candidates, steps, step_size, langevin_std, tolerance. on_token(n): progress."""
     if thinking and not isinstance(model, TextEBT):
         raise UsageError(f"thinking ({', '.join(thinking)}) needs an EBT; this is a {model.config.model!r} model")
     check_generate(model, idx, dict(thinking, num_tokens=num_tokens, temperature=temperature, top_k=top_k))

@@ -305,7 +305,7 @@ def plot_metrics(records, path):
         smooth = list(itertools.accumulate(losses, lambda avg, loss: 0.9 * avg + 0.1 * loss))
         ax.plot(steps, smooth, color="C0", label="train loss (smoothed; raw faint)")
     K = len(val[0].get("loss_per_step", [])) if val else 0
-    trained = val[0]["loss_per_step"].index(val[0]["loss"]) if K else None  # evaluate() took "loss" from there
+    trained = val[0].get("trained_steps", val[0]["loss_per_step"].index(val[0]["loss"]) + 1) - 1 if K else None
     for k in sorted({0, trained, K - 1}) if K else []:
         ax.plot([r["step"] for r in val], [r["loss_per_step"][k] for r in val], marker="o",
                 label=f"val loss, {k + 1} thinking step{'s' if k else ''}{' (as trained)' if k == trained else ''}")

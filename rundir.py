@@ -95,6 +95,11 @@ def join_process_group(device):
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def rank():
+    """This process's rank in a data-parallel run; 0 alone."""
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
 def check_out_dir(out, flag="--out_dir"):
     """A directory that can be made and written to, checked before any work: no traceback at the end."""
     out = Path(out)
@@ -110,13 +115,15 @@ def check_out_dir(out, flag="--out_dir"):
 
 
 @contextlib.contextmanager
-def owned(out_dir):
+def owned(out_dir, resume=True):
     """While a run runs, it owns its folder: another training process into it (a new run or --resume) refuses
     in one line, touching nothing. The claim is an OS lock (flock) on out_dir/.lock, so it ends with the process
-    that holds it, kill -9 included; under torchrun rank 0 holds it for every rank of the run."""
-    out, dist = Path(out_dir), torch.distributed
+    that holds it, kill -9 included; under torchrun rank 0 holds it for every rank of the run. A new run
+    (resume False) never overwrites an earlier run's checkpoint (a run killed before its first one left only
+    its log, which a new start replaces). What a crash during a save left behind is removed."""
+    out = Path(out_dir)
     check_out_dir(out)
-    lock = open(out / ".lock", "a+") if not dist.is_initialized() or dist.get_rank() == 0 else None
+    lock = open(out / ".lock", "a+") if rank() == 0 else None
     busy = False
     if lock:
         try:
@@ -135,22 +142,15 @@ def owned(out_dir):
         lock.truncate(0)
         lock.write(str(os.getpid()))
         lock.flush()
+    if not resume and (out / "ckpt.pt").exists():
+        raise UsageError(f"{out} already holds a run; continue it with --resume, or pass another --out_dir")
+    for stale in out.glob("*.tmp"):
+        stale.unlink()
     try:
         yield
     finally:
         if lock:
             lock.close()
-
-
-def prepare_out_dir(out, resume):
-    """Never overwrite an earlier run's checkpoint (a run killed before its first one left only its log,
-    which a new start replaces); remove what a crash during a save left behind."""
-    out = Path(out)
-    check_out_dir(out)
-    if not resume and (out / "ckpt.pt").exists():
-        raise UsageError(f"{out} already holds a run; continue it with --resume, or pass another --out_dir")
-    for stale in out.glob("*.tmp") if out.is_dir() else ():
-        stale.unlink()
 
 
 def check_fits(cfg, batch_size, tokens, device):
@@ -323,9 +323,9 @@ class RunLog:
         eta = int(elapsed / (r["step"] - first["step"]) * (first["max_steps"] - r["step"]))
         self.say(line + f" | {r['tokens_per_s'] / 1e3:.1f}k tok/s | ETA " + (
             f"{eta // 3600}h{eta // 60 % 60:02d}m" if eta >= 3600 else f"{eta // 60}m{eta % 60:02d}s"))
-        if r.get("step_size", 1) <= 1.001e-3 and not self.warned:  # ebt.Thinker.step_size's floor
+        if r.get("step_size", 1) <= 1.001 * ebt.MIN_STEP_SIZE and not self.warned:
             self.warned = True
-            self.say("warning: alpha sits at its floor, 0.001: thinking hardly moves the candidate; "
+            self.say(f"warning: alpha sits at its floor, {ebt.MIN_STEP_SIZE:g}: thinking hardly moves the candidate; "
                      "lower --step_size_lr_mult or --lr")
 
     def on_eval(self, r):
@@ -397,6 +397,16 @@ def load_checkpoint(path, device="cpu", needs=("model", "model_config")):
 
 
 RESUMABLE = ("model", "model_config", "optimizer", "train_config", "step")
+
+
+def checkpoint_to_resume(out_dir, kinds):
+    """out_dir/ckpt.pt, checked to be resumable and to hold a model of one of kinds (the driver's)."""
+    ckpt = load_checkpoint(Path(out_dir) / "ckpt.pt", needs=RESUMABLE)
+    kind = ckpt["model_config"].get("model")
+    if kind not in kinds:
+        driver = "train_image.py" if kind in ebt.IMAGE_KINDS else "train_text.py"
+        raise UsageError(f"{out_dir}/ckpt.pt holds a {kind!r} model; resume it with {driver}")
+    return ckpt
 
 
 def load_model(ckpt, device="cpu", **overrides):

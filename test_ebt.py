@@ -2194,7 +2194,7 @@ def test_train_image_on_photos_reports_the_photographs_it_never_saw(tmp_path, mo
 DDP_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {here!r})
-import cli, ebt, test_ebt as T, train_text
+import cli, ebt, rundir, test_ebt as T, train_text
 torch.set_num_threads(1)
 rundir.join_process_group("cpu")
 batch_size, out, recipe, max_steps = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -2240,7 +2240,7 @@ def test_torchrun_two_processes_match_one_process_with_the_global_batch(tmp_path
 GRADIENT_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {here!r})
-import cli, ebt, test_ebt as T
+import cli, compiled, ebt, rundir, test_ebt as T
 torch.distributed.init_process_group("gloo")
 rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
 model = T.tiny(weights=0.3, step_size=0.5, langevin_std=0.3, random_step_size=2.0).train()
@@ -2258,7 +2258,7 @@ rundir.leave_process_group()
 COMPILED_GRADIENT_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {here!r})
-import cli, ebt, test_ebt as T
+import cli, compiled, ebt, rundir, test_ebt as T
 torch.distributed.init_process_group("gloo")
 rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
 model = compiled.compile_model(T.tiny(weights=0.3, n_layer=1, step_size=0.5).train())
@@ -2317,7 +2317,7 @@ def test_torchrun_average_of_stepwise_backward_equals_one_process_single_backwar
 NAN_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {here!r})
-import cli, ebt, test_ebt as T
+import cli, compiled, ebt, rundir, test_ebt as T
 torch.distributed.init_process_group("gloo")
 rank = torch.distributed.get_rank()
 tok, data = T.words_data()

@@ -21,7 +21,6 @@ model at every noise level; psnr.png, the same as a plot; grid.png, a few denois
 crops; energy.png (an EBT's), the mean energy along the thinking steps.
 """
 import cli  # first: a Ctrl-C while torch loads exits quietly
-import os
 from pathlib import Path
 
 import torch
@@ -41,7 +40,6 @@ DEFAULTS = dict(patch_size=4, n_layer=3, n_head=4, n_embd=96, max_steps=800, bat
 MODEL_FLAGS = ("image_size", "patch_size", "n_layer", "n_head", "n_embd", "noise_t")
 TRAIN_FLAGS = ("max_steps", "batch_size", "lr", "warmup_steps", "weight_decay", "grad_clip", "eval_interval",
                "eval_batches", "log_interval", "seed")
-IMAGE_THINKING_FLAGS = tuple(k for k in cli.THINKING_FLAGS if k not in ("init_std", "replay_size", "replay_batch"))
 
 
 def parse_args(argv=None):
@@ -58,7 +56,7 @@ def parse_args(argv=None):
     cli.add_flags(p, ebt.TrainConfig, TRAIN_FLAGS, DEFAULTS)
     g = p.add_argument_group("thinking (EBT)")
     recipes = ebt.IMAGE_RECIPES
-    cli.add_flags(g, ebt.ModelConfig, IMAGE_THINKING_FLAGS, {
+    cli.add_flags(g, ebt.ModelConfig, cli.IMAGE_THINKING_FLAGS, {
         **{k: f"from --recipe: s1 {recipes['s1'][k]}, s2 {recipes['s2'][k]}" for k in recipes["s1"]},
         "step_size_lr_mult": "3 x step_size"})
     cli.add_flags(g, ebt.TrainConfig, ("eval_steps",))
@@ -74,7 +72,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.out_dir = args.out_dir or ("out-image-compare" if args.compare else f"out-image-{args.model or 'ebt'}")
     args.model = args.model and f"image_{args.model}"  # the config's kind
-    rundir.check_out_dir(args.out_dir)
+    if args.compare:  # training checks its out_dir as it takes it (rundir.owned)
+        rundir.check_out_dir(args.out_dir)
     if args.data and args.dataset:
         raise UsageError(f"--data {args.data} and --dataset {args.dataset}: give one (--data is a folder of images)")
     # eval_t: a DDPM step; passes: DDIM from step t takes at most t
@@ -85,14 +84,10 @@ def parse_args(argv=None):
 
 def train_models(args, device):
     device = rundir.join_process_group(device)[2]  # under torchrun the ranks own out_dir as one
-    with rundir.owned(args.out_dir):  # a second run into out_dir refuses while this one runs
-        rundir.prepare_out_dir(args.out_dir, args.resume)
-        ckpt = rundir.load_checkpoint(Path(args.out_dir) / "ckpt.pt", needs=rundir.RESUMABLE) if args.resume else None
-        if ckpt and ckpt["model_config"]["model"] not in ebt.IMAGE_KINDS:
-            raise UsageError(f"{args.out_dir}/ckpt.pt holds a {ckpt['model_config']['model']!r} model; resume it with "
-                             "train_text.py")
+    with rundir.owned(args.out_dir, args.resume):  # a second run into out_dir refuses while this one runs
+        ckpt = rundir.checkpoint_to_resume(args.out_dir, ebt.IMAGE_KINDS) if args.resume else None
         kind = ckpt["model_config"]["model"] if ckpt else args.model or "image_ebt"
-        cli.refuse_thinking(args, kind, IMAGE_THINKING_FLAGS + ("eval_steps", "recipe"))
+        cli.refuse_thinking(args, kind, cli.IMAGE_THINKING_FLAGS + ("eval_steps", "recipe"))
         dataset = "folder" if args.data else args.dataset or "photos"
         started = {**ckpt.get("started", {}), **images.data_spec(ckpt)} if ckpt else {  # data_spec reads older checkpoints
             "recipe": args.recipe or "s1" if kind in ebt.EBT_KINDS else None, "dataset": dataset, "data": args.data,
@@ -184,7 +179,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = cli.pick_device(args.device)
     models, data = load_trained(args.compare, device) if args.compare else train_models(args, device)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, one report
+    if rundir.rank() == 0:  # under torchrun, one report
         report(models, data, args, device)
 
 

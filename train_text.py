@@ -60,15 +60,12 @@ def parse_args(argv=None):
 def main(argv=None, log=rundir.printed):
     args = parse_args(argv)
     _, _, device = rundir.join_process_group(cli.pick_device(args.device))  # under torchrun the ranks own out_dir as one
-    with rundir.owned(args.out_dir):  # a second run into out_dir refuses while this one runs
+    with rundir.owned(args.out_dir, args.resume):  # a second run into out_dir refuses while this one runs
         run_training(args, device, log)
 
 
 def run_training(args, device, log):
-    rundir.prepare_out_dir(args.out_dir, args.resume)
-    ckpt = rundir.load_checkpoint(f"{args.out_dir}/ckpt.pt", needs=rundir.RESUMABLE) if args.resume else None
-    if ckpt and "tokenizer" not in ckpt:
-        raise ebt.UsageError(f"{args.out_dir}/ckpt.pt holds no text model; resume it with train_image.py")
+    ckpt = rundir.checkpoint_to_resume(args.out_dir, ebt.TEXT_KINDS) if args.resume else None
     model = ckpt["model_config"]["model"] if ckpt else args.model or "ebt"
     cli.refuse_thinking(args, model)
     path = args.data or (ckpt["data"]["path"] if ckpt else None)
