@@ -45,15 +45,15 @@ def invoke(main):
         main()
         finished = True
     except UsageError as e:
-        fail(e)
+        exit_error(e)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except (RuntimeError, OSError) as e:  # a file that cannot be written, a full disk: one line too
-        message = failure(e)
+        message = explain(e)
         if message is None and not isinstance(e, OSError):
             raise
-        fail(message or e)
+        exit_error(message or e)
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
@@ -61,7 +61,7 @@ def invoke(main):
         rundir.leave_process_group(meet=finished or rundir.stop_requested)
 
 
-def fail(message):
+def exit_error(message):
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
@@ -74,7 +74,7 @@ def stop(signum, frame):
     rundir.stop_requested = True
 
 
-def failure(e):
+def explain(e):
     """The one line for a RuntimeError the user can act on, else None."""
     text = str(e)
     if isinstance(e, torch.cuda.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text:

@@ -22,14 +22,14 @@ def traced_energy_and_gradient(energy_fn, x, k, create_graph):
 
 def compile_model(model, mode=None):
     """torch.compile what pays. A model that does not think: its loss. An EBT: its training step whole
-    (learning) and, at inference, each thinking step and, for text, each generated token and the context
+    (compiled_learn) and, at inference, each thinking step and, for text, each generated token and the context
     stream. torch.compile cannot trace autograd.grad(create_graph=True), so the compiled EBT takes every
     gradient of the energy by torch.func (traced_energy_and_gradient), in the same think(). mode:
     torch.compile's for the training step and a generated token ("reduce-overhead": CUDA graphs)."""
     if not isinstance(model, ebt.Thinker):
         model.forward = torch.compile(model.forward, mode=mode)
         return model
-    model.learn = learning(model, mode)
+    model.learn = compiled_learn(model, mode)
     model.gradient = torch.compile(traced_energy_and_gradient)
     if isinstance(model, ebt.TextEBT):
         model.trunk.forward = torch.compile(model.trunk.forward)
@@ -37,7 +37,7 @@ def compile_model(model, mode=None):
     return model
 
 
-def learning(model, mode=None):
+def compiled_learn(model, mode=None):
     """A drop-in for model.learn as one compiled graph: torch.func.grad of the model's loss in training mode
     (forward, through ebt.think) with respect to its parameters; what a graph cannot hold stays out of it:
     the random start (a torch.Generator), the replay buffer's picks and its update."""

@@ -360,9 +360,12 @@ def think_adaptively(energy_fn, y, steps, step_size, tolerance, **options):
 
 class Thinker:
     """What every EBT shares: the step size alpha, how many steps, and think() and learning through it with the
-    config's options. The model defines config, raw_step_size, normalize (None: identity), energy_dims."""
-    normalize = None
-    gradient = staticmethod(energy_and_gradient)  # compiled: by torch.func (compiled.compile_model)
+    config's options. A model that thinks sets what follows and defines its energy."""
+    config: ModelConfig
+    raw_step_size: nn.Parameter  # alpha before its floor: learned, unless the recipe fixes it
+    energy_ndim: int  # the dimensions of its energies: 1, (B,) one per image; 2, (B, P) one per token
+    normalize = None  # the candidate scored, from the state y (text: softmax(y)); None: y itself
+    gradient = staticmethod(energy_and_gradient)  # compiled: by torch.func (compiled.py)
 
     def step_size(self, y0=None):
         """alpha, kept >= MIN_STEP_SIZE in value, its gradient passing the floor so that alpha can come back. For a
@@ -370,7 +373,7 @@ class Thinker:
         drawn once for the whole descent. At inference nothing is learned."""
         raw = self.raw_step_size
         alpha = raw + (raw.clamp(min=MIN_STEP_SIZE) - raw).detach()
-        s, d = self.config.random_step_size, self.energy_dims
+        s, d = self.config.random_step_size, self.energy_ndim
         if not self.training:
             return alpha.detach()
         if y0 is None or s == 1:
@@ -418,11 +421,10 @@ class Thinker:
         return sum(w * loss for w, loss in zip(self.step_weights(len(losses)), losses) if w)
 
     def descend_and_backward(self, energy_fn, y0, target, loss_fn, weight, steps=None, leaves=()):
-        """Think from y0 and backpropagate Thinker.loss of the steps' loss_fn(y, target) x weight into the
-        parameters and `leaves` (what energy_fn reads: TextEBT.learn), not into a step's start (a (B, S, D)
-        x (D, V) product and a (B, S, V) buffer). Where the steps' graphs share only those (detach or
-        truncate), each step's loss is backpropagated at once: the same gradient, one step's second-order
-        graph alive instead of all; otherwise the whole descent at the end. Returns (trajectory, losses)."""
+        """Think from y0 and backpropagate Thinker.loss of the steps' loss_fn(y, target) x weight into the parameters
+        and `leaves` (what energy_fn reads: TextEBT.learn), not into a step's start. Where the steps' graphs share
+        only those (detach or truncate), each step's loss is backpropagated at once: the same gradient, one step's
+        second-order graph alive instead of all; else the whole descent at the end. Returns (trajectory, losses)."""
         cfg, steps = self.config, self.step_count(steps)
         weights = self.step_weights(steps)
         drawn = self.step_size(y0)  # a leaf for the steps too: each step's backward frees its own graph
@@ -501,7 +503,7 @@ class TextEBT(Thinker, nn.Module):
     candidate p as p @ W. The context never looks at predictions, so its keys and values are computed once and
     reused at every thinking step (the paper's code runs both streams again at every step)."""
     normalize = staticmethod(lambda logits: logits.softmax(-1))  # the candidate is a distribution
-    energy_dims = 2  # energies (B, P), one per position
+    energy_ndim = 2  # energies (B, P), one per position
 
     def __init__(self, cfg):
         super().__init__()
@@ -761,6 +763,7 @@ class Run:
     any = staticmethod(bool)  # whether a flag holds on any process, so that every process decides alike
     own_part = mean = staticmethod(lambda t: t)  # this process's part of a global batch; a mean over processes
     share_weights = average_gradients = staticmethod(lambda model: None)  # rank 0's weights; the mean gradient
+    show = staticmethod(print)  # a record train() logs
 
     def __init__(self):
         self.records = []
@@ -770,9 +773,6 @@ class Run:
         if self.rank == 0:
             self.records.append({**record, "time": time.time()})
             self.show(self.records[-1])
-
-    def show(self, record):
-        print(record)
 
     def save(self, model, optimizer, tc, record, new_best=False):
         """Keep the run at record["step"] (returned; None: not kept); new_best: its lowest validation loss yet."""

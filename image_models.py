@@ -86,7 +86,7 @@ class PatchTransformer(nn.Module):
 class ImageEBT(Thinker, nn.Module):
     """The energy of a candidate clean image in [-1, 1], a head's mean over patches, the blocks conditioned on the
     step; denoising is thinking from the noisy image, y <- y - alpha dE/dy. Untrained, it returns its input."""
-    energy_dims = 1  # energies (B,), one per image
+    energy_ndim = 1  # energies (B,), one per image
 
     def __init__(self, cfg):
         super().__init__()

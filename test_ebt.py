@@ -287,7 +287,7 @@ def test_langevin_noise_goes_on_the_logits_before_every_step():
 class Quadratic(ebt.Thinker, torch.nn.Module):
     """A thinker whose energy is 0.5 |x|^2 per token: each step is y <- (1 - alpha) y, so the y's
     show the step size every token took."""
-    energy_dims = 2
+    energy_ndim = 2
 
     def __init__(self, **kw):
         super().__init__()
