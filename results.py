@@ -571,7 +571,7 @@ def task_part(args, out, report_dir, device):
         "\n\n" + verify,
         "T4. What each thinking step does: the share of answer tokens whose most likely value the step changes"
         "\n\n" + changes,
-        f"T5. Adaptive stopping (`--tolerance`, at most 4x the trained steps): mean steps a token thinks before "
+        "T5. Adaptive stopping (`--tolerance`, at most 4x the trained steps): mean steps a token thinks before "
         "a step lowers its energy by less than the tolerance; harder tokens are the digits a carry comes into, "
         "and the longer OOD sums\n\n" + adaptive])
     write_section(report_dir / "results.md", "The addition task", report)
@@ -615,7 +615,7 @@ def text_part(args, out, report_dir, device):
         "4. S2: what thinking changes, as a perplexity change against its trained steps and one candidate, "
         "at each training length (negative: thinking helps)\n\n" + gains_table(runs, lengths, seeds, "S2"),
         "5. S1, the same\n\n" + gains_table(runs, lengths, seeds, "S1"),
-        f"6. Does the energy rank its candidates? Across the 16 candidates of each position (N > 1 as in 3), "
+        "6. Does the energy rank its candidates? Across the 16 candidates of each position (N > 1 as in 3), "
         "at the main length: Spearman's correlation between final energy and cross-entropy, averaged over "
         "positions; the same with the candidate's entropy (how much the energy measures confidence); and the "
         "best of 16 picked by energy and by the true cross-entropy (a perfect verifier), as a perplexity "
