@@ -22,8 +22,10 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -36,6 +38,7 @@ import rundir
 import train_text
 from data import prepare
 from data.text import CharTokenizer, TextData, shakespeare
+from measure import markdown_table
 
 HERE = Path(__file__).resolve().parent
 
@@ -52,11 +55,10 @@ def flops_per_step(cfg, B, S, steps):
     the logits (F: input gradients only), and the backward of both through the loss, which
     needs weight and input gradients of the forward and of the gradient computation (4F).
     So EBT ~ (3 + 6K) F against 3F, i.e. 3x, 5x, 7x for K = 1, 2, 3 thinking steps.
-    These are model FLOPs (what MFU counts): nanoEBT runs the context stream's forward once
-    more, trading F of recomputation for the memory of its activations (TextEBT.forward).
+    These are model FLOPs (what MFU counts): nanoEBT's training step runs the context stream's
+    forward once more, trading F of recomputation for the memory of its activations (TextEBT.learn).
     """
-    D, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab_size
-    hidden = cfg.mlp_hidden
+    D, L, V, hidden = cfg.n_embd, cfg.n_layer, cfg.vocab_size, cfg.mlp_hidden
     per_token = L * (3 * D * D + D * D + 3 * D * hidden)  # qkv, proj, SwiGLU weights
     attention = L * S * D  # multiply-adds of QK^T and AV per token, over a causal average of S/2 keys
     if cfg.model == "transformer":
@@ -74,8 +76,8 @@ def measure(kind, steps, args, rounds=(None,), ready=lambda: None):
     torch.manual_seed(0)
     thinking = dict(think_steps=max(steps, 1), landscapes=max(steps, 1))
     if args.s2:  # S2's options (train_text.py --recipe s2) without its replay buffer, at a fixed step count
-        thinking = {**ebt.RECIPES["s2"], "think_steps": max(steps, 1), "random_steps": 0, "replay_size": 0,
-                    "step_size_lr_mult": 3 * ebt.RECIPES["s2"]["step_size"]}
+        thinking = ebt.derive_thinking({**ebt.RECIPES["s2"], "think_steps": max(steps, 1), "random_steps": 0,
+                                        "replay_size": 0})  # alpha's learning rate as train_text.py derives it
     cfg = ebt.ModelConfig(model=kind, vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                           n_head=args.n_head, n_embd=args.n_embd, **thinking)
     model = ebt.build_model(cfg).to(device)
@@ -97,7 +99,6 @@ def measure(kind, steps, args, rounds=(None,), ready=lambda: None):
     for _ in range(max(args.warmup, 1 if args.compile else 0)):
         step()
     compile_s = time.perf_counter() - t0  # compiled: the warm-up compiles (the first step and each new shape)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     elif args.compile and Path("/proc/self/clear_refs").exists():  # leave the compiler's own peak out (Linux)
@@ -106,27 +107,28 @@ def measure(kind, steps, args, rounds=(None,), ready=lambda: None):
     ready()
     flops = flops_per_step(cfg, args.batch_size, args.block_size, steps)
     for i, _ in enumerate(rounds):
-        times = []
-        for _ in range(args.iters):  # the median step: this shared machine has noisy neighbours
-            sync()
-            t = time.perf_counter()
-            step()
-            sync()
-            times.append(time.perf_counter() - t)
-        dt = sorted(times)[len(times) // 2]
-        if device.startswith("cuda"):
-            peak = torch.cuda.max_memory_allocated()
-        else:  # what training added to the process: peak RSS minus the RSS with the model built
-            peak = peak_rss() - rss_before
+        times = sorted(timed(step, device) for _ in range(args.iters))
+        dt = times[len(times) // 2]  # the median step: this shared machine has noisy neighbours
+        # on CPU what training added to the process: peak RSS minus the RSS with the model built
+        peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else peak_rss() - rss_before
         if args.profile and i == 0:  # where a step's time goes, to stderr (main passes it on)
             with torch.profiler.profile() as prof:
-                step()
-                sync()
+                timed(step, device)
             sort = "self_device_time_total" if device.startswith("cuda") else "self_cpu_time_total"
             print(f"{kind}, {steps} thinking steps: one training step\n"
                   + prof.key_averages().table(sort_by=sort, row_limit=15), file=sys.stderr)
         yield {"model": kind, "steps": steps, "step_s": dt, "tokens_per_s": args.batch_size * args.block_size / dt,
                "peak_mb": peak / 2**20, "tflops": flops / dt / 1e12, "device": device, "compile_s": compile_s}
+
+
+def timed(fn, device):
+    """The wall time of one call of fn, the device's queue drained before and after."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t
 
 
 def high_water_mark(pid="self"):
@@ -141,17 +143,13 @@ def high_water_mark(pid="self"):
 
 def peak_rss():
     """This process's peak resident set in bytes: its high-water mark, else ru_maxrss (in bytes on macOS)."""
-    peak = high_water_mark()
-    return peak if peak is not None else (
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024))
+    return high_water_mark() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (
+        1 if sys.platform == "darwin" else 1024)
 
 
 def allocated_memory_env():
-    """The environment for a CPU memory measurement: glibc's malloc keeps freed blocks for reuse,
-    so a process's resident set also counts memory no tensor holds any more, and how much depends
-    on the order of allocations. With every block of 64 kB or more mapped on its own (and so
-    returned when freed), the peak resident set follows the peak of what is allocated, which is
-    what torch.cuda.max_memory_allocated measures on a GPU. Slower, so no timing is taken from it."""
+    """glibc's malloc keeps freed blocks for reuse; mapped on its own, each block of 64 kB or more is returned when
+    freed, and the peak resident set follows what is allocated (see the top). Slower: no timing is taken from it."""
     return {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
@@ -160,7 +158,6 @@ def measure_alternating(ones, argv, rounds, env=None, echo_stderr=False):
     one at a time, then timed in rounds that alternate between them, the order turned each round: a neighbour's
     load on this shared machine falls on every configuration of a round alike. Returns, per configuration, its
     last measurement with step_s and tokens_per_s from its median round, and rounds_s, its step time each round."""
-    import tempfile
     workers = []
 
     def answer(proc, err, one):  # a line of the worker's, or its one-line error as ours (exit code 2)
@@ -219,18 +216,10 @@ def time_generation(args, contexts=(64, 128, 256), new_tokens=16):
     reference = ebt.build_model(cfg).to(device).eval()
     model = compiled.compile_model(copy.deepcopy(reference), args.compile_mode) if args.compile else reference
     g = torch.Generator().manual_seed(0)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def rate(fn, n, repeats=3):
         fn()  # warm-up
-        best = float("inf")
-        for _ in range(repeats):  # the best of a few runs: the least disturbed one
-            sync()
-            t = time.perf_counter()
-            fn()
-            sync()
-            best = min(best, time.perf_counter() - t)
-        return n / best
+        return n / min(timed(fn, device) for _ in range(repeats))  # the best of a few: the least disturbed
 
     def reference_way(window):  # always eager, as the paper's code runs
         y0 = reference.initial_logits(*window.shape, device)
@@ -255,7 +244,6 @@ def count_syncs(steps=20, log_interval=10):
     tiny EBT, by call site: what makes the host wait for the GPU. Evaluation is left out."""
     import collections
     import random
-    import tempfile
     import traceback
     from torch.overrides import TorchFunctionMode
     sites = collections.Counter()
@@ -288,8 +276,6 @@ def run_until(argv, out_dir, seconds=None, step=None, start_up=300):
     """Run a training command; stop it with SIGTERM (it saves) once it has trained for `seconds`, counted from
     its first logged step so that start-up and compiling are not (given at most `start_up` seconds), or once
     it has logged `step`. Returns its metrics records and its output."""
-    import signal
-    import tempfile
     t0, first, metrics, done = time.time(), None, Path(out_dir) / "metrics.jsonl", False
     with tempfile.TemporaryFile("w+") as output:  # a file, not a pipe: a pipe nobody reads fills and blocks
         proc = subprocess.Popen([sys.executable, *argv], stdout=output, stderr=subprocess.STDOUT, text=True)
@@ -329,10 +315,7 @@ def summarise_run(records, max_steps):
 def gpu_check(out, args):
     """Issue 23's GPU measurements, most telling first, each written to OUT/gpu_check.json as soon as it is
     made (a run cut short keeps what it measured): this benchmark at the size given (the GPU preset:
-    --n_layer 6 --n_head 6 --n_embd 384 --block_size 256 --batch_size 64) eager, compiled, and compiled
-    as CUDA graphs (reduce-overhead); the default `python train_text.py` for --seconds, eager and
-    compiled, and the Transformer++ over the eager run's steps; the CUDA tests."""
-    import tempfile
+    --n_layer 6 --n_head 6 --n_embd 384 --block_size 256 --batch_size 64), then the default text run."""
     runs = Path(tempfile.mkdtemp())  # checkpoints stay out of OUT: only the summary and logs go there
     cuda = torch.cuda.is_available()
     result = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__}
@@ -349,16 +332,14 @@ def gpu_check(out, args):
                             "--only", "transformer:0", "ebt:2", *extra], capture_output=True, text=True)
         keep(name, r.stdout if r.returncode == 0 else r.stderr[-2000:])
     max_steps, train = train_text.PRESETS["gpu"]["max_steps"], str(HERE / "train_text.py")
-    for name, extra in (("ebt", []), ("ebt compiled", ["--compile"])):
-        records, log = run_until([train, "--device", args.device, "--out_dir", str(runs / name), *extra], runs / name,
-                                 seconds=args.seconds)
+    for name, extra in (("ebt", []), ("ebt compiled", ["--compile"]), ("transformer", ["--model", "transformer"])):
+        until = {"seconds": args.seconds}
+        if name == "transformer":  # as many steps as the eager EBT trained
+            until = {"step": result["python train_text.py"]["steps"]}
+        records, log = run_until([train, "--device", args.device, *extra, "--out_dir", str(runs / name)], runs / name,
+                                 **until)
         (out / f"{name.replace(' ', '_')}.log").write_text(log)
         keep(f"python train_text.py {' '.join(extra)}".strip(), summarise_run(records, max_steps))
-    records, log = run_until([train, "--device", args.device, "--model", "transformer", "--out_dir",
-                              str(runs / "transformer")], runs / "transformer",
-                             step=result["python train_text.py"]["steps"])
-    (out / "transformer.log").write_text(log)
-    keep("python train_text.py --model transformer", summarise_run(records, max_steps))
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", str(HERE / "test_ebt.py"), "-m", "cuda"],
                        capture_output=True, text=True, cwd=HERE)
     keep("cuda tests", (r.stdout.strip().splitlines() or [f"pytest printed nothing: {r.stderr[-500:]}"])[-1])
@@ -394,17 +375,14 @@ BPE_OFFLINE = ("import sys, tiktoken, test_ebt; enc = test_ebt.small_bpe(); tikt
                "from data import prepare; prepare.main(sys.argv[1:])")  # the tests' BPE: GPT-2's files need a network
 
 
-def corpus_check(sizes_mb, old=None, runs=None):
-    """Your own corpus, measured: for each size, a corpus of Tiny Shakespeare repeated (generated in a temporary
-    folder, removed after) is prepared (characters; BPE with the tests' offline encoding) and trained from (a
-    prepared folder; the plain file, prepared into its cache first, then again from the cache): MB/s, peak
-    resident set, time to the first logged step, and reading a batch against a training step. old: a checkout
-    of an earlier nanoEBT, whose train_text.py reads the file whole, timed on the same files up to 100 MB."""
-    import tempfile
+def corpus_check(sizes_mb, old=None):
+    """Your own corpus, measured: Tiny Shakespeare repeated to each size (in a temporary folder), prepared
+    (characters; BPE with the tests' offline encoding) and trained from (a prepared folder; the plain file, first
+    into its cache, then from it). old: a checkout of an earlier nanoEBT, whose train_text.py reads the file whole."""
     rows = []
     train = [sys.executable, "train_text.py", "--preset", "cpu", "--max_steps", "1", "--log_interval", "1",
              "--eval_batches", "1", "--device", "cpu"]
-    with tempfile.TemporaryDirectory(dir=runs) as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         tmp, text = Path(tmp), shakespeare()
         for mb in sizes_mb:
             corpus = tmp / f"corpus-{mb}mb.txt"
@@ -417,18 +395,16 @@ def corpus_check(sizes_mb, old=None, runs=None):
                                                 "char" if kind == "char" else "gpt2", "--overwrite"])
                 row[f"prepare {kind}"] = {"MB/s": size / seconds, "peak MB": rss}
             cache = {"NANOEBT_CACHE": str(tmp / "cache")}
-            for name, data, env in (("train, prepared", tmp / "char", None), ("train, file (prepares)", corpus, cache),
-                                    ("train, file (cached)", corpus, cache)):
-                seconds, rss, _ = run_measured([*train, "--data", str(data), "--out_dir", str(tmp / "run"),
+            trains = [("train, prepared", train, tmp / "char", None), ("train, file (prepares)", train, corpus, cache),
+                      ("train, file (cached)", train, corpus, cache)]
+            if old and mb <= 100:  # it holds 19 bytes a character: 1 GB would not fit this machine's 24 GB
+                before = [sys.executable, str(Path(old) / "train_text.py"), *train[2:]]
+                trains.append(("train, file (before)", before, corpus, None))
+            for name, command, data, env in trains:
+                seconds, rss, _ = run_measured([*command, "--data", str(data), "--out_dir", str(tmp / "run"),
                                                 "--eval_interval", "1000"], until="step 1/1", env=env)
                 shutil.rmtree(tmp / "run")
                 row[name] = {"first step s": seconds, "peak MB": rss}
-            if old and mb <= 100:  # it holds 19 bytes a character: 1 GB would not fit this machine's 24 GB
-                seconds, rss, _ = run_measured([sys.executable, str(Path(old) / "train_text.py"), *train[2:], "--data",
-                                                str(corpus), "--out_dir", str(tmp / "run"), "--eval_interval", "1000"],
-                                               until="step 1/1")
-                shutil.rmtree(tmp / "run")
-                row["train, file (before)"] = {"first step s": seconds, "peak MB": rss}
             batch = TextData(*(lambda c: (c.train, c.val))(prepare.Corpus(tmp / "char")), 64)
             g, start = torch.Generator().manual_seed(0), time.perf_counter()
             for _ in range(100):
@@ -510,31 +486,30 @@ def main(argv=None):
           f"{args.n_layer} layers x {args.n_embd} wide, batch {args.batch_size} x {args.block_size}")
     name = lambda r: "Transformer++" if r["model"] == "transformer" else f"EBT, {r['steps']} step{'s' * (r['steps'] > 1)}"
     ref = name(base)
-    last = (" MFU |" if cuda else f" peak resident set (MB) | x {ref} resident set |") + (
-        " compiling (s) |" if args.compile else "")
     print(f"step: the median over {args.rounds} alternating rounds of {args.iters} steps each; x {ref} time: the median "
           "of the rounds' own ratios (their range)")
-    print(f"| model | step (ms) | tokens/s | x {ref} time | peak training memory (MB) | x {ref} memory |" + last)
-    print("|---|---|---|---|---|---|" + "---|" * last.count("|"))
+    head = ["model", "step (ms)", "tokens/s", f"x {ref} time", "peak training memory (MB)", f"x {ref} memory"]
+    head += ["MFU"] if cuda else ["peak resident set (MB)", f"x {ref} resident set"]
+    table = []
     for r in rows:
         ratio = lambda k: f"{r[k] / base[k]:.2f}" if base[k] > 0 else "-"
         per_round = sorted(t / b for t, b in zip(r["rounds_s"], base["rounds_s"]))  # each round's own ratio
         time_ratio = f"{per_round[len(per_round) // 2]:.2f}" + (
             f" ({per_round[0]:.2f}-{per_round[-1]:.2f})" if len(per_round) > 1 else "")
-        print(f"| {name(r)} | {r['step_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | {time_ratio} | "
-              f"{r['peak_mb']:.0f} | {ratio('peak_mb')} |"
-              + (f" {100 * r['tflops'] / args.peak_tflops:.1f}% |" if cuda else
-                 f" {r['resident_mb']:.0f} | {ratio('resident_mb')} |")
-              + (f" {r['compile_s']:.0f} |" if args.compile else ""))
+        mfu = [f"{100 * r['tflops'] / args.peak_tflops:.1f}%"]
+        table.append([name(r), f"{r['step_s'] * 1e3:.1f}", f"{r['tokens_per_s']:,.0f}", time_ratio,
+                      f"{r['peak_mb']:.0f}", ratio("peak_mb"),
+                      *(mfu if cuda else [f"{r['resident_mb']:.0f}", ratio("resident_mb")]),
+                      *([f"{r['compile_s']:.0f}"] if args.compile else [])])
+    print(markdown_table(head + (["compiling (s)"] if args.compile else []), table))
     if args.no_generation:
         return
     print("\nEBT generation, 2 thinking steps, 1 candidate (tokens/s; speed-up of the cache in brackets)")
-    print("| context | cached | context stream recomputed | both streams recomputed every step (the reference's way) |")
-    print("|---|---|---|---|")
-    for r in time_generation(args):
-        c = r["cached_tok_s"]
-        print(f"| {r['context']} | {c:.1f} | {r['context_tok_s']:.1f} ({c / r['context_tok_s']:.1f}x) | "
-              f"{r['reference_tok_s']:.1f} ({c / r['reference_tok_s']:.1f}x) |")
+    speed_up = lambda r, k: f"{r[k]:.1f} ({r['cached_tok_s'] / r[k]:.1f}x)"
+    print(markdown_table(["context", "cached", "context stream recomputed",
+                          "both streams recomputed every step (the reference's way)"],
+                         [[str(r["context"]), f"{r['cached_tok_s']:.1f}", speed_up(r, "context_tok_s"),
+                           speed_up(r, "reference_tok_s")] for r in time_generation(args)]))
 
 
 if __name__ == "__main__":

@@ -15,19 +15,16 @@ runs can also be launched by hand (in parallel) into the same directories; an in
 is resumed. From scratch, everything takes 3 to 4 hours on 2 CPU cores.
 
 Evaluation: cross-entropy on --windows random windows of the validation split and of an
-out-of-distribution text (Python's pydoc_data.topics), after 1, 2, 3, 4, 6, 8 and 12 thinking
-steps (one candidate, no noise) and with the best of N = 1, 2, 4, 8 and 16 candidates (at the
-trained steps, the lowest final energy kept; for N > 1 each with the paper's inference Langevin
-noise, std 1; N = 1 is one candidate without noise, what the best of N is measured against). Does
-the energy verify: across the 16 candidates of each position, Spearman's correlation between final
-energy and cross-entropy, and the best of N picked by energy, at random and by the true
-cross-entropy (a perfect verifier); and what each thinking step changes. One run beyond the paper
-(EXPERIMENT, first seed, main length) asks whether more thinking steps in training make the energy rank.
+out-of-distribution text (Python's pydoc_data.topics), after 1 to 12 thinking steps (STEPS; one
+candidate, no noise) and with the best of N = 1 to 16 candidates (CANDIDATES; at the trained steps,
+the lowest final energy kept; N > 1 with the paper's inference Langevin noise, std 1). Does the
+energy verify: Spearman's correlation of final energy and cross-entropy across the 16 candidates of
+a position, and the best of N picked by energy, at random and by the truth; what each step changes.
+One run beyond the paper (EXPERIMENT) asks whether more thinking steps in training make the energy rank.
 
 The addition task (--part task, about an hour on 2 cores): the same three models trained 2000 steps on
 data/addition.py's problems (one right answer per answer token), each seed, and measured on answer tokens
-in distribution and with more digits (task_scores): accuracy and cross-entropy, exact match of whole
-answers generated greedily, thinking longer, self-verification, what each step changes, adaptive stopping.
+in distribution and with more digits (task_scores).
 
 Writes results.md (every table, a section per part) and the plots gap.png, thinking_steps.png,
 candidates.png, gains.png, verifier.png and task.png to assets/ (--report_dir), the image report
@@ -106,6 +103,14 @@ def ensure_trained(main, argv, out_dir, expect=None):
     main(argv)  # a Ctrl-C saves the run and stops results.py (run it again to resume)
 
 
+def ensure_text_run(args, flags, out_dir, steps, seed):
+    """ensure_trained() of a train_text.py run of the --preset, for `steps` optimizer steps."""
+    argv = ["--preset", args.preset, *flags, "--max_steps", str(steps), "--seed", str(seed), "--out_dir", str(out_dir),
+            "--device", args.device]
+    expect = {**train_text.PRESETS[args.preset], "max_steps": steps, "seed": seed}
+    ensure_trained(train_text.main, argv, out_dir, expect)
+
+
 def curves(path, windows, device):
     """Cross-entropy (nats per token) against thinking steps and candidates, on the validation
     split and on the OOD text: {"val" | "ood": {"steps" | "candidates": {k: CE}}, "trained": K}."""
@@ -158,23 +163,18 @@ def learning_table(runs, lengths, seeds):
     return measure.markdown_table(head, rows)
 
 
-def steps_table(runs, length, seeds):
-    head, rows = ["thinking steps", *(f"{m} {split}" for split in ("val", "OOD") for m in EBTS)], []
-    for k in STEPS:
+def curve_table(runs, length, seeds, kind):
+    """The EBTs' CE (mean over seeds) against thinking steps or candidates (kind), on each text."""
+    first = "thinking steps" if kind == "steps" else "candidates N"
+    head, rows = [first, *(f"{m} {split}" for split in ("val", "OOD") for m in EBTS)], []
+    for k in STEPS if kind == "steps" else CANDIDATES:
         cells = [str(k)]
         for split in ("val", "ood"):
             for m in EBTS:
-                v = mean([runs[m, length, s][split]["steps"][k] for s in seeds])
-                mark = " (trained)" if k == runs[m, length, seeds[0]]["trained"] else ""
-                cells.append(f"{v:.3f}{mark}")
+                v = mean([runs[m, length, s][split][kind][k] for s in seeds])
+                trained = kind == "steps" and k == runs[m, length, seeds[0]]["trained"]
+                cells.append(f"{v:.3f}" + (" (trained)" if trained else ""))
         rows.append(cells)
-    return measure.markdown_table(head, rows)
-
-
-def candidates_table(runs, length, seeds):
-    head = ["candidates N", *(f"{m} {split}" for split in ("val", "OOD") for m in EBTS)]
-    rows = [[str(n), *(f"{mean([runs[m, length, s][split]['candidates'][n] for s in seeds]):.3f}"
-                       for split in ("val", "ood") for m in EBTS)] for n in CANDIDATES]
     return measure.markdown_table(head, rows)
 
 
@@ -191,8 +191,7 @@ VERIFIER_COLUMNS = ["Spearman(final energy, CE)", "Spearman(final energy, entrop
 
 
 def verifier_cells(cs, split):
-    """Does the energy rank its candidates, one value per run of cs ("a / b"): Spearman with the cross-entropy
-    and with the entropy, and the best of 16 by energy and by the truth (verifier_gains)."""
+    """Does the energy rank its candidates (VERIFIER_COLUMNS, verifier_gains), one value per run of cs: "a / b"."""
     return [*(" / ".join(f"{c[split]['verifier'][k]:+.2f}" for c in cs) for k in ("correlation", "entropy correlation")),
             *(" / ".join(f"{verifier_gains(c, split)[pick]:+.1f}%" for c in cs) for pick in ("energy", "oracle"))]
 
@@ -245,19 +244,20 @@ def plot_gap(runs, lengths, seeds, path):
         gap_ax.plot(lengths, [mean(g) for g in gap], marker="o", color=f"C{i}", label=m)
         gap_ax.fill_between(lengths, [min(g) for g in gap], [max(g) for g in gap], color=f"C{i}", alpha=0.15)
     gap_ax.axhline(5, color="gray", ls=":", label="5% target")
-    ce_ax.set(xscale="log", xlabel="optimizer steps (same batch)", ylabel="validation CE (nats/char)",
-              title="learning: CE at the trained steps")
-    gap_ax.set(xscale="log", xlabel="optimizer steps (same batch)", ylabel="EBT CE / Transformer++ CE - 1 (%)",
-               title="the EBTs' gap to the Transformer++")
+    ce_ax.set(ylabel="validation CE (nats/char)", title="learning: CE at the trained steps")
+    gap_ax.set(ylabel="EBT CE / Transformer++ CE - 1 (%)", title="the EBTs' gap to the Transformer++")
     for ax in (ce_ax, gap_ax):
+        ax.set(xscale="log", xlabel="optimizer steps (same batch)")
         plots.grid_at(ax, lengths)
         ax.legend(fontsize=8)
     fig.savefig(path, dpi=90)
 
 
-def plot_curves(runs, length, seeds, kind, xlabel, path, title):
-    """One panel per text: each model's mean CE over seeds, the range shaded; the
-    Transformer++ (which does not think) dashed."""
+def plot_curves(runs, length, seeds, kind, path):
+    """CE against thinking steps or candidates (kind), one panel per text: each model's mean CE over seeds,
+    the range shaded; the Transformer++ (which does not think) dashed."""
+    steps = kind == "steps"
+    xlabel = "thinking steps (1 candidate)" if steps else "candidates N (trained steps, lowest energy kept)"
     fig = plots.figure(figsize=(9, 3.6), layout="constrained")
     for ax, (split, name) in zip(fig.subplots(1, 2), (("val", "validation (Tiny Shakespeare)"),
                                                        ("ood", "OOD (pydoc_data.topics)"))):
@@ -270,15 +270,16 @@ def plot_curves(runs, length, seeds, kind, xlabel, path, title):
                     color=f"C{i}", label=m)
             if len(seeds) > 1:
                 ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=f"C{i}", alpha=0.15)
-            if kind == "steps" and not flat:
+            if steps and not flat:
                 ax.axvline(runs[m, length, seeds[0]]["trained"], color=f"C{i}", ls=":", lw=1,
                            label=f"{m}: trained steps")
-        if kind == "candidates":
+        if not steps:
             ax.set_xscale("log", base=2)
         plots.grid_at(ax, xs)
         ax.set(title=name, xlabel=xlabel, ylabel="cross-entropy (nats/char)")
     fig.legend(*ax.get_legend_handles_labels(), loc="outside right center", fontsize=9)
-    fig.suptitle(title)
+    fig.suptitle(f"cross-entropy vs {'thinking steps' if steps else 'self-verification candidates'} "
+                 f"({length} optimizer steps)")
     fig.savefig(path, dpi=90)
 
 
@@ -362,22 +363,19 @@ def at_answers(t, answer):
 
 
 @torch.no_grad()
-def task_scores(model, problems, tokenizer, steps, candidates=16, chunk=64):
-    """Every measure of issue 30 on one text's problems, answer tokens only: accuracy and cross-entropy with
-    teacher forcing after each number of thinking steps (one candidate, no noise); exact match of whole
-    answers generated greedily with that thinking; the best of n noisy candidates (trained steps) picked by
-    final energy, at random and by the truth; Spearman of the final energy with each candidate's
-    cross-entropy and entropy; the share of argmaxes each step changes; the steps adaptive stopping spends
-    on digits with and without a carry coming in."""
+def task_scores(model, problems, tokenizer, steps, candidates=max(CANDIDATES), chunk=64):
+    """Every measure of issue 30 (task_part's tables T1 to T5) on one text's problems, answer tokens only:
+    per thinking steps, teacher-forced accuracy and CE and greedy exact match; the best of n noisy candidates;
+    Spearman's of the final energy; the argmaxes each step changes; adaptive stopping's steps per digit."""
     device, thinks = next(model.parameters()).device, isinstance(model, ebt.TextEBT)
     g = torch.Generator().manual_seed(0)
     parts = []
     for i in range(0, len(problems["x"]), chunk):
         x, y, answer, carry = (problems[k][i:i + chunk].to(device) for k in ("x", "y", "answer", "carry"))
-        part = {"answer_carry": carry[answer], "per_step": []}
+        part = {"answer_carry": carry[answer]}
+        parts.append(part)
         if not thinks:
             part["per_step"] = [model.logits(x)[0][answer]] * len(steps)
-            parts.append(part)
             continue
         # only the last P positions think: every answer ends its window (a prediction sees no other)
         context, P = model.context(x), int(answer.sum(1).max())
@@ -395,7 +393,6 @@ def task_scores(model, problems, tokenizer, steps, candidates=16, chunk=64):
             at_answers(energy, answer))
         part["steps_used"] = {tol: model.think_candidates(context, P, 1, g, steps=max(steps),
                                                           tolerance=tol).steps_used[:, 0][answer] for tol in TOLERANCES}
-        parts.append(part)
     targets = problems["y"][problems["answer"]].to(device)
     out = {"steps": {}}
     for j, k in enumerate(steps):
@@ -407,9 +404,9 @@ def task_scores(model, problems, tokenizer, steps, candidates=16, chunk=64):
     out["exact"] = {k: exact_match(model, problems, tokenizer, k, chunk) for k in steps}
     log_p, correct, entropy, energy = (torch.cat([p["candidates"][c] for p in parts], dim=-1) for c in range(4))
     ce, random_pick = -log_p, torch.zeros_like(energy)
-    n_all = [n for n in (1, 2, 4, 8, 16) if n <= candidates]
     out["best of"] = {pick: {n: {"acc": 1 - measure.best_of(1 - correct[:, :n], score[:, :n]).mean().item(),
-                                 "ce": measure.best_of(ce[:, :n], score[:, :n]).mean().item()} for n in n_all}
+                                 "ce": measure.best_of(ce[:, :n], score[:, :n]).mean().item()}
+                             for n in CANDIDATES if n <= candidates}
                       for pick, score in (("energy", energy), ("random", random_pick), ("oracle", ce))}
     out["spearman ce"] = measure.spearman(energy, ce).mean().item()
     out["spearman entropy"] = measure.spearman(energy, entropy).mean().item()
@@ -444,23 +441,18 @@ def task_runs(args, out, device):
     and measure each on TASK_PROBLEMS problems of val.txt (in distribution) and of ood.txt (more digits)."""
     if not all((TASK_DATA / f"{split}.txt").exists() for split in ("train", "val", "ood")):
         addition.write(TASK_DATA)
+    dirs = {(m, s): out / f"task-{prefix}-{TASK_LENGTH}-seed{s}" for m, (prefix, _) in RUNS.items() for s in args.seeds}
+    for (m, s), d in dirs.items():
+        ensure_text_run(args, [*RUNS[m][1], "--data", str(TASK_DATA / "train.txt")], d, TASK_LENGTH, s)
     runs = {}
-    for m, (prefix, flags) in RUNS.items():
-        for s in args.seeds:
-            d = out / f"task-{prefix}-{TASK_LENGTH}-seed{s}"
-            ensure_trained(train_text.main, ["--preset", args.preset, *flags, "--data", str(TASK_DATA / "train.txt"),
-                                             "--max_steps", str(TASK_LENGTH), "--seed", str(s), "--out_dir", str(d),
-                                             "--device", args.device],
-                           d, {**train_text.PRESETS[args.preset], "max_steps": TASK_LENGTH, "seed": s})
-    for m, (prefix, _) in RUNS.items():
-        for s in args.seeds:
-            print(f"evaluating task-{prefix}-{TASK_LENGTH}-seed{s}", flush=True)
-            model, tokenizer = rundir.load_text_model(out / f"task-{prefix}-{TASK_LENGTH}-seed{s}" / "ckpt.pt", device)
-            K = model.trained_steps() if isinstance(model, ebt.Thinker) else 1
-            steps = sorted({1, K, 2 * K, 4 * K}) if isinstance(model, ebt.Thinker) else [1]  # the Transformer++: once
-            runs[m, s] = {"trained": K, **{split: task_scores(model, task_problems(
-                (TASK_DATA / f"{split}.txt").read_text(), tokenizer, model.config.block_size, TASK_PROBLEMS),
-                tokenizer, steps) for split in ("val", "ood")}}
+    for (m, s), d in dirs.items():
+        print(f"evaluating {d.name}", flush=True)
+        model, tokenizer = rundir.load_text_model(d / "ckpt.pt", device)
+        K = model.trained_steps() if isinstance(model, ebt.Thinker) else 1
+        steps = sorted({1, K, 2 * K, 4 * K}) if isinstance(model, ebt.Thinker) else [1]  # the Transformer++: once
+        runs[m, s] = {"trained": K, **{split: task_scores(model, task_problems(
+            (TASK_DATA / f"{split}.txt").read_text(), tokenizer, model.config.block_size, TASK_PROBLEMS),
+            tokenizer, steps) for split in ("val", "ood")}}
     return runs
 
 
@@ -469,7 +461,7 @@ def task_tables(runs, seeds):
     splits = (("val", "in"), ("ood", "OOD"))
     cell = lambda m, get, fmt="{:.1%}": " / ".join("-" if get(runs[m, s]) is None else fmt.format(get(runs[m, s]))
                                                    for s in seeds)
-    at = lambda c, split, times, what: c[split]["steps" if what != "exact" else "exact"][max(1, times * c["trained"])]
+    at = lambda c, split, times, what: c[split][what][max(1, times * c["trained"])]
     learning = measure.markdown_table(
         ["model", "accuracy in", "accuracy OOD", "CE in", "CE OOD", "exact match in", "exact match OOD"],
         [[m, *(cell(m, lambda c, sp=sp: at(c, sp, 1, "steps")["acc"]) for sp, _ in splits),
@@ -579,7 +571,7 @@ def task_part(args, out, report_dir, device):
         "\n\n" + verify,
         "T4. What each thinking step does: the share of answer tokens whose most likely value the step changes"
         "\n\n" + changes,
-        f"T5. Adaptive stopping (`--tolerance`, at most 4x the trained steps): mean steps a token thinks before "
+        "T5. Adaptive stopping (`--tolerance`, at most 4x the trained steps): mean steps a token thinks before "
         "a step lowers its energy by less than the tolerance; harder tokens are the digits a carry comes into, "
         "and the longer OOD sums\n\n" + adaptive])
     write_section(report_dir / "results.md", "The addition task", report)
@@ -594,46 +586,36 @@ def text_part(args, out, report_dir, device):
     dirs = {(m, n, s): out / f"{prefix}-{n}-seed{s}" for m, (prefix, _) in RUNS.items() for n in lengths for s in seeds}
     # the main comparison (the shortest length of 1500 steps or more) first: it matters most
     main_length = min((n for n in lengths if n >= 1500), default=max(lengths))
-    for key in sorted(dirs, key=lambda key: (key[1] != main_length, key[1], key[2])):
-        m, n, s = key
-        argv = ["--preset", args.preset, *RUNS[m][1], "--max_steps", str(n), "--seed", str(s),
-                "--out_dir", str(dirs[key]), "--device", args.device]
-        ensure_trained(train_text.main, argv, dirs[key], {**train_text.PRESETS[args.preset], "max_steps": n, "seed": s})
+    for m, n, s in sorted(dirs, key=lambda key: (key[1] != main_length, key[1], key[2])):
+        ensure_text_run(args, RUNS[m][1], dirs[m, n, s], n, s)
     label, prefix, flags = EXPERIMENT  # at the main length, first seed
-    experiment = out / f"{prefix}-{main_length}-seed{seeds[0]}"
-    ensure_trained(train_text.main, ["--preset", args.preset, *flags, "--max_steps", str(main_length), "--seed",
-                                     str(seeds[0]), "--out_dir", str(experiment), "--device", args.device],
-                   experiment, {**train_text.PRESETS[args.preset], "max_steps": main_length, "seed": seeds[0]})
+    dirs[label, main_length, seeds[0]] = out / f"{prefix}-{main_length}-seed{seeds[0]}"
+    ensure_text_run(args, flags, dirs[label, main_length, seeds[0]], main_length, seeds[0])
 
     runs = {}
     for key, d in dirs.items():
         print(f"evaluating {d}", flush=True)
         runs[key] = curves(d / "ckpt.pt", args.windows, device)
-    print(f"evaluating {experiment}", flush=True)
-    runs[label, main_length, seeds[0]] = curves(experiment / "ckpt.pt", args.windows, device)
     plot_gap(runs, lengths, seeds, report_dir / "gap.png")
-    plot_curves(runs, main_length, seeds, "steps", "thinking steps (1 candidate)", report_dir / "thinking_steps.png",
-                f"cross-entropy vs thinking steps ({main_length} optimizer steps)")
-    plot_curves(runs, main_length, seeds, "candidates", "candidates N (trained steps, lowest energy kept)",
-                report_dir / "candidates.png",
-                f"cross-entropy vs self-verification candidates ({main_length} optimizer steps)")
+    plot_curves(runs, main_length, seeds, "steps", report_dir / "thinking_steps.png")
+    plot_curves(runs, main_length, seeds, "candidates", report_dir / "candidates.png")
     plot_gains(runs, lengths, seeds, report_dir / "gains.png")
     plot_verifier(runs, lengths, main_length, seeds, report_dir / "verifier.png")
-    per_seed = " / ".join(map(str, seeds))
     report = "\n\n".join([
         f"Cross-entropy in nats per character (lower is better) on {args.windows} windows of the validation "
         f"split of Tiny Shakespeare and of the OOD text (pydoc_data.topics), `--preset {args.preset}`. "
-        f"Per-seed values are given as {per_seed}; curves are means over the seeds.",
+        f"Per-seed values are given as {' / '.join(map(str, seeds))}; curves are means over the seeds.",
         "1. Learning: validation CE at the trained steps (S1 2, S2 3) and the EBTs' gap to the Transformer++, "
         "at equal optimizer steps and batch\n\n" + learning_table(runs, lengths, seeds),
         f"2. CE against thinking steps (1 candidate, no noise), {main_length} optimizer steps\n\n"
-        + steps_table(runs, main_length, seeds),
+        + curve_table(runs, main_length, seeds, "steps"),
         f"3. CE against self-verification candidates (trained steps; N > 1 with Langevin noise 1, lowest final "
-        f"energy kept; N = 1 without noise), {main_length} optimizer steps\n\n" + candidates_table(runs, main_length, seeds),
+        f"energy kept; N = 1 without noise), {main_length} optimizer steps\n\n"
+        + curve_table(runs, main_length, seeds, "candidates"),
         "4. S2: what thinking changes, as a perplexity change against its trained steps and one candidate, "
         "at each training length (negative: thinking helps)\n\n" + gains_table(runs, lengths, seeds, "S2"),
         "5. S1, the same\n\n" + gains_table(runs, lengths, seeds, "S1"),
-        f"6. Does the energy rank its candidates? Across the 16 candidates of each position (N > 1 as in 3), "
+        "6. Does the energy rank its candidates? Across the 16 candidates of each position (N > 1 as in 3), "
         "at the main length: Spearman's correlation between final energy and cross-entropy, averaged over "
         "positions; the same with the candidate's entropy (how much the energy measures confidence); and the "
         "best of 16 picked by energy and by the true cross-entropy (a perfect verifier), as a perplexity "
