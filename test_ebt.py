@@ -1,6 +1,7 @@
 """nanoEBT tests. Run: python -m pytest -q test_ebt.py  (7 to 10 minutes on 2 CPU cores, no network).
 
-By concern: blocks and attention, the descent, training, generation, drivers and bad input, images,
+By concern: blocks and attention, the descent, training, generation, torch.compile, flags and configuration,
+resume and checkpoints, run folders and stopping, text data, the drivers, bench and results, bad input, images,
 data parallel. -m "not slow" leaves out the compiled and multi-process tests; -m cuda runs the GPU ones.
 """
 import contextlib
@@ -620,156 +621,6 @@ def test_cuda_training_uses_fused_adamw_with_the_step_size_group(tmp_path, monke
     assert rundir.load_checkpoint(tmp_path / "out" / "ckpt.pt")["step"] == 4
 
 
-def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
-    tok, data = words_data()
-    model = ebt.build_model(config(vocab_size=tok.vocab_size))
-    ebt.train(model, data, train_config(tmp_path, max_steps=3), rundir.Run(tmp_path / "out", {"tokenizer": tok.state()}, say=quiet))
-    ckpt = rundir.load_checkpoint(tmp_path / "out" / "ckpt.pt")
-    assert ckpt["step"] == 3 and ckpt["tokenizer"] == tok.state()
-    loaded = rundir.load_model(ckpt)
-    x, _ = data.batch("val", 4, generator=torch.Generator().manual_seed(0))
-    outputs = []
-    for m in (model.eval(), loaded):
-        torch.manual_seed(7)
-        traj = predict(m, x, steps=3)
-        outputs.append((torch.stack(traj.ys[1:]), torch.stack(traj.energies)))
-    assert all(torch.equal(a, b) for a, b in zip(*outputs))
-    assert [r["step"] for r in rundir.read_records(tmp_path / "out" / "metrics.jsonl")] == [1, 2, 3, 3]
-    assert (tmp_path / "out" / "loss.png").read_bytes()[:4] == b"\x89PNG"
-
-
-def test_best_pt_holds_the_model_at_its_lowest_validation_loss_and_sample_reads_it(tmp_path, text_file):
-    out = tmp_path / "o"
-    assert run_cli(train_text.main, *TINY, "--max_steps", "12", "--eval_interval", "2", "--lr", "0.05",
-                   "--data", str(text_file), "--out_dir", str(out))[0] == 0
-    evals = [r for r in rundir.read_records(out / "metrics.jsonl") if r["kind"] == "eval"]
-    lowest = min(evals, key=lambda r: r["loss"])
-    best, last = rundir.load_checkpoint(out / "best.pt"), rundir.load_checkpoint(out / "ckpt.pt")
-    assert best["step"] == lowest["step"] and best["best_loss"] == last["best_loss"] == lowest["loss"]
-    assert "optimizer" not in best and last["step"] == 12 != best["step"]  # this run's lowest is before its end
-    code, _, err = run_cli(sample.main, "--out_dir", str(out), "--num_tokens", "3", "--device", "cpu")
-    assert code == 0 and f"from {out / 'best.pt'}" in err, err
-
-
-def test_logged_throughput_counts_the_steps_since_the_last_log_or_evaluation(tmp_path, monkeypatch):
-    """A clock that moves one second per training batch: every logged tokens/s is then one step's
-    tokens, also after an evaluation between logs and at a last step off the log grid."""
-    tok, data = words_data()
-    model, clock = ebt.build_model(config(model="transformer", vocab_size=tok.vocab_size)), [0.0]
-    forward = model.forward
-
-    def timed_forward(*a, **kw):
-        clock[0] += model.training
-        return forward(*a, **kw)
-    monkeypatch.setattr(model, "forward", timed_forward)
-    monkeypatch.setattr(ebt.time, "time", lambda: clock[0])  # the records' timestamps
-    tc = train_config(tmp_path, max_steps=7, log_interval=2, eval_interval=3)
-    ebt.train(model, data, tc, rundir.Run(tc.out_dir, say=quiet))
-    logged = [(r["step"], r["tokens_per_s"]) for r in rundir.read_records(tmp_path / "out" / "metrics.jsonl")
-              if r["kind"] == "train"]
-    assert logged == [(s, float(tc.batch_size * data.tokens_per_sample)) for s in (2, 4, 6, 7)]
-
-
-def test_loss_plot_shows_the_trained_step_count_whatever_eval_thinks(tmp_path, monkeypatch):
-    figures = []
-    make = plots.figure
-    monkeypatch.setattr(plots, "figure", lambda **kw: figures.append(make(**kw)) or figures[-1])
-    for per_step, trained in (([3.0, 2.0, 1.5, 1.4], 2), ([3.0], 1), ([3.0, 2.0, 1.5], 3)):
-        records = [{"kind": "eval", "step": s, "loss_per_step": per_step, "loss": per_step[trained - 1]}
-                   for s in (10, 20)]
-        plots.plot_metrics(records, tmp_path / "loss.png")
-        labels = [line.get_label() for line in figures[-1].axes[0].get_lines()]
-        assert len(labels) == len(set(labels)) and sum("as trained" in label for label in labels) == 1, labels
-        assert f"val loss, {trained} thinking step{'s' if trained > 1 else ''} (as trained)" in labels
-        assert figures[-1].axes[0].get_ylabel() == "loss (nats per token)"
-    plots.plot_metrics([{"kind": "start", "step": 0, "model": "image_ebt"}, *records], tmp_path / "loss.png")
-    assert "smooth L1 on pixels" in figures[-1].axes[0].get_ylabel()  # an image model's loss is no cross-entropy
-
-
-class InterruptAt:
-    """Wraps TextData; raises KeyboardInterrupt (Ctrl-C) at the n-th training batch."""
-
-    def __init__(self, data, n):
-        self.data, self.n, self.tokens_per_sample = data, n, data.tokens_per_sample
-
-    def batch(self, split, batch_size, generator):
-        if split == "train":
-            self.n -= 1
-            if self.n < 0:
-                raise KeyboardInterrupt
-        return self.data.batch(split, batch_size, generator)
-
-
-@pytest.mark.parametrize("recipe", ["s1", "s2"])
-def test_interrupt_then_resume_continues_exactly(tmp_path, recipe):
-    """S2 with its replay buffer, which the checkpoint carries."""
-    thinking = dict(random_step_size=2.0, langevin_std=0.1) if recipe == "s1" else S2
-
-    def run(tc, data, resume=False):
-        torch.manual_seed(123)  # not tc.seed: resume must restore, not re-seed
-        model = ebt.build_model(config(vocab_size=VOCAB, **thinking))
-        return model, ebt.train(model, data, tc, rundir.Run(tc.out_dir, resume=resume, say=quiet))
-
-    straight, _ = run(train_config(tmp_path / "a"), words_data()[1])
-    tc = train_config(tmp_path / "b")
-    with pytest.raises(KeyboardInterrupt):  # saved, then passed on: the driver exits 130
-        run(tc, InterruptAt(words_data()[1], 4))  # Ctrl-C during step 5
-    assert rundir.load_checkpoint(tmp_path / "b" / "out" / "ckpt.pt")["step"] == 4
-    resumed, records = run(tc, words_data()[1], resume=True)
-    assert [r["step"] for r in records if r["kind"] == "train"] == [5, 6]
-    for (n, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), n
-
-
-class NaNAfter(torch.nn.Module):
-    """A model whose loss (or, with gradient=True, only its gradient) turns NaN after n steps."""
-
-    def __init__(self, model, n, gradient=False):
-        super().__init__()
-        self.model, self.n, self.config, self.gradient = model, n, model.config, gradient
-
-    def forward(self, x, y):
-        loss, m = self.model(x, y)
-        self.n -= self.training
-        if self.n >= 0 or not self.training:
-            return loss, m
-        if self.gradient:  # sqrt at 0: the loss stays, the gradient is 0 * inf
-            return loss + (0 * next(self.model.parameters()).sum()).sqrt(), m
-        return loss * float("nan"), m
-
-
-@pytest.mark.parametrize("gradient", [False, True])
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, gradient):
-    _, data = words_data()
-    # bad at the last of 6 steps: a NaN gradient no later loss would reveal
-    model = NaNAfter(ebt.build_model(config(vocab_size=VOCAB, model="transformer")), 5, gradient)
-    with pytest.raises(ebt.UsageError, match="NaN or infinite"):
-        ebt.train(model, data, train_config(tmp_path, eval_interval=3), rundir.Run(tmp_path / "out", say=quiet))
-    assert rundir.load_checkpoint(tmp_path / "out" / "ckpt.pt")["step"] == 3
-
-
-def test_nan_before_the_first_evaluation_says_no_checkpoint_exists(tmp_path):
-    _, data = words_data()
-    model = NaNAfter(ebt.build_model(config(vocab_size=VOCAB, model="transformer")), 1)
-    with pytest.raises(ebt.UsageError, match="no checkpoint was written yet"):
-        ebt.train(model, data, train_config(tmp_path, eval_interval=100, max_steps=200), rundir.Run(tmp_path / "out", say=quiet))
-    assert not (tmp_path / "out" / "ckpt.pt").exists()
-
-
-def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
-    path = tmp_path / "ckpt.pt"
-    rundir.write_atomically(path, lambda tmp: torch.save({"model": {}, "model_config": {}, "step": 1}, tmp))
-
-    def crash(obj, f):
-        Path(f).write_bytes(b"partial")
-        raise OSError("disk full")
-    monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError):
-        rundir.write_atomically(path, lambda tmp: torch.save({"model": {}, "model_config": {}, "step": 2}, tmp))
-    monkeypatch.undo()
-    assert rundir.load_checkpoint(path)["step"] == 1
-
-
 # -----------------------------------------------------------------------------
 # Generation, self-verification, and the plots of thinking
 
@@ -792,69 +643,6 @@ def test_cached_generation_matches_full_recompute(kind, device):
     torch.testing.assert_close(cached.logits, full.logits, rtol=0, atol=1e-9)
     if kind == "ebt":
         torch.testing.assert_close(cached.energy, full.energy, rtol=0, atol=1e-9)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("device", ["cpu", *CUDA])
-def test_compiled_generation_and_evaluation_match_eager(device):
-    """--compile compiles each generated token whole (context, thinking by a torch.func gradient, choice of
-    candidate) and evaluation's thinking: same tokens, logits and energies as eager, also once the window
-    restarted. The preallocated KV cache keeps a token's shapes fixed: one graph serves every position."""
-    from torch._dynamo.utils import counters
-    model = tiny(step_size=0.1).to(device).eval()
-    fast_model = compiled.compile_model(copy.deepcopy(model))
-    graphs = [counters["stats"]["unique_graphs"]]
-    prompt = torch.randint(13, (1, 3), generator=torch.Generator().manual_seed(1)).to(device)
-    eager = ebt.generate(model, prompt, 15, generator=torch.Generator().manual_seed(0))
-    fast = ebt.generate(fast_model, prompt, 15, generator=torch.Generator().manual_seed(0),
-                        on_token=lambda n: graphs.append(counters["stats"]["unique_graphs"]))
-    assert torch.equal(fast.idx, eager.idx)
-    torch.testing.assert_close(fast.logits, eager.logits, rtol=0, atol=1e-10)
-    torch.testing.assert_close(fast.energy, eager.energy, rtol=0, atol=1e-10)
-    assert graphs[2] > graphs[0]  # compiled, not run eagerly behind our back
-    assert graphs[2] == graphs[13], graphs  # tokens 3 to 13, positions 5 to 15: no graph more
-    ebt.generate(fast_model, prompt.flip(1), 15, generator=torch.Generator().manual_seed(1))
-    assert counters["stats"]["unique_graphs"] == graphs[-1]  # nor for another prompt and a new cache
-    idx = torch.randint(13, (3, 16), generator=torch.Generator().manual_seed(0)).to(device)
-    losses = []
-    for m in (model, fast_model):
-        torch.manual_seed(5)
-        losses.append(m(idx, idx, steps=3)[1]["loss_per_step"])
-    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=1e-10)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("device", ["cpu", *CUDA])
-@pytest.mark.parametrize("recipe", ["s1", "s2"])
-def test_the_compiled_training_step_gives_the_eager_gradients(recipe, device):
-    """--compile makes learn() one graph: torch.func.grad of the loss through the same think(), every gradient
-    of the energy by torch.func. Float64, and the compiler draws the random numbers eager draws (Langevin
-    noise, per-token step sizes; fallback_random), so the parameter gradients agree to rounding (1e-10)."""
-    import torch._inductor.config
-    with torch._inductor.config.patch(fallback_random=True):  # torch's own patch: monkeypatch's undo deletes it
-        compiled_step_matches_eager(recipe, device)
-
-
-def compiled_step_matches_eager(recipe, device):
-    kw = dict(step_size=0.5, langevin_std=0.3, random_step_size=2.0) if recipe == "s1" else S2
-    model = tiny(weights=0.3, n_layer=1, **kw).to(device).train()
-    fast_model = compiled.compile_model(copy.deepcopy(model))
-    g = torch.Generator().manual_seed(6)
-    for _ in range(2):  # S2: the second batch also replays the first's sequences
-        batch = tuple(torch.randint(13, (3, 16), generator=g).to(device) for _ in range(2))
-        grads = []
-        for m in (model, fast_model):
-            m.zero_grad(set_to_none=True)
-            torch.manual_seed(4)
-            metrics = m.learn(*batch, 0.5, steps=2, generator=torch.Generator().manual_seed(1))
-            grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
-        assert grads[0].keys() == grads[1].keys() and len(grads[0]) >= len(list(model.parameters())) - 1
-        for n in grads[0]:
-            torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-10, atol=1e-12, msg=n)
-        assert "final" not in metrics and math.isfinite(metrics["loss"])
-    if recipe == "s2":
-        assert torch.equal(fast_model.replay.kept["idx"], model.replay.kept["idx"])
-        torch.testing.assert_close(fast_model.replay.kept["logits"], model.replay.kept["logits"], rtol=1e-10, atol=1e-12)
 
 
 def test_transformer_generation_logits_are_the_last_position_of_a_full_pass():
@@ -1155,6 +943,522 @@ def test_sample_generates_and_saves_plots(checkpoints, tmp_path):
         assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 1000
 
 
+# -----------------------------------------------------------------------------
+# torch.compile: the compiled model against eager
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", ["cpu", *CUDA])
+def test_compiled_generation_and_evaluation_match_eager(device):
+    """--compile compiles each generated token whole (context, thinking by a torch.func gradient, choice of
+    candidate) and evaluation's thinking: same tokens, logits and energies as eager, also once the window
+    restarted. The preallocated KV cache keeps a token's shapes fixed: one graph serves every position."""
+    from torch._dynamo.utils import counters
+    model = tiny(step_size=0.1).to(device).eval()
+    fast_model = compiled.compile_model(copy.deepcopy(model))
+    graphs = [counters["stats"]["unique_graphs"]]
+    prompt = torch.randint(13, (1, 3), generator=torch.Generator().manual_seed(1)).to(device)
+    eager = ebt.generate(model, prompt, 15, generator=torch.Generator().manual_seed(0))
+    fast = ebt.generate(fast_model, prompt, 15, generator=torch.Generator().manual_seed(0),
+                        on_token=lambda n: graphs.append(counters["stats"]["unique_graphs"]))
+    assert torch.equal(fast.idx, eager.idx)
+    torch.testing.assert_close(fast.logits, eager.logits, rtol=0, atol=1e-10)
+    torch.testing.assert_close(fast.energy, eager.energy, rtol=0, atol=1e-10)
+    assert graphs[2] > graphs[0]  # compiled, not run eagerly behind our back
+    assert graphs[2] == graphs[13], graphs  # tokens 3 to 13, positions 5 to 15: no graph more
+    ebt.generate(fast_model, prompt.flip(1), 15, generator=torch.Generator().manual_seed(1))
+    assert counters["stats"]["unique_graphs"] == graphs[-1]  # nor for another prompt and a new cache
+    idx = torch.randint(13, (3, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    losses = []
+    for m in (model, fast_model):
+        torch.manual_seed(5)
+        losses.append(m(idx, idx, steps=3)[1]["loss_per_step"])
+    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=1e-10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", ["cpu", *CUDA])
+@pytest.mark.parametrize("recipe", ["s1", "s2"])
+def test_the_compiled_training_step_gives_the_eager_gradients(recipe, device):
+    """--compile makes learn() one graph: torch.func.grad of the loss through the same think(), every gradient
+    of the energy by torch.func. Float64, and the compiler draws the random numbers eager draws (Langevin
+    noise, per-token step sizes; fallback_random), so the parameter gradients agree to rounding (1e-10)."""
+    import torch._inductor.config
+    with torch._inductor.config.patch(fallback_random=True):  # torch's own patch: monkeypatch's undo deletes it
+        compiled_step_matches_eager(recipe, device)
+
+
+def compiled_step_matches_eager(recipe, device):
+    kw = dict(step_size=0.5, langevin_std=0.3, random_step_size=2.0) if recipe == "s1" else S2
+    model = tiny(weights=0.3, n_layer=1, **kw).to(device).train()
+    fast_model = compiled.compile_model(copy.deepcopy(model))
+    g = torch.Generator().manual_seed(6)
+    for _ in range(2):  # S2: the second batch also replays the first's sequences
+        batch = tuple(torch.randint(13, (3, 16), generator=g).to(device) for _ in range(2))
+        grads = []
+        for m in (model, fast_model):
+            m.zero_grad(set_to_none=True)
+            torch.manual_seed(4)
+            metrics = m.learn(*batch, 0.5, steps=2, generator=torch.Generator().manual_seed(1))
+            grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+        assert grads[0].keys() == grads[1].keys() and len(grads[0]) >= len(list(model.parameters())) - 1
+        for n in grads[0]:
+            torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-10, atol=1e-12, msg=n)
+        assert "final" not in metrics and math.isfinite(metrics["loss"])
+    if recipe == "s2":
+        assert torch.equal(fast_model.replay.kept["idx"], model.replay.kept["idx"])
+        torch.testing.assert_close(fast_model.replay.kept["logits"], model.replay.kept["logits"], rtol=1e-10, atol=1e-12)
+
+
+# -----------------------------------------------------------------------------
+# Flags and configuration layering
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(n_embd=30, n_head=4), "n_embd"), (dict(think_steps=0), "think_steps"), (dict(step_size=0.0), "step_size"),
+    (dict(step_size=-1.0), "step_size"), (dict(model="rnn"), "model"), (dict(random_step_size=0.5), "random_step_size"),
+    (dict(init_std=-1.0), "init_std"), (dict(langevin_std=float("nan")), "langevin_std"), (dict(landscapes=3), "landscapes"),
+    (dict(think_steps=100000), "think_steps"), (dict(n_layer=2.5), "n_layer"), (dict(n_head="2"), "n_head"),
+    (dict(detach=1), "detach"), (dict(n_layer=True), "n_layer"), (dict(init_std=1e9), "init_std"),
+    (dict(langevin_std=1e30), "langevin_std")])
+def test_config_rejects_impossible_values(kw, field):
+    with pytest.raises(checks.ConfigError, match=f"ModelConfig.{field}=") as e:
+        config(**kw)
+    assert e.value.name == field and isinstance(e.value, ValueError)
+    for kw, field in ((dict(max_steps=10**12), "max_steps"), (dict(lr=1), None), (dict(seed=1.0), "seed")):
+        if field is None:
+            ebt.TrainConfig(**kw)  # a float field takes an int
+        else:
+            with pytest.raises(checks.ConfigError, match=f"TrainConfig.{field}="):
+                ebt.TrainConfig(**kw)
+    with pytest.raises(ebt.UsageError, match="does not fit its own config"):
+        rundir.load_model({"model_config": {**vars(config()), "no_such_option": 1}, "model": {}})
+
+
+def test_flags_are_the_config_fields_with_their_help():
+    """A driver's flag for a config field carries the field's help and type; a flag not given is None, so a
+    resumed run knows what was given."""
+    code, help_text, _ = run_cli(train_text.main, "--help")
+    help_text = " ".join(help_text.split())
+    exposed = [f for f in dataclasses.fields(ebt.ModelConfig) if f.name in train_text.MODEL_FLAGS + cli.THINKING_FLAGS]
+    assert code == 0 and len(exposed) == len(train_text.MODEL_FLAGS) + len(cli.THINKING_FLAGS)
+    for f in exposed:
+        assert f"--{f.name}" in help_text and " ".join(f.metadata["help"].split()) in help_text, f.name
+    args = train_text.parse_args(["--no-truncate", "--think_steps", "3"])
+    assert args.truncate is False and args.think_steps == 3 and args.langevin_std is None
+
+
+def trained_config(argv, monkeypatch):
+    """What train_text.py would train with these flags: (model config, train config)."""
+    built = []
+    monkeypatch.setattr(ebt, "train", lambda model, data, tc, run=None: built.append((model, tc)))
+    train_text.main(argv, log=quiet)
+    return built[0]
+
+
+def test_the_preset_follows_the_device_and_is_named_first(tmp_path, monkeypatch):
+    logged = []
+    monkeypatch.setattr(ebt, "train", lambda model, data, tc, run=None: logged.append(tc))
+    train_text.main(["--out_dir", str(tmp_path / "a"), "--device", "cpu"], log=logged.append)
+    assert logged[0].startswith("preset cpu") and logged[1].batch_size == train_text.PRESETS["cpu"]["batch_size"]
+    logged.clear()
+    train_text.main(["--preset", "gpu", "--out_dir", str(tmp_path / "b"), "--device", "cpu"], log=logged.append)
+    assert logged[0] == "preset gpu" and logged[1].startswith("warning:")
+
+
+def test_the_baseline_trains_beside_the_ebt_by_default():
+    """python train_text.py, then python train_text.py --model transformer (README): two directories."""
+    assert train_text.parse_args([]).out_dir != train_text.parse_args(["--model", "transformer"]).out_dir
+
+
+def test_default_s1_step_size_is_a_quarter_of_the_square_root_of_the_vocabulary(tmp_path, monkeypatch):
+    model, _ = trained_config(["--device", "cpu", "--out_dir", str(tmp_path / "a")], monkeypatch)  # 65 characters
+    assert model.config.vocab_size == 65 and model.step_size().item() == 2.0 and model.config.step_size_lr_mult == 6.0
+    model, _ = trained_config(["--device", "cpu", "--vocab_size", "50257", "--n_layer", "1", "--out_dir",
+                               str(tmp_path / "b")], monkeypatch)
+    assert model.step_size().item() == 56.0  # README "Choosing alpha"
+
+
+@pytest.mark.parametrize("recipe", ["s1", "s2"])
+def test_recipes_do_what_the_papers_job_scripts_do(recipe, tmp_path, monkeypatch):
+    """ebt_s1.sh and ebt_s2.sh, observed on the model train_text.py builds for each recipe."""
+    model, tc = trained_config(["--recipe", recipe, "--device", "cpu", "--out_dir", str(tmp_path)], monkeypatch)
+    idx = torch.randint(65, (4, 16), generator=torch.Generator().manual_seed(0))
+    metrics = model.learn(idx, idx, 1.0)
+    alpha_groups = [g for g in ebt.param_groups(model, tc.weight_decay) if g["lr_mult"] != 1.0]
+    draws = {model.draw_steps(random.Random(i)) for i in range(50)}
+    losses = []
+    for seed in (0, 1, 1):  # training: noisy (S2) or not (S1)
+        torch.manual_seed(seed)
+        losses.append(model(idx, idx, steps=2, generator=torch.Generator().manual_seed(0))[0].item())
+    assert model.initial_logits(64, 64, "cpu").std().item() == pytest.approx(1.0, rel=0.05)  # N(0, 1) starts
+    if recipe == "s1":
+        assert draws == {2} and model.trained_steps() == 2 and len(model.step_emb.weight) == 2  # a landscape per step
+        assert model.raw_step_size.requires_grad and alpha_groups[0]["weight_decay"] == 0
+        assert alpha_groups[0]["lr_mult"] == 3 * model.step_size().item()  # the paper's 1500 at alpha 500
+        assert metrics["loss"] == pytest.approx((metrics["loss_first"] + metrics["loss_last"]) / 2)  # mean over steps
+        assert model.replay is None and losses[0] == losses[1]
+    else:
+        assert draws == {2, 3} and model.trained_steps() == 3 and len(model.step_emb.weight) == 1  # one landscape
+        assert not model.raw_step_size.requires_grad and not alpha_groups and model.step_size().item() == 5.0
+        assert metrics["loss"] == metrics["loss_last"]  # the last step's loss only
+        assert model.replay.size == 192 and len(model.replay.kept["idx"]) == 4
+        assert losses[0] != losses[1] == losses[2]  # Langevin noise and per-token alpha, from the seed
+
+
+def test_legal_values_that_are_almost_surely_mistakes_get_one_warning_line(tmp_path, monkeypatch, text_file):
+    monkeypatch.setattr(ebt, "train", lambda model, data, tc, run=None: None)
+    (tmp_path / "one.txt").write_text("a" * 5000)
+    for argv, warning in ((["--warmup_steps", "5000", "--max_steps", "10"], "never reaches --lr"),
+                          (["--replay_batch", "0.25"], "--replay_batch does nothing"),
+                          (["--recipe", "s2", "--step_size_lr_mult", "10"], "--step_size_lr_mult does nothing"),
+                          (["--vocab_size", "100"], "never occur in the data"),
+                          (["--data", str(tmp_path / "one.txt")], "one distinct token")):
+        said = []
+        train_text.main(["--device", "cpu", "--data", str(text_file), "--out_dir", str(tmp_path / str(len(argv))),
+                         *argv], log=said.append)
+        assert sum(line.startswith("warning:") and warning in line for line in said) == 1, said
+        assert not [line for line in said if line.startswith("warning:") and warning not in line], said
+
+
+# -----------------------------------------------------------------------------
+# Resume, checkpoints and the run's log
+
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
+    tok, data = words_data()
+    model = ebt.build_model(config(vocab_size=tok.vocab_size))
+    ebt.train(model, data, train_config(tmp_path, max_steps=3), rundir.Run(tmp_path / "out", {"tokenizer": tok.state()}, say=quiet))
+    ckpt = rundir.load_checkpoint(tmp_path / "out" / "ckpt.pt")
+    assert ckpt["step"] == 3 and ckpt["tokenizer"] == tok.state()
+    loaded = rundir.load_model(ckpt)
+    x, _ = data.batch("val", 4, generator=torch.Generator().manual_seed(0))
+    outputs = []
+    for m in (model.eval(), loaded):
+        torch.manual_seed(7)
+        traj = predict(m, x, steps=3)
+        outputs.append((torch.stack(traj.ys[1:]), torch.stack(traj.energies)))
+    assert all(torch.equal(a, b) for a, b in zip(*outputs))
+    assert [r["step"] for r in rundir.read_records(tmp_path / "out" / "metrics.jsonl")] == [1, 2, 3, 3]
+    assert (tmp_path / "out" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_best_pt_holds_the_model_at_its_lowest_validation_loss_and_sample_reads_it(tmp_path, text_file):
+    out = tmp_path / "o"
+    assert run_cli(train_text.main, *TINY, "--max_steps", "12", "--eval_interval", "2", "--lr", "0.05",
+                   "--data", str(text_file), "--out_dir", str(out))[0] == 0
+    evals = [r for r in rundir.read_records(out / "metrics.jsonl") if r["kind"] == "eval"]
+    lowest = min(evals, key=lambda r: r["loss"])
+    best, last = rundir.load_checkpoint(out / "best.pt"), rundir.load_checkpoint(out / "ckpt.pt")
+    assert best["step"] == lowest["step"] and best["best_loss"] == last["best_loss"] == lowest["loss"]
+    assert "optimizer" not in best and last["step"] == 12 != best["step"]  # this run's lowest is before its end
+    code, _, err = run_cli(sample.main, "--out_dir", str(out), "--num_tokens", "3", "--device", "cpu")
+    assert code == 0 and f"from {out / 'best.pt'}" in err, err
+
+
+def test_logged_throughput_counts_the_steps_since_the_last_log_or_evaluation(tmp_path, monkeypatch):
+    """A clock that moves one second per training batch: every logged tokens/s is then one step's
+    tokens, also after an evaluation between logs and at a last step off the log grid."""
+    tok, data = words_data()
+    model, clock = ebt.build_model(config(model="transformer", vocab_size=tok.vocab_size)), [0.0]
+    forward = model.forward
+
+    def timed_forward(*a, **kw):
+        clock[0] += model.training
+        return forward(*a, **kw)
+    monkeypatch.setattr(model, "forward", timed_forward)
+    monkeypatch.setattr(ebt.time, "time", lambda: clock[0])  # the records' timestamps
+    tc = train_config(tmp_path, max_steps=7, log_interval=2, eval_interval=3)
+    ebt.train(model, data, tc, rundir.Run(tc.out_dir, say=quiet))
+    logged = [(r["step"], r["tokens_per_s"]) for r in rundir.read_records(tmp_path / "out" / "metrics.jsonl")
+              if r["kind"] == "train"]
+    assert logged == [(s, float(tc.batch_size * data.tokens_per_sample)) for s in (2, 4, 6, 7)]
+
+
+def test_loss_plot_shows_the_trained_step_count_whatever_eval_thinks(tmp_path, monkeypatch):
+    figures = []
+    make = plots.figure
+    monkeypatch.setattr(plots, "figure", lambda **kw: figures.append(make(**kw)) or figures[-1])
+    for per_step, trained in (([3.0, 2.0, 1.5, 1.4], 2), ([3.0], 1), ([3.0, 2.0, 1.5], 3)):
+        records = [{"kind": "eval", "step": s, "loss_per_step": per_step, "loss": per_step[trained - 1]}
+                   for s in (10, 20)]
+        plots.plot_metrics(records, tmp_path / "loss.png")
+        labels = [line.get_label() for line in figures[-1].axes[0].get_lines()]
+        assert len(labels) == len(set(labels)) and sum("as trained" in label for label in labels) == 1, labels
+        assert f"val loss, {trained} thinking step{'s' if trained > 1 else ''} (as trained)" in labels
+        assert figures[-1].axes[0].get_ylabel() == "loss (nats per token)"
+    plots.plot_metrics([{"kind": "start", "step": 0, "model": "image_ebt"}, *records], tmp_path / "loss.png")
+    assert "smooth L1 on pixels" in figures[-1].axes[0].get_ylabel()  # an image model's loss is no cross-entropy
+
+
+class InterruptAt:
+    """Wraps TextData; raises KeyboardInterrupt (Ctrl-C) at the n-th training batch."""
+
+    def __init__(self, data, n):
+        self.data, self.n, self.tokens_per_sample = data, n, data.tokens_per_sample
+
+    def batch(self, split, batch_size, generator):
+        if split == "train":
+            self.n -= 1
+            if self.n < 0:
+                raise KeyboardInterrupt
+        return self.data.batch(split, batch_size, generator)
+
+
+@pytest.mark.parametrize("recipe", ["s1", "s2"])
+def test_interrupt_then_resume_continues_exactly(tmp_path, recipe):
+    """S2 with its replay buffer, which the checkpoint carries."""
+    thinking = dict(random_step_size=2.0, langevin_std=0.1) if recipe == "s1" else S2
+
+    def run(tc, data, resume=False):
+        torch.manual_seed(123)  # not tc.seed: resume must restore, not re-seed
+        model = ebt.build_model(config(vocab_size=VOCAB, **thinking))
+        return model, ebt.train(model, data, tc, rundir.Run(tc.out_dir, resume=resume, say=quiet))
+
+    straight, _ = run(train_config(tmp_path / "a"), words_data()[1])
+    tc = train_config(tmp_path / "b")
+    with pytest.raises(KeyboardInterrupt):  # saved, then passed on: the driver exits 130
+        run(tc, InterruptAt(words_data()[1], 4))  # Ctrl-C during step 5
+    assert rundir.load_checkpoint(tmp_path / "b" / "out" / "ckpt.pt")["step"] == 4
+    resumed, records = run(tc, words_data()[1], resume=True)
+    assert [r["step"] for r in records if r["kind"] == "train"] == [5, 6]
+    for (n, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
+class NaNAfter(torch.nn.Module):
+    """A model whose loss (or, with gradient=True, only its gradient) turns NaN after n steps."""
+
+    def __init__(self, model, n, gradient=False):
+        super().__init__()
+        self.model, self.n, self.config, self.gradient = model, n, model.config, gradient
+
+    def forward(self, x, y):
+        loss, m = self.model(x, y)
+        self.n -= self.training
+        if self.n >= 0 or not self.training:
+            return loss, m
+        if self.gradient:  # sqrt at 0: the loss stays, the gradient is 0 * inf
+            return loss + (0 * next(self.model.parameters()).sum()).sqrt(), m
+        return loss * float("nan"), m
+
+
+@pytest.mark.parametrize("gradient", [False, True])
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, gradient):
+    _, data = words_data()
+    # bad at the last of 6 steps: a NaN gradient no later loss would reveal
+    model = NaNAfter(ebt.build_model(config(vocab_size=VOCAB, model="transformer")), 5, gradient)
+    with pytest.raises(ebt.UsageError, match="NaN or infinite"):
+        ebt.train(model, data, train_config(tmp_path, eval_interval=3), rundir.Run(tmp_path / "out", say=quiet))
+    assert rundir.load_checkpoint(tmp_path / "out" / "ckpt.pt")["step"] == 3
+
+
+def test_nan_before_the_first_evaluation_says_no_checkpoint_exists(tmp_path):
+    _, data = words_data()
+    model = NaNAfter(ebt.build_model(config(vocab_size=VOCAB, model="transformer")), 1)
+    with pytest.raises(ebt.UsageError, match="no checkpoint was written yet"):
+        ebt.train(model, data, train_config(tmp_path, eval_interval=100, max_steps=200), rundir.Run(tmp_path / "out", say=quiet))
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    rundir.write_atomically(path, lambda tmp: torch.save({"model": {}, "model_config": {}, "step": 1}, tmp))
+
+    def crash(obj, f):
+        Path(f).write_bytes(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        rundir.write_atomically(path, lambda tmp: torch.save({"model": {}, "model_config": {}, "step": 2}, tmp))
+    monkeypatch.undo()
+    assert rundir.load_checkpoint(path)["step"] == 1
+
+
+def test_resume_restores_the_runs_settings_and_refuses_a_conflict(tmp_path, text_file):
+    out = str(tmp_path / "out")
+    assert run_cli(train_text.main, *TINY, "--out_dir", out, "--data", str(text_file), "--lr", "0.004",
+                   "--recipe", "s2")[0] == 0
+    code, stdout, err = run_cli(train_text.main, "--resume", "--out_dir", out, "--max_steps", "6", "--device", "cpu")
+    assert code == 0, err
+    ckpt = rundir.load_checkpoint(tmp_path / "out" / "ckpt.pt")
+    assert ckpt["step"] == 6 and ckpt["train_config"]["lr"] == 0.004 and ckpt["train_config"]["batch_size"] == 4
+    assert ckpt["model_config"]["n_embd"] == 16 and ckpt["model_config"]["replay_size"] == 192
+    assert "notice: --max_steps 6 overrides the checkpoint's 4" in stdout
+    code, stdout, err = run_cli(train_text.main, "--resume", "--out_dir", out, "--device", "cpu")
+    assert code == 0 and "nothing to train" in stdout and rundir.load_checkpoint(tmp_path / "out" / "ckpt.pt")["step"] == 6
+    for conflict, message in ((["--n_embd", "32"], "--n_embd 32 conflicts"), (["--tokenizer", "gpt2"], "tokenizer"),
+                              (["--data", str(HERE / "README.md")], "not the corpus"),
+                              (["--recipe", "s1"], "--recipe s1 conflicts"), (["--preset", "gpu"], "--preset gpu")):
+        code, _, err = run_cli(train_text.main, "--resume", "--out_dir", out, "--device", "cpu", *conflict)
+        assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
+                                   RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 640 vs 548"),
+                                   RuntimeError("basic_ios::clear: iostream error")])
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, error):
+    saves, save = [], torch.save
+
+    def full_after_one(obj, f):
+        saves.append(f)
+        if len(saves) > 1:  # the first checkpoint fits; then the disk is full, halfway through a write
+            Path(f).write_bytes(b"half")
+            raise error
+        save(obj, f)
+    monkeypatch.setattr(torch, "save", full_after_one)
+    code, _, err = run_cli(train_text.main, *TINY, "--out_dir", str(tmp_path / "o"))
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert ("No space left" if isinstance(error, OSError) else "disk full") in err and str(error) in err
+    monkeypatch.undo()
+    assert rundir.load_checkpoint(tmp_path / "o" / "ckpt.pt")["step"] == 2 and not list((tmp_path / "o").glob("*.tmp"))
+
+
+def test_a_metrics_log_with_stray_lines_is_read_past_and_a_directory_is_named(tmp_path):
+    out = tmp_path / "o"
+    assert run_cli(train_text.main, *TINY, "--max_steps", "2", "--out_dir", str(out))[0] == 0
+    with open(out / "metrics.jsonl", "ab") as f:  # a list, a record without a step, random bytes, a torn line,
+        f.write(b'[1, 2]\n{"kind": "train"}\n\xff\xfe\x00garbage\n{"kind": "train", "st\n'
+                b'{"kind": "train", "step": 1}\n{"kind": "eval", "step": 1, "loss": "low"}\n'  # records the plots
+                b'{"kind": "eval", "step": 2, "loss": 1.0, "loss_per_step": [1, null]}\n'    # cannot read,
+                b'{"kind": "train", "step": 1.5, "loss": 1.0}\n{"kind": "train", "step": -1, "loss": 1.0}\n')  # steps
+    code, _, err = run_cli(train_text.main, "--resume", "--out_dir", str(out), "--max_steps", "3", "--device", "cpu")
+    assert code == 0, err
+    assert [r["step"] for r in rundir.read_records(out / "metrics.jsonl") if r["kind"] == "train"] == [1, 2, 3]
+    (out / "metrics.jsonl").unlink()
+    (out / "metrics.jsonl").mkdir()
+    code, _, err = run_cli(train_text.main, "--resume", "--out_dir", str(out), "--max_steps", "4", "--device", "cpu")
+    assert code == 2 and "is a directory" in err and err.count("\n") == 1, err
+
+
+def test_a_checkpoint_is_never_of_weights_whose_validation_is_not_finite(tmp_path):
+    code, _, err = run_cli(train_text.main, *TINY, "--lr", "1e30", "--eval_interval", "1", "--out_dir",
+                           str(tmp_path / "o"))
+    assert code == 2 and "validation loss became NaN" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o" / "ckpt.pt").exists()
+
+
+def test_alpha_at_its_floor_is_warned_once():
+    said = []
+    log = rundir.RunLog(said.append)
+    log({"kind": "start", "step": 0, "max_steps": 9, "resumed": False, "out_dir": "/tmp/nanoebt-test-runlog",
+         "model": "ebt", "parameters": 1, "device": "cpu", "world": 1, "tokens_per_step": 1, "time": 0.0})
+    for step, alpha in ((1, 2.0), (2, 0.001), (3, 0.001)):
+        log({"kind": "train", "step": step, "loss": 1.0, "loss_first": 1.0, "loss_last": 1.0, "energy_first": 0.0,
+             "energy_last": 0.0, "step_size": alpha, "time": float(step)})
+    assert sum("alpha sits at its floor" in line for line in said) == 1 and "floor" in said[-2]
+
+
+def test_progress_lines_are_flushed_when_output_goes_to_a_pipe(tmp_path, monkeypatch):
+    """Under nohup or with output to a file the log used to be block-buffered: nothing for minutes.
+    Every line must reach the stream's flush as it is printed."""
+    class Stream(io.StringIO):
+        unflushed = lines = 0
+
+        def write(self, text):
+            self.unflushed += text.count("\n")
+            return super().write(text)
+
+        def flush(self):
+            self.lines += self.unflushed
+            self.unflushed = 0
+    stream = Stream()
+    monkeypatch.setattr(sys, "stdout", stream)
+    train_text.main([*TINY, "--max_steps", "3", "--out_dir", str(tmp_path / "out")])
+    assert stream.lines >= 5 and stream.unflushed == 0, stream.getvalue()
+
+
+# -----------------------------------------------------------------------------
+# Run folders, locks and stopping
+
+def test_the_same_command_twice_refuses_and_keeps_the_first_run(tmp_path):
+    argv = [*TINY, "--out_dir", str(tmp_path / "out")]
+    assert run_cli(train_text.main, *argv)[0] == 0
+    before = {f.name: f.read_bytes() for f in (tmp_path / "out").iterdir()}
+    code, _, err = run_cli(train_text.main, *argv)
+    assert code == 2 and "--resume" in err and "--out_dir" in err and err.count("\n") == 1
+    assert {f.name: f.read_bytes() for f in (tmp_path / "out").iterdir()} == before
+
+
+def test_a_folder_in_use_refuses_a_second_run_and_is_left_untouched(tmp_path, text_file):
+    out = tmp_path / "o"
+    with rundir.owned(out):  # another run holds it (flock: another open file, as another process would)
+        for extra in ([], ["--resume"]):
+            code, _, err = run_cli(train_text.main, *TINY, "--data", str(text_file), "--out_dir", str(out), *extra)
+            assert code == 2 and f"{out} is in use by another run (process {os.getpid()})" in err, err
+        code, _, err = run_cli(train_image.main, *TINY_IMAGE, "--out_dir", str(out))
+        assert code == 2 and "in use" in err, err
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    assert run_cli(train_text.main, *TINY, "--data", str(text_file), "--out_dir", str(out))[0] == 0  # released
+
+
+@pytest.mark.slow
+def test_a_run_owns_its_folder_until_its_process_ends_kill_9_included(tmp_path, text_file):
+    out, argv = tmp_path / "o", [*TINY, "--data", str(text_file), "--max_steps", "100000", "--eval_interval", "2"]
+    first = subprocess.Popen([sys.executable, "train_text.py", *argv, "--out_dir", str(tmp_path / "o")], cwd=HERE,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_step([first], out / "metrics.jsonl", 3)
+        for extra in ([], ["--resume"]):
+            r = run_script("train_text.py", *argv, "--out_dir", str(out), *extra)
+            assert r.returncode == 2 and "is in use by another run" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    finally:
+        first.kill()  # kill -9: the claim goes with the process
+        first.wait()
+    step = rundir.load_checkpoint(out / "ckpt.pt")["step"]
+    r = run_script("train_text.py", *argv[:-4], "--max_steps", str(step + 2), "--out_dir", str(out), "--resume")
+    assert r.returncode == 0 and rundir.load_checkpoint(out / "ckpt.pt")["step"] == step + 2, r.stderr
+
+
+def test_a_stop_signal_ends_training_after_its_step_saved(tmp_path):
+    """Ctrl-C or SIGTERM while train() listens only asks it to stop (cli.stop): the step ends, is saved, and
+    training raises KeyboardInterrupt (exit code 130); outside train(), or a second Ctrl-C, stops at once."""
+    _, data = words_data()
+
+    class SignalDuring(rundir.Run):  # as if the signal landed while the log drew its plot, mid-step
+        def show(self, record):
+            super().show(record)
+            if record["kind"] == "train" and record["step"] == 3:
+                cli.stop(signal.SIGTERM, None)
+                cli.stop(signal.SIGTERM, None)  # torchrun's SIGTERM after the terminal's: still the same orderly stop
+    with pytest.raises(KeyboardInterrupt):
+        ebt.train(ebt.build_model(config(vocab_size=VOCAB)), data, train_config(tmp_path, max_steps=50, eval_interval=100),
+                  SignalDuring(tmp_path / "out", say=quiet))
+    assert rundir.load_checkpoint(tmp_path / "out" / "ckpt.pt")["step"] == 3 and not rundir.stop_listening
+    with pytest.raises(KeyboardInterrupt):  # not training: at once
+        cli.stop(signal.SIGINT, None)
+    rundir.stop_listening, rundir.stop_requested = True, True
+    try:
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C: at once
+            cli.stop(signal.SIGINT, None)
+    finally:
+        rundir.stop_listening = rundir.stop_requested = False
+
+
+def test_sigterm_saves_like_ctrl_c_and_a_stale_temporary_file_is_removed(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "train_text.py", *TINY, "--max_steps", "100000", "--eval_interval",
+                             "100000", "--out_dir", str(out)], cwd=HERE, stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    while line and not line.startswith("step 3/"):
+        line = proc.stdout.readline()
+    assert line, "training ended before step 3"
+    proc.terminate()  # SIGTERM, what schedulers send
+    rest = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130 and "interrupted at step" in rest
+    step = rundir.load_checkpoint(out / "ckpt.pt")["step"]
+    assert step >= 3
+    (out / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")  # what a crash during a save leaves
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "st')  # a line torn by a crash mid-write
+    resume = lambda max_steps: run_cli(train_text.main, "--resume", "--out_dir", str(out), "--max_steps",
+                                       str(max_steps), "--device", "cpu")
+    code, stdout, err = resume(step)  # nothing to train, so nothing saved: only the start removes the file
+    assert code == 0 and "nothing to train" in stdout, err
+    assert not (out / "ckpt.pt.tmp").exists()
+    code, _, err = resume(step + 1)
+    assert code == 0, err
+    assert rundir.load_checkpoint(out / "ckpt.pt")["step"] == step + 1
+    assert [r["step"] for r in rundir.read_records(out / "metrics.jsonl") if r["kind"] == "train"][-2:] == [step, step + 1]
+
+
 def test_ctrl_c_in_sample_is_one_line(checkpoints, monkeypatch):
     monkeypatch.setattr(ebt, "generate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     code, _, err = run_cli(sample.main, "--ckpt", str(checkpoints["ebt"]), "--device", "cpu")
@@ -1172,7 +1476,130 @@ def test_ctrl_c_while_torch_loads_is_one_line(driver, tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# Drivers, configuration and bad input
+# Text data: Tiny Shakespeare, tokenizers and your own corpus
+
+def test_tiny_shakespeare_ships_with_the_project_is_the_default_and_is_checked(tmp_path, monkeypatch):
+    assert text_or_shakespeare() == gzip.decompress(SHAKESPEARE.read_bytes()).decode()
+    damaged = tmp_path / "tinyshakespeare.txt.gz"
+    damaged.write_bytes(gzip.compress(text_or_shakespeare().replace("ROMEO", "JULIET", 1).encode()))
+    monkeypatch.setattr(sys.modules["data.text"], "SHAKESPEARE", damaged)
+    with pytest.raises(ebt.UsageError, match="checksum"):
+        text_or_shakespeare()
+
+
+def test_offline_download_names_the_data_flag(tmp_path, monkeypatch):
+    monkeypatch.setattr(images.urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(ebt.UsageError, match="--data"):
+        images.download("https://example.com/corpus.txt", tmp_path / "ts.txt")
+    assert not (tmp_path / "ts.txt").exists()
+
+
+def test_character_arrays_encode_as_encode_does_on_both_paths():
+    tok = CharTokenizer.fit("abc ä\n")
+    for text in ("ab c\na", "ä bc\n"):  # ASCII (translated as bytes) and not (a table of code points)
+        assert tok.encode_array(text).tolist() == tok.encode(text)
+    for text in ("abz", "äz"):
+        with pytest.raises(ebt.UsageError, match="'z'"):
+            tok.encode_array(text)
+    wide = CharTokenizer([chr(i) for i in range(300)])  # 255 characters or more: ASCII by the table too
+    assert wide.encode_array("az").tolist() == [97, 122] and prepare.code_points("ba").tolist() == [97, 98]
+
+
+def test_gpt2_tokenizer_without_its_files_is_a_one_line_error(tmp_path, monkeypatch):
+    import tiktoken
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: (_ for _ in ()).throw(OSError("network unreachable")))
+    code, _, err = run_cli(train_text.main, "--tokenizer", "gpt2", "--device", "cpu", "--out_dir", str(tmp_path / "o"))
+    assert code == 2 and err.count("\n") == 1 and "--tokenizer char" in err and "network unreachable" in err, err
+
+
+def small_bpe():
+    """A BPE tiktoken.Encoding built here, offline: the 256 bytes, a few merges, GPT-2's pre-tokenizer."""
+    import tiktoken
+    ranks = {bytes([i]): i for i in range(256)}
+    for merged in (b"th", b"the", b" t", b" the", b"at", b" c", b" cat", b"an", b" s", b" sat", b"og", b" d", b" dog"):
+        ranks[merged] = len(ranks)
+    pattern = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+    return tiktoken.Encoding(name="gpt2", pat_str=pattern, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": len(ranks)})
+
+
+@pytest.fixture
+def offline_bpe(monkeypatch):
+    """--tokenizer gpt2 through a small BPE built here: tiktoken's real files are never fetched."""
+    import tiktoken
+    enc = small_bpe()
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: enc)
+    return enc
+
+
+def test_gpt2_tokenizer_round_trip_and_long_texts_encode_as_the_whole(offline_bpe):
+    tok = GPT2Tokenizer()
+    text = ("the cat sat\n\n  on the dog.\nthe end\n" * 300)[:-1]
+    assert tok.vocab_size == offline_bpe.n_vocab and tok.decode(tok.encode(text)) == text
+    assert tok.encode_array(text, piece=50).tolist() == offline_bpe.encode_ordinary(text)  # cut where BPE cuts
+
+
+def test_prepare_streams_characters_and_bpe_into_token_files_as_the_whole_text_encodes(tmp_path, monkeypatch,
+                                                                                         offline_bpe):
+    """Small chunks, so that every boundary is crossed: the ids are the whole text's, the last tenth validates,
+    and the record names the sources by checksum."""
+    monkeypatch.setattr(prepare, "CHUNK", 997)
+    texts = ["the cat sät\n\n on the dog ✓\n" * 200, "a dog ran far away\n  the end\n" * 100]
+    for i, text in enumerate(texts):
+        (tmp_path / "src").mkdir(exist_ok=True)
+        (tmp_path / "src" / f"{i}.txt").write_text(text)
+    whole = "".join(texts)
+    for kind, expected in (("char", CharTokenizer.fit(whole).encode(whole)), ("gpt2", None)):
+        expected = expected or offline_bpe.encode_ordinary(texts[0]) + offline_bpe.encode_ordinary(texts[1])
+        code, out, err = run_cli(prepare.main, str(tmp_path / "src"), "--out_dir", str(tmp_path / kind), "--tokenizer", kind)
+        assert code == 0 and "MB/s" in out and not err, err
+        corpus = prepare.Corpus(tmp_path / kind)
+        assert np.concatenate([corpus.train, corpus.val]).tolist() == expected
+        assert len(corpus.val) == len(expected) // 10 and corpus.train.dtype == np.uint16
+        assert [s["sha256"] for s in corpus.meta["sources"]] == [sha256_text(t) for t in texts]
+    code, _, err = run_cli(prepare.main, str(tmp_path / "src" / "*.txt"), "--out_dir", str(tmp_path / "char"))
+    assert code == 2 and "--overwrite" in err, err  # a second prepare into the same place refuses
+    assert run_cli(prepare.main, str(tmp_path / "src" / "*.txt"), "--out_dir", str(tmp_path / "char"), "--overwrite")[0] == 0
+
+
+def test_an_interrupted_prepare_leaves_nothing_that_looks_prepared(tmp_path, monkeypatch, text_file):
+    def interrupted(*a, **k):
+        yield np.arange(5)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(prepare, "encoded", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare(text_file, tmp_path / "p")
+    assert not (tmp_path / "p" / "meta.json").exists()
+    with pytest.raises(ebt.UsageError, match="not a prepared corpus"):
+        prepare.Corpus(tmp_path / "p")
+
+
+def test_bpe_prepare_train_resume_sample_and_eval_offline(tmp_path, offline_bpe, text_file, capsys):
+    """--tokenizer gpt2 end to end with a BPE built here: prepare, train, resume, sample, --eval; another corpus is
+    refused by its prepared id."""
+    corpus = tmp_path / "bpe"
+    assert run_cli(prepare.main, str(text_file), "--out_dir", str(corpus), "--tokenizer", "gpt2")[0] == 0
+    out = tmp_path / "run"
+    common = [*TINY, "--data", str(corpus), "--out_dir", str(out)]
+    code, _, err = run_cli(train_text.main, *common, "--max_steps", "2")
+    assert code == 0, err
+    ckpt = rundir.load_checkpoint(out / "ckpt.pt")
+    assert ckpt["data"]["id"] == prepare.Corpus(corpus).id and ckpt["model_config"]["vocab_size"] == offline_bpe.n_vocab
+    code, _, err = run_cli(train_text.main, *common, "--max_steps", "4", "--resume")
+    assert code == 0 and rundir.load_checkpoint(out / "ckpt.pt")["step"] == 4, err
+    code, text, err = run_cli(sample.main, "--ckpt", str(out / "ckpt.pt"), "--prompt", "the cat", "--num_tokens", "5",
+                              "--device", "cpu")
+    assert code == 0 and text.startswith("the cat"), err
+    code, text, err = run_cli(sample.main, "--ckpt", str(out / "ckpt.pt"), "--eval", "--windows", "2", "--device", "cpu")
+    assert code == 0 and "perplexity" in text, err
+    (tmp_path / "other.txt").write_text(synthetic_text(seed=1))
+    code, _, err = run_cli(train_text.main, *common[:-4], "--data", str(tmp_path / "other.txt"), "--tokenizer", "gpt2",
+                           "--out_dir", str(out), "--max_steps", "6", "--resume")
+    assert code == 2 and "not the corpus" in err and err.count("\n") == 1, err
+
+
+# -----------------------------------------------------------------------------
+# The drivers end to end
 
 def test_train_text_runs_end_to_end_and_resumes(text_file, tmp_path):
     """As a user runs it (a process), then resumed."""
@@ -1196,6 +1623,128 @@ def test_the_seed_fixes_the_whole_run_initial_weights_included(text_file, tmp_pa
         runs.append(rundir.load_checkpoint(tmp_path / str(i) / "ckpt.pt")["model"])
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0]) == same
 
+
+def test_sample_reads_past_ids_beyond_its_tokenizer_and_warns_when_the_ood_text_is_mostly_unknown(tmp_path,
+                                                                                                     text_file):
+    assert run_cli(train_text.main, *TINY, "--max_steps", "1", "--vocab_size", "40", "--data", str(text_file),
+                   "--out_dir", str(tmp_path / "o"))[0] == 0
+    code, out, err = run_cli(sample.main, "--out_dir", str(tmp_path / "o"), "--num_tokens", "50", "--temperature", "5",
+                             "--device", "cpu")
+    assert code == 0 and len(out) >= 50, err  # ids the tokenizer lacks read as U+FFFD, not a traceback
+    (tmp_path / "ood.txt").write_text("ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 " * 200)
+    code, out, err = run_cli(sample.main, "--out_dir", str(tmp_path / "o"), "--eval", "--windows", "1", "--ood",
+                             str(tmp_path / "ood.txt"), "--device", "cpu")
+    assert code == 0 and "warning: 95% of ood.txt is outside the model's vocabulary" in err, err
+
+
+# -----------------------------------------------------------------------------
+# Harnesses: bench.py, results.py and the CI
+
+def test_bench_flop_count_is_a_counted_forward_times_three():
+    """A Transformer++ step is 3 forwards: the matrix products torch's FLOP counter sees in a forward, plus
+    causal attention counted by hand (query i meets i + 1 keys), which the counter leaves out."""
+    import bench
+    from torch.utils.flop_counter import FlopCounterMode
+    B, S = 3, 32
+    cfg = config(model="transformer", block_size=S)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        ebt.build_model(cfg).logits(torch.randint(cfg.vocab_size, (B, S)))
+    matmuls = counter.get_total_flops()
+    attention = 2 * 2 * B * cfg.n_layer * cfg.n_embd * S * (S + 1) // 2  # QK^T and AV, 2 FLOPs a multiply-add
+    assert matmuls > 0 and attention > 0.1 * matmuls
+    assert bench.flops_per_step(cfg, B, S, 0) == pytest.approx(3 * (matmuls + attention), rel=0.01)
+
+
+@pytest.mark.parametrize("one, s2", [("transformer:0", False), ("ebt:2", False), ("ebt:3", True)])
+def test_bench_measures_a_training_step_of_each_configuration(one, s2):
+    import argparse
+    import bench
+    args = argparse.Namespace(device="cpu", vocab_size=13, block_size=16, n_layer=1, n_head=2, n_embd=16,
+                              batch_size=2, iters=1, warmup=1, compile=False, s2=s2, one_backward=False, profile=False)
+    kind, steps = one.split(":")
+    row, again = bench.measure(kind, int(steps), args, rounds=range(2))
+    assert again["step_s"] > 0 and row["model"] == kind and row["steps"] == int(steps) and row["step_s"] > 0 and row["tflops"] > 0
+
+
+def test_results_of_other_settings_never_overwrite_the_shipped_report(tmp_path):
+    import results
+    assert results.parse_args(["--seeds", "1", "--out_dir", str(tmp_path)]).report_dir == str(tmp_path / "report")
+
+
+@pytest.mark.slow
+def test_results_trains_what_is_missing_then_reports_from_checkpoints(tmp_path, monkeypatch, capsys):
+    import results
+    monkeypatch.setitem(train_text.PRESETS, "cpu", dict(
+        n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, max_steps=2, lr=3e-3,
+        eval_interval=2, eval_batches=1, log_interval=1))
+    tiny_image = [*TINY_IMAGE[:6], "--max_steps", "2", "--eval_interval", "2", "--eval_batches", "1", "--batch_size",
+                  "4", "--report_steps", "2", "--passes", "1", "2", "--dataset", "grace_hopper"]
+    monkeypatch.setattr(results, "IMAGE_RUNS", {k: v + tiny_image for k, v in results.IMAGE_RUNS.items()})
+    monkeypatch.setattr(train_image, "DIT_PASSES", (1, 2))
+    monkeypatch.setattr(results, "TASK_DATA", tmp_path / "addition")
+    monkeypatch.setattr(results, "TASK_LENGTH", 2)
+    monkeypatch.setattr(results, "TASK_PROBLEMS", 8)
+    write = results.addition.write
+    monkeypatch.setattr(results.addition, "write", lambda out_dir: write(out_dir, digits=2, n_train=3000, n_eval=100))
+    argv = ["--seeds", "1", "2", "--lengths", "3", "--out_dir", str(tmp_path), "--report_dir", str(tmp_path),
+            "--windows", "2", "--device", "cpu"]
+    results.main(argv)
+    # every model at both seeds, the experiment at the first, the same on the task, the image runs
+    assert capsys.readouterr().out.count("$ python ") == len(results.RUNS) * 2 * 2 + 1 + len(results.IMAGE_RUNS)
+    report = (tmp_path / "results.md").read_text()
+    assert report.index("## Tiny Shakespeare") < report.index("## The addition task")
+    for section in ("T1. Teacher forcing", "T2. Thinking longer", "T3. Does the energy verify", "T4. What each",
+                    "T5. Adaptive stopping"):
+        assert section in report
+    task = json.loads((tmp_path / "task.json").read_text())
+    assert sorted(task["S2|1"]["ood"]["steps"]) == ["1", "12", "3", "6"] and list(task["Transformer++|2"]["val"]["steps"]) == ["1"]
+    assert 0 <= task["S1|2"]["val"]["best of"]["oracle"]["16"]["acc"] <= 1 and (tmp_path / "task.png").stat().st_size > 0
+    for section in ("1. Learning", "2. CE against thinking steps", "3. CE against self-verification",
+                    "4. S2: what thinking changes", "5. S1, the same", "6. Does the energy rank",
+                    "7. The same at every training length", "8. What each thinking step does", "9. Beyond the paper"):
+        assert section in report
+    assert "| 12 | " in report and "| S2, 6 steps OOD | 7 | " in report
+    for f in ("gap.png", "thinking_steps.png", "candidates.png", "gains.png", "verifier.png", "image/psnr.png",
+              "image/psnr.md"):
+        assert (tmp_path / f).stat().st_size > 0
+    curves = json.loads((tmp_path / "results.json").read_text())
+    assert curves["S2|3|1"]["trained"] == 3 and curves["S1|3|1"]["trained"] == 2
+    assert curves["S1|3|1"]["val"]["steps"]["1"] != curves["S1|3|1"]["val"]["steps"]["2"]
+    assert -1 <= curves["S2|3|2"]["ood"]["verifier"]["correlation"] <= 1 and "verifier" not in curves["Transformer++|3|1"]["val"]
+    results.main(argv)  # everything is trained now: only the report is made again
+    assert "$ python " not in capsys.readouterr().out
+    assert (tmp_path / "results.md").read_text() == report
+    results.main([*argv, "--part", "task"])  # one part: its section made again, the others kept
+    assert (tmp_path / "results.md").read_text() == report
+    with pytest.raises(ebt.UsageError, match="other settings"):  # runs of another preset are not reused
+        results.main([*argv, "--preset", "gpu"])
+
+
+def test_addition_problems_read_their_answers_and_carries_as_by_hand():
+    """95 + 17 = 112, written 211: no carry into the units, one into the tens (5 + 7) and the hundreds (95 + 17)."""
+    import results
+    from data import addition
+    text = "1+1=2\n" * 20 + "95+17=211\n"
+    tok = CharTokenizer.fit("0123456789+=\n")
+    p = results.task_problems(text, tok, 16, 100)
+    last = {k: v[-1] for k, v in p.items()}
+    assert p["answers"][-1] == "211\n" and tok.decode(last["y"][last["answer"]].tolist()) == "211\n"
+    assert last["carry"][last["answer"]].tolist() == [False, True, True, False]
+    assert tok.decode(last["prompts"].tolist()).endswith("95+17=") and len(last["prompts"]) == 6
+    assert tok.decode(last["x"].tolist()) + "\n" == text[-17:] and not last["carry"][~last["answer"]].any()
+    generated = addition.problems(500, 0, (1, 3))
+    assert all(int(line.split("=")[1][::-1]) == eval(line.split("=")[0]) for line in generated.splitlines())
+
+
+def test_ci_runs_the_test_command_the_readme_gives():
+    commands = lambda text: {line.strip() for line in text.replace("`", "\n").splitlines()
+                             if line.strip().startswith("python -m pytest")}
+    ci = commands((HERE / ".ci" / "run").read_text())
+    assert len(ci) == 1 and ci <= commands((HERE / "README.md").read_text()), ci
+
+
+# -----------------------------------------------------------------------------
+# Bad input: one line each
 
 BAD_INPUTS = [  # (case, driver, argv: {name} is a path of the bad_input_files fixture, what the one line says)
     ("missing data", "text", ["--data", "{tmp}/nope.txt"], "does not exist"),
@@ -1381,552 +1930,6 @@ def test_bad_input_in_a_real_process_is_one_line_and_exit_2(bad_input_files):
     main, argv = bad_input_argv(BAD_INPUTS[0], bad_input_files)
     r = run_script("train_text.py", *argv)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
-
-
-@pytest.mark.parametrize("kw, field", [
-    (dict(n_embd=30, n_head=4), "n_embd"), (dict(think_steps=0), "think_steps"), (dict(step_size=0.0), "step_size"),
-    (dict(step_size=-1.0), "step_size"), (dict(model="rnn"), "model"), (dict(random_step_size=0.5), "random_step_size"),
-    (dict(init_std=-1.0), "init_std"), (dict(langevin_std=float("nan")), "langevin_std"), (dict(landscapes=3), "landscapes"),
-    (dict(think_steps=100000), "think_steps"), (dict(n_layer=2.5), "n_layer"), (dict(n_head="2"), "n_head"),
-    (dict(detach=1), "detach"), (dict(n_layer=True), "n_layer"), (dict(init_std=1e9), "init_std"),
-    (dict(langevin_std=1e30), "langevin_std")])
-def test_config_rejects_impossible_values(kw, field):
-    with pytest.raises(checks.ConfigError, match=f"ModelConfig.{field}=") as e:
-        config(**kw)
-    assert e.value.name == field and isinstance(e.value, ValueError)
-    for kw, field in ((dict(max_steps=10**12), "max_steps"), (dict(lr=1), None), (dict(seed=1.0), "seed")):
-        if field is None:
-            ebt.TrainConfig(**kw)  # a float field takes an int
-        else:
-            with pytest.raises(checks.ConfigError, match=f"TrainConfig.{field}="):
-                ebt.TrainConfig(**kw)
-    with pytest.raises(ebt.UsageError, match="does not fit its own config"):
-        rundir.load_model({"model_config": {**vars(config()), "no_such_option": 1}, "model": {}})
-
-
-def test_flags_are_the_config_fields_with_their_help():
-    """A driver's flag for a config field carries the field's help and type; a flag not given is None, so a
-    resumed run knows what was given."""
-    code, help_text, _ = run_cli(train_text.main, "--help")
-    help_text = " ".join(help_text.split())
-    exposed = [f for f in dataclasses.fields(ebt.ModelConfig) if f.name in train_text.MODEL_FLAGS + cli.THINKING_FLAGS]
-    assert code == 0 and len(exposed) == len(train_text.MODEL_FLAGS) + len(cli.THINKING_FLAGS)
-    for f in exposed:
-        assert f"--{f.name}" in help_text and " ".join(f.metadata["help"].split()) in help_text, f.name
-    args = train_text.parse_args(["--no-truncate", "--think_steps", "3"])
-    assert args.truncate is False and args.think_steps == 3 and args.langevin_std is None
-
-
-@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
-                                   RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 640 vs 548"),
-                                   RuntimeError("basic_ios::clear: iostream error")])
-def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, error):
-    saves, save = [], torch.save
-
-    def full_after_one(obj, f):
-        saves.append(f)
-        if len(saves) > 1:  # the first checkpoint fits; then the disk is full, halfway through a write
-            Path(f).write_bytes(b"half")
-            raise error
-        save(obj, f)
-    monkeypatch.setattr(torch, "save", full_after_one)
-    code, _, err = run_cli(train_text.main, *TINY, "--out_dir", str(tmp_path / "o"))
-    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    assert ("No space left" if isinstance(error, OSError) else "disk full") in err and str(error) in err
-    monkeypatch.undo()
-    assert rundir.load_checkpoint(tmp_path / "o" / "ckpt.pt")["step"] == 2 and not list((tmp_path / "o").glob("*.tmp"))
-
-
-def test_a_metrics_log_with_stray_lines_is_read_past_and_a_directory_is_named(tmp_path):
-    out = tmp_path / "o"
-    assert run_cli(train_text.main, *TINY, "--max_steps", "2", "--out_dir", str(out))[0] == 0
-    with open(out / "metrics.jsonl", "ab") as f:  # a list, a record without a step, random bytes, a torn line,
-        f.write(b'[1, 2]\n{"kind": "train"}\n\xff\xfe\x00garbage\n{"kind": "train", "st\n'
-                b'{"kind": "train", "step": 1}\n{"kind": "eval", "step": 1, "loss": "low"}\n'  # records the plots
-                b'{"kind": "eval", "step": 2, "loss": 1.0, "loss_per_step": [1, null]}\n'    # cannot read,
-                b'{"kind": "train", "step": 1.5, "loss": 1.0}\n{"kind": "train", "step": -1, "loss": 1.0}\n')  # steps
-    code, _, err = run_cli(train_text.main, "--resume", "--out_dir", str(out), "--max_steps", "3", "--device", "cpu")
-    assert code == 0, err
-    assert [r["step"] for r in rundir.read_records(out / "metrics.jsonl") if r["kind"] == "train"] == [1, 2, 3]
-    (out / "metrics.jsonl").unlink()
-    (out / "metrics.jsonl").mkdir()
-    code, _, err = run_cli(train_text.main, "--resume", "--out_dir", str(out), "--max_steps", "4", "--device", "cpu")
-    assert code == 2 and "is a directory" in err and err.count("\n") == 1, err
-
-
-def test_legal_values_that_are_almost_surely_mistakes_get_one_warning_line(tmp_path, monkeypatch, text_file):
-    monkeypatch.setattr(ebt, "train", lambda model, data, tc, run=None: None)
-    (tmp_path / "one.txt").write_text("a" * 5000)
-    for argv, warning in ((["--warmup_steps", "5000", "--max_steps", "10"], "never reaches --lr"),
-                          (["--replay_batch", "0.25"], "--replay_batch does nothing"),
-                          (["--recipe", "s2", "--step_size_lr_mult", "10"], "--step_size_lr_mult does nothing"),
-                          (["--vocab_size", "100"], "never occur in the data"),
-                          (["--data", str(tmp_path / "one.txt")], "one distinct token")):
-        said = []
-        train_text.main(["--device", "cpu", "--data", str(text_file), "--out_dir", str(tmp_path / str(len(argv))),
-                         *argv], log=said.append)
-        assert sum(line.startswith("warning:") and warning in line for line in said) == 1, said
-        assert not [line for line in said if line.startswith("warning:") and warning not in line], said
-
-
-def test_resuming_with_another_number_of_processes_says_the_global_batch_changes(tmp_path, text_file):
-    out = tmp_path / "o"
-    assert run_cli(train_text.main, *TINY, "--data", str(text_file), "--out_dir", str(out))[0] == 0
-    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ckpt["world"] == 1
-    torch.save({**ckpt, "world": 2}, out / "ckpt.pt")  # as a two-process run leaves it
-    code, stdout, err = run_cli(train_text.main, "--resume", "--out_dir", str(out), "--max_steps", "6", "--device", "cpu")
-    assert code == 0 and "notice: 1 process resume a run of 2: the global batch changes from 8 to 4" in stdout, err
-
-
-def test_a_malformed_dist_timeout_is_one_line(monkeypatch):
-    for value in ("five", "-1", "nan", "1e30"):
-        monkeypatch.setenv("NANOEBT_DIST_TIMEOUT", value)
-        with pytest.raises(ebt.UsageError, match=f"NANOEBT_DIST_TIMEOUT='{value}'"):
-            rundir.dist_timeout()
-    monkeypatch.setenv("NANOEBT_DIST_TIMEOUT", "2.5")
-    assert rundir.dist_timeout() == 2.5
-
-
-def test_a_stop_signal_ends_training_after_its_step_saved(tmp_path):
-    """Ctrl-C or SIGTERM while train() listens only asks it to stop (cli.stop): the step ends, is saved, and
-    training raises KeyboardInterrupt (exit code 130); outside train(), or a second Ctrl-C, stops at once."""
-    _, data = words_data()
-
-    class SignalDuring(rundir.Run):  # as if the signal landed while the log drew its plot, mid-step
-        def show(self, record):
-            super().show(record)
-            if record["kind"] == "train" and record["step"] == 3:
-                cli.stop(signal.SIGTERM, None)
-                cli.stop(signal.SIGTERM, None)  # torchrun's SIGTERM after the terminal's: still the same orderly stop
-    with pytest.raises(KeyboardInterrupt):
-        ebt.train(ebt.build_model(config(vocab_size=VOCAB)), data, train_config(tmp_path, max_steps=50, eval_interval=100),
-                  SignalDuring(tmp_path / "out", say=quiet))
-    assert rundir.load_checkpoint(tmp_path / "out" / "ckpt.pt")["step"] == 3 and not rundir.stop_listening
-    with pytest.raises(KeyboardInterrupt):  # not training: at once
-        cli.stop(signal.SIGINT, None)
-    rundir.stop_listening, rundir.stop_requested = True, True
-    try:
-        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C: at once
-            cli.stop(signal.SIGINT, None)
-    finally:
-        rundir.stop_listening = rundir.stop_requested = False
-
-
-def test_a_checkpoint_is_never_of_weights_whose_validation_is_not_finite(tmp_path):
-    code, _, err = run_cli(train_text.main, *TINY, "--lr", "1e30", "--eval_interval", "1", "--out_dir",
-                           str(tmp_path / "o"))
-    assert code == 2 and "validation loss became NaN" in err and err.count("\n") == 1, err
-    assert not (tmp_path / "o" / "ckpt.pt").exists()
-
-
-def test_alpha_at_its_floor_is_warned_once():
-    said = []
-    log = rundir.RunLog(said.append)
-    log({"kind": "start", "step": 0, "max_steps": 9, "resumed": False, "out_dir": "/tmp/nanoebt-test-runlog",
-         "model": "ebt", "parameters": 1, "device": "cpu", "world": 1, "tokens_per_step": 1, "time": 0.0})
-    for step, alpha in ((1, 2.0), (2, 0.001), (3, 0.001)):
-        log({"kind": "train", "step": step, "loss": 1.0, "loss_first": 1.0, "loss_last": 1.0, "energy_first": 0.0,
-             "energy_last": 0.0, "step_size": alpha, "time": float(step)})
-    assert sum("alpha sits at its floor" in line for line in said) == 1 and "floor" in said[-2]
-
-
-def test_sample_reads_past_ids_beyond_its_tokenizer_and_warns_when_the_ood_text_is_mostly_unknown(tmp_path,
-                                                                                                     text_file):
-    assert run_cli(train_text.main, *TINY, "--max_steps", "1", "--vocab_size", "40", "--data", str(text_file),
-                   "--out_dir", str(tmp_path / "o"))[0] == 0
-    code, out, err = run_cli(sample.main, "--out_dir", str(tmp_path / "o"), "--num_tokens", "50", "--temperature", "5",
-                             "--device", "cpu")
-    assert code == 0 and len(out) >= 50, err  # ids the tokenizer lacks read as U+FFFD, not a traceback
-    (tmp_path / "ood.txt").write_text("ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 " * 200)
-    code, out, err = run_cli(sample.main, "--out_dir", str(tmp_path / "o"), "--eval", "--windows", "1", "--ood",
-                             str(tmp_path / "ood.txt"), "--device", "cpu")
-    assert code == 0 and "warning: 95% of ood.txt is outside the model's vocabulary" in err, err
-
-
-def test_results_of_other_settings_never_overwrite_the_shipped_report(tmp_path):
-    import results
-    assert results.parse_args(["--seeds", "1", "--out_dir", str(tmp_path)]).report_dir == str(tmp_path / "report")
-
-
-def test_gpt2_tokenizer_without_its_files_is_a_one_line_error(tmp_path, monkeypatch):
-    import tiktoken
-    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: (_ for _ in ()).throw(OSError("network unreachable")))
-    code, _, err = run_cli(train_text.main, "--tokenizer", "gpt2", "--device", "cpu", "--out_dir", str(tmp_path / "o"))
-    assert code == 2 and err.count("\n") == 1 and "--tokenizer char" in err and "network unreachable" in err, err
-
-
-def small_bpe():
-    """A BPE tiktoken.Encoding built here, offline: the 256 bytes, a few merges, GPT-2's pre-tokenizer."""
-    import tiktoken
-    ranks = {bytes([i]): i for i in range(256)}
-    for merged in (b"th", b"the", b" t", b" the", b"at", b" c", b" cat", b"an", b" s", b" sat", b"og", b" d", b" dog"):
-        ranks[merged] = len(ranks)
-    pattern = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-    return tiktoken.Encoding(name="gpt2", pat_str=pattern, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": len(ranks)})
-
-
-@pytest.fixture
-def offline_bpe(monkeypatch):
-    """--tokenizer gpt2 through a small BPE built here: tiktoken's real files are never fetched."""
-    import tiktoken
-    enc = small_bpe()
-    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: enc)
-    return enc
-
-
-def test_gpt2_tokenizer_round_trip_and_long_texts_encode_as_the_whole(offline_bpe):
-    tok = GPT2Tokenizer()
-    text = ("the cat sat\n\n  on the dog.\nthe end\n" * 300)[:-1]
-    assert tok.vocab_size == offline_bpe.n_vocab and tok.decode(tok.encode(text)) == text
-    assert tok.encode_array(text, piece=50).tolist() == offline_bpe.encode_ordinary(text)  # cut where BPE cuts
-
-
-def test_character_arrays_encode_as_encode_does_on_both_paths():
-    tok = CharTokenizer.fit("abc ä\n")
-    for text in ("ab c\na", "ä bc\n"):  # ASCII (translated as bytes) and not (a table of code points)
-        assert tok.encode_array(text).tolist() == tok.encode(text)
-    for text in ("abz", "äz"):
-        with pytest.raises(ebt.UsageError, match="'z'"):
-            tok.encode_array(text)
-    wide = CharTokenizer([chr(i) for i in range(300)])  # 255 characters or more: ASCII by the table too
-    assert wide.encode_array("az").tolist() == [97, 122] and prepare.code_points("ba").tolist() == [97, 98]
-
-
-def test_prepare_streams_characters_and_bpe_into_token_files_as_the_whole_text_encodes(tmp_path, monkeypatch,
-                                                                                         offline_bpe):
-    """Small chunks, so that every boundary is crossed: the ids are the whole text's, the last tenth validates,
-    and the record names the sources by checksum."""
-    monkeypatch.setattr(prepare, "CHUNK", 997)
-    texts = ["the cat sät\n\n on the dog ✓\n" * 200, "a dog ran far away\n  the end\n" * 100]
-    for i, text in enumerate(texts):
-        (tmp_path / "src").mkdir(exist_ok=True)
-        (tmp_path / "src" / f"{i}.txt").write_text(text)
-    whole = "".join(texts)
-    for kind, expected in (("char", CharTokenizer.fit(whole).encode(whole)), ("gpt2", None)):
-        expected = expected or offline_bpe.encode_ordinary(texts[0]) + offline_bpe.encode_ordinary(texts[1])
-        code, out, err = run_cli(prepare.main, str(tmp_path / "src"), "--out_dir", str(tmp_path / kind), "--tokenizer", kind)
-        assert code == 0 and "MB/s" in out and not err, err
-        corpus = prepare.Corpus(tmp_path / kind)
-        assert np.concatenate([corpus.train, corpus.val]).tolist() == expected
-        assert len(corpus.val) == len(expected) // 10 and corpus.train.dtype == np.uint16
-        assert [s["sha256"] for s in corpus.meta["sources"]] == [sha256_text(t) for t in texts]
-    code, _, err = run_cli(prepare.main, str(tmp_path / "src" / "*.txt"), "--out_dir", str(tmp_path / "char"))
-    assert code == 2 and "--overwrite" in err, err  # a second prepare into the same place refuses
-    assert run_cli(prepare.main, str(tmp_path / "src" / "*.txt"), "--out_dir", str(tmp_path / "char"), "--overwrite")[0] == 0
-
-
-def test_an_interrupted_prepare_leaves_nothing_that_looks_prepared(tmp_path, monkeypatch, text_file):
-    def interrupted(*a, **k):
-        yield np.arange(5)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(prepare, "encoded", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        prepare.prepare(text_file, tmp_path / "p")
-    assert not (tmp_path / "p" / "meta.json").exists()
-    with pytest.raises(ebt.UsageError, match="not a prepared corpus"):
-        prepare.Corpus(tmp_path / "p")
-
-
-def test_bpe_prepare_train_resume_sample_and_eval_offline(tmp_path, offline_bpe, text_file, capsys):
-    """--tokenizer gpt2 end to end with a BPE built here: prepare, train, resume, sample, --eval; another corpus is
-    refused by its prepared id."""
-    corpus = tmp_path / "bpe"
-    assert run_cli(prepare.main, str(text_file), "--out_dir", str(corpus), "--tokenizer", "gpt2")[0] == 0
-    out = tmp_path / "run"
-    common = [*TINY, "--data", str(corpus), "--out_dir", str(out)]
-    code, _, err = run_cli(train_text.main, *common, "--max_steps", "2")
-    assert code == 0, err
-    ckpt = rundir.load_checkpoint(out / "ckpt.pt")
-    assert ckpt["data"]["id"] == prepare.Corpus(corpus).id and ckpt["model_config"]["vocab_size"] == offline_bpe.n_vocab
-    code, _, err = run_cli(train_text.main, *common, "--max_steps", "4", "--resume")
-    assert code == 0 and rundir.load_checkpoint(out / "ckpt.pt")["step"] == 4, err
-    code, text, err = run_cli(sample.main, "--ckpt", str(out / "ckpt.pt"), "--prompt", "the cat", "--num_tokens", "5",
-                              "--device", "cpu")
-    assert code == 0 and text.startswith("the cat"), err
-    code, text, err = run_cli(sample.main, "--ckpt", str(out / "ckpt.pt"), "--eval", "--windows", "2", "--device", "cpu")
-    assert code == 0 and "perplexity" in text, err
-    (tmp_path / "other.txt").write_text(synthetic_text(seed=1))
-    code, _, err = run_cli(train_text.main, *common[:-4], "--data", str(tmp_path / "other.txt"), "--tokenizer", "gpt2",
-                           "--out_dir", str(out), "--max_steps", "6", "--resume")
-    assert code == 2 and "not the corpus" in err and err.count("\n") == 1, err
-
-
-def test_offline_download_names_the_data_flag(tmp_path, monkeypatch):
-    monkeypatch.setattr(images.urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
-    with pytest.raises(ebt.UsageError, match="--data"):
-        images.download("https://example.com/corpus.txt", tmp_path / "ts.txt")
-    assert not (tmp_path / "ts.txt").exists()
-
-
-def test_tiny_shakespeare_ships_with_the_project_is_the_default_and_is_checked(tmp_path, monkeypatch):
-    assert text_or_shakespeare() == gzip.decompress(SHAKESPEARE.read_bytes()).decode()
-    damaged = tmp_path / "tinyshakespeare.txt.gz"
-    damaged.write_bytes(gzip.compress(text_or_shakespeare().replace("ROMEO", "JULIET", 1).encode()))
-    monkeypatch.setattr(sys.modules["data.text"], "SHAKESPEARE", damaged)
-    with pytest.raises(ebt.UsageError, match="checksum"):
-        text_or_shakespeare()
-
-
-def trained_config(argv, monkeypatch):
-    """What train_text.py would train with these flags: (model config, train config)."""
-    built = []
-    monkeypatch.setattr(ebt, "train", lambda model, data, tc, run=None: built.append((model, tc)))
-    train_text.main(argv, log=quiet)
-    return built[0]
-
-
-def test_the_preset_follows_the_device_and_is_named_first(tmp_path, monkeypatch):
-    logged = []
-    monkeypatch.setattr(ebt, "train", lambda model, data, tc, run=None: logged.append(tc))
-    train_text.main(["--out_dir", str(tmp_path / "a"), "--device", "cpu"], log=logged.append)
-    assert logged[0].startswith("preset cpu") and logged[1].batch_size == train_text.PRESETS["cpu"]["batch_size"]
-    logged.clear()
-    train_text.main(["--preset", "gpu", "--out_dir", str(tmp_path / "b"), "--device", "cpu"], log=logged.append)
-    assert logged[0] == "preset gpu" and logged[1].startswith("warning:")
-
-
-def test_the_baseline_trains_beside_the_ebt_by_default():
-    """python train_text.py, then python train_text.py --model transformer (README): two directories."""
-    assert train_text.parse_args([]).out_dir != train_text.parse_args(["--model", "transformer"]).out_dir
-
-
-def test_default_s1_step_size_is_a_quarter_of_the_square_root_of_the_vocabulary(tmp_path, monkeypatch):
-    model, _ = trained_config(["--device", "cpu", "--out_dir", str(tmp_path / "a")], monkeypatch)  # 65 characters
-    assert model.config.vocab_size == 65 and model.step_size().item() == 2.0 and model.config.step_size_lr_mult == 6.0
-    model, _ = trained_config(["--device", "cpu", "--vocab_size", "50257", "--n_layer", "1", "--out_dir",
-                               str(tmp_path / "b")], monkeypatch)
-    assert model.step_size().item() == 56.0  # README "Choosing alpha"
-
-
-@pytest.mark.parametrize("recipe", ["s1", "s2"])
-def test_recipes_do_what_the_papers_job_scripts_do(recipe, tmp_path, monkeypatch):
-    """ebt_s1.sh and ebt_s2.sh, observed on the model train_text.py builds for each recipe."""
-    model, tc = trained_config(["--recipe", recipe, "--device", "cpu", "--out_dir", str(tmp_path)], monkeypatch)
-    idx = torch.randint(65, (4, 16), generator=torch.Generator().manual_seed(0))
-    metrics = model.learn(idx, idx, 1.0)
-    alpha_groups = [g for g in ebt.param_groups(model, tc.weight_decay) if g["lr_mult"] != 1.0]
-    draws = {model.draw_steps(random.Random(i)) for i in range(50)}
-    losses = []
-    for seed in (0, 1, 1):  # training: noisy (S2) or not (S1)
-        torch.manual_seed(seed)
-        losses.append(model(idx, idx, steps=2, generator=torch.Generator().manual_seed(0))[0].item())
-    assert model.initial_logits(64, 64, "cpu").std().item() == pytest.approx(1.0, rel=0.05)  # N(0, 1) starts
-    if recipe == "s1":
-        assert draws == {2} and model.trained_steps() == 2 and len(model.step_emb.weight) == 2  # a landscape per step
-        assert model.raw_step_size.requires_grad and alpha_groups[0]["weight_decay"] == 0
-        assert alpha_groups[0]["lr_mult"] == 3 * model.step_size().item()  # the paper's 1500 at alpha 500
-        assert metrics["loss"] == pytest.approx((metrics["loss_first"] + metrics["loss_last"]) / 2)  # mean over steps
-        assert model.replay is None and losses[0] == losses[1]
-    else:
-        assert draws == {2, 3} and model.trained_steps() == 3 and len(model.step_emb.weight) == 1  # one landscape
-        assert not model.raw_step_size.requires_grad and not alpha_groups and model.step_size().item() == 5.0
-        assert metrics["loss"] == metrics["loss_last"]  # the last step's loss only
-        assert model.replay.size == 192 and len(model.replay.kept["idx"]) == 4
-        assert losses[0] != losses[1] == losses[2]  # Langevin noise and per-token alpha, from the seed
-
-
-def test_progress_lines_are_flushed_when_output_goes_to_a_pipe(tmp_path, monkeypatch):
-    """Under nohup or with output to a file the log used to be block-buffered: nothing for minutes.
-    Every line must reach the stream's flush as it is printed."""
-    class Stream(io.StringIO):
-        unflushed = lines = 0
-
-        def write(self, text):
-            self.unflushed += text.count("\n")
-            return super().write(text)
-
-        def flush(self):
-            self.lines += self.unflushed
-            self.unflushed = 0
-    stream = Stream()
-    monkeypatch.setattr(sys, "stdout", stream)
-    train_text.main([*TINY, "--max_steps", "3", "--out_dir", str(tmp_path / "out")])
-    assert stream.lines >= 5 and stream.unflushed == 0, stream.getvalue()
-
-
-def test_the_same_command_twice_refuses_and_keeps_the_first_run(tmp_path):
-    argv = [*TINY, "--out_dir", str(tmp_path / "out")]
-    assert run_cli(train_text.main, *argv)[0] == 0
-    before = {f.name: f.read_bytes() for f in (tmp_path / "out").iterdir()}
-    code, _, err = run_cli(train_text.main, *argv)
-    assert code == 2 and "--resume" in err and "--out_dir" in err and err.count("\n") == 1
-    assert {f.name: f.read_bytes() for f in (tmp_path / "out").iterdir()} == before
-
-
-def test_a_folder_in_use_refuses_a_second_run_and_is_left_untouched(tmp_path, text_file):
-    out = tmp_path / "o"
-    with rundir.owned(out):  # another run holds it (flock: another open file, as another process would)
-        for extra in ([], ["--resume"]):
-            code, _, err = run_cli(train_text.main, *TINY, "--data", str(text_file), "--out_dir", str(out), *extra)
-            assert code == 2 and f"{out} is in use by another run (process {os.getpid()})" in err, err
-        code, _, err = run_cli(train_image.main, *TINY_IMAGE, "--out_dir", str(out))
-        assert code == 2 and "in use" in err, err
-    assert sorted(p.name for p in out.iterdir()) == [".lock"]
-    assert run_cli(train_text.main, *TINY, "--data", str(text_file), "--out_dir", str(out))[0] == 0  # released
-
-
-@pytest.mark.slow
-def test_a_run_owns_its_folder_until_its_process_ends_kill_9_included(tmp_path, text_file):
-    out, argv = tmp_path / "o", [*TINY, "--data", str(text_file), "--max_steps", "100000", "--eval_interval", "2"]
-    first = subprocess.Popen([sys.executable, "train_text.py", *argv, "--out_dir", str(tmp_path / "o")], cwd=HERE,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_step([first], out / "metrics.jsonl", 3)
-        for extra in ([], ["--resume"]):
-            r = run_script("train_text.py", *argv, "--out_dir", str(out), *extra)
-            assert r.returncode == 2 and "is in use by another run" in r.stderr and r.stderr.count("\n") == 1, r.stderr
-    finally:
-        first.kill()  # kill -9: the claim goes with the process
-        first.wait()
-    step = rundir.load_checkpoint(out / "ckpt.pt")["step"]
-    r = run_script("train_text.py", *argv[:-4], "--max_steps", str(step + 2), "--out_dir", str(out), "--resume")
-    assert r.returncode == 0 and rundir.load_checkpoint(out / "ckpt.pt")["step"] == step + 2, r.stderr
-
-
-def test_resume_restores_the_runs_settings_and_refuses_a_conflict(tmp_path, text_file):
-    out = str(tmp_path / "out")
-    assert run_cli(train_text.main, *TINY, "--out_dir", out, "--data", str(text_file), "--lr", "0.004",
-                   "--recipe", "s2")[0] == 0
-    code, stdout, err = run_cli(train_text.main, "--resume", "--out_dir", out, "--max_steps", "6", "--device", "cpu")
-    assert code == 0, err
-    ckpt = rundir.load_checkpoint(tmp_path / "out" / "ckpt.pt")
-    assert ckpt["step"] == 6 and ckpt["train_config"]["lr"] == 0.004 and ckpt["train_config"]["batch_size"] == 4
-    assert ckpt["model_config"]["n_embd"] == 16 and ckpt["model_config"]["replay_size"] == 192
-    assert "notice: --max_steps 6 overrides the checkpoint's 4" in stdout
-    code, stdout, err = run_cli(train_text.main, "--resume", "--out_dir", out, "--device", "cpu")
-    assert code == 0 and "nothing to train" in stdout and rundir.load_checkpoint(tmp_path / "out" / "ckpt.pt")["step"] == 6
-    for conflict, message in ((["--n_embd", "32"], "--n_embd 32 conflicts"), (["--tokenizer", "gpt2"], "tokenizer"),
-                              (["--data", str(HERE / "README.md")], "not the corpus"),
-                              (["--recipe", "s1"], "--recipe s1 conflicts"), (["--preset", "gpu"], "--preset gpu")):
-        code, _, err = run_cli(train_text.main, "--resume", "--out_dir", out, "--device", "cpu", *conflict)
-        assert code == 2 and message in err and err.count("\n") == 1, err
-
-
-def test_sigterm_saves_like_ctrl_c_and_a_stale_temporary_file_is_removed(tmp_path):
-    out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "train_text.py", *TINY, "--max_steps", "100000", "--eval_interval",
-                             "100000", "--out_dir", str(out)], cwd=HERE, stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    while line and not line.startswith("step 3/"):
-        line = proc.stdout.readline()
-    assert line, "training ended before step 3"
-    proc.terminate()  # SIGTERM, what schedulers send
-    rest = proc.communicate(timeout=60)[0]
-    assert proc.returncode == 130 and "interrupted at step" in rest
-    step = rundir.load_checkpoint(out / "ckpt.pt")["step"]
-    assert step >= 3
-    (out / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")  # what a crash during a save leaves
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write('{"kind": "train", "st')  # a line torn by a crash mid-write
-    resume = lambda max_steps: run_cli(train_text.main, "--resume", "--out_dir", str(out), "--max_steps",
-                                       str(max_steps), "--device", "cpu")
-    code, stdout, err = resume(step)  # nothing to train, so nothing saved: only the start removes the file
-    assert code == 0 and "nothing to train" in stdout, err
-    assert not (out / "ckpt.pt.tmp").exists()
-    code, _, err = resume(step + 1)
-    assert code == 0, err
-    assert rundir.load_checkpoint(out / "ckpt.pt")["step"] == step + 1
-    assert [r["step"] for r in rundir.read_records(out / "metrics.jsonl") if r["kind"] == "train"][-2:] == [step, step + 1]
-
-
-def test_ci_runs_the_test_command_the_readme_gives():
-    commands = lambda text: {line.strip() for line in text.replace("`", "\n").splitlines()
-                             if line.strip().startswith("python -m pytest")}
-    ci = commands((HERE / ".ci" / "run").read_text())
-    assert len(ci) == 1 and ci <= commands((HERE / "README.md").read_text()), ci
-
-
-def test_bench_flop_count_is_a_counted_forward_times_three():
-    """A Transformer++ step is 3 forwards: the matrix products torch's FLOP counter sees in a forward, plus
-    causal attention counted by hand (query i meets i + 1 keys), which the counter leaves out."""
-    import bench
-    from torch.utils.flop_counter import FlopCounterMode
-    B, S = 3, 32
-    cfg = config(model="transformer", block_size=S)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        ebt.build_model(cfg).logits(torch.randint(cfg.vocab_size, (B, S)))
-    matmuls = counter.get_total_flops()
-    attention = 2 * 2 * B * cfg.n_layer * cfg.n_embd * S * (S + 1) // 2  # QK^T and AV, 2 FLOPs a multiply-add
-    assert matmuls > 0 and attention > 0.1 * matmuls
-    assert bench.flops_per_step(cfg, B, S, 0) == pytest.approx(3 * (matmuls + attention), rel=0.01)
-
-
-@pytest.mark.parametrize("one, s2", [("transformer:0", False), ("ebt:2", False), ("ebt:3", True)])
-def test_bench_measures_a_training_step_of_each_configuration(one, s2):
-    import argparse
-    import bench
-    args = argparse.Namespace(device="cpu", vocab_size=13, block_size=16, n_layer=1, n_head=2, n_embd=16,
-                              batch_size=2, iters=1, warmup=1, compile=False, s2=s2, one_backward=False, profile=False)
-    kind, steps = one.split(":")
-    row, again = bench.measure(kind, int(steps), args, rounds=range(2))
-    assert again["step_s"] > 0 and row["model"] == kind and row["steps"] == int(steps) and row["step_s"] > 0 and row["tflops"] > 0
-
-
-@pytest.mark.slow
-def test_results_trains_what_is_missing_then_reports_from_checkpoints(tmp_path, monkeypatch, capsys):
-    import results
-    monkeypatch.setitem(train_text.PRESETS, "cpu", dict(
-        n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, max_steps=2, lr=3e-3,
-        eval_interval=2, eval_batches=1, log_interval=1))
-    tiny_image = [*TINY_IMAGE[:6], "--max_steps", "2", "--eval_interval", "2", "--eval_batches", "1", "--batch_size",
-                  "4", "--report_steps", "2", "--passes", "1", "2", "--dataset", "grace_hopper"]
-    monkeypatch.setattr(results, "IMAGE_RUNS", {k: v + tiny_image for k, v in results.IMAGE_RUNS.items()})
-    monkeypatch.setattr(train_image, "DIT_PASSES", (1, 2))
-    monkeypatch.setattr(results, "TASK_DATA", tmp_path / "addition")
-    monkeypatch.setattr(results, "TASK_LENGTH", 2)
-    monkeypatch.setattr(results, "TASK_PROBLEMS", 8)
-    write = results.addition.write
-    monkeypatch.setattr(results.addition, "write", lambda out_dir: write(out_dir, digits=2, n_train=3000, n_eval=100))
-    argv = ["--seeds", "1", "2", "--lengths", "3", "--out_dir", str(tmp_path), "--report_dir", str(tmp_path),
-            "--windows", "2", "--device", "cpu"]
-    results.main(argv)
-    # every model at both seeds, the experiment at the first, the same on the task, the image runs
-    assert capsys.readouterr().out.count("$ python ") == len(results.RUNS) * 2 * 2 + 1 + len(results.IMAGE_RUNS)
-    report = (tmp_path / "results.md").read_text()
-    assert report.index("## Tiny Shakespeare") < report.index("## The addition task")
-    for section in ("T1. Teacher forcing", "T2. Thinking longer", "T3. Does the energy verify", "T4. What each",
-                    "T5. Adaptive stopping"):
-        assert section in report
-    task = json.loads((tmp_path / "task.json").read_text())
-    assert sorted(task["S2|1"]["ood"]["steps"]) == ["1", "12", "3", "6"] and list(task["Transformer++|2"]["val"]["steps"]) == ["1"]
-    assert 0 <= task["S1|2"]["val"]["best of"]["oracle"]["16"]["acc"] <= 1 and (tmp_path / "task.png").stat().st_size > 0
-    for section in ("1. Learning", "2. CE against thinking steps", "3. CE against self-verification",
-                    "4. S2: what thinking changes", "5. S1, the same", "6. Does the energy rank",
-                    "7. The same at every training length", "8. What each thinking step does", "9. Beyond the paper"):
-        assert section in report
-    assert "| 12 | " in report and "| S2, 6 steps OOD | 7 | " in report
-    for f in ("gap.png", "thinking_steps.png", "candidates.png", "gains.png", "verifier.png", "image/psnr.png",
-              "image/psnr.md"):
-        assert (tmp_path / f).stat().st_size > 0
-    curves = json.loads((tmp_path / "results.json").read_text())
-    assert curves["S2|3|1"]["trained"] == 3 and curves["S1|3|1"]["trained"] == 2
-    assert curves["S1|3|1"]["val"]["steps"]["1"] != curves["S1|3|1"]["val"]["steps"]["2"]
-    assert -1 <= curves["S2|3|2"]["ood"]["verifier"]["correlation"] <= 1 and "verifier" not in curves["Transformer++|3|1"]["val"]
-    results.main(argv)  # everything is trained now: only the report is made again
-    assert "$ python " not in capsys.readouterr().out
-    assert (tmp_path / "results.md").read_text() == report
-    results.main([*argv, "--part", "task"])  # one part: its section made again, the others kept
-    assert (tmp_path / "results.md").read_text() == report
-    with pytest.raises(ebt.UsageError, match="other settings"):  # runs of another preset are not reused
-        results.main([*argv, "--preset", "gpu"])
-
-
-def test_addition_problems_read_their_answers_and_carries_as_by_hand():
-    """95 + 17 = 112, written 211: no carry into the units, one into the tens (5 + 7) and the hundreds (95 + 17)."""
-    import results
-    from data import addition
-    text = "1+1=2\n" * 20 + "95+17=211\n"
-    tok = CharTokenizer.fit("0123456789+=\n")
-    p = results.task_problems(text, tok, 16, 100)
-    last = {k: v[-1] for k, v in p.items()}
-    assert p["answers"][-1] == "211\n" and tok.decode(last["y"][last["answer"]].tolist()) == "211\n"
-    assert last["carry"][last["answer"]].tolist() == [False, True, True, False]
-    assert tok.decode(last["prompts"].tolist()).endswith("95+17=") and len(last["prompts"]) == 6
-    assert tok.decode(last["x"].tolist()) + "\n" == text[-17:] and not last["carry"][~last["answer"]].any()
-    generated = addition.problems(500, 0, (1, 3))
-    assert all(int(line.split("=")[1][::-1]) == eval(line.split("=")[0]) for line in generated.splitlines())
 
 
 # -----------------------------------------------------------------------------
@@ -2190,6 +2193,25 @@ def test_train_image_on_photos_reports_the_photographs_it_never_saw(tmp_path, mo
 
 # -----------------------------------------------------------------------------
 # Data parallel (torchrun, gloo on CPU)
+
+def test_a_malformed_dist_timeout_is_one_line(monkeypatch):
+    for value in ("five", "-1", "nan", "1e30"):
+        monkeypatch.setenv("NANOEBT_DIST_TIMEOUT", value)
+        with pytest.raises(ebt.UsageError, match=f"NANOEBT_DIST_TIMEOUT='{value}'"):
+            rundir.dist_timeout()
+    monkeypatch.setenv("NANOEBT_DIST_TIMEOUT", "2.5")
+    assert rundir.dist_timeout() == 2.5
+
+
+def test_resuming_with_another_number_of_processes_says_the_global_batch_changes(tmp_path, text_file):
+    out = tmp_path / "o"
+    assert run_cli(train_text.main, *TINY, "--data", str(text_file), "--out_dir", str(out))[0] == 0
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["world"] == 1
+    torch.save({**ckpt, "world": 2}, out / "ckpt.pt")  # as a two-process run leaves it
+    code, stdout, err = run_cli(train_text.main, "--resume", "--out_dir", str(out), "--max_steps", "6", "--device", "cpu")
+    assert code == 0 and "notice: 1 process resume a run of 2: the global batch changes from 8 to 4" in stdout, err
+
 
 DDP_SCRIPT = """
 import sys, torch
