@@ -480,7 +480,7 @@ IMAGE_RECIPES = {  # S1 as the paper's image runs (1 step; alpha 3000 at 128 x 1
 def derive_thinking(values):
     """Fill what a recipe leaves as None (values: ModelConfig fields): S1's landscape per step; S1's alpha from
     the vocabulary, 0.25 sqrt(V), the best of a sweep at V = 65 (2.0) and near it at 50,257 (56; the paper's 500
-    was tuned at 50,277: README, "Choosing alpha"); alpha's learning rate 3 x alpha (the paper's 1500 at 500)."""
+    was tuned at 50,277: assets/recipes.md); alpha's learning rate 3 x alpha (the paper's 1500 at 500)."""
     if values.get("landscapes", 0) is None:
         values["landscapes"] = values["think_steps"]
     if values.get("step_size", 0) is None:
