@@ -37,7 +37,7 @@ import ebt
 import rundir
 import train_text
 from data import prepare
-from data.text import CharTokenizer, TextData, shakespeare
+from data.text import TextData, shakespeare
 from measure import markdown_table
 
 HERE = Path(__file__).resolve().parent
@@ -239,39 +239,6 @@ def time_generation(args, contexts=(64, 128, 256), new_tokens=16):
     return rows
 
 
-def count_syncs(steps=20, log_interval=10):
-    """Device-to-host reads (.item(), bool(), int(), .tolist() of a tensor) in ebt.train on a
-    tiny EBT, by call site: what makes the host wait for the GPU. Evaluation is left out."""
-    import collections
-    import random
-    import traceback
-    from torch.overrides import TorchFunctionMode
-    sites = collections.Counter()
-
-    class Spy(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            if getattr(func, "__name__", "") in ("item", "__bool__", "__int__", "__float__", "tolist"):
-                frame = [f for f in traceback.extract_stack()[:-1] if f.filename.endswith("ebt.py")][-1]
-                sites[f"ebt.py:{frame.lineno} {frame.line}"] += 1
-            return func(*args, **(kwargs or {}))
-
-    ebt.evaluate = lambda *a, **k: {"loss": 0.0}
-    torch.manual_seed(0)
-    rng = random.Random(0)
-    tok = CharTokenizer.fit("abcdefgh ")
-    data = TextData(*prepare.split(tok.encode("".join(rng.choice("abcdefgh ") for _ in range(5000)))), 16)
-    model = ebt.build_model(ebt.ModelConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
-    adamw = torch.optim.AdamW  # fused, as on CUDA: no per-parameter reads of the step counters
-    torch.optim.AdamW = lambda *a, **k: adamw(*a, **{**k, "fused": True})
-    with tempfile.TemporaryDirectory() as d, Spy():
-        ebt.train(model, data, ebt.TrainConfig(max_steps=steps, batch_size=4, eval_interval=10**6,
-                                               log_interval=log_interval, out_dir=d, device="cpu"), rundir.Run(d, say=lambda *a: None))
-    print(f"device-to-host reads in {steps} training steps (logging every {log_interval}):")
-    for site, n in sites.most_common():
-        print(f"{n:5d}  {site}")
-    print(f"{sum(sites.values()) / steps:.2f} per step")
-
-
 def run_until(argv, out_dir, seconds=None, step=None, start_up=300):
     """Run a training command; stop it with SIGTERM (it saves) once it has trained for `seconds`, counted from
     its first logged step so that start-up and compiling are not (given at most `start_up` seconds), or once
@@ -439,7 +406,6 @@ def main(argv=None):
     p.add_argument("--no_generation", action="store_true", help="training only")
     p.add_argument("--profile", action="store_true", help="also print the torch profiler's operators of one training "
                    "step of each configuration, by self time (to stderr)")
-    p.add_argument("--syncs", action="store_true", help="count device-to-host reads per training step, by call site")
     p.add_argument("--gpu_check", metavar="OUT", help="the README's 'On one GPU' measurements, JSON in OUT")
     p.add_argument("--seconds", type=float, default=90, help="--gpu_check: wall time of each default text run")
     p.add_argument("--corpus_check", type=float, nargs="+", metavar="MB", help="preparing and training from generated "
@@ -462,8 +428,6 @@ def main(argv=None):
         kind, _, steps = one.partition(":")
         if not ((kind == "transformer" and steps == "0") or (kind == "ebt" and steps.isdigit() and int(steps) > 0)):
             raise ebt.UsageError(f"--only {one}: each configuration is transformer:0 or ebt:K with K >= 1 thinking steps")
-    if args.syncs:
-        return count_syncs()
     if args.corpus_check:
         return corpus_check(args.corpus_check, args.old)
     if args.gpu_check:

@@ -130,32 +130,27 @@ def best_of(loss, score):
 
 
 def thinking_table(curves, trained_steps):
-    """curves: {source name: thinking_curves(...)} -> a table to read at a glance."""
+    """curves: {source name: thinking_curves(...)} -> perplexity against steps and candidates, a markdown table."""
     names = list(curves)
-    width = max(12, *(len(n) for n in names))
-    head = lambda first: f"{first:<26}" + "".join(f"{n:>{width + 2}}" for n in names)
-    lines = ["perplexity (lower is better)"]
-    for kind, title in (("steps", "thinking steps (N=1)"), ("candidates", f"candidates ({trained_steps} steps)")):
-        lines.append(head(title))
-        for k in curves[names[0]][kind]:
-            mark = "  <- trained" if kind == "steps" and k == trained_steps else ""
-            lines.append(f"{k:<26}" + "".join(f"{curves[n][kind][k]:>{width + 2}.3f}" for n in names) + mark)
-    return "\n".join(lines)
+    rows = [[f"{k} {'step' if kind == 'steps' else 'candidate'}{'s' * (k > 1)}"
+             + (" (trained)" if kind == "steps" and k == trained_steps else ""),
+             *(f"{curves[n][kind][k]:.3f}" for n in names)]
+            for kind in ("steps", "candidates") for k in curves[names[0]][kind]]
+    return markdown_table([f"perplexity (lower is better; candidates at {trained_steps} steps)", *names], rows)
 
 
 def verifier_table(curves):
     """curves: {source name: thinking_curves(...)} of an EBT -> what its energy knows of its candidates."""
-    names, first = list(curves), next(iter(curves.values()))["verifier"]
-    n = max(first["best of"]["energy"])
-    row = lambda label, value: f"{label:<34}" + "".join(f"{value(curves[name]['verifier']):>14.3f}" for name in names)
-    lines = [f"{'self-verification':<34}" + "".join(f"{name[:13]:>14}" for name in names),
-             row("Spearman(final energy, CE)", lambda v: v["correlation"]),
-             row("Spearman(final energy, entropy)", lambda v: v["entropy correlation"])]
-    lines += [row(f"CE, best of {n} {how}", lambda v, pick=pick: v["best of"][pick][n])
-              for pick, how in (("energy", "by energy"), ("random", "at random"), ("oracle", "by CE (oracle)"))]
-    lines += [row(f"argmax changed at step {k} (share)", lambda v, k=k: v["argmax changed"][k])
-              for k in first["argmax changed"]]
-    return "\n".join(lines)
+    verifiers = [c["verifier"] for c in curves.values()]
+    n = max(verifiers[0]["best of"]["energy"])
+    rows = {"Spearman(final energy, CE)": lambda v: v["correlation"],
+            "Spearman(final energy, entropy)": lambda v: v["entropy correlation"],
+            **{f"CE, best of {n} {how}": lambda v, pick=pick: v["best of"][pick][n]
+               for pick, how in (("energy", "by energy"), ("random", "at random"), ("oracle", "by CE (oracle)"))},
+            **{f"argmax changed at step {k} (share)": lambda v, k=k: v["argmax changed"][k]
+               for k in verifiers[0]["argmax changed"]}}
+    return markdown_table(["self-verification", *curves],
+                          [[label, *(f"{value(v):.3f}" for v in verifiers)] for label, value in rows.items()])
 
 
 def markdown_table(head, rows):

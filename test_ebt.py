@@ -799,7 +799,7 @@ def test_thinking_curves_are_the_perplexity_of_each_step_count_on_the_seeded_win
     assert curves["steps"][1] != pytest.approx(curves["steps"][3], rel=1e-3)  # the steps change the answer
     results = {"ebt": curves, "other": {kind: {k: 2 * v for k, v in curves[kind].items()} for kind in ("steps", "candidates")}}
     table = measure.thinking_table(results, trained_steps=3)
-    assert "<- trained" in table and "candidates (3 steps)" in table and f"{2 * curves['steps'][3]:.3f}" in table
+    assert "3 steps (trained)" in table and "candidates at 3 steps" in table and f"{2 * curves['steps'][3]:.3f}" in table
     fig = plots.plot_thinking_curves(results, trained_steps=3)
     assert [ax.get_ylabel() for ax in fig.axes] == ["perplexity", "perplexity"]
     assert len(fig.axes[0].get_lines()) == 3  # two models and the trained steps
