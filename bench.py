@@ -451,7 +451,7 @@ def main(argv=None):
     limits = {"iters": (int, 1, 10_000), "rounds": (int, 1, 1000), "warmup": (int, 0, 10_000),
               "n_layer": (int, 1, 10_000), "n_head": (int, 1, 10_000), "n_embd": (int, 1, 10**5),
               "block_size": (int, 1, 10**5), "batch_size": (int, 1, 10**5), "vocab_size": (int, 1, 10**7),
-              "corpus_check": (float, 0.01, 100_000)}
+              "corpus_check": (float, 0.01, 100_000), "peak_tflops": (float, 1e-3, 1e6), "seconds": (float, 1, 10**6)}
     cli.check_flags({name: getattr(args, name) for name in limits}, limits)
     if args.gpu_check:
         rundir.check_out_dir(args.gpu_check, "--gpu_check")
