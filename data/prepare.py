@@ -3,29 +3,24 @@ Prepare a text corpus once: flat files of token ids that training reads as rando
 memmap (nanoGPT's way), so a corpus of any size trains in the same memory and starts at once.
 
     python data/prepare.py my.txt --out_dir data/my               # a file, a folder (subfolders too), or a glob
-    python data/prepare.py "books/**/*.txt" --out_dir data/books --tokenizer gpt2   # ** recurses
+    python data/prepare.py "books/**/*.txt" --out_dir data/books --tokenizer gpt2
     python train_text.py --data data/my
 
 out_dir gets train.bin and val.bin (the last tenth of the tokens), uint16 ids while the vocabulary fits
 (else uint32), and meta.json: the tokenizer and its state, the vocabulary size, the token counts, the
 split, each source's size and checksum, and an id naming this preparation, which checkpoints record.
-A folder's or a glob's files are taken in sorted order, skipping hidden ones and, with a count, those that are
-not text. It streams: the text is read in chunks (characters: once for the vocabulary, once to encode; BPE:
-tiktoken's batch encoder on every core), so memory stays flat whatever the corpus size. A character vocabulary
-past MAX_CHARS reads the characters seen fewer than RARE times as one unknown character (--keep_rare keeps them).
-A prepared folder changes only as a whole: the corpus is written into a hidden sibling folder, then swapped in by
-renames, so a failed, full or interrupted prepare leaves the old one as it was; one process prepares a folder at
-a time (an OS lock). `train_text.py --data FILE.txt` prepares the file into a cache (data/cache/, or
-$NANOEBT_CACHE) on first use, and again when its size, times, inode or a hash of its first, middle and last MB
-change.
+It streams (characters: read once for the vocabulary, once to encode; BPE: tiktoken's batch encoder on every
+core), so memory stays flat whatever the corpus size. The corpus is written into a hidden sibling folder and
+swapped in by renames: a prepare that fails leaves the folder as it was. The rules, and the cache of
+`train_text.py --data FILE.txt`: assets/corpus.md.
 """
-import codecs
 import contextlib
 import errno
 import fcntl
 import glob
 import gzip
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -66,14 +61,10 @@ def sources_of(spec, say=print):
 
 
 def is_text(path):
-    """Whether a file starts with UTF-8 text (its first 64 KB, no NUL byte): a folder's images are skipped."""
-    try:
-        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
-            head = f.read(1 << 16)
-        codecs.getincrementaldecoder("utf-8")().decode(head)  # a character cut at the end is not an error
-        return b"\x00" not in head and len(head) > 0
-    except (OSError, EOFError, UnicodeDecodeError):
-        return False
+    """Whether a file starts with UTF-8 text (its first chunk, no NUL byte): a folder's images are skipped."""
+    with contextlib.suppress(UsageError, OSError, EOFError):
+        return next(chunks(path), "") != ""
+    return False
 
 
 def chunks(path):
@@ -117,20 +108,16 @@ def encoded(files, tokenizer, progress, sources):
     done, tokens, anywhere = 0, 0, isinstance(tokenizer, CharTokenizer)
     for f in files:
         digest, n, size, held = hashlib.sha256(), 0, f.stat().st_size, ""
-        for chunk in chunks(f):
+        for chunk in itertools.chain(chunks(f), [""]):  # "": the end, where BPE encodes what it held back
             digest.update(chunk.encode("utf-8"))  # of the text as read: as a checkpoint's checksum of a text was
             text, n = held + chunk, n + len(chunk)
-            cut = len(text) if anywhere else last_safe_cut(text)  # BPE: the rest waits for the next chunk
+            cut = last_safe_cut(text) if chunk and not anywhere else len(text)  # BPE: the rest waits for the next
             ids, held = tokenizer.encode_array(text[:cut]), text[cut:]
             tokens += len(ids)
             progress(done + min(size, n), tokens)
             yield ids
         if n == 0:
             raise UsageError(f"{f} is empty; pass text files with something in them")
-        if held:
-            ids = tokenizer.encode_array(held)
-            tokens += len(ids)
-            yield ids
         done += size
         sources.append({"path": str(f), "bytes": size, "sha256": digest.hexdigest()})
     progress(done, tokens, final=True)
@@ -192,18 +179,16 @@ def prepare(spec, out_dir, tokenizer="char", overwrite=False, keep_rare=False, s
 
 @contextlib.contextmanager
 def locked(out, wait, flag="--out_dir"):
-    """Hold an OS lock (flock) on the folder out, made if need be: while another process holds it, refuse in one line,
-    or wait (wait=True: the cache, which torchrun's ranks and other runs share). It ends with its process, kill -9
-    included; a folder swapped in while waiting (another prepare's) is locked afresh."""
-    while True:
+    """An OS lock (flock) on the folder out, made if need be, held while preparing it: another process refuses in one
+    line, or waits (wait=True: the cache, which runs and torchrun's ranks share); it ends with its process, kill -9
+    included."""
+    while True:  # until the lock is the folder's at out now, not one's that another prepare swapped away meanwhile
         rundir.check_out_dir(out, flag)
         fd = os.open(out, os.O_RDONLY)
-        try:
+        with contextlib.suppress(BlockingIOError, FileNotFoundError):
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             if os.path.samestat(os.fstat(fd), os.stat(out)):
                 break
-        except (BlockingIOError, FileNotFoundError):
-            pass
         os.close(fd)
         if not wait:
             raise UsageError(f"{out} is being prepared by another process; wait for it to end, or pass another "
@@ -259,7 +244,9 @@ def write_corpus(files, total, out, tokenizer, keep_rare, say, record):
             ids.astype(dtype).tofile(f)
     n = all_ids.stat().st_size // dtype.itemsize
     n_val = int(n * VAL_FRACTION)
-    copy_tail(all_ids, (n - n_val) * dtype.itemsize, out / "val.bin")
+    with open(all_ids, "rb") as f, open(out / "val.bin", "wb") as val:  # by blocks (a memmap's pages count in memory)
+        f.seek((n - n_val) * dtype.itemsize)
+        shutil.copyfileobj(f, val, 1 << 24)
     os.truncate(all_ids, (n - n_val) * dtype.itemsize)
     meta = {"format": "nanoebt-tokens-1", "tokenizer": tok.state(), "vocab_size": tok.vocab_size, "dtype": dtype.name,
             "tokens": {"train": n - n_val, "val": n_val}, "val_fraction": VAL_FRACTION, "sources": sources}
@@ -267,13 +254,6 @@ def write_corpus(files, total, out, tokenizer, keep_rare, say, record):
     meta["id"] = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
     (out / "meta.json").write_text(json.dumps({**meta, **(record or {})}, indent=1) + "\n")
     return meta
-
-
-def copy_tail(source, offset, target):
-    """source's bytes from offset on into target, a block at a time (a memmap's pages would count in memory)."""
-    with open(source, "rb") as f, open(target, "wb") as out:
-        f.seek(offset)
-        shutil.copyfileobj(f, out, 1 << 24)
 
 
 def split(ids):
@@ -284,20 +264,45 @@ def split(ids):
 
 
 class Corpus:
-    """A prepared folder, checked (checked_meta): meta (its record), train and val (numpy memmaps of token ids), the
-    tokenizer."""
+    """A prepared folder: meta (its record), train and val (numpy memmaps of token ids), the tokenizer. meta.json is
+    checked before the first batch: each field of its type and range, the token files of the sizes it gives, and on
+    64 blocks of each the largest id below the vocabulary; a fault is one line naming the file."""
 
     def __init__(self, folder):
         self.folder = folder = Path(folder)
-        self.meta, self.tokenizer = checked_meta(folder)
-        self.id, self.name, dtype = self.meta["id"], str(folder), self.meta["dtype"]
-        self.train, self.val = (np.memmap(folder / f"{s}.bin", dtype, "r") if self.meta["tokens"][s] else np.zeros(0, dtype)
+        path = folder / "meta.json"
+        try:
+            meta = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UsageError(f"{folder} is not a prepared corpus (no meta.json, or its preparing was interrupted); "
+                             f"prepare it: python data/prepare.py SOURCE --out_dir {folder} --overwrite") from None
+        except (OSError, ValueError) as e:
+            raise UsageError(f"{path} is damaged ({type(e).__name__}: {e}); prepare it again with --overwrite") from None
+
+        def need(ok, what, where=path):
+            if not ok:
+                raise UsageError(f"{where}: {what}; prepare the corpus again with --overwrite")
+        count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        need(isinstance(meta, dict) and meta.get("format") == "nanoebt-tokens-1", "not a nanoEBT corpus format")
+        tokens, dtype, vocab = meta.get("tokens"), meta.get("dtype"), meta.get("vocab_size")
+        need(isinstance(tokens, dict) and all(count(tokens.get(s)) for s in ("train", "val")),
+             f"token counts {tokens!r}, not two whole numbers >= 0")
+        need(dtype in ("uint16", "uint32"), f"dtype {dtype!r}, not uint16 or uint32")
+        need(count(vocab) and 0 < vocab <= np.iinfo(dtype).max + 1, f"a vocabulary of {vocab!r} does not fit its "
+             f"token dtype {dtype}")
+        need(isinstance(meta.get("id"), str) and isinstance(meta.get("sources"), list), "no id or sources")
+        self.tokenizer = tokenizer_from_state(meta.get("tokenizer"), path)
+        need(self.tokenizer.vocab_size == vocab, f"vocab_size {vocab:,}, its tokenizer's {self.tokenizer.vocab_size:,}")
+        for s in ("train", "val"):
+            ids, expected = folder / f"{s}.bin", tokens[s] * np.dtype(dtype).itemsize
+            size = ids.stat().st_size if ids.is_file() else 0
+            need(ids.is_file() and size == expected, f"missing or truncated ({size:,} bytes, {expected:,} expected)", ids)
+        self.meta, self.id, self.name = meta, meta["id"], str(folder)
+        self.train, self.val = (np.memmap(folder / f"{s}.bin", dtype, "r") if tokens[s] else np.zeros(0, dtype)
                                 for s in ("train", "val"))
-        for s, ids in (("train", self.train), ("val", self.val)):  # 64 blocks of 4096 ids: a damaged file shows
+        for s, ids in (("train", self.train), ("val", self.val)):
             largest = max((int(ids[i:i + 4096].max()) for i in range(0, len(ids), max(len(ids) // 64, 4096))), default=0)
-            if largest >= self.meta["vocab_size"]:
-                raise UsageError(f"{folder / s}.bin holds id {largest:,}, past the vocabulary of {self.meta['vocab_size']:,} "
-                                 "in its meta.json: the two do not belong together; prepare the corpus again with --overwrite")
+            need(largest < vocab, f"holds id {largest:,}, past meta.json's vocabulary of {vocab:,}", folder / f"{s}.bin")
 
     def check_trained_on(self, ckpt, name, hint):
         """Refuse a checkpoint that another corpus trained: by the id of its preparation (a checkpoint from before
@@ -309,39 +314,6 @@ class Corpus:
             then = recorded.get("path") or "Tiny Shakespeare"
             raise UsageError(f"{self.name} is not the corpus {name} was trained on ({then}, as prepared then: "
                              f"another text or tokenizer); {hint}")
-
-
-def checked_meta(folder):
-    """folder's meta.json, each field of its type and range and the token files of the sizes it gives; else one line
-    naming the file. Returns (meta, its tokenizer)."""
-    path = folder / "meta.json"
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"{folder} is not a prepared corpus (no meta.json, or its preparing was interrupted); "
-                         f"prepare it: python data/prepare.py SOURCE --out_dir {folder} --overwrite") from None
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{path} is damaged ({type(e).__name__}: {e}); prepare it again with --overwrite") from None
-
-    def need(ok, what, where=path):
-        if not ok:
-            raise UsageError(f"{where} {what}; prepare the corpus again with --overwrite")
-    count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
-    need(isinstance(meta, dict) and meta.get("format") == "nanoebt-tokens-1", "is damaged: not a nanoEBT corpus format")
-    tokens, dtype, vocab = meta.get("tokens"), meta.get("dtype"), meta.get("vocab_size")
-    need(isinstance(tokens, dict) and all(count(tokens.get(s)) for s in ("train", "val")),
-         f"is damaged: token counts {tokens!r}, not two whole numbers >= 0")
-    need(dtype in ("uint16", "uint32"), f"is damaged: dtype {dtype!r}, not uint16 or uint32")
-    need(count(vocab) and 0 < vocab <= np.iinfo(dtype).max + 1, f"is damaged: a vocabulary of {vocab!r} does not fit "
-         f"its token dtype {dtype}")
-    need(isinstance(meta.get("id"), str) and isinstance(meta.get("sources"), list), "is damaged: no id or sources")
-    tokenizer = tokenizer_from_state(meta.get("tokenizer"), path)
-    need(tokenizer.vocab_size == vocab, f"is damaged: vocab_size {vocab:,}, its tokenizer's {tokenizer.vocab_size:,}")
-    for s in ("train", "val"):
-        ids, expected = folder / f"{s}.bin", tokens[s] * np.dtype(dtype).itemsize
-        size = ids.stat().st_size if ids.is_file() else 0
-        need(ids.is_file() and size == expected, f"is missing or truncated ({size:,} bytes, {expected:,} expected)", ids)
-    return meta, tokenizer
 
 
 def cache_dir():
