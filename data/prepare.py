@@ -38,7 +38,8 @@ from data.text import CharTokenizer, GPT2Tokenizer, SHAKESPEARE, SHAKESPEARE_SHA
 CHUNK = 1 << 22  # characters read at a time
 VAL_FRACTION = 0.1
 MAX_CHARS, RARE, UNKNOWN = 256, 10, "\ufffd"  # a vocabulary past MAX_CHARS merges the characters seen < RARE times
-OURS = ("train.bin", "val.bin", "meta.json")  # what a prepared folder holds
+LOCK = ".prepare.lock"  # in the folder while a process prepares it (locked)
+OURS = ("train.bin", "val.bin", "meta.json", LOCK)  # what preparing writes into a folder
 
 
 def sources_of(spec, say=print):
@@ -123,25 +124,27 @@ def encoded(files, tokenizer, progress, sources):
     progress(done, tokens, final=True)
 
 
-def char_counts(text):
-    """How often each code point occurs in text (0x110000 counts); ASCII text, the common case, at bytes' speed."""
-    points = np.frombuffer(text.encode("ascii"), np.uint8) if text.isascii() else np.frombuffer(
-        text.encode("utf-32-le"), np.uint32)
-    return np.bincount(points, minlength=0x110000)
+def code_points(text):
+    """The code points text holds, some more than once; ASCII text, the common case, at bytes' speed, each once:
+    deleting its bytes from all 128 leaves the absent ones."""
+    if text.isascii():
+        return np.setdiff1d(np.arange(128), np.frombuffer(bytes(range(128)).translate(None, text.encode("ascii")), np.uint8))
+    return np.frombuffer(text.encode("utf-32-le"), np.uint32)
 
 
 def char_tokenizer(files, total, keep_rare, say):
-    """Every character of the files, in code point order; past MAX_CHARS, those seen fewer than RARE times read as
-    one unknown character (unless keep_rare): a few rare ones would otherwise make the model's vocabulary huge."""
+    """Every character of the files, in code point order; past MAX_CHARS, those outside ASCII seen fewer than RARE
+    times read as one unknown character (unless keep_rare): a few rare ones would make the model's vocabulary huge."""
     counts, progress, done = np.zeros(0x110000, np.int64), Progress("reading the characters", total, say), 0
     for f in files:
         for chunk in chunks(f):
-            counts += char_counts(chunk)
+            found = np.bincount(code_points(chunk))  # an ASCII chunk counts each character once: never rare
+            counts[:len(found)] += found
             progress(done, 0)
         done += f.stat().st_size
     progress(done, 0, final=True)
     seen = np.flatnonzero(counts)
-    rare = seen[counts[seen] < RARE] if len(seen) > MAX_CHARS else seen[:0]
+    rare = seen[(counts[seen] < RARE) & (seen >= 128)] if len(seen) > MAX_CHARS else seen[:0]
     if len(rare):
         say(f"warning: {len(rare):,} of the {len(seen):,} characters are seen fewer than {RARE} times: " + (
             "--keep_rare keeps them all, each a token the model learns little of" if keep_rare else
@@ -168,9 +171,9 @@ def prepare(spec, out_dir, tokenizer="char", overwrite=False, keep_rare=False, s
         raise UsageError(f"--out_dir {out} is or holds a source, or is inside {spec}: preparing would read or replace "
                          "its own output; pass an --out_dir outside the sources")
     with locked(out, wait=False):
-        present = sorted(p.name for p in out.iterdir())
+        present = sorted(p.name for p in out.iterdir() if p.name != LOCK)
         if present and not overwrite:
-            what = "a prepared corpus" if set(present) == set(OURS) else "files: " + ", ".join(present[:4]) + (
+            what = "a prepared corpus" if set(present) == set(OURS[:3]) else "files: " + ", ".join(present[:4]) + (
                 ", ..." if len(present) > 4 else "")
             raise UsageError(f"{out} already holds {what}; pass --overwrite to replace them (train.bin, val.bin and "
                              "meta.json; other files stay), or another --out_dir")
@@ -179,15 +182,15 @@ def prepare(spec, out_dir, tokenizer="char", overwrite=False, keep_rare=False, s
 
 @contextlib.contextmanager
 def locked(out, wait, flag="--out_dir"):
-    """An OS lock (flock) on the folder out, made if need be, held while preparing it: another process refuses in one
-    line, or waits (wait=True: the cache, which runs and torchrun's ranks share); it ends with its process, kill -9
-    included."""
-    while True:  # until the lock is the folder's at out now, not one's that another prepare swapped away meanwhile
+    """An OS lock (flock) on a file in the folder out, made if need be, while preparing it: another process refuses in
+    one line, or waits (wait=True: the cache, which runs and torchrun's ranks share); it ends with its process, kill
+    -9 included. A process that waited on a lock file since removed (or swapped away) locks afresh."""
+    while True:  # until the lock is in the folder at out now, not in one that another prepare swapped away meanwhile
         rundir.check_out_dir(out, flag)
-        fd = os.open(out, os.O_RDONLY)
+        fd = os.open(out / LOCK, os.O_WRONLY | os.O_CREAT)
         with contextlib.suppress(BlockingIOError, FileNotFoundError):
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            if os.path.samestat(os.fstat(fd), os.stat(out)):
+            if os.path.samestat(os.fstat(fd), os.stat(out / LOCK)):
                 break
         os.close(fd)
         if not wait:
@@ -196,6 +199,9 @@ def locked(out, wait, flag="--out_dir"):
     try:
         yield
     finally:
+        with contextlib.suppress(FileNotFoundError):  # left as found: the lock file goes (one still ours, not swapped)
+            if os.path.samestat(os.fstat(fd), os.stat(out / LOCK)):
+                os.unlink(out / LOCK)
         os.close(fd)
 
 
