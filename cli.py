@@ -37,10 +37,6 @@ IMAGE_THINKING_FLAGS = tuple(f.name for f in fields(ebt.ModelConfig) if f.metada
 # -----------------------------------------------------------------------------
 # Errors as one line, and signals
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM outside training: exit 143, as a process that SIGTERM ends."""
-
-
 def invoke(main):
     """Run a driver's main(): user errors, running out of memory, a failed write and a silent peer rank
     become one line on stderr and exit code 2; Ctrl-C and SIGTERM (how schedulers stop jobs) exit 130,
@@ -51,8 +47,8 @@ def invoke(main):
         finished = True
     except UsageError as e:
         exit_error(e)
-    except KeyboardInterrupt as e:
-        quiet_interrupt(signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT, None)
+    except KeyboardInterrupt as e:  # stop's carries its signal: SIGTERM before training listens exits 143
+        quiet_interrupt(e.args[0] if e.args else signal.SIGINT, None)
     except (RuntimeError, OSError) as e:  # a file that cannot be written, a full disk: one line too
         message = explain(e)
         if message is None and not isinstance(e, OSError):
@@ -77,7 +73,7 @@ def stop(signum, frame):
     """Ctrl-C or SIGTERM. While training listens: ask it to save and end after this step, every rank
     alike (a second Ctrl-C stops at once); otherwise stop at once."""
     if not rundir.stop_listening or (rundir.stop_requested and signum == signal.SIGINT):
-        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        raise KeyboardInterrupt(signum)
     rundir.stop_requested = True
 
 

@@ -1615,12 +1615,24 @@ def fail_with(error):
     return failing
 
 
-@pytest.mark.parametrize("failure", [
-    "not text past its start", "full disk", "interrupted", "killed (kill -9) earlier"])
+def rename_interrupted_at(call):
+    """os.rename that a Ctrl-C stops at its call-th call (counting from 1)."""
+    calls, rename = [], os.rename
+    def interrupted(*args):
+        calls.append(args)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return rename(*args)
+    return interrupted
+
+
+@pytest.mark.parametrize("failure", ["not text past its start", "full disk", "interrupted", "interrupted mid-swap",
+                                     "killed (kill -9) earlier", "killed (kill -9) mid-swap"])
 def test_a_prepared_folder_changes_only_as_a_whole(tmp_path, monkeypatch, text_file, failure):
-    """An --overwrite that fails (a source that is not text, a full disk, Ctrl-C) leaves the old corpus and the
-    folder byte for byte as they were; a process killed mid-way leaves its hidden sibling, which the next
-    successful prepare removes (another tool's file in the old folder it carries over)."""
+    """An --overwrite that fails (a source that is not text, a full disk, Ctrl-C, even between the swap's two
+    renames) leaves the folder byte for byte as it was. A process killed mid-way leaves hidden siblings: the next
+    prepare puts back a corpus a swap left outside, and its successful end leaves none (another tool's file
+    carried over)."""
     out = tmp_path / "data" / "p"
     prepare.prepare(text_file, out, say=quiet)
     (out / "notes.txt").write_text("someone's notes")
@@ -1630,13 +1642,18 @@ def test_a_prepared_folder_changes_only_as_a_whole(tmp_path, monkeypatch, text_f
     if failure in ("full disk", "interrupted"):
         monkeypatch.setattr(prepare, "encoded", fail_with(
             OSError(errno.ENOSPC, "No space left on device") if failure == "full disk" else KeyboardInterrupt()))
+    monkeypatch.setattr(os, "rename", rename_interrupted_at(2 if failure == "interrupted mid-swap" else 0))
     if failure == "killed (kill -9) earlier":
         shutil.copytree(out, out.parent / ".p.prepare-99999999")
         (out.parent / ".p.old-99999999").mkdir()
         (out.parent / ".p.old-99999999" / "kept.txt").write_text("carried over")
-    else:
+    if failure == "killed (kill -9) mid-swap":  # out renamed away, the new corpus not yet in: the next prepare restores
+        shutil.move(out, out.parent / ".p.old-99999999")
+        code, _, err = run_cli(prepare.main, str(source), "--out_dir", str(out))
+        assert code == 2 and "already holds a prepared corpus" in err and folder_bytes(out) == before, err
+    elif failure != "killed (kill -9) earlier":
         code, _, err = run_cli(prepare.main, str(source), "--out_dir", str(out), "--overwrite")
-        assert code == {"interrupted": 130}.get(failure, 2) and err.count("\n") == 1, err
+        assert code == (130 if failure.startswith("interrupted") else 2) and err.count("\n") == 1, err
         assert "no space left on" in err and "MB needed" in err if failure == "full disk" else True, err
         assert folder_bytes(out) == before
     monkeypatch.undo()

@@ -173,7 +173,7 @@ def prepare(spec, out_dir, tokenizer="char", overwrite=False, keep_rare=False, s
     with locked(out, wait=False):
         present = sorted(p.name for p in out.iterdir() if p.name != LOCK)
         if present and not overwrite:
-            what = "a prepared corpus" if set(present) == set(OURS[:3]) else "files: " + ", ".join(present[:4]) + (
+            what = "a prepared corpus" if "meta.json" in present else "files: " + ", ".join(present[:4]) + (
                 ", ..." if len(present) > 4 else "")
             raise UsageError(f"{out} already holds {what}; pass --overwrite to replace them (train.bin, val.bin and "
                              "meta.json; other files stay), or another --out_dir")
@@ -197,6 +197,8 @@ def locked(out, wait, flag="--out_dir"):
             raise UsageError(f"{out} is being prepared by another process; wait for it to end, or pass another "
                              "--out_dir")
     try:
+        for stale in out.parent.glob(glob.escape(f".{out.name}.") + "*-[0-9]*"):  # what a process killed mid-way left
+            carry_over(stale, out)
         yield
     finally:
         with contextlib.suppress(FileNotFoundError):  # left as found: the lock file goes (one still ours, not swapped)
@@ -207,14 +209,12 @@ def locked(out, wait, flag="--out_dir"):
 
 def build(files, out, tokenizer, keep_rare, say, record=None):
     """Prepare files into a hidden sibling of out (locked), then swap it in by renames: out is the old corpus or the
-    new one, never a part of either. What an earlier process killed mid-way left is removed (other files kept)."""
-    for stale in out.parent.glob(glob.escape(f".{out.name}.") + "*-[0-9]*"):
-        carry_over(stale, out)
-    total, tmp = sum(f.stat().st_size for f in files), out.parent / f".{out.name}.prepare-{os.getpid()}"
+    new one, never a part of either."""
+    total = sum(f.stat().st_size for f in files)
+    tmp, old = (out.parent / f".{out.name}.{kind}-{os.getpid()}" for kind in ("prepare", "old"))
     try:
         tmp.mkdir()
         meta = write_corpus(files, total, tmp, tokenizer, keep_rare, say, record)
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.rename(out, old)
         os.rename(tmp, out)
         carry_over(old, out)
@@ -226,6 +226,8 @@ def build(files, out, tokenizer, keep_rare, say, record=None):
                          f"free); free some, or prepare elsewhere; {out} is as it was") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():  # a swap cut between its renames (Ctrl-C): the old corpus back
+            os.rename(old, out)
     say(f"prepared {out} from {len(files):,} file{'s' * (len(files) > 1)}, {total / 1e6:,.1f} MB: "
         f"{meta['tokens']['train']:,} training and {meta['tokens']['val']:,} validation tokens ({meta['dtype']}), "
         f"vocabulary {meta['vocab_size']:,}")
@@ -233,9 +235,11 @@ def build(files, out, tokenizer, keep_rare, say, record=None):
 
 
 def carry_over(old, out):
-    """Move what is not ours (another tool's files) from the folder old into out, then remove old."""
+    """Move what is not ours (another tool's files) from the folder old into out, and ours too if only old holds a
+    corpus (a swap that a kill -9 cut in half), then remove old."""
+    whole = ".old-" in old.name and (old / "meta.json").exists() and not (out / "meta.json").exists()
     for p in old.iterdir():
-        if p.name not in OURS and not (out / p.name).exists():
+        if (whole or p.name not in OURS) and not (out / p.name).exists():
             os.rename(p, out / p.name)
     shutil.rmtree(old, ignore_errors=True)
 
