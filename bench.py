@@ -37,7 +37,7 @@ import ebt
 import rundir
 import train_text
 from data import prepare
-from data.text import CharTokenizer, TextData, shakespeare
+from data.text import SHAKESPEARE, CharTokenizer, TextData
 from measure import markdown_table
 
 HERE = Path(__file__).resolve().parent
@@ -383,7 +383,7 @@ def corpus_check(sizes_mb, old=None):
     train = [sys.executable, "train_text.py", "--preset", "cpu", "--max_steps", "1", "--log_interval", "1",
              "--eval_batches", "1", "--device", "cpu"]
     with tempfile.TemporaryDirectory() as tmp:
-        tmp, text = Path(tmp), shakespeare()
+        tmp, text = Path(tmp), "".join(prepare.chunks(SHAKESPEARE))
         for mb in sizes_mb:
             corpus = tmp / f"corpus-{mb}mb.txt"
             with open(corpus, "w") as f:

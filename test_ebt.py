@@ -44,7 +44,7 @@ import sample
 import train_image
 import train_text
 from data import images, prepare
-from data.text import CharTokenizer, GPT2Tokenizer, SHAKESPEARE, TextData, random_windows, shakespeare
+from data.text import CharTokenizer, GPT2Tokenizer, SHAKESPEARE, TextData, random_windows
 
 HERE = Path(__file__).resolve().parent
 CUDA = [pytest.param("cuda", marks=[pytest.mark.cuda,
@@ -1520,12 +1520,13 @@ def test_a_stop_signal_at_start_up_is_one_line_and_after_the_work_no_traceback(m
 # Text data: Tiny Shakespeare, tokenizers and your own corpus
 
 def test_tiny_shakespeare_ships_with_the_project_is_the_default_and_is_checked(tmp_path, monkeypatch):
-    assert shakespeare() == gzip.decompress(SHAKESPEARE.read_bytes()).decode()
+    text, corpus = gzip.decompress(SHAKESPEARE.read_bytes()).decode(), prepare.corpus(say=quiet)
+    assert corpus.tokenizer.decode(np.concatenate([corpus.train, corpus.val]).tolist()) == text
     damaged = tmp_path / "tinyshakespeare.txt.gz"
-    damaged.write_bytes(gzip.compress(shakespeare().replace("ROMEO", "JULIET", 1).encode()))
-    monkeypatch.setattr(sys.modules["data.text"], "SHAKESPEARE", damaged)
+    damaged.write_bytes(gzip.compress(text.replace("ROMEO", "JULIET", 1).encode()))
+    monkeypatch.setattr(prepare, "SHAKESPEARE", damaged)
     with pytest.raises(ebt.UsageError, match="checksum"):
-        shakespeare()
+        prepare.corpus(say=quiet)
 
 
 def test_offline_download_names_the_data_flag(tmp_path, monkeypatch):
@@ -1817,7 +1818,7 @@ def test_rare_characters_read_as_one_unknown_character_unless_kept(tmp_path):
     prepare.prepare(tmp_path / "t.txt", tmp_path / "p", say=said.append)
     merged = prepare.Corpus(tmp_path / "p")
     assert merged.tokenizer.vocab_size == VOCAB + 1 and merged.tokenizer.unknown == prepare.UNKNOWN
-    assert any(f"{prepare.MAX_CHARS:,} of the {VOCAB + prepare.MAX_CHARS:,} characters are seen fewer than" in line
+    assert any(f"{prepare.MAX_CHARS:,} of the {VOCAB + prepare.MAX_CHARS:,} characters, outside ASCII, are seen" in line
                for line in said), said
     assert merged.tokenizer.decode(merged.val[-3:].tolist()) == prepare.UNKNOWN * 3
     code, _, _ = run_cli(prepare.main, str(tmp_path / "t.txt"), "--out_dir", str(tmp_path / "kept"), "--keep_rare")

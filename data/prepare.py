@@ -146,8 +146,8 @@ def char_tokenizer(files, total, keep_rare, say):
     seen = np.flatnonzero(counts)
     rare = seen[(counts[seen] < RARE) & (seen >= 128)] if len(seen) > MAX_CHARS else seen[:0]
     if len(rare):
-        say(f"warning: {len(rare):,} of the {len(seen):,} characters are seen fewer than {RARE} times: " + (
-            "--keep_rare keeps them all, each a token the model learns little of" if keep_rare else
+        say(f"warning: {len(rare):,} of the {len(seen):,} characters, outside ASCII, are seen fewer than {RARE} times: "
+            + ("--keep_rare keeps them all, each a token the model learns little of" if keep_rare else
             f"they read as one unknown character, {UNKNOWN!r} (--keep_rare keeps them, a vocabulary of {len(seen):,})"))
     if keep_rare or not len(rare):
         return CharTokenizer(chr(p) for p in seen)

@@ -2,8 +2,6 @@
 Text and its tokens, read with one-line errors: Tiny Shakespeare (shipped, compressed), a text file, the
 character and GPT-2 tokenizers, and training's batches, random windows of token ids (a memmap reads only these).
 """
-import gzip
-import hashlib
 import os
 import re
 from pathlib import Path
@@ -13,7 +11,7 @@ import torch
 
 from checks import UsageError
 
-SHAKESPEARE = Path(__file__).resolve().parent / "tinyshakespeare.txt.gz"  # ships with nanoEBT
+SHAKESPEARE = Path(__file__).resolve().parent / "tinyshakespeare.txt.gz"  # ships with nanoEBT; data/prepare.py reads it
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
 
@@ -30,17 +28,6 @@ def read_text(path, flag="--data"):
     if not text:
         raise UsageError(f"{flag} {path} is empty; pass a text file with {flag}")
     return text
-
-
-def shakespeare():
-    """Tiny Shakespeare, from the compressed copy in data/ (checked against its checksum)."""
-    try:
-        raw = gzip.decompress(SHAKESPEARE.read_bytes())
-    except OSError as e:
-        raise UsageError(f"{SHAKESPEARE} is missing or damaged ({e}); restore it from git, or pass --data") from None
-    if hashlib.sha256(raw).hexdigest() != SHAKESPEARE_SHA256:
-        raise UsageError(f"{SHAKESPEARE} does not hold Tiny Shakespeare (checksum); restore it from git, or pass --data")
-    return raw.decode("utf-8")
 
 
 class CharTokenizer:
