@@ -187,7 +187,7 @@ def locked(out, wait, flag="--out_dir"):
     -9 included. A process that waited on a lock file since removed (or swapped away) locks afresh."""
     while True:  # until the lock is in the folder at out now, not in one that another prepare swapped away meanwhile
         rundir.check_out_dir(out, flag)
-        fd = os.open(out / LOCK, os.O_WRONLY | os.O_CREAT)
+        fd = os.open(out / LOCK, os.O_WRONLY | os.O_CREAT, 0o644)
         with contextlib.suppress(BlockingIOError, FileNotFoundError):
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             if os.path.samestat(os.fstat(fd), os.stat(out / LOCK)):
