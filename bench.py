@@ -37,7 +37,7 @@ import ebt
 import rundir
 import train_text
 from data import prepare
-from data.text import TextData, shakespeare
+from data.text import SHAKESPEARE, TextData
 from measure import markdown_table
 
 HERE = Path(__file__).resolve().parent
@@ -350,7 +350,7 @@ def corpus_check(sizes_mb, old=None):
     train = [sys.executable, "train_text.py", "--preset", "cpu", "--max_steps", "1", "--log_interval", "1",
              "--eval_batches", "1", "--device", "cpu"]
     with tempfile.TemporaryDirectory() as tmp:
-        tmp, text = Path(tmp), shakespeare()
+        tmp, text = Path(tmp), "".join(prepare.chunks(SHAKESPEARE))
         for mb in sizes_mb:
             corpus = tmp / f"corpus-{mb}mb.txt"
             with open(corpus, "w") as f:
@@ -417,7 +417,7 @@ def main(argv=None):
     limits = {"iters": (int, 1, 10_000), "rounds": (int, 1, 1000), "warmup": (int, 0, 10_000),
               "n_layer": (int, 1, 10_000), "n_head": (int, 1, 10_000), "n_embd": (int, 1, 10**5),
               "block_size": (int, 1, 10**5), "batch_size": (int, 1, 10**5), "vocab_size": (int, 1, 10**7),
-              "corpus_check": (float, 0.01, 100_000)}
+              "corpus_check": (float, 0.01, 100_000), "peak_tflops": (float, 1e-3, 1e6), "seconds": (float, 1, 10**6)}
     cli.check_flags({name: getattr(args, name) for name in limits}, limits)
     if args.gpu_check:
         rundir.check_out_dir(args.gpu_check, "--gpu_check")

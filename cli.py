@@ -11,13 +11,14 @@ from dataclasses import fields
 
 
 def quiet_interrupt(signum, frame):
-    """Ctrl-C before invoke() listens, while torch loads (a second or two): exit 130 as any stop does, no traceback."""
-    print("interrupted", file=sys.stderr)
-    sys.exit(130)
+    """Ctrl-C or SIGTERM before invoke() listens, while torch loads (a second or two): one line, exit 130 or 143."""
+    print("terminated" if signum == signal.SIGTERM else "interrupted", file=sys.stderr)
+    sys.exit(143 if signum == signal.SIGTERM else 130)
 
 
 # the drivers import cli first, so this covers their start-up; for any other importer nothing changes after it
-outer = signal.signal(signal.SIGINT, quiet_interrupt) if threading.current_thread() is threading.main_thread() else None
+main_thread = threading.current_thread() is threading.main_thread()
+outer = {s: signal.signal(s, quiet_interrupt) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
 import numpy  # noqa: E402, F401  (before torch, which imports it under a handler that swallows an exit)
 import torch  # noqa: E402
 
@@ -25,8 +26,8 @@ import ebt  # noqa: E402
 import rundir  # noqa: E402
 from checks import SAMPLING_LIMITS, ConfigError, UsageError, check_values  # noqa: E402
 
-if outer is not None:
-    signal.signal(signal.SIGINT, outer)
+for s, handler in outer.items():
+    signal.signal(s, handler)
 
 # the ModelConfig fields that set how a model thinks (option's "thinking"): with --eval_steps and --recipe, EBT flags
 THINKING_FLAGS = tuple(f.name for f in fields(ebt.ModelConfig) if f.metadata["thinking"])
@@ -39,26 +40,28 @@ IMAGE_THINKING_FLAGS = tuple(f.name for f in fields(ebt.ModelConfig) if f.metada
 def invoke(main):
     """Run a driver's main(): user errors, running out of memory, a failed write and a silent peer rank
     become one line on stderr and exit code 2; Ctrl-C and SIGTERM (how schedulers stop jobs) exit 130,
-    training first saving at the end of its step (stop)."""
+    training first saving at the end of its step (stop), and SIGTERM before it 143."""
     handlers, finished = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}, False
     try:
         main()
         finished = True
     except UsageError as e:
         exit_error(e)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:  # stop's carries its signal: SIGTERM before training listens exits 143
+        quiet_interrupt(e.args[0] if e.args else signal.SIGINT, None)
     except (RuntimeError, OSError) as e:  # a file that cannot be written, a full disk: one line too
         message = explain(e)
         if message is None and not isinstance(e, OSError):
             raise
         exit_error(message or e)
     finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
-        # every rank ends together after a finished run or a stop signal; after a failure one may be gone
-        rundir.leave_process_group(meet=finished or rundir.stop_requested)
+        try:  # every rank ends together after a finished run or a stop signal; after a failure one may be gone
+            rundir.leave_process_group(meet=finished or rundir.stop_requested)
+        except KeyboardInterrupt:  # a stop signal once the work is done: nothing is left to stop
+            sys.exit(0 if finished else 130)
+        finally:
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
 
 
 def exit_error(message):
@@ -70,7 +73,7 @@ def stop(signum, frame):
     """Ctrl-C or SIGTERM. While training listens: ask it to save and end after this step, every rank
     alike (a second Ctrl-C stops at once); otherwise stop at once."""
     if not rundir.stop_listening or (rundir.stop_requested and signum == signal.SIGINT):
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt(signum)
     rundir.stop_requested = True
 
 

@@ -189,10 +189,9 @@ class Attention(nn.Module):
         start = seen + 1  # and sits one past it
         visible = causal_mask(P, T, x.device, seen)  # (P, T)
         if double_backward:
-            # Explicit softmax: fused kernels have no second derivative. Differentiated twice, every op
-            # saved counts three times: a rotation keeps the dot product of two vectors at one position,
-            # so a prediction scores its own key unrotated and only the query is rotated; 1/sqrt(Dh)
-            # rides on the rotary tables; the mask is added (a free backward), not filled.
+            # Explicit softmax: fused kernels have no second derivative. Differentiated twice, each op saved counts
+            # thrice: a rotation keeps the dot product of two vectors at one position, so a prediction scores its
+            # own key unrotated, only the query rotated; 1/sqrt(Dh) rides on the rotary tables; the mask is added.
             q, k, v = self.heads(x)
             inv_sqrt_dh = q.shape[-1] ** -0.5
             to_self = (q * k).sum(-1, keepdim=True) * inv_sqrt_dh  # (B, H, P, 1)
@@ -248,8 +247,7 @@ class Trunk(nn.Module):
         super().__init__()
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
-        # +1: a prediction sits one position past its context token
-        self.rotary = Rotary(cfg.n_embd // cfg.n_head, cfg.block_size + 1)
+        self.rotary = Rotary(cfg.n_embd // cfg.n_head, cfg.block_size + 1)  # +1: a prediction sits past its token
 
     def forward(self, idx, cache=None):
         """idx (B, T), after the KVCache's tokens if one is given: hidden states (B, T, D) and each layer's (k, v)."""
@@ -313,9 +311,8 @@ def think(energy_fn, y, steps, step_size, *, normalize=None, create_graph=False,
     create_graph (training): keep each gradient's graph, so that a loss on the ys trains the energy
     through the descent; detach: each step its own graph; truncate: only the last step keeps it.
     on_step(k, y) -> y: the hand-off (training backpropagates the step's loss there). gradient: how
-    (energy, dE/dx) are computed (traced when compiled). Inference also scores the final state.
-    The options stay separate arguments, each read once where the loop uses it: an options object would
-    hide from the reader what a recipe changes in the step (Thinker.descend passes them)."""
+    (energy, dE/dx) are computed (traced when compiled). Inference also scores the final state. The options
+    stay separate arguments, so that what a recipe changes shows in the step (Thinker.descend passes them)."""
     normalize = normalize or (lambda t: t)
     ys, energies = [y], []
     with torch.enable_grad():
@@ -502,8 +499,11 @@ class TextEBT(Thinker, nn.Module):
     blocks: the context tokens (causal attention) and one prediction token per position, embedded from its
     candidate p as p @ W. The context never looks at predictions, so its keys and values are computed once and
     reused at every thinking step (the paper's code runs both streams again at every step)."""
-    normalize = staticmethod(lambda logits: logits.softmax(-1))  # the candidate is a distribution
     energy_ndim = 2  # energies (B, P), one per position
+    padded = None  # (V,) True at the ids no token has (a padded vocab_size; rundir.load_text_model): never thought of
+
+    def normalize(self, logits):  # the candidate is a distribution, over the ids that have a token
+        return (logits if self.padded is None else logits.masked_fill(self.padded, -math.inf)).softmax(-1)
 
     def __init__(self, cfg):
         super().__init__()
@@ -776,7 +776,6 @@ class Run:
 
     def save(self, model, optimizer, tc, record, new_best=False):
         """Keep the run at record["step"] (returned; None: not kept); new_best: its lowest validation loss yet."""
-        return None
 
     def restore(self, model, optimizer, device):
         raise UsageError("this run keeps no checkpoint to resume from; give train() a rundir.Run")
@@ -889,7 +888,8 @@ def generate(model, idx, num_tokens, temperature=1.0, top_k=None, generator=None
         logits, diagnostics = model.next_token(idx[:, start + seen:], cache, generator, **thinking)
         seen = idx.shape[1] - start if use_cache else 0
         per_token.append((logits, diagnostics))
-        idx = torch.cat([idx, sample_next(logits, temperature, top_k, generator)], dim=1)
+        chosen = logits if getattr(model, "padded", None) is None else logits.masked_fill(model.padded, -math.inf)
+        idx = torch.cat([idx, sample_next(chosen, temperature, top_k, generator)], dim=1)
         if on_token is not None:
             on_token(n)
     out = Generation(idx, torch.stack([logits for logits, _ in per_token], 1) if per_token else None)

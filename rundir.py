@@ -426,10 +426,12 @@ def load_text_model(path, device="cpu", **overrides):
     ckpt = load_checkpoint(path, device)
     if "tokenizer" not in ckpt:
         raise UsageError(f"checkpoint {path} holds no tokenizer: it is not a text model")
-    model, tokenizer = load_model(ckpt, device, **overrides), tokenizer_from_state(ckpt["tokenizer"])
+    model, tokenizer = load_model(ckpt, device, **overrides), tokenizer_from_state(ckpt["tokenizer"], f"checkpoint {path}")
     if tokenizer.vocab_size > model.config.vocab_size:  # its ids past the model's would index nothing
         raise UsageError(f"checkpoint {path}: its tokenizer has {tokenizer.vocab_size} tokens, its model "
                          f"{model.config.vocab_size}; they were not trained together")
+    if tokenizer.vocab_size < model.config.vocab_size:  # a padded vocabulary: ids without a token, masked (ebt.TextEBT)
+        model.padded = torch.arange(model.config.vocab_size, device=device) >= tokenizer.vocab_size
     return model, tokenizer
 
 

@@ -56,11 +56,15 @@ def parse_args(argv=None):
     m.add_argument("--data", help="--eval: the training corpus, a text file or a prepared folder, whose last 10%% is "
                    "the validation split (default: the checkpoint's own, recorded at training)")
     m.add_argument("--ood", help="--eval: out-of-distribution text file (default: Python's pydoc_data.topics)")
-    m.add_argument("--windows", type=int, default=64, help="--eval: random windows of block_size tokens per text (default: %(default)s)")
+    m.add_argument("--windows", type=int, help="--eval: random windows of block_size tokens per text (default: 64)")
     args = p.parse_args(argv)
     cli.check_sampling(args)
     if args.plots:
         rundir.check_out_dir(args.plots, "--plots")
+    unread = [f"--{name}" for name in ("data", "ood", "windows") if getattr(args, name) is not None and not args.eval]
+    if unread:  # an impossible value there would pass unseen
+        print(f"warning: {', '.join(unread)} {'is' if len(unread) == 1 else 'are'} read only with --eval: ignored",
+              file=sys.stderr)
     if args.eval:
         for name in ("steps", "step_size", "candidates", "langevin_std", "tolerance", "top_k"):
             if getattr(args, name) is not None:
@@ -79,7 +83,7 @@ def evaluate_thinking(model, tokenizer, corpus, args):
     trained = model.trained_steps() if isinstance(model, ebt.Thinker) else 1
     steps = sorted({1, 2, 3, *(k * trained for k in range(1, ebt.THINK_LONGER + 1))})
     sources = {"val": val, f"OOD: {ood_name}": ood}
-    curves = {name: measure.thinking_curves(model, ids, steps, windows=args.windows) for name, ids in sources.items()}
+    curves = {name: measure.thinking_curves(model, ids, steps, windows=args.windows or 64) for name, ids in sources.items()}
     print(measure.thinking_table(curves, trained))
     thinks = isinstance(model, ebt.TextEBT)
     if thinks:

@@ -7,7 +7,9 @@ data parallel. -m "not slow" leaves out the compiled and multi-process tests; -m
 import contextlib
 import copy
 import dataclasses
+import errno
 import gzip
+import hashlib
 import io
 import json
 import math
@@ -42,7 +44,7 @@ import sample
 import train_image
 import train_text
 from data import images, prepare
-from data.text import CharTokenizer, GPT2Tokenizer, SHAKESPEARE, TextData, random_windows, sha256_text, text_or_shakespeare
+from data.text import CharTokenizer, GPT2Tokenizer, SHAKESPEARE, TextData, random_windows
 
 HERE = Path(__file__).resolve().parent
 CUDA = [pytest.param("cuda", marks=[pytest.mark.cuda,
@@ -677,6 +679,24 @@ def test_generate_names_an_impossible_argument_in_a_value_error(case, name, call
     assert len(ebt.generate(model, torch.tensor([[0, 12]], dtype=torch.int), 2, steps=1).idx[0]) == 4  # the limits pass
 
 
+@pytest.mark.parametrize("kind", ["ebt", "transformer"])
+def test_ids_without_a_token_are_never_thought_of_nor_sampled(kind):
+    """A padded vocabulary (rundir.load_text_model sets model.padded): thinking's candidates put no probability on
+    its ids, and generate never samples one, even where the model favours them."""
+    model = tiny(model=kind, vocab_size=20).eval()
+    model.padded = torch.arange(20) >= 13
+    if kind == "transformer":
+        with torch.no_grad():
+            model.lm_head.weight[13:] = model.lm_head.weight[13:] * 100
+    else:
+        probs = model.normalize(torch.randn(3, 2, 20))
+        assert probs.sum(-1).allclose(torch.ones(3, 2)) and (probs[..., 13:] == 0).all()
+    thinking = {"candidates": 3, "steps": 2} if kind == "ebt" else {}
+    out = ebt.generate(model, torch.zeros(2, 1, dtype=torch.long), 40, temperature=3.0,
+                       generator=torch.Generator().manual_seed(0), **thinking)
+    assert out.idx.max() < 13
+
+
 def test_self_verification_keeps_the_lowest_final_energy():
     model = tiny(step_size=0.5).eval()
     prompt = torch.randint(13, (3, 4), generator=torch.Generator().manual_seed(1))
@@ -907,7 +927,8 @@ def checkpoints(tmp_path_factory):
                           ("nostep", {k: v for k, v in ckpt.items() if k != "step"}),
                           ("fracstep", {**ckpt, "step": 1.5}), ("negstep", {**ckpt, "step": -3}),
                           ("strlayers", {**ckpt, "model_config": {**ckpt["model_config"], "n_layer": "1"}}),
-                          ("widetok", {**ckpt, "tokenizer": {"kind": "char", "chars": "".join(map(chr, range(40, 140)))}})):
+                          ("widetok", {**ckpt, "tokenizer": {"kind": "char", "chars": "".join(map(chr, range(40, 140)))}}),
+                          ("badtok", {**ckpt, "tokenizer": {"kind": "sentencepiece"}})):
         paths[name] = tmp / name / "ckpt.pt"
         paths[name].parent.mkdir()
         torch.save(content, paths[name])
@@ -924,7 +945,7 @@ def test_sample_eval_reads_the_text_the_checkpoint_was_trained_on(tmp_path, text
     cfg = config(vocab_size=tok.vocab_size)
     ckpt = tmp_path / "ckpt.pt"
     torch.save({"model": ebt.build_model(cfg).state_dict(), "model_config": dataclasses.asdict(cfg), "tokenizer": tok.state(),
-                "data": {"path": str(text_file), "sha256": sha256_text(text_file.read_text())}}, ckpt)
+                "data": {"path": str(text_file), "sha256": hashlib.sha256(text_file.read_bytes()).hexdigest()}}, ckpt)
     sample.main(["--ckpt", str(ckpt), "--eval", "--windows", "2", "--device", "cpu", "--ood", str(text_file)])
     out = capsys.readouterr().out
     assert out.startswith("OOD text words.txt: ") and "perplexity" in out
@@ -1459,32 +1480,53 @@ def test_sigterm_saves_like_ctrl_c_and_a_stale_temporary_file_is_removed(tmp_pat
     assert [r["step"] for r in rundir.read_records(out / "metrics.jsonl") if r["kind"] == "train"][-2:] == [step, step + 1]
 
 
+def test_flags_read_only_with_eval_warn_without_it(checkpoints):
+    code, _, err = run_cli(sample.main, "--ckpt", str(checkpoints["ebt"]), "--num_tokens", "2", "--device", "cpu",
+                           "--data", "nan", "--ood", "-1", "--windows", "3")
+    assert code == 0 and "warning: --data, --ood, --windows are read only with --eval: ignored" in err, err
+
+
 def test_ctrl_c_in_sample_is_one_line(checkpoints, monkeypatch):
     monkeypatch.setattr(ebt, "generate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     code, _, err = run_cli(sample.main, "--ckpt", str(checkpoints["ebt"]), "--device", "cpu")
     assert code == 130 and err == "interrupted\n"
 
 
+STOPS = [("SIGINT", 130, "interrupted\n"), ("SIGTERM", 143, "terminated\n")]
+
+
 @pytest.mark.parametrize("driver", ["train_text.py", "train_image.py", "sample.py", "bench.py", "results.py",
                                     "data/prepare.py"])
-def test_ctrl_c_while_torch_loads_is_one_line(driver, tmp_path):
-    """A numpy that interrupts its own import: the Ctrl-C lands while the driver's libraries load."""
-    (tmp_path / "numpy.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGINT)\n")
+@pytest.mark.parametrize("signame, code, line", STOPS)
+def test_a_stop_signal_while_torch_loads_is_one_line(driver, tmp_path, signame, code, line):
+    """A numpy that signals its own import: Ctrl-C or SIGTERM lands while the driver's libraries load."""
+    (tmp_path / "numpy.py").write_text(f"import os, signal\nos.kill(os.getpid(), signal.{signame})\n")
     r = subprocess.run([sys.executable, str(HERE / driver), "--help"], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": str(tmp_path)})
-    assert (r.returncode, r.stderr) == (130, "interrupted\n")
+    assert (r.returncode, r.stderr) == (code, line)
+
+
+@pytest.mark.parametrize("signame, code, line", STOPS)
+def test_a_stop_signal_at_start_up_is_one_line_and_after_the_work_no_traceback(monkeypatch, signame, code, line):
+    """Before training listens (reading the data, building the model) a signal stops at once, in one line; once
+    main() has done its work (a corpus prepared), one that lands while the driver ends exits 0, no traceback."""
+    kill = lambda *a, **k: os.kill(os.getpid(), getattr(signal, signame))
+    assert run_cli(lambda argv: kill()) == (code, "", line)
+    monkeypatch.setattr(rundir, "leave_process_group", kill)
+    assert run_cli(lambda argv: None) == (0, "", "")
 
 
 # -----------------------------------------------------------------------------
 # Text data: Tiny Shakespeare, tokenizers and your own corpus
 
 def test_tiny_shakespeare_ships_with_the_project_is_the_default_and_is_checked(tmp_path, monkeypatch):
-    assert text_or_shakespeare() == gzip.decompress(SHAKESPEARE.read_bytes()).decode()
+    text, corpus = gzip.decompress(SHAKESPEARE.read_bytes()).decode(), prepare.corpus(say=quiet)
+    assert corpus.tokenizer.decode(np.concatenate([corpus.train, corpus.val]).tolist()) == text
     damaged = tmp_path / "tinyshakespeare.txt.gz"
-    damaged.write_bytes(gzip.compress(text_or_shakespeare().replace("ROMEO", "JULIET", 1).encode()))
-    monkeypatch.setattr(sys.modules["data.text"], "SHAKESPEARE", damaged)
+    damaged.write_bytes(gzip.compress(text.replace("ROMEO", "JULIET", 1).encode()))
+    monkeypatch.setattr(prepare, "SHAKESPEARE", damaged)
     with pytest.raises(ebt.UsageError, match="checksum"):
-        text_or_shakespeare()
+        prepare.corpus(say=quiet)
 
 
 def test_offline_download_names_the_data_flag(tmp_path, monkeypatch):
@@ -1556,22 +1598,232 @@ def test_prepare_streams_characters_and_bpe_into_token_files_as_the_whole_text_e
         corpus = prepare.Corpus(tmp_path / kind)
         assert np.concatenate([corpus.train, corpus.val]).tolist() == expected
         assert len(corpus.val) == len(expected) // 10 and corpus.train.dtype == np.uint16
-        assert [s["sha256"] for s in corpus.meta["sources"]] == [sha256_text(t) for t in texts]
+        assert [s["sha256"] for s in corpus.meta["sources"]] == [hashlib.sha256(t.encode()).hexdigest() for t in texts]
     code, _, err = run_cli(prepare.main, str(tmp_path / "src" / "*.txt"), "--out_dir", str(tmp_path / "char"))
     assert code == 2 and "--overwrite" in err, err  # a second prepare into the same place refuses
     assert run_cli(prepare.main, str(tmp_path / "src" / "*.txt"), "--out_dir", str(tmp_path / "char"), "--overwrite")[0] == 0
 
 
-def test_an_interrupted_prepare_leaves_nothing_that_looks_prepared(tmp_path, monkeypatch, text_file):
-    def interrupted(*a, **k):
+def folder_bytes(folder):
+    """Every file of a folder and its bytes, hidden siblings' included: what a prepare may have touched."""
+    return {str(p.relative_to(folder.parent)): p.read_bytes() for p in sorted(folder.parent.rglob("*")) if p.is_file()}
+
+
+def fail_with(error):
+    def failing(*a, **k):
         yield np.arange(5)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(prepare, "encoded", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        prepare.prepare(text_file, tmp_path / "p")
-    assert not (tmp_path / "p" / "meta.json").exists()
-    with pytest.raises(ebt.UsageError, match="not a prepared corpus"):
-        prepare.Corpus(tmp_path / "p")
+        raise error
+    return failing
+
+
+def rename_interrupted_at(call):
+    """os.rename that a Ctrl-C stops at its call-th call (counting from 1)."""
+    calls, rename = [], os.rename
+    def interrupted(*args):
+        calls.append(args)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return rename(*args)
+    return interrupted
+
+
+@pytest.mark.parametrize("failure", ["not text past its start", "full disk", "interrupted", "interrupted mid-swap",
+                                     "killed (kill -9) earlier", "killed (kill -9) mid-swap"])
+def test_a_prepared_folder_changes_only_as_a_whole(tmp_path, monkeypatch, text_file, failure):
+    """An --overwrite that fails (a source that is not text, a full disk, Ctrl-C, even between the swap's two
+    renames) leaves the folder byte for byte as it was. A process killed mid-way leaves hidden siblings: the next
+    prepare puts back a corpus a swap left outside, and its successful end leaves none (another tool's file
+    carried over)."""
+    out = tmp_path / "data" / "p"
+    prepare.prepare(text_file, out, say=quiet)
+    (out / "notes.txt").write_text("someone's notes")
+    before = folder_bytes(out)
+    source = tmp_path / "new.txt"
+    source.write_text("new text " * 20000 + ("\x00" if failure == "not text past its start" else ""))
+    if failure in ("full disk", "interrupted"):
+        monkeypatch.setattr(prepare, "encoded", fail_with(
+            OSError(errno.ENOSPC, "No space left on device") if failure == "full disk" else KeyboardInterrupt()))
+    monkeypatch.setattr(os, "rename", rename_interrupted_at(2 if failure == "interrupted mid-swap" else 0))
+    if failure == "killed (kill -9) earlier":
+        shutil.copytree(out, out.parent / ".p.prepare-99999999")
+        (out.parent / ".p.old-99999999").mkdir()
+        (out.parent / ".p.old-99999999" / "kept.txt").write_text("carried over")
+    if failure == "killed (kill -9) mid-swap":  # out renamed away, the new corpus not yet in: the next prepare restores
+        shutil.move(out, out.parent / ".p.old-99999999")
+        code, _, err = run_cli(prepare.main, str(source), "--out_dir", str(out))
+        assert code == 2 and "already holds a prepared corpus" in err and folder_bytes(out) == before, err
+    elif failure != "killed (kill -9) earlier":
+        code, _, err = run_cli(prepare.main, str(source), "--out_dir", str(out), "--overwrite")
+        assert code == (130 if failure.startswith("interrupted") else 2) and err.count("\n") == 1, err
+        assert "no space left on" in err and "MB needed" in err if failure == "full disk" else True, err
+        assert folder_bytes(out) == before
+    monkeypatch.undo()
+    source.write_text("new text " * 2000)
+    assert run_cli(prepare.main, str(source), "--out_dir", str(out), "--overwrite")[0] == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["p"]  # no temporary sibling left
+    assert prepare.Corpus(out).meta["sources"][0]["path"] == str(source) and (out / "notes.txt").exists()
+    assert (out / "kept.txt").exists() == (failure == "killed (kill -9) earlier")
+
+
+@pytest.mark.parametrize("case, out, overwrite, says", [
+    ("the source is the out_dir", "src", True, "outside the sources"),
+    ("the source holds the out_dir", "src/p", True, "outside the sources"),
+    ("nanoGPT's token files", "gpt", False, "meta.pkl, train.bin, val.bin"),
+    ("a prepared corpus", "prepared", False, "already holds a prepared corpus")])
+def test_prepare_never_reads_its_own_output_nor_writes_a_folder_not_its_own_without_overwrite(tmp_path, case, out,
+                                                                                               overwrite, says):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_text(synthetic_text())
+    prepare.prepare(tmp_path / "src" / "a.txt", tmp_path / "prepared", say=quiet)
+    (tmp_path / "gpt").mkdir()
+    for name in ("meta.pkl", "train.bin", "val.bin"):
+        (tmp_path / "gpt" / name).write_bytes(b"nanoGPT's")
+    before = folder_bytes(tmp_path / "src")
+    code, _, err = run_cli(prepare.main, str(tmp_path / "src"), "--out_dir", str(tmp_path / out),
+                           *["--overwrite"] * overwrite)
+    assert code == 2 and says in err and err.count("\n") == 1, err
+    assert folder_bytes(tmp_path / "src") == before
+    if case == "nanoGPT's token files":  # --overwrite replaces the token files, and keeps the rest
+        assert run_cli(prepare.main, str(tmp_path / "src"), "--out_dir", str(tmp_path / out), "--overwrite")[0] == 0
+        assert (tmp_path / "gpt" / "meta.pkl").read_bytes() == b"nanoGPT's" and prepare.Corpus(tmp_path / "gpt").train.size
+
+
+def prepare_process(source, out, *flags):
+    return subprocess.Popen([sys.executable, str(HERE / "data" / "prepare.py"), str(source), "--out_dir", str(out),
+                             *flags], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("case", ["another prepare holds the folder", "the cache waits for it",
+                                  "two processes, two sources", "two processes, one source, --overwrite"])
+def test_concurrent_prepares_refuse_in_one_line_or_end_with_one_consistent_corpus(tmp_path, monkeypatch, case):
+    texts = [synthetic_text(30000, seed) for seed in (0, 1)]
+    for i, text in enumerate(texts):
+        (tmp_path / f"{i}.txt").write_text(text)
+    out = tmp_path / "p"
+    if case == "another prepare holds the folder":  # the OS lock, as a second process meets it
+        with prepare.locked(out, wait=False):
+            code, _, err = run_cli(prepare.main, str(tmp_path / "0.txt"), "--out_dir", str(out))
+        assert code == 2 and "being prepared by another process" in err and err.count("\n") == 1, err
+        assert list(out.iterdir()) == []
+        return
+    if case == "the cache waits for it":  # a torchrun rank waits while another prepares, then reads its corpus
+        monkeypatch.setenv("NANOEBT_CACHE", str(tmp_path / "cache"))
+        first, said = prepare.corpus(tmp_path / "0.txt", say=quiet), []
+        folder = first.folder
+        with prepare.locked(folder, wait=False):
+            waiting = __import__("threading").Thread(target=lambda: said.append(prepare.corpus(tmp_path / "0.txt")))
+            waiting.start()
+            time.sleep(0.5)
+            assert waiting.is_alive()  # waits on the lock
+        waiting.join(60)
+        assert said[0].id == first.id
+        return
+    sources = [tmp_path / "0.txt", tmp_path / ("1.txt" if case == "two processes, two sources" else "0.txt")]
+    procs = [prepare_process(src, out, *["--overwrite"] * ("--overwrite" in case)) for src in sources]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert any(code == 0 for code, _ in results), results
+    for code, err in results:
+        assert code == 0 or (code == 2 and err.count("\n") == 1 and ("another process" in err or "already" in err)), err
+    corpus = prepare.Corpus(out)  # whole: meta.json agrees with both token files, and with one of the sources
+    text = (tmp_path / Path(corpus.meta["sources"][0]["path"]).name).read_text()
+    assert corpus.tokenizer.decode(np.concatenate([corpus.train, corpus.val]).tolist()) == text
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_cached_text_is_prepared_again_when_it_changes_and_says_why(tmp_path, monkeypatch):
+    """Rewritten with other text of the same size, its modification time set back: the cache notices (the content's
+    hash, ctime) and prepares it again, in one line; unchanged, it is read as it was."""
+    monkeypatch.setenv("NANOEBT_CACHE", str(tmp_path / "cache"))
+    path, said = tmp_path / "t.txt", []
+    path.write_text("the cat sat\n" * 500)
+    first = prepare.corpus(path, say=quiet)
+    assert prepare.corpus(path, say=said.append).id == first.id and said == []
+    stat = path.stat()
+    path.write_text("the dog ran\n" * 500)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    again = prepare.corpus(path, say=said.append)
+    assert again.id != first.id and "changed since it was prepared (ctime, content)" in said[0], said
+    assert again.tokenizer.decode(again.train[:11].tolist()) == "the dog ran"
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # in place: a changed text leaves no stale copy
+    monkeypatch.setenv("NANOEBT_CACHE", "")
+    with pytest.raises(ebt.UsageError, match="NANOEBT_CACHE is set but empty"):
+        prepare.corpus(path)
+
+
+def damage_meta(**fields):
+    return lambda d: (d / "meta.json").write_text(json.dumps({**json.loads((d / "meta.json").read_text()), **fields}))
+
+
+def halve_counts(d):
+    meta = json.loads((d / "meta.json").read_text())
+    damage_meta(dtype="uint32", tokens={k: v // 2 for k, v in meta["tokens"].items()})(d)
+    for s in ("train", "val"):  # files of an even number of uint16 ids, so that the sizes agree
+        os.truncate(d / f"{s}.bin", meta["tokens"][s] // 2 * 4)
+
+
+DAMAGED_META = [  # (case, damage, what the one line says)
+    ("counts as text", damage_meta(tokens={"train": "10", "val": "2"}), "token counts"),
+    ("a negative count", damage_meta(tokens={"train": -1, "val": 2}), "token counts"),
+    ("no counts", damage_meta(tokens=None), "token counts"),
+    ("an unknown dtype", damage_meta(dtype="float32"), "dtype 'float32'"),
+    ("uint32 with halved counts", halve_counts, "past meta.json's vocabulary"),
+    ("vocabulary as text", damage_meta(vocab_size="14"), "vocabulary of '14'"),
+    ("vocabulary 0", damage_meta(vocab_size=0), "vocabulary of 0"),
+    ("characters cut short", lambda d: damage_meta(tokenizer={"kind": "char", "chars": " acdefg"}, vocab_size=7)(d),
+     "past meta.json's vocabulary"),
+    ("characters cut short, vocabulary kept", damage_meta(tokenizer={"kind": "char", "chars": " acdefg"}), "vocab_size"),
+    ("every id 65535", lambda d: np.full(os.path.getsize(d / "train.bin") // 2, 65535, np.uint16).tofile(d / "train.bin"),
+     "id 65,535"),
+    ("a char tokenizer without characters", damage_meta(tokenizer={"kind": "char"}), "tokenizer"),
+    ("an unknown tokenizer", damage_meta(tokenizer={"kind": "sentencepiece"}), "sentencepiece"),
+    ("no id", damage_meta(id=None), "no id"),
+    ("not a record", lambda d: (d / "meta.json").write_text("[1, 2]"), "format"),
+    ("not JSON", lambda d: (d / "meta.json").write_text('{"tokens": '), "damaged"),
+]
+
+
+@pytest.mark.parametrize("case, damage, says", DAMAGED_META, ids=[c[0] for c in DAMAGED_META])
+def test_a_damaged_meta_json_is_one_line_naming_the_file_before_the_first_batch(tmp_path, text_file, case, damage, says):
+    prepare.prepare(text_file, tmp_path / "p", say=quiet)
+    damage(tmp_path / "p")
+    with pytest.raises(ebt.UsageError) as e:
+        prepare.corpus(tmp_path / "p")
+    assert says in str(e.value) and str(tmp_path / "p") in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_folders_and_globs_recurse_in_order_skipping_what_is_not_text(tmp_path):
+    """Subfolders too, sorted; hidden files, empty ones and those that are not text are left out, with a count; the
+    log names how many files and bytes were prepared."""
+    import matplotlib.image
+    src = tmp_path / "src"
+    for name, text in (("b/z.txt", "zz\n"), ("a.txt", "aa\n"), ("b/c/d.py", "dd\n"), ("b/empty.py", ""),
+                       (".git/config", "hidden\n")):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_text(text)
+    matplotlib.image.imsave(src / "b" / "plot.png", np.zeros((4, 4, 3)))
+    said = []
+    assert [p.relative_to(src).as_posix() for p in prepare.sources_of(src, said.append)] == ["a.txt", "b/c/d.py", "b/z.txt"]
+    assert said == [f"skipped 2 of 5 files, empty or not UTF-8 text (the first: {src / 'b' / 'empty.py'})"], said
+    assert [p.name for p in prepare.sources_of(f"{src}/**/*.py", quiet)] == ["d.py"]
+    meta = prepare.prepare(src, tmp_path / "p", say=said.append)
+    assert f"prepared {tmp_path / 'p'} from 3 files, 0.0 MB" in said[-1] and len(meta["sources"]) == 3
+
+
+def test_rare_characters_read_as_one_unknown_character_unless_kept(tmp_path):
+    """Past MAX_CHARS characters, those seen fewer than RARE times are one token, with a warning; --keep_rare keeps
+    each. Tiny Shakespeare, 65 characters, keeps all of its own."""
+    rare = "".join(chr(0x4E00 + i) for i in range(prepare.MAX_CHARS))  # each once
+    (tmp_path / "t.txt").write_text(synthetic_text() * 10 + rare)
+    said = []
+    prepare.prepare(tmp_path / "t.txt", tmp_path / "p", say=said.append)
+    merged = prepare.Corpus(tmp_path / "p")
+    assert merged.tokenizer.vocab_size == VOCAB + 1 and merged.tokenizer.unknown == prepare.UNKNOWN
+    assert any(f"{prepare.MAX_CHARS:,} of the {VOCAB + prepare.MAX_CHARS:,} characters, outside ASCII, are seen" in line
+               for line in said), said
+    assert merged.tokenizer.decode(merged.val[-3:].tolist()) == prepare.UNKNOWN * 3
+    code, _, _ = run_cli(prepare.main, str(tmp_path / "t.txt"), "--out_dir", str(tmp_path / "kept"), "--keep_rare")
+    assert code == 0 and prepare.Corpus(tmp_path / "kept").tokenizer.vocab_size == VOCAB + prepare.MAX_CHARS
+    assert prepare.corpus().tokenizer.vocab_size == 65 and prepare.corpus().tokenizer.unknown is None
 
 
 def test_bpe_prepare_train_resume_sample_and_eval_offline(tmp_path, offline_bpe, text_file, capsys):
@@ -1624,13 +1876,12 @@ def test_the_seed_fixes_the_whole_run_initial_weights_included(text_file, tmp_pa
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0]) == same
 
 
-def test_sample_reads_past_ids_beyond_its_tokenizer_and_warns_when_the_ood_text_is_mostly_unknown(tmp_path,
-                                                                                                     text_file):
+def test_sample_never_emits_ids_past_its_tokenizer_and_warns_when_the_ood_text_is_mostly_unknown(tmp_path, text_file):
     assert run_cli(train_text.main, *TINY, "--max_steps", "1", "--vocab_size", "40", "--data", str(text_file),
                    "--out_dir", str(tmp_path / "o"))[0] == 0
     code, out, err = run_cli(sample.main, "--out_dir", str(tmp_path / "o"), "--num_tokens", "50", "--temperature", "5",
                              "--device", "cpu")
-    assert code == 0 and len(out) >= 50, err  # ids the tokenizer lacks read as U+FFFD, not a traceback
+    assert code == 0 and len(out) >= 50 and "\ufffd" not in out, err  # 26 padded ids of 40, masked: never sampled
     (tmp_path / "ood.txt").write_text("ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 " * 200)
     code, out, err = run_cli(sample.main, "--out_dir", str(tmp_path / "o"), "--eval", "--windows", "1", "--ood",
                              str(tmp_path / "ood.txt"), "--device", "cpu")
@@ -1847,6 +2098,13 @@ BAD_INPUTS = [  # (case, driver, argv: {name} is a path of the bad_input_files f
     ("bench: batch 0", "bench", ["--batch_size", "0"], "--batch_size 0"),
     ("bench: a billion iterations", "bench", ["--iters", "1000000000"], "--iters"),
     ("bench: gpu check under a file", "bench", ["--gpu_check", "{file}/gpu"], "cannot be written"),
+    ("bench: nan peak TFLOPS", "bench", ["--peak_tflops", "nan"], "--peak_tflops nan"),
+    ("bench: no seconds", "bench", ["--seconds", "0"], "--seconds 0"),
+    ("image: 2**70 layers", "image", ["--n_layer", str(2**70)], "--n_layer"),
+    ("image: 2**70 wide", "image", ["--n_embd", str(2**70)], "--n_embd"),
+    ("image: a batch of 2**70", "image", ["--batch_size", str(2**70)], "--batch_size"),
+    ("image: 2**70 warm-up steps", "image", ["--warmup_steps", str(2**70)], "--warmup_steps"),
+    ("sample: a checkpoint whose tokenizer nanoEBT does not write", "sample", ["--ckpt", "{badtok}"], "does not write"),
     # your own corpus: preparing it, and prepared folders that are not whole
     ("binary data", "text", ["--data", "{binary}"], "not UTF-8 text"),
     ("prepare: a folder with no files", "prepare", ["{empty_dir}", "--out_dir", "{tmp}/p"], "no files"),

@@ -77,8 +77,10 @@ def parse_args(argv=None):
     if args.data and args.dataset:
         raise UsageError(f"--data {args.data} and --dataset {args.dataset}: give one (--data is a folder of images)")
     # eval_t: a DDPM step; passes: DDIM from step t takes at most t
-    cli.check_flags({"report_steps": args.report_steps, "eval_t": args.eval_t, "passes": args.passes},
-                    {"report_steps": (int, 1, 1000), "eval_t": (int, 1, ebt.DDPM_STEPS), "passes": (int, 1, ebt.DDPM_STEPS)})
+    limits = {"report_steps": (int, 1, 1000), "eval_t": (int, 1, ebt.DDPM_STEPS), "passes": (int, 1, ebt.DDPM_STEPS),
+              "n_layer": (int, 1, 1000), "n_embd": (int, 1, 10**5), "batch_size": (int, 1, 10**6),
+              "warmup_steps": (int, 0, 10**9)}  # past these sizes no image run can fit, nor end
+    cli.check_flags({name: getattr(args, name) for name in limits}, limits)
     return args
 
 

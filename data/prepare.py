@@ -2,22 +2,25 @@
 Prepare a text corpus once: flat files of token ids that training reads as random windows of a numpy
 memmap (nanoGPT's way), so a corpus of any size trains in the same memory and starts at once.
 
-    python data/prepare.py my.txt --out_dir data/my               # a file, a folder of text files, or a glob
-    python data/prepare.py "books/*.txt" --out_dir data/books --tokenizer gpt2
+    python data/prepare.py my.txt --out_dir data/my               # a file, a folder (subfolders too), or a glob
+    python data/prepare.py "books/**/*.txt" --out_dir data/books --tokenizer gpt2
     python train_text.py --data data/my
 
 out_dir gets train.bin and val.bin (the last tenth of the tokens), uint16 ids while the vocabulary fits
 (else uint32), and meta.json: the tokenizer and its state, the vocabulary size, the token counts, the
 split, each source's size and checksum, and an id naming this preparation, which checkpoints record.
-It streams: the text is read in chunks (characters: once for the vocabulary, once to encode; BPE:
-tiktoken's batch encoder on every core), so memory stays flat whatever the corpus size. meta.json is
-written last: a folder without it is not prepared. `train_text.py --data FILE.txt` prepares the file
-into a cache (data/cache/, or $NANOEBT_CACHE) on first use, keyed by its path, size and time.
+It streams (characters: read once for the vocabulary, once to encode; BPE: tiktoken's batch encoder on every
+core), so memory stays flat whatever the corpus size. The corpus is written into a hidden sibling folder and
+swapped in by renames: a prepare that fails leaves the folder as it was. The rules, and the cache of
+`train_text.py --data FILE.txt`: assets/corpus.md.
 """
+import contextlib
+import errno
 import fcntl
 import glob
 import gzip
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -34,18 +37,35 @@ from data.text import CharTokenizer, GPT2Tokenizer, SHAKESPEARE, SHAKESPEARE_SHA
 
 CHUNK = 1 << 22  # characters read at a time
 VAL_FRACTION = 0.1
-CACHE = Path(os.environ.get("NANOEBT_CACHE", Path(__file__).resolve().parent / "cache"))
+MAX_CHARS, RARE, UNKNOWN = 256, 10, "\ufffd"  # a vocabulary past MAX_CHARS merges the characters seen < RARE times
+LOCK = ".prepare.lock"  # in the folder while a process prepares it (locked)
+OURS = ("train.bin", "val.bin", "meta.json", LOCK)  # what preparing writes into a folder
 
 
-def sources_of(spec):
-    """The text files a --data or prepare argument names: a file, every file in a folder (sorted), or a glob."""
+def sources_of(spec, say=print):
+    """The text files a --data or prepare argument names: a file; or, sorted, a folder's files (subfolders too) or a
+    glob's ("**" recurses), without hidden ones and skipping, with a count, those that are empty or not text."""
     path = Path(spec)
-    files = ([path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-             if path.is_dir() else sorted(Path(p) for p in glob.glob(spec) if Path(p).is_file()))
+    if path.is_file():
+        return [path]
+    found = (path.rglob("*") if path.is_dir() else map(Path, glob.glob(spec, recursive=True)))
+    found = sorted(p for p in found if p.is_file() and not any(
+        part.startswith(".") for part in (p.relative_to(path).parts if path.is_dir() else [p.name])))
+    files = [p for p in found if is_text(p)]
+    if len(files) < len(found):
+        skipped = sorted(set(found) - set(files))
+        say(f"skipped {len(skipped):,} of {len(found):,} files, empty or not UTF-8 text (the first: {skipped[0]})")
     if not files:
-        raise UsageError(f"{spec}: " + ("a folder with no files" if path.is_dir() else "no such file, folder or glob")
-                         + "; pass a text file, a folder of text files or a glob")
+        raise UsageError(f"{spec}: " + ("no text files in it" if found else "a folder with no files" if path.is_dir()
+                         else "no such file, folder or glob") + "; pass a text file, a folder of text files or a glob")
     return files
+
+
+def is_text(path):
+    """Whether a file starts with UTF-8 text (its first chunk, no NUL byte): a folder's images are skipped."""
+    with contextlib.suppress(UsageError, OSError, EOFError):
+        return next(chunks(path), "") != ""
+    return False
 
 
 def chunks(path):
@@ -89,31 +109,49 @@ def encoded(files, tokenizer, progress, sources):
     done, tokens, anywhere = 0, 0, isinstance(tokenizer, CharTokenizer)
     for f in files:
         digest, n, size, held = hashlib.sha256(), 0, f.stat().st_size, ""
-        for chunk in chunks(f):
+        for chunk in itertools.chain(chunks(f), [""]):  # "": the end, where BPE encodes what it held back
             digest.update(chunk.encode("utf-8"))  # of the text as read: as a checkpoint's checksum of a text was
             text, n = held + chunk, n + len(chunk)
-            cut = len(text) if anywhere else last_safe_cut(text)  # BPE: the rest waits for the next chunk
+            cut = last_safe_cut(text) if chunk and not anywhere else len(text)  # BPE: the rest waits for the next
             ids, held = tokenizer.encode_array(text[:cut]), text[cut:]
             tokens += len(ids)
             progress(done + min(size, n), tokens)
             yield ids
         if n == 0:
             raise UsageError(f"{f} is empty; pass text files with something in them")
-        if held:
-            ids = tokenizer.encode_array(held)
-            tokens += len(ids)
-            yield ids
         done += size
         sources.append({"path": str(f), "bytes": size, "sha256": digest.hexdigest()})
     progress(done, tokens, final=True)
 
 
 def code_points(text):
-    """The code points text holds, some more than once; ASCII text, the common case, at bytes' speed: deleting its
-    bytes from all 128 leaves the absent ones."""
+    """The code points text holds, some more than once; ASCII text, the common case, at bytes' speed, each once:
+    deleting its bytes from all 128 leaves the absent ones."""
     if text.isascii():
         return np.setdiff1d(np.arange(128), np.frombuffer(bytes(range(128)).translate(None, text.encode("ascii")), np.uint8))
     return np.frombuffer(text.encode("utf-32-le"), np.uint32)
+
+
+def char_tokenizer(files, total, keep_rare, say):
+    """Every character of the files, in code point order; past MAX_CHARS, those outside ASCII seen fewer than RARE
+    times read as one unknown character (unless keep_rare): a few rare ones would make the model's vocabulary huge."""
+    counts, progress, done = np.zeros(0x110000, np.int64), Progress("reading the characters", total, say), 0
+    for f in files:
+        for chunk in chunks(f):
+            found = np.bincount(code_points(chunk))  # an ASCII chunk counts each character once: never rare
+            counts[:len(found)] += found
+            progress(done, 0)
+        done += f.stat().st_size
+    progress(done, 0, final=True)
+    seen = np.flatnonzero(counts)
+    rare = seen[(counts[seen] < RARE) & (seen >= 128)] if len(seen) > MAX_CHARS else seen[:0]
+    if len(rare):
+        say(f"warning: {len(rare):,} of the {len(seen):,} characters, outside ASCII, are seen fewer than {RARE} times: "
+            + ("--keep_rare keeps them all, each a token the model learns little of" if keep_rare else
+            f"they read as one unknown character, {UNKNOWN!r} (--keep_rare keeps them, a vocabulary of {len(seen):,})"))
+    if keep_rare or not len(rare):
+        return CharTokenizer(chr(p) for p in seen)
+    return CharTokenizer(sorted({*(chr(p) for p in np.setdiff1d(seen, rare)), UNKNOWN}), UNKNOWN)
 
 
 def last_safe_cut(text):
@@ -124,52 +162,108 @@ def last_safe_cut(text):
     return at + 1
 
 
-def prepare(spec, out_dir, tokenizer="char", overwrite=False, say=print):
-    """Tokenize the files spec names into out_dir (see the module's docstring). Returns the folder's meta."""
-    out, files = Path(out_dir), sources_of(spec)
-    if (out / "meta.json").exists() and not overwrite:
-        raise UsageError(f"{out} already holds a prepared corpus; pass --overwrite to replace it, or another --out_dir")
-    rundir.check_out_dir(out)
-    (out / "meta.json").unlink(missing_ok=True)  # from here on the folder is not a prepared corpus
-    if tokenizer == "char":  # the vocabulary first: every character of the corpus, in code point order
-        seen, total = np.zeros(0x110000, bool), sum(f.stat().st_size for f in files)  # one flag per code point
-        progress, done = Progress("reading the characters", total, say), 0
-        for f in files:
-            for chunk in chunks(f):
-                seen[code_points(chunk)] = True
-                progress(done, 0)
-            done += f.stat().st_size
-        progress(done, 0, final=True)
-        tok = CharTokenizer(chr(p) for p in np.flatnonzero(seen))
-    else:
-        tok = GPT2Tokenizer()
-    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
-    all_ids, sources = out / "tokens.bin.tmp", []
-    with open(all_ids, "wb") as f:
-        for ids in encoded(files, tok, Progress(f"tokenizing ({tokenizer})", sum(f.stat().st_size for f in files), say),
-                           sources):
-            ids.astype(dtype).tofile(f)
-    n = all_ids.stat().st_size // np.dtype(dtype).itemsize
-    n_val = int(n * VAL_FRACTION)
-    rundir.write_atomically(out / "val.bin", lambda tmp: copy_tail(all_ids, (n - n_val) * np.dtype(dtype).itemsize, tmp))
-    os.truncate(all_ids, (n - n_val) * np.dtype(dtype).itemsize)
-    os.replace(all_ids, out / "train.bin")
-    meta = {"format": "nanoebt-tokens-1", "tokenizer": tok.state(), "vocab_size": tok.vocab_size,
-            "dtype": np.dtype(dtype).name, "tokens": {"train": n - n_val, "val": n_val}, "val_fraction": VAL_FRACTION,
-            "sources": sources}
-    content = {**meta, "sources": [s["sha256"] for s in sources]}  # the same text prepared anywhere: the same id
-    meta["id"] = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
-    rundir.write_atomically(out / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=1) + "\n"))
-    say(f"prepared {out}: {n - n_val:,} training and {n_val:,} validation tokens ({np.dtype(dtype).name}), "
-        f"vocabulary {tok.vocab_size:,}")
+def prepare(spec, out_dir, tokenizer="char", overwrite=False, keep_rare=False, say=print):
+    """Tokenize the files spec names into out_dir (see the module's docstring); while another process prepares it,
+    refuse. Returns the folder's meta."""
+    out, files = Path(out_dir), sources_of(spec, say)
+    inside = lambda a, b: Path(a).resolve().is_relative_to(Path(b).resolve())
+    if any(inside(f, out) for f in files) or (Path(spec).is_dir() and inside(out, spec)):
+        raise UsageError(f"--out_dir {out} is or holds a source, or is inside {spec}: preparing would read or replace "
+                         "its own output; pass an --out_dir outside the sources")
+    with locked(out, wait=False):
+        present = sorted(p.name for p in out.iterdir() if p.name != LOCK)
+        if present and not overwrite:
+            what = "a prepared corpus" if "meta.json" in present else "files: " + ", ".join(present[:4]) + (
+                ", ..." if len(present) > 4 else "")
+            raise UsageError(f"{out} already holds {what}; pass --overwrite to replace them (train.bin, val.bin and "
+                             "meta.json; other files stay), or another --out_dir")
+        return build(files, out, tokenizer, keep_rare, say)
+
+
+@contextlib.contextmanager
+def locked(out, wait, flag="--out_dir"):
+    """An OS lock (flock) on a file in the folder out, made if need be, while preparing it: another process refuses in
+    one line, or waits (wait=True: the cache, which runs and torchrun's ranks share); it ends with its process, kill
+    -9 included. A process that waited on a lock file since removed (or swapped away) locks afresh."""
+    while True:  # until the lock is in the folder at out now, not in one that another prepare swapped away meanwhile
+        rundir.check_out_dir(out, flag)
+        fd = os.open(out / LOCK, os.O_WRONLY | os.O_CREAT, 0o644)
+        with contextlib.suppress(BlockingIOError, FileNotFoundError):
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            if os.path.samestat(os.fstat(fd), os.stat(out / LOCK)):
+                break
+        os.close(fd)
+        if not wait:
+            raise UsageError(f"{out} is being prepared by another process; wait for it to end, or pass another "
+                             "--out_dir")
+    try:
+        for stale in out.parent.glob(glob.escape(f".{out.name}.") + "*-[0-9]*"):  # what a process killed mid-way left
+            carry_over(stale, out)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):  # left as found: the lock file goes (one still ours, not swapped)
+            if os.path.samestat(os.fstat(fd), os.stat(out / LOCK)):
+                os.unlink(out / LOCK)
+        os.close(fd)
+
+
+def build(files, out, tokenizer, keep_rare, say, record=None):
+    """Prepare files into a hidden sibling of out (locked), then swap it in by renames: out is the old corpus or the
+    new one, never a part of either."""
+    total = sum(f.stat().st_size for f in files)
+    tmp, old = (out.parent / f".{out.name}.{kind}-{os.getpid()}" for kind in ("prepare", "old"))
+    try:
+        tmp.mkdir()
+        meta = write_corpus(files, total, tmp, tokenizer, keep_rare, say, record)
+        os.rename(out, old)
+        os.rename(tmp, out)
+        carry_over(old, out)
+    except OSError as e:  # numpy's tofile on a full disk says only "N requested and M written"
+        need, free = 2.2 * total, shutil.disk_usage(out.parent).free  # ids of 2 bytes a character, the split's copy
+        if e.errno != errno.ENOSPC and free > need:
+            raise
+        raise UsageError(f"no space left on {out.parent.resolve()} ({need / 1e6:,.0f} MB needed, {free / 1e6:,.0f} MB "
+                         f"free); free some, or prepare elsewhere; {out} is as it was") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():  # a swap cut between its renames (Ctrl-C): the old corpus back
+            os.rename(old, out)
+    say(f"prepared {out} from {len(files):,} file{'s' * (len(files) > 1)}, {total / 1e6:,.1f} MB: "
+        f"{meta['tokens']['train']:,} training and {meta['tokens']['val']:,} validation tokens ({meta['dtype']}), "
+        f"vocabulary {meta['vocab_size']:,}")
     return meta
 
 
-def copy_tail(source, offset, target):
-    """source's bytes from offset on into target, a block at a time (a memmap's pages would count in memory)."""
-    with open(source, "rb") as f, open(target, "wb") as out:
-        f.seek(offset)
-        shutil.copyfileobj(f, out, 1 << 24)
+def carry_over(old, out):
+    """Move what is not ours (another tool's files) from the folder old into out, and ours too if only old holds a
+    corpus (a swap that a kill -9 cut in half), then remove old."""
+    whole = ".old-" in old.name and (old / "meta.json").exists() and not (out / "meta.json").exists()
+    for p in old.iterdir():
+        if (whole or p.name not in OURS) and not (out / p.name).exists():
+            os.rename(p, out / p.name)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_corpus(files, total, out, tokenizer, keep_rare, say, record):
+    """train.bin, val.bin and then meta.json (with record's fields) in the empty folder out. Returns the meta."""
+    tok = char_tokenizer(files, total, keep_rare, say) if tokenizer == "char" else GPT2Tokenizer()
+    dtype = np.dtype(np.uint16 if tok.vocab_size <= 2**16 else np.uint32)
+    all_ids, sources = out / "train.bin", []
+    with open(all_ids, "wb") as f:
+        for ids in encoded(files, tok, Progress(f"tokenizing ({tokenizer})", total, say), sources):
+            ids.astype(dtype).tofile(f)
+    n = all_ids.stat().st_size // dtype.itemsize
+    n_val = int(n * VAL_FRACTION)
+    with open(all_ids, "rb") as f, open(out / "val.bin", "wb") as val:  # by blocks (a memmap's pages count in memory)
+        f.seek((n - n_val) * dtype.itemsize)
+        shutil.copyfileobj(f, val, 1 << 24)
+    os.truncate(all_ids, (n - n_val) * dtype.itemsize)
+    meta = {"format": "nanoebt-tokens-1", "tokenizer": tok.state(), "vocab_size": tok.vocab_size, "dtype": dtype.name,
+            "tokens": {"train": n - n_val, "val": n_val}, "val_fraction": VAL_FRACTION, "sources": sources}
+    content = {**meta, "sources": [s["sha256"] for s in sources]}  # the same text prepared anywhere: the same id
+    meta["id"] = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+    (out / "meta.json").write_text(json.dumps({**meta, **(record or {})}, indent=1) + "\n")
+    return meta
 
 
 def split(ids):
@@ -180,32 +274,45 @@ def split(ids):
 
 
 class Corpus:
-    """A prepared folder, checked: meta (its record), train and val (numpy memmaps of token ids), the tokenizer."""
+    """A prepared folder: meta (its record), train and val (numpy memmaps of token ids), the tokenizer. meta.json is
+    checked before the first batch: each field of its type and range, the token files of the sizes it gives, and on
+    64 blocks of each the largest id below the vocabulary; a fault is one line naming the file."""
 
     def __init__(self, folder):
-        folder = Path(folder)
+        self.folder = folder = Path(folder)
+        path = folder / "meta.json"
         try:
-            meta = json.loads((folder / "meta.json").read_text())
-            counts, dtype, vocab = meta["tokens"], np.dtype(meta["dtype"]), int(meta["vocab_size"])
-            meta["id"], meta["tokenizer"]
+            meta = json.loads(path.read_text())
         except FileNotFoundError:
             raise UsageError(f"{folder} is not a prepared corpus (no meta.json, or its preparing was interrupted); "
                              f"prepare it: python data/prepare.py SOURCE --out_dir {folder} --overwrite") from None
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UsageError(f"{folder}/meta.json is damaged ({type(e).__name__}: {e}); prepare it again with "
-                             "--overwrite") from None
-        if dtype not in (np.uint16, np.uint32) or vocab > np.iinfo(dtype).max + 1:
-            raise UsageError(f"{folder}/meta.json: a vocabulary of {vocab:,} does not fit its token dtype {dtype.name}; "
-                             "prepare it again with --overwrite")
-        for split in ("train", "val"):
-            path, expected = folder / f"{split}.bin", counts[split] * dtype.itemsize
-            if not path.is_file() or path.stat().st_size != expected:
-                raise UsageError(f"{path} is missing or truncated ({path.stat().st_size if path.is_file() else 0:,} bytes, "
-                                 f"{expected:,} expected); prepare the corpus again with --overwrite")
-        self.folder, self.meta, self.id, self.name = folder, meta, meta["id"], str(folder)
-        self.train, self.val = (np.memmap(folder / f"{s}.bin", dtype, "r") if counts[s] else np.zeros(0, dtype)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"{path} is damaged ({type(e).__name__}: {e}); prepare it again with --overwrite") from None
+
+        def need(ok, what, where=path):
+            if not ok:
+                raise UsageError(f"{where}: {what}; prepare the corpus again with --overwrite")
+        count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        need(isinstance(meta, dict) and meta.get("format") == "nanoebt-tokens-1", "not a nanoEBT corpus format")
+        tokens, dtype, vocab = meta.get("tokens"), meta.get("dtype"), meta.get("vocab_size")
+        need(isinstance(tokens, dict) and all(count(tokens.get(s)) for s in ("train", "val")),
+             f"token counts {tokens!r}, not two whole numbers >= 0")
+        need(dtype in ("uint16", "uint32"), f"dtype {dtype!r}, not uint16 or uint32")
+        need(count(vocab) and 0 < vocab <= np.iinfo(dtype).max + 1, f"a vocabulary of {vocab!r} does not fit its "
+             f"token dtype {dtype}")
+        need(isinstance(meta.get("id"), str) and isinstance(meta.get("sources"), list), "no id or sources")
+        self.tokenizer = tokenizer_from_state(meta.get("tokenizer"), path)
+        need(self.tokenizer.vocab_size == vocab, f"vocab_size {vocab:,}, its tokenizer's {self.tokenizer.vocab_size:,}")
+        for s in ("train", "val"):
+            ids, expected = folder / f"{s}.bin", tokens[s] * np.dtype(dtype).itemsize
+            size = ids.stat().st_size if ids.is_file() else 0
+            need(ids.is_file() and size == expected, f"missing or truncated ({size:,} bytes, {expected:,} expected)", ids)
+        self.meta, self.id, self.name = meta, meta["id"], str(folder)
+        self.train, self.val = (np.memmap(folder / f"{s}.bin", dtype, "r") if tokens[s] else np.zeros(0, dtype)
                                 for s in ("train", "val"))
-        self.tokenizer = tokenizer_from_state(meta["tokenizer"])
+        for s, ids in (("train", self.train), ("val", self.val)):
+            largest = max((int(ids[i:i + 4096].max()) for i in range(0, len(ids), max(len(ids) // 64, 4096))), default=0)
+            need(largest < vocab, f"holds id {largest:,}, past meta.json's vocabulary of {vocab:,}", folder / f"{s}.bin")
 
     def check_trained_on(self, ckpt, name, hint):
         """Refuse a checkpoint that another corpus trained: by the id of its preparation (a checkpoint from before
@@ -219,9 +326,31 @@ class Corpus:
                              f"another text or tokenizer); {hint}")
 
 
+def cache_dir():
+    """Where train_text.py --data FILE prepares: $NANOEBT_CACHE, else data/cache/."""
+    value = os.environ.get("NANOEBT_CACHE")
+    if value == "":
+        raise UsageError("NANOEBT_CACHE is set but empty; set it to a folder for the prepared texts, or unset it "
+                         "(data/cache/)")
+    return Path(value) if value else Path(__file__).resolve().parent / "cache"
+
+
+def source_key(path, tokenizer):
+    """What tells that a text file is the one prepared: its size, times (ctime cannot be set back), inode, a hash of
+    its first, middle and last MB (a rewrite of the same size), and the tokenizer."""
+    stat, digest = path.stat(), hashlib.sha256()
+    with open(path, "rb") as f:
+        for at in (0, stat.st_size // 2, max(stat.st_size - (1 << 20), 0)):
+            f.seek(at)
+            digest.update(f.read(1 << 20))
+    return {"size": stat.st_size, "mtime": stat.st_mtime_ns, "ctime": stat.st_ctime_ns, "inode": stat.st_ino,
+            "content": digest.hexdigest()[:16], "tokenizer": tokenizer}
+
+
 def corpus(data=None, tokenizer=None, say=print):
     """The corpus of train_text.py --data: a prepared folder (its own tokenizer); a text file, prepared with
-    tokenizer (default char) into the cache on first use; None, Tiny Shakespeare (shipped) likewise."""
+    tokenizer (default char) into the cache on first use and whenever it changes (source_key); None, Tiny
+    Shakespeare (shipped) likewise."""
     path = Path(data) if data else SHAKESPEARE
     if data and path.is_dir():
         prepared = Corpus(path)
@@ -232,20 +361,17 @@ def corpus(data=None, tokenizer=None, say=print):
     tokenizer = tokenizer or "char"
     if not path.is_file():
         raise UsageError(f"--data {data} does not exist; pass a text file or a folder prepared by data/prepare.py")
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{tokenizer}".encode()).hexdigest()[:16]
-    folder = CACHE / f"{path.name}-{key}"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        lock = open(folder / ".lock", "w")
-    except OSError as e:
-        raise UsageError(f"the cache {folder} cannot be written ({e.strerror or e}); set NANOEBT_CACHE to a folder you "
-                         "can write to, or prepare the corpus with data/prepare.py") from None
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one process prepares (a torchrun rank, another run); the others wait
-        if not (folder / "meta.json").exists():
-            say(f"preparing {path} into {folder} (once; python data/prepare.py does it by hand)")
-            meta = prepare(path, folder, tokenizer, overwrite=True, say=say)
+    key, named = source_key(path, tokenizer), f"{path.resolve()}|{tokenizer}"
+    folder = cache_dir() / f"{path.name}-{hashlib.sha256(named.encode()).hexdigest()[:16]}"
+    with locked(folder, wait=True, flag="the cache (NANOEBT_CACHE)"):  # one process prepares; the others wait
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            recorded = None
+            recorded = json.loads((folder / "meta.json").read_text()).get("source")
+        if recorded != key:
+            changed = [k for k in key if (recorded or {}).get(k) != key[k]] if isinstance(recorded, dict) else None
+            say(f"{path} changed since it was prepared ({', '.join(changed)}): preparing it again" if changed else
+                f"preparing {path} into {folder} (once; python data/prepare.py does it by hand)")
+            meta = build(sources_of(path), folder, tokenizer, False, say, {"source": key})
             if path == SHAKESPEARE and meta["sources"][0]["sha256"] != SHAKESPEARE_SHA256:
                 (folder / "meta.json").unlink()
                 raise UsageError(f"{path} does not hold Tiny Shakespeare (checksum); restore it from git, or pass --data")
@@ -256,12 +382,14 @@ def corpus(data=None, tokenizer=None, say=print):
 
 def main(argv=None):
     p = cli.ArgumentParser(description=__doc__)
-    p.add_argument("sources", help="a text file, a folder of text files, or a glob (quoted)")
+    p.add_argument("sources", help="a text file, a folder of text files (subfolders too), or a glob (quoted; ** recurses)")
     p.add_argument("--out_dir", required=True, help="the prepared folder (train.bin, val.bin, meta.json)")
     p.add_argument("--tokenizer", choices=("char", "gpt2"), default="char", help="(default: %(default)s)")
-    p.add_argument("--overwrite", action="store_true", help="replace a prepared corpus already in out_dir")
+    p.add_argument("--overwrite", action="store_true", help="replace a prepared corpus, or token files, in out_dir")
+    p.add_argument("--keep_rare", action="store_true", help=f"char: keep every character, also past {MAX_CHARS} of "
+                   f"them those seen fewer than {RARE} times (default: they read as one unknown character)")
     args = p.parse_args(argv)
-    prepare(args.sources, args.out_dir, args.tokenizer, args.overwrite)
+    prepare(args.sources, args.out_dir, args.tokenizer, args.overwrite, args.keep_rare)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,6 @@
 Text and its tokens, read with one-line errors: Tiny Shakespeare (shipped, compressed), a text file, the
 character and GPT-2 tokenizers, and training's batches, random windows of token ids (a memmap reads only these).
 """
-import gzip
-import hashlib
 import os
 import re
 from pathlib import Path
@@ -13,7 +11,7 @@ import torch
 
 from checks import UsageError
 
-SHAKESPEARE = Path(__file__).resolve().parent / "tinyshakespeare.txt.gz"  # ships with nanoEBT
+SHAKESPEARE = Path(__file__).resolve().parent / "tinyshakespeare.txt.gz"  # ships with nanoEBT; data/prepare.py reads it
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
 
@@ -32,44 +30,28 @@ def read_text(path, flag="--data"):
     return text
 
 
-def sha256_text(text):
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def shakespeare():
-    """Tiny Shakespeare, from the compressed copy in data/ (checked against its checksum)."""
-    try:
-        raw = gzip.decompress(SHAKESPEARE.read_bytes())
-    except OSError as e:
-        raise UsageError(f"{SHAKESPEARE} is missing or damaged ({e}); restore it from git, or pass --data") from None
-    if hashlib.sha256(raw).hexdigest() != SHAKESPEARE_SHA256:
-        raise UsageError(f"{SHAKESPEARE} does not hold Tiny Shakespeare (checksum); restore it from git, or pass --data")
-    return raw.decode("utf-8")
-
-
-def text_or_shakespeare(path=None):
-    return read_text(path) if path else shakespeare()
-
-
 class CharTokenizer:
-    def __init__(self, chars):
-        self.chars = list(chars)
+    """One id per character, in the order given. unknown: the character (in chars) that every other one reads as (the
+    rare characters data/prepare.py merges); None: another character is an error."""
+
+    def __init__(self, chars, unknown=None):
+        self.chars, self.unknown = list(chars), unknown
         self.index = {c: i for i, c in enumerate(self.chars)}
-        self.vocab_size = len(self.chars)
-        points = [ord(c) for c in self.chars]  # code point -> id, -1 for none (also the last, past them all)
-        self.table = np.full(max(points, default=0) + 2, -1, np.int32)
+        self.vocab_size, none = len(self.chars), self.index.get(unknown, -1)
+        points = [ord(c) for c in self.chars]  # code point -> id, `none` for none (also the last, past them all)
+        self.table = np.full(max(points, default=0) + 2, none, np.int32)
         self.table[points] = np.arange(len(points))
-        self.ascii_ids = bytes(self.index.get(chr(b), 255) if self.vocab_size < 255 else 255 for b in range(256))
+        self.ascii_ids = bytes(self.index.get(chr(b), none % 256) if self.vocab_size < 255 else 255 for b in range(256))
 
     @classmethod
     def fit(cls, text):
         return cls(sorted(set(text)))
 
     def encode(self, text):
-        missing = sorted(set(text) - set(self.index))
+        missing = sorted(set(text) - set(self.index)) if self.unknown is None else []
         if missing:
             raise UsageError(f"characters not in the vocabulary: {''.join(missing)!r}")
-        return [self.index[c] for c in text]
+        return [self.index.get(c, self.index.get(self.unknown)) for c in text]
 
     def encode_array(self, text):
         """encode() of a long text as an array, at numpy's speed: each code point looked up in a table; ASCII text
@@ -86,7 +68,7 @@ class CharTokenizer:
         return "".join(self.chars[i] if i < len(self.chars) else "\ufffd" for i in ids)
 
     def state(self):
-        return {"kind": "char", "chars": "".join(self.chars)}
+        return {"kind": "char", "chars": "".join(self.chars), **({"unknown": self.unknown} if self.unknown else {})}
 
 
 class GPT2Tokenizer:
@@ -127,8 +109,16 @@ def safe_cut(text, start=0):
     return match.end() if match else len(text)
 
 
-def tokenizer_from_state(state):
-    return CharTokenizer(state["chars"]) if state["kind"] == "char" else GPT2Tokenizer()
+def tokenizer_from_state(state, where="the checkpoint"):
+    """The tokenizer a meta.json or a checkpoint (where) records, or one line if it is none this nanoEBT writes."""
+    kind, chars = (state.get("kind"), state.get("chars")) if isinstance(state, dict) else (None, None)
+    if kind == "gpt2":
+        return GPT2Tokenizer()
+    if kind == "char" and isinstance(chars, str) and len(set(chars)) == len(chars) > 0 and state.get("unknown") in (
+            None, *chars):
+        return CharTokenizer(chars, state.get("unknown"))
+    raise UsageError(f"{where} records a tokenizer this nanoEBT does not write ({str(state)[:80]}): not char with its "
+                     "characters, nor gpt2; prepare or train it again")
 
 
 def random_windows(ids, length, count, generator):
