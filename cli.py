@@ -71,7 +71,7 @@ def stop(signum, frame):
     alike (a second Ctrl-C stops at once); otherwise stop at once."""
     if not rundir.stop_listening or (rundir.stop_requested and signum == signal.SIGINT):
         raise KeyboardInterrupt
-    rundir.stop_requested = True
+    rundir.request_stop()
 
 
 def explain(e):

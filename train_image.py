@@ -95,6 +95,7 @@ def train_models(args, device):
         layers = [DEFAULTS, ebt.IMAGE_RECIPES[started["recipe"]] if kind in ebt.EBT_KINDS else {},
                   {"model": kind, "channels": 1 if dataset == "mnist" else 3, "image_size": 28 if dataset == "mnist" else 32}]
         cfg, tc = cli.configs(args, layers, ckpt, ebt.derive_thinking)
+        rundir.check_fits(cfg, tc.batch_size, device)
         tc.out_dir, tc.device = args.out_dir, device
         data = images.load_data({**started, "image_size": cfg.image_size})
         model = ebt.build_model(cfg, tc.seed)
