@@ -51,14 +51,14 @@ def think_on_text(model, tokenizer, text, steps=None, seed=0):
 def progress(model, what, total, by_energies=True):
     """A rundir.Progress of `total` energies scored (a position's candidates, at a step), counted by a hook on an
     EBT's energy head, so that it moves within a long thinking too (not in a compiled graph: by_energies False)."""
-    with rundir.Progress(what, total) as shown:
-        count = lambda module, inputs, energies: shown.advance(energies.numel())
-        hook = model.energy_head.register_forward_hook(count) if by_energies and isinstance(model, ebt.TextEBT) else None
-        try:
-            yield shown
-        finally:
-            if hook is not None:
-                hook.remove()
+    shown = rundir.Progress(what, total)
+    count = lambda module, inputs, energies: shown.advance(energies.numel())
+    hook = model.energy_head.register_forward_hook(count) if by_energies and isinstance(model, ebt.TextEBT) else None
+    try:
+        yield shown
+    finally:
+        if hook is not None:
+            hook.remove()
 
 
 def energies_scored(positions, steps, candidates=1, tolerance=None):

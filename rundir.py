@@ -12,7 +12,6 @@ import os
 import signal
 import socket
 import sys
-import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -170,10 +169,11 @@ def owned(out_dir, resume=True):
 # of the keys each head scores; and a multiple of the vocabulary (the logits, their softmax and gradients)
 KEPT = {"backward": {"per width": 5.7, "per key and head": 0, "per vocabulary entry": 3.1},
         "thinking step": {"per width": 16.2, "per key and head": 5, "per vocabulary entry": 7.9},
-        "compiled backward": {"per width": 3.5, "per key and head": 0, "per vocabulary entry": 1.9},
+        "compiled backward": {"per width": 4.0, "per key and head": 0, "per vocabulary entry": 1.9},
         "compiled thinking step": {"per width": 12.2, "per key and head": 3.8, "per vocabulary entry": 5.9}}
-# On a CPU the process holds more than its tensors at their peak: torch itself, and what glibc keeps of freed blocks
-CPU_RESIDENT = {"torch": 2**29, "per byte allocated": 1.3}
+# On a CPU a process holds more than its tensors at their peak: torch itself, and what glibc keeps of freed blocks
+# (at the GPU preset a resident set 1.56x the allocated peak)
+CPU_RESIDENT = {"torch": 2**29, "per byte allocated": 1.7}
 
 
 def training_memory(cfg, batch_size, compiled=False):
@@ -394,32 +394,20 @@ def duration(seconds):
 
 class Progress:
     """For work that may run long (generating, thinking, evaluating): from `after` seconds on, a line on stderr every
-    `every` seconds with how far it is and about how long it has left at its pace so far. A thread prints, so that a
-    line comes even while one long step runs; the work calls advance(). Work that ends sooner prints nothing."""
+    `every` seconds with how far it is and about how long it has left at its pace so far; the work calls advance()
+    often (thinking: every step). Work that ends sooner says nothing."""
 
     def __init__(self, what, total, after=5.0, every=15.0):
-        self.what, self.total, self.done, self.after, self.every = what, total, 0, after, every
-
-    def __enter__(self):
-        self.start, self.ended = time.time(), threading.Event()
-        self.thread = threading.Thread(target=self.report, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.ended.set()
-        self.thread.join()
+        self.what, self.total, self.done, self.every = what, total, 0, every
+        self.start = time.time()
+        self.due = self.start + after
 
     def advance(self, amount=1):
         self.done += amount
-
-    def report(self):
-        wait = self.after
-        while not self.ended.wait(wait):
-            elapsed, share = time.time() - self.start, min(self.done / self.total, 1)
+        if time.time() >= self.due:
+            self.due, elapsed, share = time.time() + self.every, time.time() - self.start, min(self.done / self.total, 1)
             left = f"about {duration(elapsed / share * (1 - share))} left" if share else "time left not known yet"
             print(f"[{self.what}: {100 * share:.0f}% in {duration(elapsed)}, {left}]", file=sys.stderr, flush=True)
-            wait = self.every
 
 
 def is_record(record):

@@ -112,7 +112,7 @@ def generate_streamed(model, tokenizer, args, thinking):
             if not text.endswith("\ufffd") or len(pending) == 4:  # a character takes at most 4 tokens of bytes
                 print(text, end="", flush=True)
                 pending.clear()
-            shown.done = (new.shape[1] - idx.shape[1]) * per_token  # adaptive thinking may have stopped early
+            shown.advance((new.shape[1] - idx.shape[1]) * per_token - shown.done)  # adaptive: may have stopped early
         out = ebt.generate(model, idx, args.num_tokens, args.temperature, args.top_k,
                            torch.Generator().manual_seed(args.seed), on_token=on_token, **thinking)
     print(tokenizer.decode(pending), flush=True)
