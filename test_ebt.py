@@ -1094,7 +1094,8 @@ def test_the_preset_follows_the_device_and_is_named_first(tmp_path, monkeypatch)
     train_text.main(["--out_dir", str(tmp_path / "a"), "--device", "cpu"], log=logged.append)
     assert logged[0].startswith("preset cpu") and logged[1].batch_size == train_text.PRESETS["cpu"]["batch_size"]
     logged.clear()
-    train_text.main(["--preset", "gpu", "--out_dir", str(tmp_path / "b"), "--device", "cpu"], log=logged.append)
+    train_text.main(["--preset", "gpu", "--batch_size", "2", "--out_dir", str(tmp_path / "b"), "--device", "cpu"],
+                    log=logged.append)  # a batch this machine fits, whatever else it runs
     assert logged[0] == "preset gpu" and logged[1].startswith("warning:")
 
 
@@ -1980,7 +1981,7 @@ def test_bad_input_in_a_real_process_is_one_line_and_exit_2(bad_input_files):
 
 
 @pytest.mark.parametrize("driver, sizes", [
-    ("train_text.py", ["--preset", "gpu", "--batch_size", "4096"]),  # about 600 GiB
+    ("train_text.py", ["--preset", "gpu", "--batch_size", "4096"]),  # about 1,000 GiB
     ("train_image.py", ["--n_layer", "48", "--n_embd", "1024", "--n_head", "16", "--batch_size", "65536"])])
 def test_a_step_that_cannot_fit_is_refused_in_one_line_before_anything_large_is_allocated(tmp_path, driver, sizes):
     proc = subprocess.Popen([sys.executable, driver, *sizes, "--device", "cpu", "--out_dir", str(tmp_path / "o")],
