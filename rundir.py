@@ -29,8 +29,7 @@ stop_listening = stop_requested = False
 
 
 def request_stop():
-    """A stop signal while training listens (cli.stop): said at once, for a step may take minutes; os.write, since a
-    signal handler's print could land inside another print."""
+    """cli.stop's while training listens: said at once (a step may take minutes), by os.write: safe in a handler."""
     global stop_requested
     if not stop_requested and rank() == 0:
         os.write(2, b"stopping after this step, saving (a second Ctrl-C stops at once)\n")

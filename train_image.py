@@ -36,7 +36,7 @@ REPORT_CROPS = 128  # validation crops behind every number in the report
 GRID_CROPS = 4      # rows of grid.png: the report crops with the most detail (pixel std)
 DIT_PASSES = (1, 3, 10, 30, 100)
 DEFAULTS = dict(patch_size=4, n_layer=3, n_head=4, n_embd=96, max_steps=800, batch_size=32, lr=1e-3,
-                warmup_steps=50, eval_interval=200, eval_batches=4, log_interval=50)
+                warmup_steps=50, eval_interval=200, eval_batches=4, log_interval=20)
 MODEL_FLAGS = ("image_size", "patch_size", "n_layer", "n_head", "n_embd", "noise_t")
 TRAIN_FLAGS = ("max_steps", "batch_size", "lr", "warmup_steps", "weight_decay", "grad_clip", "eval_interval",
                "eval_batches", "log_interval", "seed")
