@@ -34,6 +34,7 @@ import torch
 
 import compiled
 import ebt
+import image_models  # noqa: F401  (the image kinds)
 import rundir
 import train_text
 from data import prepare
@@ -78,17 +79,21 @@ def measure(kind, steps, args, rounds=(None,), ready=lambda: None):
     if args.s2:  # S2's options (train_text.py --recipe s2) without its replay buffer, at a fixed step count
         thinking = ebt.derive_thinking({**ebt.RECIPES["s2"], "think_steps": max(steps, 1), "random_steps": 0,
                                         "replay_size": 0})  # alpha's learning rate as train_text.py derives it
+    image = kind in ebt.IMAGE_KINDS  # train_image.py's crops and patches, an EBT thinking as its S1 does
+    if image:
+        thinking = ebt.derive_thinking({**ebt.IMAGE_RECIPES["s1"], "think_steps": max(steps, 1)})
     cfg = ebt.ModelConfig(model=kind, vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                           n_head=args.n_head, n_embd=args.n_embd, **thinking)
     model = ebt.build_model(cfg).to(device)
     if args.compile:
         compiled.compile_model(model, args.compile_mode)
     opt = torch.optim.AdamW(ebt.param_groups(model, 0.1), lr=1e-4)
-    x = torch.randint(args.vocab_size, (args.batch_size, args.block_size), device=device)
+    x = (torch.rand(args.batch_size, cfg.channels, cfg.image_size, cfg.image_size, device=device) if image else
+         torch.randint(args.vocab_size, (args.batch_size, args.block_size), device=device))
 
     def step():  # as train() does it: the model backpropagates (an EBT one thinking step at a time)
         with ebt.autocast(device):
-            if args.one_backward or kind == "transformer":  # the EBT, for comparison: one backward of it all
+            if args.one_backward or not isinstance(model, ebt.Thinker):  # the EBT, for comparison: one backward
                 model(x, x)[0].backward()
             else:
                 model.learn(x, x, 1.0)
@@ -118,7 +123,8 @@ def measure(kind, steps, args, rounds=(None,), ready=lambda: None):
             print(f"{kind}, {steps} thinking steps: one training step\n"
                   + prof.key_averages().table(sort_by=sort, row_limit=15), file=sys.stderr)
         yield {"model": kind, "steps": steps, "step_s": dt, "tokens_per_s": args.batch_size * args.block_size / dt,
-               "peak_mb": peak / 2**20, "tflops": flops / dt / 1e12, "device": device, "compile_s": compile_s}
+               "peak_mb": peak / 2**20, "estimate_mb": rundir.training_memory(cfg, args.batch_size, args.compile) / 2**20,
+               "tflops": flops / dt / 1e12, "device": device, "compile_s": compile_s}
 
 
 def timed(fn, device):
@@ -426,8 +432,10 @@ def main(argv=None):
                                  "pass --device cpu and small sizes to try the script")
     for one in [args.one] if args.one else args.only or ():
         kind, _, steps = one.partition(":")
-        if not ((kind == "transformer" and steps == "0") or (kind == "ebt" and steps.isdigit() and int(steps) > 0)):
-            raise ebt.UsageError(f"--only {one}: each configuration is transformer:0 or ebt:K with K >= 1 thinking steps")
+        if not ((kind in ("transformer", "image_dit", "image_regressor") and steps == "0")
+                or (kind in ebt.EBT_KINDS and steps.isdigit() and int(steps) > 0)):
+            raise ebt.UsageError(f"--only {one}: each configuration is transformer:0, image_dit:0, image_regressor:0, "
+                                 "or ebt:K or image_ebt:K with K >= 1 thinking steps")
     if args.corpus_check:
         return corpus_check(args.corpus_check, args.old)
     if args.gpu_check:
@@ -448,11 +456,14 @@ def main(argv=None):
     base = rows[0]  # the first configuration is the reference of the ratios
     print(f"device {base['device']}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{args.n_layer} layers x {args.n_embd} wide, batch {args.batch_size} x {args.block_size}")
-    name = lambda r: "Transformer++" if r["model"] == "transformer" else f"EBT, {r['steps']} step{'s' * (r['steps'] > 1)}"
+    baselines = {"transformer": "Transformer++", "image_dit": "image DiT", "image_regressor": "image regressor"}
+    ebts = lambda r: f"{r['model'].replace('_', ' ').replace('ebt', 'EBT')}, {r['steps']} step{'s' * (r['steps'] > 1)}"
+    name = lambda r: baselines.get(r["model"]) or ebts(r)
     ref = name(base)
     print(f"step: the median over {args.rounds} alternating rounds of {args.iters} steps each; x {ref} time: the median "
           "of the rounds' own ratios (their range)")
-    head = ["model", "step (ms)", "tokens/s", f"x {ref} time", "peak training memory (MB)", f"x {ref} memory"]
+    head = ["model", "step (ms)", "tokens/s", f"x {ref} time", "peak training memory (MB)", "estimated (MB)",
+            f"x {ref} memory"]
     head += ["MFU"] if cuda else ["peak resident set (MB)", f"x {ref} resident set"]
     table = []
     for r in rows:
@@ -462,7 +473,7 @@ def main(argv=None):
             f" ({per_round[0]:.2f}-{per_round[-1]:.2f})" if len(per_round) > 1 else "")
         mfu = [f"{100 * r['tflops'] / args.peak_tflops:.1f}%"]
         table.append([name(r), f"{r['step_s'] * 1e3:.1f}", f"{r['tokens_per_s']:,.0f}", time_ratio,
-                      f"{r['peak_mb']:.0f}", ratio("peak_mb"),
+                      f"{r['peak_mb']:.0f}", f"{r['estimate_mb']:.0f}", ratio("peak_mb"),
                       *(mfu if cuda else [f"{r['resident_mb']:.0f}", ratio("resident_mb")]),
                       *([f"{r['compile_s']:.0f}"] if args.compile else [])])
     print(markdown_table(head + (["compiling (s)"] if args.compile else []), table))

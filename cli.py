@@ -74,7 +74,7 @@ def stop(signum, frame):
     alike (a second Ctrl-C stops at once); otherwise stop at once."""
     if not rundir.stop_listening or (rundir.stop_requested and signum == signal.SIGINT):
         raise KeyboardInterrupt(signum)
-    rundir.stop_requested = True
+    rundir.request_stop()
 
 
 def explain(e):

@@ -719,7 +719,7 @@ def train(model, data, tc, run=None):
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
 
-                logging = step % tc.log_interval == 0 or step == tc.max_steps
+                logging = step % tc.log_interval == 0 or step in (1, tc.max_steps)  # 1: no long silence
                 evaluating = step % tc.eval_interval == 0 or step == tc.max_steps
                 if (logging or evaluating) and run.any(nonfinite):
                     raise non_finite("the loss or the gradient", step, saved, run)
@@ -873,7 +873,7 @@ def generate(model, idx, num_tokens, temperature=1.0, top_k=None, generator=None
     cache of the context stream makes a token cost one token through the trunk and, for an EBT, the
     thinking of one prediction token per candidate. The window holds at most block_size tokens, then
     restarts from the last block_size // 2; use_cache=False recomputes it for every token (the same
-    result). thinking (EBTs): candidates, steps, step_size, langevin_std, tolerance. on_token(n): progress."""
+    result). thinking (EBTs): candidates, steps, step_size, langevin_std, tolerance. on_token(idx): each new token."""
     if thinking and not isinstance(model, TextEBT):
         raise UsageError(f"thinking ({', '.join(thinking)}) needs an EBT; this is a {model.config.model!r} model")
     check_generate(model, idx, dict(thinking, num_tokens=num_tokens, temperature=temperature, top_k=top_k))
@@ -891,7 +891,7 @@ def generate(model, idx, num_tokens, temperature=1.0, top_k=None, generator=None
         chosen = logits if getattr(model, "padded", None) is None else logits.masked_fill(model.padded, -math.inf)
         idx = torch.cat([idx, sample_next(chosen, temperature, top_k, generator)], dim=1)
         if on_token is not None:
-            on_token(n)
+            on_token(idx)
     out = Generation(idx, torch.stack([logits for logits, _ in per_token], 1) if per_token else None)
     if per_token and per_token[0][1]:
         stack = lambda name: torch.stack([d[name] for _, d in per_token], 1)

@@ -3,6 +3,7 @@ What thinking does, measured on text: every position of a text thought about at 
 steps and with more candidates, and whether the energy ranks its candidates; the texts it is measured on, and its tables.
 Imported by sample.py, results.py, plots.py and the notebook.
 """
+import contextlib
 import math
 import sys
 from dataclasses import dataclass
@@ -44,6 +45,26 @@ def think_on_text(model, tokenizer, text, steps=None, seed=0):
                                   steps=steps or ebt.THINK_LONGER * model.trained_steps())
     traj = ebt.Trajectory([y[:, 0] for y in traj.ys], [e[:, 0] for e in traj.energies])
     return TextThinking(ids, [token_label(tokenizer, i) for i in ids[1:].tolist()], traj, context)
+
+
+@contextlib.contextmanager
+def progress(model, what, total, by_energies=True):
+    """A rundir.Progress of `total` energies scored (a position's candidates, at a step), counted by a hook on an
+    EBT's energy head, so that it moves within a long thinking too (not in a compiled graph: by_energies False)."""
+    shown = rundir.Progress(what, total)
+    count = lambda module, inputs, energies: shown.advance(energies.numel())
+    hook = model.energy_head.register_forward_hook(count) if by_energies and isinstance(model, ebt.TextEBT) else None
+    try:
+        yield shown
+    finally:
+        if hook is not None:
+            hook.remove()
+
+
+def energies_scored(positions, steps, candidates=1, tolerance=None):
+    """What progress() counts of one thinking from each of `candidates` starts at `positions` positions: every step
+    scores a start, and the final state is scored; adaptively (think_adaptively) twice a step, at most."""
+    return positions * candidates * (2 * steps if tolerance is not None else steps + 1)
 
 
 @torch.no_grad()

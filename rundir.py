@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import socket
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -25,6 +26,14 @@ from data.text import tokenizer_from_state
 # A stop signal (Ctrl-C, SIGTERM), set by the drivers' handler (cli.stop) while train() listens (Run.listening):
 # every rank then ends after the same step, saved. Outside train(), and at a second Ctrl-C, the handler stops at once.
 stop_listening = stop_requested = False
+
+
+def request_stop():
+    """cli.stop's while training listens: said at once (a step may take minutes), by os.write: safe in a handler."""
+    global stop_requested
+    if not stop_requested and rank() == 0:
+        os.write(2, b"stopping after this step, saving (a second Ctrl-C stops at once)\n")
+    stop_requested = True
 
 
 def printed(*args):
@@ -153,23 +162,55 @@ def owned(out_dir, resume=True):
             lock.close()
 
 
-def check_fits(cfg, batch_size, tokens, device):
-    """Refuse at once a model whose training state (weights, gradients, AdamW's two moments), or a batch
-    whose largest single tensor (activations, logits, or the EBT's explicit attention scores), would
-    alone outgrow the device: a lower bound, passing it promises nothing."""
-    weights = cfg.n_layer * (4 * cfg.n_embd ** 2 + 3 * cfg.n_embd * cfg.mlp_hidden) + 2 * cfg.vocab_size * cfg.n_embd
-    sizes = {"activations": batch_size * tokens * cfg.n_embd, "logits": batch_size * tokens * cfg.vocab_size,
-             "weights, gradients and optimizer state": 4 * weights}
-    if cfg.model in ebt.EBT_KINDS:
-        sizes["attention scores"] = batch_size * cfg.n_head * tokens * tokens
-    what, largest = max(sizes.items(), key=lambda kv: kv[1])
-    memory = (torch.cuda.get_device_properties(torch.device(device)).total_memory if device.startswith("cuda")
-              else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))  # CPU: physical memory
-    if 4 * largest > memory:
-        raise UsageError(f"{cfg.n_layer} layers x {cfg.n_embd}, batch {batch_size} x {tokens} tokens cannot fit "
-                         f"on {device}: the {what} alone take {4 * largest / 2**30:,.0f} GiB of "
-                         f"{memory / 2**30:,.0f}; lower --batch_size (--grad_accum keeps the batch), "
-                         "--block_size, --n_layer or --n_embd")
+# What a training step keeps for its backward, in float32 values per token, calibrated against bench.py's peaks
+# (assets/speed.md, "Memory estimate"): per layer, a multiple of the block's width (2 n_embd + mlp_hidden: the
+# stream's vectors and the MLP's hidden ones) and, where attention is explicit (a thinking step differentiated twice),
+# of the keys each head scores; and a multiple of the vocabulary (the logits, their softmax and gradients)
+KEPT = {"backward": {"per width": 5.7, "per key and head": 0, "per vocabulary entry": 3.1},
+        "thinking step": {"per width": 16.2, "per key and head": 5, "per vocabulary entry": 7.9},
+        "compiled backward": {"per width": 4.0, "per key and head": 0, "per vocabulary entry": 1.9},
+        "compiled thinking step": {"per width": 12.2, "per key and head": 3.8, "per vocabulary entry": 5.9}}
+# On a CPU a process holds more than its tensors at their peak: torch itself, and what glibc keeps of freed blocks
+# (at the GPU preset a resident set 1.56x the allocated peak)
+CPU_RESIDENT = {"torch": 2**29, "per byte allocated": 1.7}
+
+
+def training_memory(cfg, batch_size, compiled=False):
+    """The peak memory (bytes) of a training step, estimated term by term: the weights, their gradients and AdamW's
+    two moments; what the blocks and the logits keep for the backward, for every thinking step whose graph is alive
+    at once (eager: one, where steps are detached or only the last is trained; compiled: all, the step one graph);
+    an EBT's replay buffer, and the sequences it adds to the batch."""
+    text, thinks, D = cfg.model in ebt.TEXT_KINDS, cfg.model in ebt.EBT_KINDS, cfg.n_embd
+    blocks = cfg.n_layer * (4 * D * D + 3 * D * cfg.mlp_hidden + (0 if text else 6 * D * D))  # attention, MLP, adaLN
+    params = blocks + 2 * D * (cfg.vocab_size if text else cfg.channels * cfg.patch_size ** 2)  # in and out
+    tokens = cfg.block_size if text else (cfg.image_size // cfg.patch_size) ** 2
+    kept = KEPT[("compiled " if compiled else "") + ("thinking step" if thinks else "backward")]
+    alive = cfg.think_steps + cfg.random_steps if thinks and (compiled or not (cfg.detach or cfg.truncate)) else 1
+    replayed = thinks and text and cfg.replay_size > 0
+    batch_size *= 1 + cfg.replay_batch if replayed else 1
+    per_token = alive * cfg.n_layer * (kept["per width"] * (2 * D + cfg.mlp_hidden)
+                                       + kept["per key and head"] * cfg.n_head * tokens)
+    per_token += alive * kept["per vocabulary entry"] * cfg.vocab_size if text else 0
+    replay_buffer = cfg.replay_size * tokens * cfg.vocab_size if replayed else 0
+    return 4 * (4 * params + batch_size * tokens * per_token + replay_buffer)
+
+
+def check_fits(cfg, batch_size, device, compiled=False):
+    """Refuse at once, before anything large is allocated, a training step whose estimated peak (training_memory)
+    would not fit the device's free memory: on a CPU the kernel would kill it without a word."""
+    need = training_memory(cfg, batch_size, compiled)
+    if device.startswith("cuda"):  # bf16 autocast, not calibrated yet (assets/speed.md): refused past twice the memory
+        free, need = torch.cuda.mem_get_info(torch.device(device))[0], 0.5 * need
+    else:  # what the kernel can give (Linux's MemAvailable, else the physical memory) and what the process will hold
+        meminfo = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").exists() else ""
+        available = [int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith("MemAvailable")]
+        free = available[0] if available else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        need = CPU_RESIDENT["torch"] + CPU_RESIDENT["per byte allocated"] * need
+    if need > free:
+        sample = "--block_size" if cfg.model in ebt.TEXT_KINDS else "--image_size"
+        raise UsageError(f"{cfg.n_layer} layers x {cfg.n_embd}, batch {batch_size} cannot fit on {device}: a training "
+                         f"step needs about {need / 2**30:,.1f} GiB and {free / 2**30:,.1f} GiB are free; lower "
+                         f"--batch_size (--grad_accum keeps the batch), {sample}, --n_layer or --n_embd")
 
 
 class Run(ebt.Run):
@@ -320,9 +361,9 @@ class RunLog:
                      f" at last {r['energy_last']:.2f} | alpha {r['step_size']:.1f}")
         line += f" | psnr {r['psnr']:.2f}" if "psnr" in r else ""
         line += f" | peak {r['peak_mem_mb'] / 1024:.1f} GB" if "peak_mem_mb" in r else ""
-        eta = int(elapsed / (r["step"] - first["step"]) * (first["max_steps"] - r["step"]))
-        self.say(line + f" | {r['tokens_per_s'] / 1e3:.1f}k tok/s | ETA " + (
-            f"{eta // 3600}h{eta // 60 % 60:02d}m" if eta >= 3600 else f"{eta // 60}m{eta % 60:02d}s"))
+        eta = duration(elapsed / (r["step"] - first["step"]) * (first["max_steps"] - r["step"]))
+        eta = f"ETA {eta}" if r["step"] > 1 else f"first step {elapsed:.1f}s, start-up included"  # compiling too
+        self.say(line + f" | {r['tokens_per_s'] / 1e3:.1f}k tok/s | {eta}")
         if r.get("step_size", 1) <= 1.001 * ebt.MIN_STEP_SIZE and not self.warned:
             self.warned = True
             self.say(f"warning: alpha sits at its floor, {ebt.MIN_STEP_SIZE:g}: thinking hardly moves the candidate; "
@@ -342,6 +383,30 @@ class RunLog:
     def on_message(self, r):
         self.say(r["text"])
         plots.plot_metrics(self.records, self.out / "loss.png")
+
+
+def duration(seconds):
+    """A time to read at a glance: 7m05s, 2h13m."""
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Progress:
+    """For work that may run long (generating, thinking, evaluating): from `after` seconds on, a line on stderr every
+    `every` seconds with how far it is and about how long it has left at its pace so far; the work calls advance()
+    often (thinking: every step). Work that ends sooner says nothing."""
+
+    def __init__(self, what, total, after=5.0, every=15.0):
+        self.what, self.total, self.done, self.every = what, total, 0, every
+        self.start = time.time()
+        self.due = self.start + after
+
+    def advance(self, amount=1):
+        self.done += amount
+        if time.time() >= self.due:
+            self.due, elapsed, share = time.time() + self.every, time.time() - self.start, min(self.done / self.total, 1)
+            left = f"about {duration(elapsed / share * (1 - share))} left" if share else "time left not known yet"
+            print(f"[{self.what}: {100 * share:.0f}% in {duration(elapsed)}, {left}]", file=sys.stderr, flush=True)
 
 
 def is_record(record):

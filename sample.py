@@ -83,7 +83,11 @@ def evaluate_thinking(model, tokenizer, corpus, args):
     trained = model.trained_steps() if isinstance(model, ebt.Thinker) else 1
     steps = sorted({1, 2, 3, *(k * trained for k in range(1, ebt.THINK_LONGER + 1))})
     sources = {"val": val, f"OOD: {ood_name}": ood}
-    curves = {name: measure.thinking_curves(model, ids, steps, windows=args.windows or 64) for name, ids in sources.items()}
+    windows = args.windows or 64
+    positions = windows * model.config.block_size
+    scored = measure.energies_scored(positions, max(steps)) + measure.energies_scored(positions, trained, 8)
+    with measure.progress(model, "evaluating", len(sources) * scored):  # 8: thinking_curves' most candidates
+        curves = {name: measure.thinking_curves(model, ids, steps, windows=windows) for name, ids in sources.items()}
     print(measure.thinking_table(curves, trained))
     thinks = isinstance(model, ebt.TextEBT)
     if thinks:
@@ -94,6 +98,30 @@ def evaluate_thinking(model, tokenizer, corpus, args):
         if thinks:
             plots.plot_verifier(curves).savefig(Path(args.plots) / "verifier.png", dpi=90)
         print(f"saved {'thinking_curves.png and verifier.png' if thinks else 'thinking_curves.png'} in {args.plots}")
+
+
+def generate_streamed(model, tokenizer, args, thinking):
+    """generate(), printing each token's text as it comes (a token that ends inside a character waits for the
+    rest of it), with progress on stderr when it runs long."""
+    idx = torch.tensor([tokenizer.encode(args.prompt)], device=next(model.parameters()).device)
+    print(tokenizer.decode(idx[0].tolist()), end="", flush=True)
+    per_token = 1  # the Transformer++'s progress counts tokens
+    if isinstance(model, ebt.TextEBT):  # an EBT's, the energies its thinking scores
+        steps = thinking.get("steps") or model.trained_steps()
+        per_token = measure.energies_scored(1, steps, thinking.get("candidates", 1), thinking.get("tolerance"))
+    pending = []
+    with measure.progress(model, "generating", args.num_tokens * per_token, by_energies=not args.compile) as shown:
+        def on_token(new):
+            pending.append(new[0, -1].item())
+            text = tokenizer.decode(pending)
+            if not text.endswith("\ufffd") or len(pending) == 4:  # a character takes at most 4 tokens of bytes
+                print(text, end="", flush=True)
+                pending.clear()
+            shown.advance((new.shape[1] - idx.shape[1]) * per_token - shown.done)  # adaptive: may have stopped early
+        out = ebt.generate(model, idx, args.num_tokens, args.temperature, args.top_k,
+                           torch.Generator().manual_seed(args.seed), on_token=on_token, **thinking)
+    print(tokenizer.decode(pending), flush=True)
+    return out
 
 
 def main(argv=None):
@@ -113,15 +141,9 @@ def main(argv=None):
         return evaluate_thinking(model, tokenizer, measure.training_corpus(ckpt, args.data), args)
     if args.plots:
         rundir.require_ebt(model, "--plots")
-    idx = torch.tensor([tokenizer.encode(args.prompt)], device=device)
     t0 = time.time()
-    progress = lambda n: n % 1000 == 0 and print(f"{n}/{args.num_tokens} tokens, {time.time() - t0:.0f}s",
-                                                 file=sys.stderr, flush=True)
-    out = ebt.generate(model, idx, args.num_tokens, args.temperature, args.top_k,
-                       torch.Generator().manual_seed(args.seed), on_token=progress if args.num_tokens >= 2000 else None,
-                       **thinking)
+    out = generate_streamed(model, tokenizer, args, thinking)
     text = tokenizer.decode(out.idx[0].tolist())
-    print(text)
     summary = f"{args.num_tokens} tokens in {time.time() - t0:.1f}s from {ckpt}"
     if out.energy is not None and args.num_tokens:
         summary += (f" | final energy mean {out.energy.mean():.3f} (max {out.energy.max():.3f})"

@@ -16,6 +16,7 @@ import math
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -908,6 +909,39 @@ def test_ood_text_is_filtered_to_the_vocabulary():
     tokenizer.encode(text)  # no error: every remaining character is known
 
 
+def test_progress_says_how_far_and_how_long_is_left_while_the_work_runs(capsys):
+    progress = rundir.Progress("thinking", 4, after=0.1, every=10)
+    progress.advance(1)
+    assert capsys.readouterr().err == ""  # work that ends within seconds says nothing
+    time.sleep(0.2)
+    progress.advance(1)
+    progress.advance(1)  # the next line waits `every` seconds
+    assert re.fullmatch(r"\[thinking: 50% in 0m00s, about 0m00s left\]\n", capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("thinking", [dict(steps=3, candidates=2), dict(steps=4, tolerance=0.0)])
+def test_thinking_progress_counts_every_energy_generation_scores(thinking):
+    """sample.py's progress moves within one token's thinking (a hook on the energy head), and energies_scored
+    says how many it will count: exactly, or at most when thinking adaptively stops early."""
+    model = tiny().float().eval()
+    expected = 5 * measure.energies_scored(1, thinking["steps"], thinking.get("candidates", 1), thinking.get("tolerance"))
+    with measure.progress(model, "generating", expected) as progress:
+        ebt.generate(model, torch.zeros(1, 2, dtype=torch.long), 5, generator=torch.Generator().manual_seed(0), **thinking)
+    assert progress.done == expected if "tolerance" not in thinking else 0 < progress.done <= expected
+
+
+def test_sample_streams_its_text_as_it_generates(checkpoints):
+    """The prompt and the first tokens are printed while the rest is still being thought about."""
+    proc = subprocess.Popen([sys.executable, "sample.py", "--ckpt", str(checkpoints["ebt"]), "--prompt", "the cat",
+                             "--num_tokens", "100000", "--steps", "50", "--device", "cpu"], cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert proc.stdout.read(len("the cat") + 2).startswith(b"the cat") and proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """Runs of a tiny EBT and Transformer++ on the synthetic words and of an image EBT, one step each; a
@@ -980,7 +1014,7 @@ def test_compiled_generation_and_evaluation_match_eager(device):
     prompt = torch.randint(13, (1, 3), generator=torch.Generator().manual_seed(1)).to(device)
     eager = ebt.generate(model, prompt, 15, generator=torch.Generator().manual_seed(0))
     fast = ebt.generate(fast_model, prompt, 15, generator=torch.Generator().manual_seed(0),
-                        on_token=lambda n: graphs.append(counters["stats"]["unique_graphs"]))
+                        on_token=lambda idx: graphs.append(counters["stats"]["unique_graphs"]))
     assert torch.equal(fast.idx, eager.idx)
     torch.testing.assert_close(fast.logits, eager.logits, rtol=0, atol=1e-10)
     torch.testing.assert_close(fast.energy, eager.energy, rtol=0, atol=1e-10)
@@ -1081,7 +1115,8 @@ def test_the_preset_follows_the_device_and_is_named_first(tmp_path, monkeypatch)
     train_text.main(["--out_dir", str(tmp_path / "a"), "--device", "cpu"], log=logged.append)
     assert logged[0].startswith("preset cpu") and logged[1].batch_size == train_text.PRESETS["cpu"]["batch_size"]
     logged.clear()
-    train_text.main(["--preset", "gpu", "--out_dir", str(tmp_path / "b"), "--device", "cpu"], log=logged.append)
+    train_text.main(["--preset", "gpu", "--batch_size", "2", "--out_dir", str(tmp_path / "b"), "--device", "cpu"],
+                    log=logged.append)  # a batch this machine fits, whatever else it runs
     assert logged[0] == "preset gpu" and logged[1].startswith("warning:")
 
 
@@ -1190,7 +1225,7 @@ def test_logged_throughput_counts_the_steps_since_the_last_log_or_evaluation(tmp
     ebt.train(model, data, tc, rundir.Run(tc.out_dir, say=quiet))
     logged = [(r["step"], r["tokens_per_s"]) for r in rundir.read_records(tmp_path / "out" / "metrics.jsonl")
               if r["kind"] == "train"]
-    assert logged == [(s, float(tc.batch_size * data.tokens_per_sample)) for s in (2, 4, 6, 7)]
+    assert logged == [(s, float(tc.batch_size * data.tokens_per_sample)) for s in (1, 2, 4, 6, 7)]  # 1: no silence
 
 
 def test_loss_plot_shows_the_trained_step_count_whatever_eval_thinks(tmp_path, monkeypatch):
@@ -1456,14 +1491,16 @@ def test_a_stop_signal_ends_training_after_its_step_saved(tmp_path):
 def test_sigterm_saves_like_ctrl_c_and_a_stale_temporary_file_is_removed(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "train_text.py", *TINY, "--max_steps", "100000", "--eval_interval",
-                             "100000", "--out_dir", str(out)], cwd=HERE, stdout=subprocess.PIPE, text=True)
+                             "100000", "--out_dir", str(out)], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     line = proc.stdout.readline()
     while line and not line.startswith("step 3/"):
         line = proc.stdout.readline()
     assert line, "training ended before step 3"
     proc.terminate()  # SIGTERM, what schedulers send
-    rest = proc.communicate(timeout=60)[0]
+    rest, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted at step" in rest
+    assert err.startswith("stopping after this step, saving"), err  # said at once: a step may take minutes
     step = rundir.load_checkpoint(out / "ckpt.pt")["step"]
     assert step >= 3
     (out / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")  # what a crash during a save leaves
@@ -1906,7 +1943,8 @@ def test_bench_flop_count_is_a_counted_forward_times_three():
     assert bench.flops_per_step(cfg, B, S, 0) == pytest.approx(3 * (matmuls + attention), rel=0.01)
 
 
-@pytest.mark.parametrize("one, s2", [("transformer:0", False), ("ebt:2", False), ("ebt:3", True)])
+@pytest.mark.parametrize("one, s2", [("transformer:0", False), ("ebt:2", False), ("ebt:3", True), ("image_ebt:1", False),
+                                     ("image_dit:0", False)])
 def test_bench_measures_a_training_step_of_each_configuration(one, s2):
     import argparse
     import bench
@@ -1915,6 +1953,16 @@ def test_bench_measures_a_training_step_of_each_configuration(one, s2):
     kind, steps = one.split(":")
     row, again = bench.measure(kind, int(steps), args, rounds=range(2))
     assert again["step_s"] > 0 and row["model"] == kind and row["steps"] == int(steps) and row["step_s"] > 0 and row["tflops"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("one, sizes", [("ebt:2", []), ("transformer:0", []), ("image_ebt:1", ["--n_layer", "3",
+                                        "--n_embd", "96", "--batch_size", "32"])])  # the CPU preset, train_image's size
+def test_the_memory_estimate_is_within_30_percent_of_the_peak_bench_measures(one, sizes):
+    import bench
+    argv = ["--device", "cpu", *sizes, "--iters", "1", "--warmup", "0"]
+    measured, = bench.measure_alternating([one], argv, 1, env=bench.allocated_memory_env())
+    assert 0.7 < measured["estimate_mb"] / measured["peak_mb"] < 1.3, measured
 
 
 def test_results_of_other_settings_never_overwrite_the_shipped_report(tmp_path):
@@ -2188,6 +2236,18 @@ def test_bad_input_in_a_real_process_is_one_line_and_exit_2(bad_input_files):
     main, argv = bad_input_argv(BAD_INPUTS[0], bad_input_files)
     r = run_script("train_text.py", *argv)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+
+
+@pytest.mark.parametrize("driver, sizes", [
+    ("train_text.py", ["--preset", "gpu", "--batch_size", "4096"]),  # about 1,000 GiB
+    ("train_image.py", ["--n_layer", "48", "--n_embd", "1024", "--n_head", "16", "--batch_size", "65536"])])
+def test_a_step_that_cannot_fit_is_refused_in_one_line_before_anything_large_is_allocated(tmp_path, driver, sizes):
+    proc = subprocess.Popen([sys.executable, driver, *sizes, "--device", "cpu", "--out_dir", str(tmp_path / "o")],
+                            cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)  # its own peak resident set, in kB
+    assert os.waitstatus_to_exitcode(status) == 2 and err.count("\n") == 1 and "cannot fit" in err, err
+    assert usage.ru_maxrss < 2 * 2**20  # refused before the model (several GiB at these sizes) or a batch was made
 
 
 # -----------------------------------------------------------------------------

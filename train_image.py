@@ -36,7 +36,7 @@ REPORT_CROPS = 128  # validation crops behind every number in the report
 GRID_CROPS = 4      # rows of grid.png: the report crops with the most detail (pixel std)
 DIT_PASSES = (1, 3, 10, 30, 100)
 DEFAULTS = dict(patch_size=4, n_layer=3, n_head=4, n_embd=96, max_steps=800, batch_size=32, lr=1e-3,
-                warmup_steps=50, eval_interval=200, eval_batches=4, log_interval=50)
+                warmup_steps=50, eval_interval=200, eval_batches=4, log_interval=20)
 MODEL_FLAGS = ("image_size", "patch_size", "n_layer", "n_head", "n_embd", "noise_t")
 TRAIN_FLAGS = ("max_steps", "batch_size", "lr", "warmup_steps", "weight_decay", "grad_clip", "eval_interval",
                "eval_batches", "log_interval", "seed")
@@ -97,6 +97,7 @@ def train_models(args, device):
         layers = [DEFAULTS, ebt.IMAGE_RECIPES[started["recipe"]] if kind in ebt.EBT_KINDS else {},
                   {"model": kind, "channels": 1 if dataset == "mnist" else 3, "image_size": 28 if dataset == "mnist" else 32}]
         cfg, tc = cli.configs(args, layers, ckpt, ebt.derive_thinking)
+        rundir.check_fits(cfg, tc.batch_size, device)
         tc.out_dir, tc.device = args.out_dir, device
         data = images.load_data({**started, "image_size": cfg.image_size})
         model = ebt.build_model(cfg, tc.seed)

@@ -91,7 +91,7 @@ def run_training(args, device, log):
     layers = [] if ckpt else [PRESETS[started["preset"]], ebt.RECIPES[started["recipe"]] if model in ebt.EBT_KINDS else {},
                               {"model": model, "vocab_size": tokenizer.vocab_size}]
     cfg, tc = cli.configs(args, layers, ckpt, ebt.derive_thinking, log)
-    rundir.check_fits(cfg, tc.batch_size, cfg.block_size, device)
+    rundir.check_fits(cfg, tc.batch_size, device, tc.compile)
     tc.out_dir, tc.device = args.out_dir, device
     data = TextData(corpus.train, corpus.val, cfg.block_size, source=path or "Tiny Shakespeare")
     meta = {"tokenizer": tokenizer.state(), "data": {"path": path, "id": corpus.id}, "started": started}
