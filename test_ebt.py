@@ -1099,6 +1099,14 @@ def test_the_preset_follows_the_device_and_is_named_first(tmp_path, monkeypatch)
     assert logged[0] == "preset gpu" and logged[1].startswith("warning:")
 
 
+def test_the_quick_preset_is_small_and_trains_beside_the_real_run():
+    assert {k: train_text.PRESETS["quick"][k] for k in ("n_layer", "n_embd", "max_steps")} == dict(
+        n_layer=2, n_embd=64, max_steps=500)  # what the README's first command says it trains
+    out_dir = lambda *argv: train_text.parse_args(list(argv)).out_dir
+    assert (out_dir(), out_dir("--preset", "quick"), out_dir("--preset", "quick", "--model", "transformer")) == (
+        "out-text", "out-text-quick", "out-text-transformer-quick")
+
+
 def test_the_baseline_trains_beside_the_ebt_by_default():
     """python train_text.py, then python train_text.py --model transformer (README): two directories."""
     assert train_text.parse_args([]).out_dir != train_text.parse_args(["--model", "transformer"]).out_dir

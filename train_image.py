@@ -169,7 +169,7 @@ def report(models, data, args, device):
             "steps.\n\n" + "\n".join(lines) + "\n")
     rundir.write_atomically(out / "psnr.md", lambda tmp: tmp.write_text(text))
     print(text)
-    grid_title = (f"{GRID_CROPS} held-out crops noised to t = {levels[0]} ({seen(levels[0])} noise), each model's "
+    grid_title = (f"{GRID_CROPS} held-out crops noised to t = {levels[0]} ({seen(levels[0])} noise);\neach model's "
                   "denoising after the passes under its name")
     figures = {"grid.png": plots.plot_grid(grid, grid_title), "psnr.png": plots.plot_psnr(table, levels, trained_t)}
     if any(curves.values()):
