@@ -27,6 +27,13 @@ def figure(**kw):
     return fig
 
 
+def sign(fig, *checkpoints):
+    """Name under the figure the checkpoints it shows, each with its step (mapped: the weights are not read)."""
+    steps = [torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("step", "?") for path in checkpoints]
+    fig.supxlabel("; ".join(f"{path}, step {step}" for path, step in zip(checkpoints, steps)), fontsize=8, color="dimgray")
+    return fig
+
+
 def grid_at(ax, ticks):
     """A light grid, and x ticks at exactly these values written as numbers (a log axis writes powers of ten)."""
     ax.set_xticks(ticks, [str(t) for t in ticks])
@@ -104,6 +111,11 @@ def plot_energy_heatmap(model, tokenizer, text, steps=None, seed=0):
     return fig, energies
 
 
+def which_prediction(tokenizer, thought, p):
+    """The prediction a figure shows, as a reader finds it: the text it follows and its place."""
+    return f"after {tokenizer.decode(thought.ids[max(0, p - 11):p + 1].tolist())!r} (token {p + 1} of {len(thought.labels)})"
+
+
 def plot_energy_landscape(model, tokenizer, text, position=-1, steps=None, seed=0, grid=31):
     """The energy around one token's prediction on the plane through the start, middle and
     end of its descent path, with the path drawn (points off the plane are projected).
@@ -135,11 +147,14 @@ def plot_energy_landscape(model, tokenizer, text, position=-1, steps=None, seed=
     ax = fig.subplots()
     filled = ax.contourf(a.numpy(), b.numpy(), energies.numpy(), levels=20, cmap="viridis")
     fig.colorbar(filled, ax=ax, label="energy")
-    ax.plot(path_xy[:, 0].numpy(), path_xy[:, 1].numpy(), "w.-", lw=1.5, ms=8, label="descent path")
-    ax.plot(*path_xy[0].numpy(), "wo", ms=9, mfc="none", label="start")
-    ax.plot(*path_xy[-1].numpy(), "r*", ms=12, label="end")
+    K, landscape = len(path) - 1, min(len(path) - 2, model.config.landscapes - 1)
+    ax.plot(path_xy[:, 0].numpy(), path_xy[:, 1].numpy(), "w.-", lw=1.5, ms=8, label=f"descent: start, then {K} steps")
+    ax.plot(*path_xy[0].numpy(), "wo", ms=9, mfc="none", label="start (random logits)")
+    ax.plot(*path_xy[-1].numpy(), "r*", ms=12, label=f"after step {K}")
     ax.set(xlabel="direction start -> end", ylabel="direction to the middle",
-           title=f"energy landscape predicting {thought.labels[p]!r} (position {p})")
+           title=f"predicting {thought.labels[p]!r} {which_prediction(tokenizer, thought, p)}\non the landscape of "
+                 f"step {landscape + 1}" + (f" (which steps {landscape + 1} to {K} share)" if K > landscape + 1 else ""))
+    ax.title.set_fontsize(10)
     ax.legend(fontsize=8, loc="best")
     return fig, energies
 
@@ -158,7 +173,8 @@ def plot_distribution_sharpening(model, tokenizer, text, position=-1, steps=None
     fig = figure(figsize=(max(5, 0.5 * K + 3), 0.3 * len(shown) + 2.6), layout="constrained")
     spread, ax = fig.subplots(2, 1, sharex=True, height_ratios=(1, max(2, 0.4 * len(shown))))
     spread.plot(range(K + 1), entropy.numpy(), marker="o", color="C0")
-    spread.set(ylabel="entropy\n(nats)", title=f"distribution sharpening at position {position % len(thought.labels)}")
+    spread.set(ylabel="entropy\n(nats)",
+               title=f"the prediction {which_prediction(tokenizer, thought, position % len(thought.labels))},\nstep by step")
     spread.grid(alpha=0.3)
     image = ax.imshow(probs[:, shown].T.numpy(), aspect="auto", cmap="Blues", vmin=0, interpolation="nearest")
     if K <= 12:  # the numbers fit in their cells
@@ -176,19 +192,22 @@ def plot_distribution_sharpening(model, tokenizer, text, position=-1, steps=None
 # Thinking measured on windows: {source name: measure.thinking_curves(...)} -----
 
 def plot_thinking_curves(curves, trained_steps, title="perplexity vs thinking"):
-    """curves -> a Figure: perplexity against steps and candidates."""
-    fig = figure(figsize=(8, 3.4), layout="constrained")
-    by_steps, by_candidates = fig.subplots(1, 2)
-    for label, r in curves.items():
-        by_steps.plot(list(r["steps"]), list(r["steps"].values()), marker="o", label=label)
-        by_candidates.plot(list(r["candidates"]), list(r["candidates"].values()), marker="o", label=label)
-    by_steps.axvline(trained_steps, color="gray", ls=":", label="trained steps")
-    by_steps.set(xlabel="thinking steps (1 candidate)", ylabel="perplexity")
-    by_candidates.set(xlabel=f"candidates N ({trained_steps} steps, lowest energy kept)", xscale="log", ylabel="perplexity")
-    counts = list(next(iter(curves.values()))["candidates"])
-    grid_at(by_candidates, counts)
-    by_steps.grid(alpha=0.3)
-    by_steps.legend(fontsize=8)
+    """curves -> a Figure: perplexity against steps and candidates, a row per source (each its own scale:
+    their perplexities lie far apart)."""
+    fig = figure(figsize=(8, 0.4 + 2.6 * len(curves)), layout="constrained")
+    rows = fig.subplots(len(curves), 2, squeeze=False)
+    for i, ((label, r), (by_steps, by_candidates)) in enumerate(zip(curves.items(), rows)):
+        by_steps.plot(list(r["steps"]), list(r["steps"].values()), marker="o", color=f"C{i}")
+        by_candidates.plot(list(r["candidates"]), list(r["candidates"].values()), marker="o", color=f"C{i}")
+        by_steps.axvline(trained_steps, color="gray", ls=":", label="trained steps")
+        by_steps.set(ylabel=f"perplexity, {label}")
+        by_steps.xaxis.get_major_locator().set_params(integer=True)
+        by_steps.grid(alpha=0.3)
+        by_candidates.set(xscale="log")
+        grid_at(by_candidates, list(r["candidates"]))
+    by_steps.set(xlabel="thinking steps (1 candidate)")
+    by_candidates.set(xlabel=f"candidates N ({trained_steps} steps, lowest energy kept)")
+    fig.axes[0].legend(fontsize=8)
     fig.suptitle(title)
     return fig
 
@@ -239,24 +258,23 @@ def short(name):
     return name.removeprefix("out-").removeprefix("image-")
 
 
-def plot_grid(columns, path):
-    """One row per crop: noisy, each model's denoising (an EBT after its trained steps, the DiT at
-    its most passes up to 10), clean."""
+def plot_grid(columns, title):
+    """One row per crop, one column per {title: images}: noisy, each model's denoising, clean."""
     rows = len(columns["clean"])
-    fig = figure(figsize=(1.2 * len(columns), 1.2 * rows + 0.4))
+    fig = figure(figsize=(max(1.3 * len(columns), 5), 1.2 * rows + 1.2), layout="constrained")
     axes = fig.subplots(rows, len(columns), squeeze=False)
     for c, (name, images) in enumerate(columns.items()):
-        axes[0, c].set_title(short(name), fontsize=9)
+        axes[0, c].set_title(name, fontsize=9)
         for r in range(rows):
             img = ((images[r].detach().float() + 1) / 2).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
             axes[r, c].imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1,
                               interpolation="nearest")
             axes[r, c].axis("off")
-    fig.tight_layout(pad=0.2)
-    fig.savefig(path, dpi=90)
+    fig.suptitle(title, fontsize=9)
+    return fig
 
 
-def plot_psnr(table, levels, trained_t, path):
+def plot_psnr(table, levels, trained_t):
     """PSNR against forward passes, one panel per noise level, one curve per model."""
     fig = figure(figsize=(3.4 * len(levels) + 1.4, 3.3), layout="constrained")
     names = list(dict.fromkeys(name for name, _ in table))
@@ -272,12 +290,14 @@ def plot_psnr(table, levels, trained_t, path):
                 ax.plot(*zip(*points), marker="o", ms=3, color=f"C{i}", label=short(name))
         ax.set(xscale="log", title=f"t = {t} ({'trained' if t == trained_t else 'unseen'})",
                xlabel="forward passes", ylabel="PSNR (dB)")
-        ax.grid(alpha=0.3)
+        passes = max(p for _, p in table)
+        grid_at(ax, [n for n in (1, 2, 3, 5, 10, 20, 30, 50, 100, 200, 300, 500, 1000) if n <= passes] or [1])
     fig.legend(*ax.get_legend_handles_labels(), loc="outside right center", fontsize=9)
-    fig.savefig(path, dpi=90)
+    return fig
 
 
-def plot_energy(curves, trained_t, path):
+def plot_energy(curves, trained_t):
+    """Each EBT's mean energy along its thinking steps, at each noise level."""
     fig = figure(figsize=(6, 4), layout="constrained")
     ax = fig.subplots()
     for t, per_model in curves.items():
@@ -288,22 +308,26 @@ def plot_energy(curves, trained_t, path):
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.savefig(path, dpi=100)
+    return fig
 
 
 # Training ----------------------------------------------------------------------
 
-def plot_metrics(records, path):
-    """Loss curve PNG from the metrics log: the training loss smoothed (raw, faint), and the validation
-    loss (an EBT's after 1, the trained and the most evaluated thinking steps)."""
+def plot_metrics(records, path, smooth_from=10):
+    """Loss curve PNG from the metrics log, none before its first record: the training loss (smoothed from
+    smooth_from points on, raw faint), and the validation loss (an EBT's after 1, the trained and the most
+    evaluated thinking steps)."""
+    train, val = ([r for r in records if r["kind"] == kind] for kind in ("train", "eval"))
+    if not train and not val:
+        return
     fig = figure(figsize=(7, 4), layout="constrained")
     ax = fig.subplots()
-    train, val = ([r for r in records if r["kind"] == kind] for kind in ("train", "eval"))
-    if train:
-        steps, losses = [r["step"] for r in train], [r["loss"] for r in train]
-        ax.plot(steps, losses, color="C0", alpha=0.25, lw=0.8)
-        smooth = list(itertools.accumulate(losses, lambda avg, loss: 0.9 * avg + 0.1 * loss))
-        ax.plot(steps, smooth, color="C0", label="train loss (smoothed; raw faint)")
+    if train:  # a few points are drawn raw: a smoothed line would only lag them
+        steps, losses, smooth = [r["step"] for r in train], [r["loss"] for r in train], len(train) >= smooth_from
+        ax.plot(steps, losses, color="C0", **(dict(alpha=0.25, lw=0.8) if smooth else dict(marker="o", label="train loss")))
+        if smooth:
+            ax.plot(steps, list(itertools.accumulate(losses, lambda avg, loss: 0.9 * avg + 0.1 * loss)), color="C0",
+                    label="train loss (smoothed; raw faint)")
     K = len(val[0].get("loss_per_step", [])) if val else 0
     trained = val[0].get("trained_steps", val[0]["loss_per_step"].index(val[0]["loss"]) + 1) - 1 if K else None
     for k in sorted({0, trained, K - 1}) if K else []:
@@ -313,8 +337,7 @@ def plot_metrics(records, path):
         ax.plot([r["step"] for r in val], [r["loss"] for r in val], marker="o", label="val loss")
     images = any(r["kind"] == "start" and r.get("model", "").startswith("image_") for r in records)
     ax.set(xlabel="optimizer step", ylabel="loss (smooth L1 on pixels in [-1, 1])" if images else "loss (nats per token)",
-           title=f"training: {Path(path).parent.name}")
-    if ax.get_legend_handles_labels()[0]:  # nothing yet when stopped before the first log
-        ax.legend()
+           title=f"training: {Path(path).parent.name}, up to step {records[-1]['step']}")
+    ax.legend()
     ax.grid(alpha=0.3)
     fig.savefig(path, dpi=100)

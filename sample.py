@@ -24,7 +24,6 @@ from data.text import read_text
 
 PLOTS = {"energy_per_step": plots.plot_energy_per_step, "energy_heatmap": plots.plot_energy_heatmap,
          "energy_landscape": plots.plot_energy_landscape, "distribution_sharpening": plots.plot_distribution_sharpening}
-# plus generation.png: the energy of every generated token while it was thought about
 
 
 def parse_args(argv=None):
@@ -73,7 +72,7 @@ def parse_args(argv=None):
     return args
 
 
-def evaluate_thinking(model, tokenizer, corpus, args):
+def evaluate_thinking(model, tokenizer, corpus, args, ckpt):
     val, ood, dropped = measure.validation_and_ood(tokenizer, corpus, read_text(args.ood, "--ood") if args.ood else None)
     ood_name = Path(args.ood).name if args.ood else "pydoc_data.topics"
     print(f"OOD text {ood_name}: {len(ood)} tokens kept, {dropped} characters outside the vocabulary dropped")
@@ -94,9 +93,10 @@ def evaluate_thinking(model, tokenizer, corpus, args):
         print(measure.verifier_table(curves))
     if args.plots:
         Path(args.plots).mkdir(parents=True, exist_ok=True)
-        plots.plot_thinking_curves(curves, trained).savefig(Path(args.plots) / "thinking_curves.png", dpi=90)
+        thinking_curves = plots.sign(plots.plot_thinking_curves(curves, trained), ckpt)
+        thinking_curves.savefig(Path(args.plots) / "thinking_curves.png", dpi=90)
         if thinks:
-            plots.plot_verifier(curves).savefig(Path(args.plots) / "verifier.png", dpi=90)
+            plots.sign(plots.plot_verifier(curves), ckpt).savefig(Path(args.plots) / "verifier.png", dpi=90)
         print(f"saved {'thinking_curves.png and verifier.png' if thinks else 'thinking_curves.png'} in {args.plots}")
 
 
@@ -138,7 +138,7 @@ def main(argv=None):
         compiled.compile_model(model)
         print("compiling: the first tokens take 30-90 s", file=sys.stderr, flush=True)
     if args.eval:
-        return evaluate_thinking(model, tokenizer, measure.training_corpus(ckpt, args.data), args)
+        return evaluate_thinking(model, tokenizer, measure.training_corpus(ckpt, args.data), args, ckpt)
     if args.plots:
         rundir.require_ebt(model, "--plots")
     t0 = time.time()
@@ -151,12 +151,13 @@ def main(argv=None):
     print(summary, file=sys.stderr)
     if args.plots:
         Path(args.plots).mkdir(parents=True, exist_ok=True)
-        for name, plot in PLOTS.items():  # the last 64 characters: readable labels
-            fig, _ = plot(model, tokenizer, text[-65:], steps=args.steps, seed=args.seed)
-            fig.savefig(Path(args.plots) / f"{name}.png", dpi=90)
+        figures = {name: plot(model, tokenizer, text[-65:], steps=args.steps, seed=args.seed)[0]  # readable labels
+                   for name, plot in PLOTS.items()}
         if args.num_tokens:
-            plots.plot_generation(model, out)[0].savefig(Path(args.plots) / "generation.png", dpi=90)
-        print(f"saved {len(PLOTS) + bool(args.num_tokens)} plots in {args.plots}", file=sys.stderr)
+            figures["generation"] = plots.plot_generation(model, out)[0]
+        for name, fig in figures.items():
+            plots.sign(fig, ckpt).savefig(Path(args.plots) / f"{name}.png", dpi=90)
+        print(f"saved {len(figures)} plots in {args.plots}", file=sys.stderr)
 
 
 if __name__ == "__main__":

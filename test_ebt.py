@@ -766,6 +766,29 @@ def test_plots_default_to_thinking_longer_than_trained_with_integer_ticks():
     assert "landscape" in fig.axes[0].get_xlabel()
 
 
+def test_the_landscape_names_its_prediction_and_landscape_and_numbers_its_steps():
+    tokenizer = CharTokenizer.fit(synthetic_text())
+    model = tiny(vocab_size=tokenizer.vocab_size).eval()
+    fig, _ = plots.plot_energy_landscape(model, tokenizer, "the cat sat", steps=3, grid=5)
+    ax = fig.axes[0]
+    assert ax.get_title() == "predicting 't' after 'the cat sa' (token 10 of 10)\non the landscape of step 2 (which steps 2 to 3 share)"
+    assert "descent: start, then 3 steps" in ax.get_legend_handles_labels()[1]
+
+
+def collect_figures(monkeypatch):
+    """Every Figure plots.py makes from now on, in order."""
+    figures, make = [], plots.figure
+    monkeypatch.setattr(plots, "figure", lambda **kw: figures.append(make(**kw)) or figures[-1])
+    return figures
+
+
+def test_every_figure_sample_writes_names_its_checkpoint_and_step(checkpoints, tmp_path, monkeypatch, capsys):
+    figures = collect_figures(monkeypatch)
+    sample.main(["--ckpt", str(checkpoints["ebt"]), "--num_tokens", "3", "--device", "cpu", "--plots", str(tmp_path)])
+    step = torch.load(checkpoints["ebt"], weights_only=True)["step"]
+    assert len(figures) == 5 and {f._supxlabel.get_text() for f in figures} == {f"{checkpoints['ebt']}, step {step}"}
+
+
 def test_plot_generation_takes_what_generate_returns():
     model = tiny(landscapes=1, step_size=0.5).eval()
     out = ebt.generate(model, torch.zeros(1, 2, dtype=torch.long), 5, steps=10, tolerance=1e-4)
@@ -778,24 +801,34 @@ def test_plot_generation_takes_what_generate_returns():
         plots.plot_generation(tiny(model="transformer"), out)
 
 
-def test_notebook_code_cells_run_top_to_bottom(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_the_notebook_runs_from_a_fresh_clone_after_the_readmes_quick_run(tmp_path, monkeypatch):
     """notebooks/thinking.ipynb, read with the standard library, its code cells executed in order the way
-    Jupyter would (from notebooks/), against a tiny checkpoint trained here."""
-    train_text.main([*TINY, "--max_steps", "2", "--out_dir", str(tmp_path / "run")], log=quiet)
-    train_image.main([*TINY_IMAGE, "--out_dir", str(tmp_path / "image")])
-    monkeypatch.setenv("NANOEBT_CKPT", str(tmp_path / "run" / "ckpt.pt"))
-    monkeypatch.setenv("NANOEBT_IMAGE_CKPT", str(tmp_path / "image" / "ckpt.pt"))
-    monkeypatch.chdir(HERE / "notebooks")
-    notebook = json.loads((HERE / "notebooks" / "thinking.ipynb").read_text())
+    Jupyter would (from notebooks/), in a copy of the repository holding no run, no environment variable
+    set: after the quick text run (here tiny), its image section trains what it needs (here tiny)."""
+    clone = tmp_path / "clone"
+    shutil.copytree(HERE, clone, ignore=shutil.ignore_patterns(".git", "out*", "cache", "addition", "plots", "*.pt",
+                                                               "__pycache__", ".pytest_cache"))
+    train_text.main([*TINY, "--out_dir", str(clone / "out-text-quick")], log=quiet)
+    real = train_image.main
+    monkeypatch.setattr(train_image, "main", lambda argv: real([*argv, *TINY_IMAGE]))  # the notebook's flags, tiny
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the notebook adds the repository to it
+    monkeypatch.chdir(clone / "notebooks")
+    notebook = json.loads((clone / "notebooks" / "thinking.ipynb").read_text())
     cells = [c for c in notebook["cells"] if c["cell_type"] == "code"]
+    assert not any("environ" in "".join(c["source"]) for c in cells)
     scope, shown = {}, []
     for cell in cells:
         source = "".join(cell["source"])
         last = source.rstrip().splitlines()[-1]
-        exec(compile(source, "notebook", "exec"), scope)
+        with contextlib.redirect_stdout(io.StringIO()):
+            exec(compile(source, "notebook", "exec"), scope)
         if not last.startswith((" ", "print(")) and "=" not in last:  # a cell's last expression is what it shows
             shown.append(eval(last, scope))
     assert len(shown) == 7 and all(fig._repr_png_()[:4] == b"\x89PNG" for fig in shown)
+    labels = [fig._supxlabel.get_text() for fig in shown]  # each names the checkpoint and step it shows
+    step = torch.load(clone / "out-text-quick" / "best.pt", weights_only=True)["step"]
+    assert labels == [f"../out-text-quick/best.pt, step {step}"] * 5 + ["out-image-notebook/ckpt.pt, step 4"] * 2
     assert all(any(o.get("output_type") in ("display_data", "execute_result") or o.get("name") == "stdout"
                    for o in c["outputs"]) for c in cells), "the shipped notebook is executed"
 
@@ -822,8 +855,10 @@ def test_thinking_curves_are_the_perplexity_of_each_step_count_on_the_seeded_win
     table = measure.thinking_table(results, trained_steps=3)
     assert "3 steps (trained)" in table and "candidates at 3 steps" in table and f"{2 * curves['steps'][3]:.3f}" in table
     fig = plots.plot_thinking_curves(results, trained_steps=3)
-    assert [ax.get_ylabel() for ax in fig.axes] == ["perplexity", "perplexity"]
-    assert len(fig.axes[0].get_lines()) == 3  # two models and the trained steps
+    assert [ax.get_ylabel() for ax in fig.axes[::2]] == ["perplexity, ebt", "perplexity, other"]
+    assert len(fig.axes[0].get_lines()) == 2  # its curve and the trained steps
+    fig.canvas.draw()  # each source on its own scale: one shared axis flattens both
+    assert fig.axes[0].get_ylim()[1] < fig.axes[2].get_ylim()[0]
 
 
 
@@ -1120,6 +1155,14 @@ def test_the_preset_follows_the_device_and_is_named_first(tmp_path, monkeypatch)
     assert logged[0] == "preset gpu" and logged[1].startswith("warning:")
 
 
+def test_the_quick_preset_is_small_and_trains_beside_the_real_run():
+    assert {k: train_text.PRESETS["quick"][k] for k in ("n_layer", "n_embd", "max_steps")} == dict(
+        n_layer=2, n_embd=64, max_steps=500)  # what the README's first command says it trains
+    out_dir = lambda *argv: train_text.parse_args(list(argv)).out_dir
+    assert (out_dir(), out_dir("--preset", "quick"), out_dir("--preset", "quick", "--model", "transformer")) == (
+        "out-text", "out-text-quick", "out-text-transformer-quick")
+
+
 def test_the_baseline_trains_beside_the_ebt_by_default():
     """python train_text.py, then python train_text.py --model transformer (README): two directories."""
     assert train_text.parse_args([]).out_dir != train_text.parse_args(["--model", "transformer"]).out_dir
@@ -1242,6 +1285,18 @@ def test_loss_plot_shows_the_trained_step_count_whatever_eval_thinks(tmp_path, m
         assert figures[-1].axes[0].get_ylabel() == "loss (nats per token)"
     plots.plot_metrics([{"kind": "start", "step": 0, "model": "image_ebt"}, *records], tmp_path / "loss.png")
     assert "smooth L1 on pixels" in figures[-1].axes[0].get_ylabel()  # an image model's loss is no cross-entropy
+
+
+def test_loss_plot_smooths_only_enough_points_and_is_not_written_before_the_first(tmp_path, monkeypatch):
+    path, train = tmp_path / "loss.png", lambda n: [{"kind": "train", "step": s, "loss": 3.0 / s} for s in range(1, n + 1)]
+    plots.plot_metrics([{"kind": "start", "step": 0}], path)
+    assert not path.exists()  # a run stopped before its first log draws nothing, not an empty plot
+    figures = collect_figures(monkeypatch)
+    for n in (2, 10):
+        plots.plot_metrics(train(n), path)
+    few, many = ([line.get_label() for line in fig.axes[0].get_lines()] for fig in figures)
+    assert few == ["train loss"] and "smoothed" in many[1]  # two points: raw, with no lagging smoothed line
+    assert figures[0].axes[0].get_title() == f"training: {tmp_path.name}, up to step 2"
 
 
 class InterruptAt:
@@ -2460,6 +2515,17 @@ def no_network(monkeypatch):
     for name in ("connect", "connect_ex"):
         monkeypatch.setattr(socket.socket, name, refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+def test_the_image_report_says_its_noise_passes_and_checkpoint(tmp_path, monkeypatch):
+    figures = collect_figures(monkeypatch)
+    train_image.main([*TINY_IMAGE, "--out_dir", str(tmp_path / "run")])
+    grid, psnr, energy = figures[-3:]  # after loss.png's
+    assert "t = 99 (trained noise)" in grid._suptitle.get_text()
+    assert [ax.get_title() for ax in grid.axes[:3]] == ["noisy input", "run\n1 pass", "clean"]
+    psnr.canvas.draw()
+    assert [t.get_text() for t in psnr.axes[0].get_xticklabels()] == ["1", "2", "3"]  # numbers, not powers of ten
+    assert {f._supxlabel.get_text() for f in (grid, psnr, energy)} == {f"{tmp_path / 'run' / 'ckpt.pt'}, step 4"}
 
 
 def test_image_photos_split_is_disjoint_and_ships_in_the_wheels(monkeypatch):

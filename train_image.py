@@ -153,11 +153,14 @@ def report(models, data, args, device):
         preds, curves[t] = denoise_all(models, noisy, t, args.passes, args.report_steps)
         for key, y in preds.items():
             table.setdefault(key, {})[t] = image_models.psnr(y, clean).mean().item()
-        if grid is None:  # the first level is the training level; an EBT as trained, a DiT at up to 10 passes
-            shown = {name: model.trained_steps() if isinstance(model, ebt.Thinker) else 10 for name, model in models.items()}
-            grid = {name: preds[name, max((p for (n, p) in preds if n == name and p <= shown.get(name, 0)),
-                                          default=min(p for (n, p) in preds if n == name))][detailed]
-                    for name, _ in preds} | {"clean": clean[detailed]}
+        if grid is None:  # the first level, the trained one; an EBT after its trained steps, a DiT's up to 10 passes
+            grid = {}
+            most = {name: model.trained_steps() if isinstance(model, ebt.Thinker) else 10 for name, model in models.items()}
+            for name in dict.fromkeys(n for n, _ in preds):
+                p = max((p for (n, p) in preds if n == name and p <= most.get(name, 0)),
+                        default=min(p for (n, p) in preds if n == name))
+                grid[f"{plots.short(name)}\n{p} pass{'es' * (p > 1)}" if p else name] = preds[name, p][detailed]
+            grid["clean"] = clean[detailed]
     seen = lambda t: "trained" if t == trained_t else "unseen"
     lines = ["| model | forward passes | " + " | ".join(f"t = {t} ({seen(t)})" for t in levels) + " |",
              "|---|---|" + "---|" * len(levels)]
@@ -169,13 +172,14 @@ def report(models, data, args, device):
             "steps.\n\n" + "\n".join(lines) + "\n")
     rundir.write_atomically(out / "psnr.md", lambda tmp: tmp.write_text(text))
     print(text)
-    plots.plot_grid(grid, out / "grid.png")
-    plots.plot_psnr(table, levels, trained_t, out / "psnr.png")
-    written = [out / "psnr.md", out / "psnr.png", out / "grid.png"]
+    grid_title = (f"{GRID_CROPS} held-out crops noised to t = {levels[0]} ({seen(levels[0])} noise);\neach model's "
+                  "denoising after the passes under its name")
+    figures = {"grid.png": plots.plot_grid(grid, grid_title), "psnr.png": plots.plot_psnr(table, levels, trained_t)}
     if any(curves.values()):
-        plots.plot_energy(curves, trained_t, out / "energy.png")
-        written.append(out / "energy.png")
-    print("wrote " + ", ".join(map(str, written)))
+        figures["energy.png"] = plots.plot_energy(curves, trained_t)
+    for name, fig in figures.items():
+        plots.sign(fig, *(Path(d) / "ckpt.pt" for d in args.compare or [args.out_dir])).savefig(out / name, dpi=90)
+    print("wrote " + ", ".join(str(out / name) for name in ["psnr.md", *figures]))
 
 
 def main(argv=None):

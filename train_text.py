@@ -1,6 +1,7 @@
 """
 Train a text EBT (or the Transformer++ baseline) on Tiny Shakespeare (shipped) or a corpus of your own.
 
+    python train_text.py --preset quick         # a first look: about a minute on 2 cores, into out-text-quick/
     python train_text.py                        # EBT, recipe S1; preset from the device (gpu, else cpu)
     python train_text.py --recipe s2            # the paper's System 2 recipe
     python train_text.py --model transformer    # the baseline, same backbone and batch, in out-text-transformer/
@@ -24,6 +25,8 @@ PRESETS = {  # sizes and budgets; every entry can be overridden by its flag
                 lr=1e-3, eval_interval=100, eval_batches=20, log_interval=10),
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=16, max_steps=1500,
                 lr=2e-3, eval_interval=250, eval_batches=10, log_interval=25),
+    "quick": dict(n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=16, max_steps=500,
+                  lr=3e-3, eval_interval=250, eval_batches=5, log_interval=50),  # words, and a thinking log
 }
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "mlp_hidden", "vocab_size")
 TRAIN_FLAGS = ("max_steps", "batch_size", "grad_accum", "lr", "warmup_steps", "weight_decay", "grad_clip",
@@ -36,7 +39,7 @@ def parse_args(argv=None):
     s("--preset", choices=PRESETS, help="size and budget (default: gpu when --device is or picks cuda or mps, else cpu)")
     s("--model", choices=ebt.TEXT_KINDS, help="the EBT, or the Transformer++ baseline (default: ebt)")
     s("--recipe", choices=ebt.RECIPES, help="the paper's training recipe for the EBT (default: s1)")
-    preset = {k: f"from --preset: gpu {PRESETS['gpu'][k]}, cpu {PRESETS['cpu'][k]}" for k in PRESETS["cpu"]}
+    preset = {k: "from --preset: " + ", ".join(f"{name} {p[k]}" for name, p in PRESETS.items()) for k in PRESETS["cpu"]}
     cli.add_flags(p, ebt.ModelConfig, MODEL_FLAGS, {**preset, "vocab_size": "the tokenizer's"})
     cli.add_flags(p, ebt.TrainConfig, TRAIN_FLAGS, preset)
     recipe = {k: f"from --recipe: s1 {ebt.RECIPES['s1'][k]}, s2 {ebt.RECIPES['s2'][k]}" for k in ebt.RECIPES["s1"]}
@@ -48,12 +51,14 @@ def parse_args(argv=None):
     s("--data", help="a text file (prepared into data/cache/ on first use), or a folder prepared by data/prepare.py "
       "(default: Tiny Shakespeare, shipped in data/)")
     s("--tokenizer", choices=("char", "gpt2"), help="for a text file (default: char; a prepared folder has its own)")
-    s("--out_dir", help="checkpoint, metrics.jsonl and loss.png (default: out-text, the Transformer++ out-text-transformer)")
+    s("--out_dir", help="checkpoint, metrics.jsonl and loss.png (default: out-text, with -transformer for the "
+      "Transformer++ and -quick for --preset quick)")
     s("--resume", action="store_true", help="continue from out_dir/ckpt.pt with its settings; flags given override "
       "its training settings and must agree with the rest")
     cli.add_device_flag(p)
     args = p.parse_args(argv)
-    args.out_dir = args.out_dir or ("out-text-transformer" if args.model == "transformer" else "out-text")
+    suffix = ("-transformer" if args.model == "transformer" else "") + ("-quick" if args.preset == "quick" else "")
+    args.out_dir = args.out_dir or "out-text" + suffix
     return args
 
 
