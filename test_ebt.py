@@ -1148,7 +1148,7 @@ def test_the_preset_follows_the_device_and_is_named_first(tmp_path, monkeypatch)
     logged = []
     monkeypatch.setattr(ebt, "train", lambda model, data, tc, run=None: logged.append(tc))
     train_text.main(["--out_dir", str(tmp_path / "a"), "--device", "cpu"], log=logged.append)
-    assert logged[0].startswith("preset cpu") and logged[1].batch_size == train_text.PRESETS["cpu"]["batch_size"]
+    assert logged[0].startswith("preset cpu") and logged[-1].batch_size == train_text.PRESETS["cpu"]["batch_size"]
     logged.clear()
     train_text.main(["--preset", "gpu", "--batch_size", "2", "--out_dir", str(tmp_path / "b"), "--device", "cpu"],
                     log=logged.append)  # a batch this machine fits, whatever else it runs

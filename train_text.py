@@ -73,18 +73,19 @@ def run_training(args, device, log):
     ckpt = rundir.checkpoint_to_resume(args.out_dir, ebt.TEXT_KINDS) if args.resume else None
     model = ckpt["model_config"]["model"] if ckpt else args.model or "ebt"
     cli.refuse_thinking(args, model)
+    preset = args.preset or ("cpu" if device == "cpu" else "gpu")
+    if not ckpt:  # named first: preparing a corpus may take a while
+        log(f"preset {preset}" + ("" if args.preset else f" (chosen for device {device}; --preset to change)"))
+        if preset == "gpu" and device == "cpu":
+            log("warning: the gpu preset on a CPU takes hours and may not fit in memory; --preset cpu is sized for it")
     path = args.data or (ckpt["data"]["path"] if ckpt else None)
     corpus = prepare.corpus(path, (ckpt.get("started") or {}).get("tokenizer") if ckpt else args.tokenizer, say=log)
     if ckpt:
         corpus.check_trained_on(ckpt, f"{args.out_dir}/ckpt.pt", "resume with the same --data or start a new --out_dir")
     started = ckpt.get("started", {}) if ckpt else {
-        "preset": args.preset or ("cpu" if device == "cpu" else "gpu"), "recipe": args.recipe or "s1"
+        "preset": preset, "recipe": args.recipe or "s1"
         if model in ebt.EBT_KINDS else None, "tokenizer": corpus.meta["tokenizer"]["kind"]}
     tokenizer = tokenizer_from_state(ckpt["tokenizer"]) if ckpt else corpus.tokenizer
-    if not ckpt:
-        log(f"preset {started['preset']}" + ("" if args.preset else f" (chosen for device {device}; --preset to change)"))
-        if started["preset"] == "gpu" and device == "cpu":
-            log("warning: the gpu preset on a CPU takes hours and may not fit in memory; --preset cpu is sized for it")
     if args.vocab_size is not None and args.vocab_size < tokenizer.vocab_size:
         raise ebt.UsageError(f"--vocab_size {args.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
     if args.vocab_size is not None and args.vocab_size > tokenizer.vocab_size:
