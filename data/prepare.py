@@ -82,31 +82,9 @@ def chunks(path):
                          "binary? pass text files") from None
 
 
-class Progress:
-    """MB read, MB/s, tokens and time left: on a terminal one line on stderr, redrawn at most 5 times a second;
-    elsewhere (a log) only the last, through say."""
-
-    def __init__(self, what, total_bytes, say=print):
-        self.what, self.total, self.say, self.start, self.shown = what, total_bytes, say, time.time(), 0.0
-        self.live = sys.stderr.isatty()
-
-    def __call__(self, done_bytes, tokens, final=False):
-        now = time.time()
-        if not final and (not self.live or now - self.shown < 0.2):
-            return
-        self.shown, rate = now, done_bytes / max(now - self.start, 1e-9)
-        left = (self.total - done_bytes) / rate if rate else 0
-        line = (f"{self.what}: {done_bytes / 1e6:,.1f}/{self.total / 1e6:,.1f} MB | {rate / 1e6:,.1f} MB/s | "
-                f"{tokens:,} tokens | " + (f"{now - self.start:.1f} s" if final else f"ETA {int(left) // 60}m{int(left) % 60:02d}s"))
-        if self.live:
-            print("\r" + line, end="\n" if final else "", file=sys.stderr, flush=True)
-        else:
-            self.say(line)
-
-
 def encoded(files, tokenizer, progress, sources):
     """Token id arrays of the files' text in order; appends each file's size and checksum to sources once read."""
-    done, tokens, anywhere = 0, 0, isinstance(tokenizer, CharTokenizer)
+    anywhere = isinstance(tokenizer, CharTokenizer)
     for f in files:
         digest, n, size, held = hashlib.sha256(), 0, f.stat().st_size, ""
         for chunk in itertools.chain(chunks(f), [""]):  # "": the end, where BPE encodes what it held back
@@ -114,14 +92,11 @@ def encoded(files, tokenizer, progress, sources):
             text, n = held + chunk, n + len(chunk)
             cut = last_safe_cut(text) if chunk and not anywhere else len(text)  # BPE: the rest waits for the next
             ids, held = tokenizer.encode_array(text[:cut]), text[cut:]
-            tokens += len(ids)
-            progress(done + min(size, n), tokens)
+            progress.advance(len(chunk))
             yield ids
         if n == 0:
             raise UsageError(f"{f} is empty; pass text files with something in them")
-        done += size
         sources.append({"path": str(f), "bytes": size, "sha256": digest.hexdigest()})
-    progress(done, tokens, final=True)
 
 
 def code_points(text):
@@ -135,14 +110,12 @@ def code_points(text):
 def char_tokenizer(files, total, keep_rare, say):
     """Every character of the files, in code point order; past MAX_CHARS, those outside ASCII seen fewer than RARE
     times read as one unknown character (unless keep_rare): a few rare ones would make the model's vocabulary huge."""
-    counts, progress, done = np.zeros(0x110000, np.int64), Progress("reading the characters", total, say), 0
+    counts, progress = np.zeros(0x110000, np.int64), rundir.Progress("reading the characters", total)
     for f in files:
         for chunk in chunks(f):
             found = np.bincount(code_points(chunk))  # an ASCII chunk counts each character once: never rare
             counts[:len(found)] += found
-            progress(done, 0)
-        done += f.stat().st_size
-    progress(done, 0, final=True)
+            progress.advance(len(chunk))
     seen = np.flatnonzero(counts)
     rare = seen[(counts[seen] < RARE) & (seen >= 128)] if len(seen) > MAX_CHARS else seen[:0]
     if len(rare):
@@ -210,7 +183,7 @@ def locked(out, wait, flag="--out_dir"):
 def build(files, out, tokenizer, keep_rare, say, record=None):
     """Prepare files into a hidden sibling of out (locked), then swap it in by renames: out is the old corpus or the
     new one, never a part of either."""
-    total = sum(f.stat().st_size for f in files)
+    total, start = sum(f.stat().st_size for f in files), time.time()
     tmp, old = (out.parent / f".{out.name}.{kind}-{os.getpid()}" for kind in ("prepare", "old"))
     try:
         tmp.mkdir()
@@ -228,7 +201,9 @@ def build(files, out, tokenizer, keep_rare, say, record=None):
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not out.exists():  # a swap cut between its renames (Ctrl-C): the old corpus back
             os.rename(old, out)
-    say(f"prepared {out} from {len(files):,} file{'s' * (len(files) > 1)}, {total / 1e6:,.1f} MB: "
+    seconds = time.time() - start
+    say(f"prepared {out} from {len(files):,} file{'s' * (len(files) > 1)}, {total / 1e6:,.1f} MB in {seconds:.1f} s "
+        f"({total / 1e6 / max(seconds, 1e-9):,.1f} MB/s): "
         f"{meta['tokens']['train']:,} training and {meta['tokens']['val']:,} validation tokens ({meta['dtype']}), "
         f"vocabulary {meta['vocab_size']:,}")
     return meta
@@ -250,7 +225,7 @@ def write_corpus(files, total, out, tokenizer, keep_rare, say, record):
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 2**16 else np.uint32)
     all_ids, sources = out / "train.bin", []
     with open(all_ids, "wb") as f:
-        for ids in encoded(files, tok, Progress(f"tokenizing ({tokenizer})", total, say), sources):
+        for ids in encoded(files, tok, rundir.Progress(f"tokenizing ({tokenizer})", total), sources):
             ids.astype(dtype).tofile(f)
     n = all_ids.stat().st_size // dtype.itemsize
     n_val = int(n * VAL_FRACTION)
