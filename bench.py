@@ -425,6 +425,9 @@ def main(argv=None):
               "block_size": (int, 1, 10**5), "batch_size": (int, 1, 10**5), "vocab_size": (int, 1, 10**7),
               "corpus_check": (float, 0.01, 100_000), "peak_tflops": (float, 1e-3, 1e6), "seconds": (float, 1, 10**6)}
     cli.check_flags({name: getattr(args, name) for name in limits}, limits)
+    for flag, mode in (("seconds", "gpu_check"), ("old", "corpus_check")):  # an impossible value would pass unseen
+        if any(a.split("=")[0] == f"--{flag}" for a in argv) and not getattr(args, mode):
+            print(f"warning: --{flag} is read only with --{mode}: ignored", file=sys.stderr)
     if args.gpu_check:
         rundir.check_out_dir(args.gpu_check, "--gpu_check")
         if not cli.pick_device(args.device).startswith("cuda") and "--device" not in argv:

@@ -1576,6 +1576,9 @@ def test_flags_read_only_with_eval_warn_without_it(checkpoints):
     code, _, err = run_cli(sample.main, "--ckpt", str(checkpoints["ebt"]), "--num_tokens", "2", "--device", "cpu",
                            "--data", "nan", "--ood", "-1", "--windows", "3")
     assert code == 0 and "warning: --data, --ood, --windows are read only with --eval: ignored" in err, err
+    import bench
+    code, _, err = run_cli(bench.main, "--seconds=5", "--old", "x", "--only", "no:1")  # refused after the warnings
+    assert code == 2 and "warning: --seconds is read only with --gpu_check" in err and "--old is read only" in err, err
 
 
 def test_ctrl_c_in_sample_is_one_line(checkpoints, monkeypatch):
