@@ -240,7 +240,7 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-class Trunk(nn.Module):
+class CausalTransformer(nn.Module):
     """Token embedding and causal blocks: the Transformer++, and the context stream of the text EBT."""
 
     def __init__(self, cfg):
@@ -312,7 +312,7 @@ def think(energy_fn, y, steps, step_size, *, normalize=None, create_graph=False,
     through the descent; detach: each step its own graph; truncate: only the last step keeps it.
     on_step(k, y) -> y: the hand-off (training backpropagates the step's loss there). gradient: how
     (energy, dE/dx) are computed (traced when compiled). Inference also scores the final state. The options
-    stay separate arguments, so that what a recipe changes shows in the step (Thinker.descend passes them)."""
+    stay separate arguments, so that what a recipe changes shows in the step (Thinker.think passes them)."""
     normalize = normalize or (lambda t: t)
     ys, energies = [y], []
     with torch.enable_grad():
@@ -394,7 +394,7 @@ class Thinker:
         """How many steps to think: as asked, else a draw in training and the trained steps at inference."""
         return steps or (self.draw_steps() if self.training else self.trained_steps())
 
-    def descend(self, energy_fn, y0, steps=None, step_size=None, langevin_std=0.0, tolerance=None, on_step=None):
+    def think(self, energy_fn, y0, steps=None, step_size=None, langevin_std=0.0, tolerance=None, on_step=None):
         """think() with this model's options; energy_fn(x, landscape), step k on landscape min(k, landscapes - 1).
         Training adds the second-order graph and S2's randomness (step_size, Langevin noise); at inference
         step_size, langevin_std and tolerance (think_adaptively) may be chosen."""
@@ -417,7 +417,7 @@ class Thinker:
         """The descent's loss from each step's loss (a step of weight 0 is left out: its loss may be anything)."""
         return sum(w * loss for w, loss in zip(self.step_weights(len(losses)), losses) if w)
 
-    def descend_and_backward(self, energy_fn, y0, target, loss_fn, weight, steps=None, leaves=()):
+    def think_and_backward(self, energy_fn, y0, target, loss_fn, weight, steps=None, leaves=()):
         """Think from y0 and backpropagate Thinker.loss of the steps' loss_fn(y, target) x weight into the parameters
         and `leaves` (what energy_fn reads: TextEBT.learn), not into a step's start. Where the steps' graphs share
         only those (detach or truncate), each step's loss is backpropagated at once: the same gradient, one step's
@@ -436,7 +436,7 @@ class Thinker:
                 (loss * (weights[k] * weight)).backward(inputs=inputs)
                 return y.detach()
             return y
-        traj = self.descend(energy_fn, y0, steps, step_size, on_step=backward_step)
+        traj = self.think(energy_fn, y0, steps, step_size, on_step=backward_step)
         if not stepwise:
             (self.loss(losses) * weight).backward(inputs=inputs)
         if step_size.grad is not None:
@@ -509,7 +509,7 @@ class TextEBT(Thinker, nn.Module):
         super().__init__()
         assert cfg.model == "ebt"
         self.config = cfg
-        self.trunk = Trunk(cfg)
+        self.trunk = CausalTransformer(cfg)
         self.pred_emb = nn.Linear(cfg.vocab_size, cfg.n_embd, bias=False)  # probs -> embedding
         self.step_emb = nn.Embedding(cfg.landscapes, cfg.n_embd)
         self.norm = RMSNorm(cfg.n_embd)
@@ -547,20 +547,20 @@ class TextEBT(Thinker, nn.Module):
         training step differentiates it: compiled.py), and the metrics hold the final logits (for the replay buffer)."""
         context = self.context(idx)
         y0 = self.initial_logits(*idx.shape, idx.device, generator) if y0 is None else y0
-        traj = self.descend(lambda p, k: self.energy(p, context, k), y0, steps)
+        traj = self.think(lambda p, k: self.energy(p, context, k), y0, steps)
         losses = [cross_entropy(y, targets) for y in traj.ys[1:]]
         return self.loss(losses), {**self.metrics(traj, losses), **({"final": traj.ys[-1]} if self.training else {})}
 
     def learn(self, idx, targets, weight, steps=None, generator=None):
         """One training batch: the gradient of forward()'s loss x weight, backpropagated a step at a time
-        (descend_and_backward). The context stream runs without a graph, its keys and values leaves of the steps,
+        (think_and_backward). The context stream runs without a graph, its keys and values leaves of the steps,
         then again with its graph to take what they collected (one more forward instead of its activations)."""
         fresh = len(idx)
         idx, targets, y0 = self.training_starts(idx, targets, generator)
         with torch.no_grad():
             context = [tuple(t.requires_grad_() for t in kv) for kv in self.context(idx)]
         leaves = [t for kv in context for t in kv]
-        traj, losses = self.descend_and_backward(lambda p, k: self.energy(p, context, k), y0, targets,
+        traj, losses = self.think_and_backward(lambda p, k: self.energy(p, context, k), y0, targets,
                                                  cross_entropy, weight, steps, leaves)
         torch.autograd.backward([t for kv in self.context(idx) for t in kv], [t.grad for t in leaves])
         self.remember(idx[:fresh], targets[:fresh], traj.ys[-1][:fresh])
@@ -589,7 +589,7 @@ class TextEBT(Thinker, nn.Module):
             context = [tuple(t[:, None].expand(B, N, *t.shape[1:]).flatten(0, 1) for t in kv) for kv in context]
         y0 = self.initial_logits(B * N, P, context[0][0].device, generator) if y0 is None else y0
         noise = (VERIFY_LANGEVIN_STD if N > 1 else 0.0) if langevin_std is None else langevin_std
-        traj = self.descend(lambda p, k: self.energy(p, context, k, filled), y0, langevin_std=noise, **thinking)
+        traj = self.think(lambda p, k: self.energy(p, context, k, filled), y0, langevin_std=noise, **thinking)
         per_candidate = lambda t: t if t is None else t.unflatten(0, (B, N))
         return Trajectory([per_candidate(y) for y in traj.ys], [per_candidate(e) for e in traj.energies],
                           per_candidate(traj.steps_used))
@@ -646,7 +646,7 @@ class Transformer(nn.Module):
         super().__init__()
         assert cfg.model == "transformer"
         self.config = cfg
-        self.trunk = Trunk(cfg)
+        self.trunk = CausalTransformer(cfg)
         self.norm = RMSNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.apply(init_weights)

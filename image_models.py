@@ -107,7 +107,7 @@ class ImageEBT(Thinker, nn.Module):
     def forward(self, clean, noise, steps=None, generator=None):
         """Think from the clean images noised to step noise_t; each step's loss is its smooth-L1 distance
         to the clean image. generator: unused (the start is the noisy image)."""
-        traj = self.descend(self.energy, ddpm_noise(clean, self.config.noise_t, noise), steps)
+        traj = self.think(self.energy, ddpm_noise(clean, self.config.noise_t, noise), steps)
         losses = [F.smooth_l1_loss(y, clean) for y in traj.ys[1:]]
         metrics = {**self.metrics(traj, losses), "psnr": psnr(traj.ys[-1].detach(), clean).mean()}
         if not self.training:
@@ -115,9 +115,9 @@ class ImageEBT(Thinker, nn.Module):
         return self.loss(losses), metrics
 
     def learn(self, clean, noise, weight, steps=None):
-        """One training batch, backpropagated one thinking step at a time (Thinker.descend_and_backward)."""
+        """One training batch, backpropagated one thinking step at a time (Thinker.think_and_backward)."""
         noisy = ddpm_noise(clean, self.config.noise_t, noise)
-        traj, losses = self.descend_and_backward(self.energy, noisy, clean, F.smooth_l1_loss, weight, steps)
+        traj, losses = self.think_and_backward(self.energy, noisy, clean, F.smooth_l1_loss, weight, steps)
         return {**self.metrics(traj, losses), "psnr": psnr(traj.ys[-1].detach(), clean).mean()}
 
 

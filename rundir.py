@@ -36,7 +36,7 @@ def request_stop():
     stop_requested = True
 
 
-def printed(*args):
+def print_flushed(*args):
     print(*args, flush=True)  # flushed: progress shows in files and under nohup
 
 
@@ -124,7 +124,7 @@ def check_out_dir(out, flag="--out_dir"):
 
 
 @contextlib.contextmanager
-def owned(out_dir, resume=True):
+def lock_out_dir(out_dir, resume=True):
     """While a run runs, it owns its folder: another training process into it (a new run or --resume) refuses
     in one line, touching nothing. The claim is an OS lock (flock) on out_dir/.lock, so it ends with the process
     that holds it, kill -9 included; under torchrun rank 0 holds it for every rank of the run. A new run
@@ -218,7 +218,7 @@ class Run(ebt.Run):
     join_process_group; alone, rank 0 of 1), and the run's folder: out_dir/ckpt.pt and best.pt, each other
     rank's replay buffer, and the log (RunLog). meta: what the checkpoint also records (tokenizer, data)."""
 
-    def __init__(self, out_dir, meta=None, resume=False, say=printed):
+    def __init__(self, out_dir, meta=None, resume=False, say=print_flushed):
         super().__init__()
         dist = torch.distributed
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -325,7 +325,7 @@ class RunLog:
     """A driver's log of ebt.train(): progress lines with throughput and time left, out_dir/metrics.jsonl
     (the train and eval records; a resumed run keeps those up to its step) and out_dir/loss.png."""
 
-    def __init__(self, say=printed):
+    def __init__(self, say=print_flushed):
         self.say, self.warned = say, False
 
     def __call__(self, r):

@@ -100,7 +100,7 @@ def predict(model, idx, steps=None, y0=None, generator=None, **thinking):
     """A text EBT thinking at every position of idx (B, T): the Trajectory of (B, T, V) logits."""
     context = model.context(idx)
     y0 = model.initial_logits(*idx.shape, idx.device, generator) if y0 is None else y0
-    return model.descend(lambda p, k: model.energy(p, context, k), y0, steps, **thinking)
+    return model.think(lambda p, k: model.energy(p, context, k), y0, steps, **thinking)
 
 
 def unigram_entropy(text):
@@ -306,14 +306,14 @@ def test_random_step_size_is_drawn_per_token_within_half_to_twice_alpha():
     model = Quadratic(step_size=2.0, random_step_size=2.0).train()
     torch.manual_seed(0)
     x0 = torch.randn(40, 50, 5, dtype=torch.float64) + 3
-    ys = model.descend(model.energy, x0, 2).ys
+    ys = model.think(model.energy, x0, 2).ys
     alpha = 1 - ys[1] / x0  # per entry
     assert torch.allclose(alpha, alpha[..., :1].expand_as(alpha))  # one per token ...
     assert alpha[..., 0].std() > 0.2 and alpha[0, :, 0].std() > 0.2  # ... and tokens of one sequence differ
     assert alpha.min() >= 1.0 - 1e-12 and alpha.max() <= 4.0 + 1e-12  # alpha x U[1/2, 2], all of it:
     assert alpha.min() < 1.05 and alpha.max() > 3.9 and abs(alpha.mean() - 2.5) < 0.05
     torch.testing.assert_close(ys[2] / x0, (1 - alpha) ** 2)  # the same factor at the second step
-    ys = model.eval().descend(model.energy, x0, 1).ys  # at inference alpha is as learned
+    ys = model.eval().think(model.energy, x0, 1).ys  # at inference alpha is as learned
     torch.testing.assert_close(ys[1], (1 - 2.0) * x0)
 
 
@@ -334,12 +334,12 @@ def test_adaptive_stopping_spends_fewer_steps_on_a_converged_position():
     context = model.context(torch.randint(13, (1, 2), generator=torch.Generator().manual_seed(1)))
     energy = lambda p, k: model.energy(p, context, k)
     y0 = model.initial_logits(1, 2, "cpu", torch.Generator().manual_seed(2))
-    converged = model.descend(energy, y0, 60).ys[-1]
+    converged = model.think(energy, y0, 60).ys[-1]
     start = torch.stack([converged[0, 0], y0[0, 1]])[None]  # position 0 converged, position 1 fresh
-    traj = model.descend(energy, start, 20, tolerance=1e-6)
+    traj = model.think(energy, start, 20, tolerance=1e-6)
     assert traj.steps_used[0, 0] == 1 and traj.steps_used[0, 1] > 2
     torch.testing.assert_close(traj.ys[-1][0, 0], traj.ys[1][0, 0])  # a stopped position keeps its state
-    traj = model.descend(energy, converged, 20, tolerance=1e-6)
+    traj = model.think(energy, converged, 20, tolerance=1e-6)
     assert len(traj.ys) == 2 and len(traj.energies) == 2  # thinking ended once every position had settled
     out = ebt.generate(model, start.new_zeros(1, 3, dtype=torch.long), 4, steps=20, tolerance=1e-6)
     assert ((1 <= out.steps_used) & (out.steps_used <= 20)).all()
@@ -459,7 +459,7 @@ def test_a_step_is_backpropagated_with_no_earlier_state_alive(monkeypatch):
     at the peak. When the hand-off backpropagates step k, the state step k started from must be gone
     (a trajectory that listed it, even only while the hand-off ran, kept it)."""
     model, started_from = tiny(step_size=0.5).train(), []
-    descend = model.descend
+    think = model.think
 
     def watched(*args, on_step, **kw):
         def hand_off(k, y):
@@ -467,8 +467,8 @@ def test_a_step_is_backpropagated_with_no_earlier_state_alive(monkeypatch):
             state = on_step(k, y)
             started_from.append(weakref.ref(state))
             return state
-        return descend(*args, on_step=hand_off, **kw)
-    monkeypatch.setattr(model, "descend", watched)
+        return think(*args, on_step=hand_off, **kw)
+    monkeypatch.setattr(model, "think", watched)
     idx = torch.randint(13, (2, 16), generator=torch.Generator().manual_seed(5))
     model.learn(idx, idx, 1.0, steps=3)
     assert len(started_from) == 3
@@ -1490,7 +1490,7 @@ def test_the_same_command_twice_refuses_and_keeps_the_first_run(tmp_path):
 
 def test_a_folder_in_use_refuses_a_second_run_and_is_left_untouched(tmp_path, text_file):
     out = tmp_path / "o"
-    with rundir.owned(out):  # another run holds it (flock: another open file, as another process would)
+    with rundir.lock_out_dir(out):  # another run holds it (flock: another open file, as another process would)
         for extra in ([], ["--resume"]):
             code, _, err = run_cli(train_text.main, *TINY, "--data", str(text_file), "--out_dir", str(out), *extra)
             assert code == 2 and f"{out} is in use by another run (process {os.getpid()})" in err, err
@@ -2394,7 +2394,7 @@ def test_ddim_with_the_true_noise_walks_the_forward_process_back_to_the_clean_im
 def test_untrained_adaln_zero_ebt_returns_its_input():
     model = ebt.build_model(image_config(), seed=0).eval()
     noisy, _ = held_out_crops(4)
-    traj = model.descend(model.energy, noisy, 3)
+    traj = model.think(model.energy, noisy, 3)
     assert all(torch.equal(y, noisy) for y in traj.ys) and all((e == 0).all() for e in traj.energies)
 
 
@@ -2402,7 +2402,7 @@ def test_each_image_model_trains_and_beats_the_noisy_input(trained_image_models)
     noisy, clean = held_out_crops()
     before = image_models.psnr(noisy, clean).mean().item()
     ebt_model = trained_image_models["image_ebt"]
-    denoised = {"image_ebt": ebt_model.descend(ebt_model.energy, noisy).ys[-1],
+    denoised = {"image_ebt": ebt_model.think(ebt_model.energy, noisy).ys[-1],
                 "image_dit": trained_image_models["image_dit"].denoise(noisy, 99, 3),
                 "image_regressor": trained_image_models["image_regressor"].denoise(noisy)}
     for kind, y in denoised.items():
@@ -2413,7 +2413,7 @@ def test_each_image_model_trains_and_beats_the_noisy_input(trained_image_models)
 def test_image_ebt_each_step_lowers_the_energy_it_descends(trained_image_models):
     noisy, _ = held_out_crops()
     model = trained_image_models["image_ebt"]
-    ys = model.descend(model.energy, noisy, 3).ys
+    ys = model.think(model.energy, noisy, 3).ys
     with torch.no_grad():
         for k in range(len(ys) - 1):  # like with like: both on step k's landscape
             landscape = min(k, model.config.landscapes - 1)

@@ -72,7 +72,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.out_dir = args.out_dir or ("out-image-compare" if args.compare else f"out-image-{args.model or 'ebt'}")
     args.model = args.model and f"image_{args.model}"  # the config's kind
-    if args.compare:  # training checks its out_dir as it takes it (rundir.owned)
+    if args.compare:  # training checks its out_dir as it takes it (rundir.lock_out_dir)
         rundir.check_out_dir(args.out_dir)
     if args.data and args.dataset:
         raise UsageError(f"--data {args.data} and --dataset {args.dataset}: give one (--data is a folder of images)")
@@ -86,7 +86,7 @@ def parse_args(argv=None):
 
 def train_models(args, device):
     device = rundir.join_process_group(device)[2]  # under torchrun the ranks own out_dir as one
-    with rundir.owned(args.out_dir, args.resume):  # a second run into out_dir refuses while this one runs
+    with rundir.lock_out_dir(args.out_dir, args.resume):  # a second run into out_dir refuses while this one runs
         ckpt = rundir.checkpoint_to_resume(args.out_dir, ebt.IMAGE_KINDS) if args.resume else None
         kind = ckpt["model_config"]["model"] if ckpt else args.model or "image_ebt"
         cli.refuse_thinking(args, kind, cli.IMAGE_THINKING_FLAGS + ("eval_steps", "recipe"))
@@ -133,7 +133,7 @@ def denoise_all(models, noisy, t, passes, steps):
         elif isinstance(model, image_models.ImageDiT):
             out.update({(name, p): model.denoise(noisy, t, p) for p in passes})
         else:
-            traj = model.descend(model.energy, noisy, steps or ebt.THINK_LONGER * model.trained_steps())
+            traj = model.think(model.energy, noisy, steps or ebt.THINK_LONGER * model.trained_steps())
             out.update({(name, k): y for k, y in enumerate(traj.ys[1:], 1)})
             energies[name] = [e.mean().item() for e in traj.energies]
     return out, energies

@@ -62,10 +62,10 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None, log=rundir.printed):
+def main(argv=None, log=rundir.print_flushed):
     args = parse_args(argv)
     _, _, device = rundir.join_process_group(cli.pick_device(args.device))  # under torchrun the ranks own out_dir as one
-    with rundir.owned(args.out_dir, args.resume):  # a second run into out_dir refuses while this one runs
+    with rundir.lock_out_dir(args.out_dir, args.resume):  # a second run into out_dir refuses while this one runs
         run_training(args, device, log)
 
 
