@@ -202,7 +202,7 @@ def build(files, out, tokenizer, keep_rare, say, record=None):
         if old.exists() and not out.exists():  # a swap cut between its renames (Ctrl-C): the old corpus back
             os.rename(old, out)
     seconds = time.time() - start
-    say(f"prepared {out} from {len(files):,} file{'s' * (len(files) > 1)}, {total / 1e6:,.1f} MB in {seconds:.1f} s "
+    say(f"prepared {out} from {len(files):,} file{'s' * (len(files) > 1)}, {total / 1e6:,.1f} MB in {seconds:.2f} s "
         f"({total / 1e6 / max(seconds, 1e-9):,.1f} MB/s): "
         f"{meta['tokens']['train']:,} training and {meta['tokens']['val']:,} validation tokens ({meta['dtype']}), "
         f"vocabulary {meta['vocab_size']:,}")
