@@ -11,9 +11,8 @@ photographs (train_image.py: four to train on, two unseen to test on) with its d
 
 Runs: the Transformer++ and the EBT with the paper's recipes S1 and S2, each trained for every
 length in --lengths (optimizer steps; the learning-rate schedule follows each length) and seed,
-at equal batch; beside them (issue 38) a Transformer++ trained on as many FLOPs as each EBT
-(bench.flops_per_step: its steps scaled by the ratio of FLOPs per step, same batch, same schedule shape)
-and one of 8 layers at equal steps. Every run is an ordinary train_text.py command, printed before it starts, so
+at equal batch, and beside them a Transformer++ on each EBT's FLOPs and one of 8 layers (comparison()).
+Every run is an ordinary train_text.py command, printed before it starts, so
 runs can also be launched by hand (in parallel) into the same directories; an interrupted run
 is resumed. From scratch, everything takes 3 to 4 hours on 2 CPU cores.
 
@@ -141,9 +140,8 @@ def comparison(args, length, vocab_size):
     return plan
 
 
-def family(plan, m):
-    """The model a plan's run trains (RUNS' or DEEPER's label), whatever its steps: a line of plot_flops."""
-    return {prefix: label for label, (prefix, _) in [*RUNS.items(), (DEEPER[0], DEEPER[1:])]}[plan[m][0]]
+def family(plan, m):  # plot_flops draws a line per model, whatever its steps: the first label of its directories
+    return next(label for label, (prefix, *_) in plan.items() if prefix == plan[m][0])
 
 
 def curves(path, windows, device):
@@ -655,8 +653,6 @@ def task_part(args, out, report_dir, device, part):
         "of whole answers generated greedily (temperature 0) thinking the trained steps; beside the EBTs a "
         "Transformer++ trained on each one's FLOPs and one of 8 layers at equal steps (training FLOPs: against the "
         f"Transformer++'s {TASK_LENGTH} steps)\n\n" + learning,
-        "FLOPs a training step (`bench.flops_per_step`: model FLOPs, matmuls only)\n\n"
-        + flops_table({m: plan[m] for m in models}),
         "T2. Thinking longer: the same after 1, the trained, 2x and 4x the trained steps (one candidate, no noise)"
         "\n\n" + thinking,
         "T3. Does the energy verify: across 16 candidates per answer token (trained steps, Langevin noise 1, the "
