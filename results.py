@@ -14,7 +14,8 @@ length in --lengths (optimizer steps; the learning-rate schedule follows each le
 at equal batch, and beside them a Transformer++ on each EBT's FLOPs and one of 8 layers (comparison()).
 Every run is an ordinary train_text.py command, printed before it starts, so
 runs can also be launched by hand (in parallel) into the same directories; an interrupted run
-is resumed. From scratch, everything takes 3 to 4 hours on 2 CPU cores.
+is resumed. From scratch, Tiny Shakespeare took 3 to 4 hours on 2 CPU cores before the baselines, which add
+an estimated 3; each addition task an estimated 4 (from the step times of the ordinary sums on one thread).
 
 Evaluation: cross-entropy on --windows random windows of the validation split and of an
 out-of-distribution text (Python's pydoc_data.topics), after 1 to 12 thinking steps (STEPS; one
