@@ -44,30 +44,31 @@ from measure import markdown_table
 HERE = Path(__file__).resolve().parent
 
 
-def flops_per_step(cfg, B, S, steps):
-    """Model FLOPs of one training step (matmuls only). Elementwise work is left out: at the CPU
-    preset it is about half of a Transformer++ step's time and more of an EBT step's (it is
-    differentiated twice), so measured time ratios sit above these FLOP ratios at small widths.
+def flops_per_step(cfg, B, S):
+    """Model FLOPs of one training step (matmuls only), the one count results.py compares models by. Elementwise
+    work is left out: at the CPU preset it is about half of a Transformer++ step's time and more of an EBT step's
+    (it is differentiated twice), so measured time ratios sit above these FLOP ratios at small widths.
 
-    One forward of one stream over B x S tokens costs F = 2 * B * S * (weights a token
-    meets) + attention. A Transformer++ step is forward + backward = 3F. An EBT step is
-    3F for the context stream (forward and backward once, reused at every thinking step),
-    then per thinking step: the prediction stream forward (F), the gradient with respect to
-    the logits (F: input gradients only), and the backward of both through the loss, which
-    needs weight and input gradients of the forward and of the gradient computation (4F).
-    So EBT ~ (3 + 6K) F against 3F, i.e. 3x, 5x, 7x for K = 1, 2, 3 thinking steps.
-    These are model FLOPs (what MFU counts): nanoEBT's training step runs the context stream's
-    forward once more, trading F of recomputation for the memory of its activations (TextEBT.learn).
+    One forward of one stream over B x S tokens costs F = 2 * B * S * (weights a token meets) + attention. A
+    Transformer++ step is forward + backward = 3F. An EBT step is 3F for the context stream (forward and backward
+    once, reused at every thinking step), then per thinking step the prediction stream forward (F) and the gradient
+    with respect to the logits (F: input gradients only); a trained step adds the backward of both through the loss
+    (weight and input gradients of each: 4F). So S1 (2 steps, both trained) ~ (3 + 12) F against 3F, 5x; S2 (2 or 3
+    steps, the last trained, half a batch more replayed) ~ 1.5 (3 + 9) F, 6x. These are model FLOPs (what MFU
+    counts): nanoEBT's training step runs the context stream's forward once more, trading F of recomputation for
+    the memory of its activations (TextEBT.learn).
     """
     D, L, V, hidden = cfg.n_embd, cfg.n_layer, cfg.vocab_size, cfg.mlp_hidden
     per_token = L * (3 * D * D + D * D + 3 * D * hidden)  # qkv, proj, SwiGLU weights
     attention = L * S * D  # multiply-adds of QK^T and AV per token, over a causal average of S/2 keys
     if cfg.model == "transformer":
-        F = 2 * B * S * (per_token + attention + D * V)
-        return 3 * F
+        return 3 * 2 * B * S * (per_token + attention + D * V)
     F = 2 * B * S * (per_token + attention)
     F_pred = F + 2 * B * S * (D * V + D)  # prediction embedding and energy head
-    return 3 * F + steps * 6 * F_pred
+    steps = cfg.think_steps + cfg.random_steps / 2  # on average
+    trained = 1 if cfg.truncate else steps
+    rows = 1 + (cfg.replay_batch if cfg.replay_size else 0)  # replayed sequences join the batch
+    return rows * (3 * F + 2 * steps * F_pred + 4 * trained * F_pred)
 
 
 def measure(kind, steps, args, rounds=(None,), ready=lambda: None):
@@ -110,7 +111,7 @@ def measure(kind, steps, args, rounds=(None,), ready=lambda: None):
         Path("/proc/self/clear_refs").write_text("5")
         rss_before = peak_rss()
     ready()
-    flops = flops_per_step(cfg, args.batch_size, args.block_size, steps)
+    flops = flops_per_step(cfg, args.batch_size, args.block_size)
     for i, _ in enumerate(rounds):
         times = sorted(timed(step, device) for _ in range(args.iters))
         dt = times[len(times) // 2]  # the median step: this shared machine has noisy neighbours

@@ -7,12 +7,15 @@ photographs (train_image.py: four to train on, two unseen to test on) with its d
     python results.py --seeds 1337       # one seed instead of two: the report goes to out-results/report
     python results.py --lengths 2000     # one training length (the 1500+ step comparison)
     python results.py --part task        # only the addition task: its section of results.md
+    python results.py --part ordinary    # only the sums in the ordinary order (the first digit needs every carry)
 
 Runs: the Transformer++ and the EBT with the paper's recipes S1 and S2, each trained for every
 length in --lengths (optimizer steps; the learning-rate schedule follows each length) and seed,
-at equal batch. Every run is an ordinary train_text.py command, printed before it starts, so
+at equal batch, and beside them a Transformer++ on each EBT's FLOPs and one of 8 layers (comparison()).
+Every run is an ordinary train_text.py command, printed before it starts, so
 runs can also be launched by hand (in parallel) into the same directories; an interrupted run
-is resumed. From scratch, everything takes 3 to 4 hours on 2 CPU cores.
+is resumed. From scratch, Tiny Shakespeare took 3 to 4 hours on 2 CPU cores before the baselines, which add
+an estimated 3; each addition task an estimated 4 (from the step times of the ordinary sums on one thread).
 
 Evaluation: cross-entropy on --windows random windows of the validation split and of an
 out-of-distribution text (Python's pydoc_data.topics), after 1 to 12 thinking steps (STEPS; one
@@ -22,14 +25,15 @@ energy verify: Spearman's correlation of final energy and cross-entropy across t
 a position, and the best of N picked by energy, at random and by the truth; what each step changes.
 One run beyond the paper (EXPERIMENT) asks whether more thinking steps in training make the energy rank.
 
-The addition task (--part task, about an hour on 2 cores): the same three models trained 2000 steps on
-data/addition.py's problems (one right answer per answer token), each seed, and measured on answer tokens
-in distribution and with more digits (task_scores).
+The addition tasks (--part task: the sum reversed; --part ordinary: most significant digit first, and the
+Transformer++'s learning curve): the same models trained 2000 steps on data/addition.py's problems (one right
+answer per answer token), each seed, and measured on answer tokens in distribution and with more digits
+(task_scores).
 
 Writes results.md (every table, a section per part) and the plots gap.png, thinking_steps.png,
-candidates.png, gains.png, verifier.png and task.png to assets/ (--report_dir), the image report
-(train_image.py --compare of the EBT S1 and S2, the DiT and the regressor, first seed) to assets/image/,
-and results.json and task.json (every number, per run) to out-results/.
+candidates.png, gains.png, verifier.png, flops.png and PART.png, PART_flops.png per task to assets/
+(--report_dir), the image report (train_image.py --compare of the EBT S1 and S2, the DiT and the regressor,
+first seed) to assets/image/, and results.json and PART.json (every number, per run) to out-results/.
 """
 import cli  # first: a Ctrl-C while torch loads exits quietly
 import json
@@ -38,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+import bench
 import ebt
 import measure
 import plots
@@ -50,6 +55,7 @@ RUNS = {"Transformer++": ("transformer", ["--model", "transformer"]),  # label -
           "S1": ("s1", ["--recipe", "s1"]),
           "S2": ("s2", ["--recipe", "s2"])}
 EBTS = ("S1", "S2")
+DEEPER = ("Transformer++, 8 layers", "transformer-8layers", ["--model", "transformer", "--n_layer", "8"])
 IMAGE_RUNS = {"ebt-s1": ["--model", "ebt"], "ebt-s2": ["--model", "ebt", "--recipe", "s2"],  # train_image.py flags
               "dit": ["--model", "dit"], "regressor": ["--model", "regressor"]}
 # beyond the paper, toward an energy that ranks its candidates: S2 trained to think 6-7 steps, not 2-3
@@ -70,8 +76,8 @@ def parse_args(argv=None):
     s("--windows", type=int, default=64, help="evaluation windows of block_size tokens per text (default: %(default)s)")
     cli.add_device_flag(p)
     s("--preset", default="cpu", choices=train_text.PRESETS, help="train_text.py preset (default: %(default)s)")
-    s("--part", default="all", choices=("all", "text", "task", "images"), help="text: Tiny Shakespeare; task: the "
-      "addition task (about an hour on 2 cores); images: the image models (default: %(default)s)")
+    s("--part", default="all", choices=("all", "text", *TASKS, "images"), help="text: Tiny Shakespeare; task: the "
+      "addition task; ordinary: the sums in the ordinary order; images: the image models (default: %(default)s)")
     args = p.parse_args(argv)
     for name in ("seeds", "lengths"):
         if len(set(getattr(args, name))) != len(getattr(args, name)):
@@ -107,8 +113,36 @@ def ensure_text_run(args, flags, out_dir, steps, seed):
     """ensure_trained() of a train_text.py run of the --preset, for `steps` optimizer steps."""
     argv = ["--preset", args.preset, *flags, "--max_steps", str(steps), "--seed", str(seed), "--out_dir", str(out_dir),
             "--device", args.device]
-    expect = {**train_text.PRESETS[args.preset], "max_steps": steps, "seed": seed}
+    preset = {k: v for k, v in train_text.PRESETS[args.preset].items() if f"--{k}" not in flags}  # a flag overrides
+    expect = {**preset, "max_steps": steps, "seed": seed}
     ensure_trained(train_text.main, argv, out_dir, expect)
+
+
+def step_flops(args, flags, vocab_size):
+    """bench.flops_per_step of a train_text.py run of the --preset with these flags, configured as the driver does."""
+    run = train_text.parse_args(flags)
+    model = run.model or "ebt"
+    recipe = ebt.RECIPES[run.recipe or "s1"] if model in ebt.EBT_KINDS else {}
+    cfg, tc = cli.configs(run, [train_text.PRESETS[args.preset], recipe, {"model": model, "vocab_size": vocab_size}],
+                          derive=ebt.derive_thinking)
+    return bench.flops_per_step(cfg, tc.batch_size, cfg.block_size)
+
+
+def comparison(args, length, vocab_size):
+    """The models compared at `length` optimizer steps: label -> (directory prefix, flags, steps, FLOPs a step). RUNS
+    and the deeper Transformer++ train `length` steps; "Transformer++ = S1 FLOPs" (and S2) as many as spend that
+    EBT's FLOPs (to 3 significant digits: S1's at 2000 is the learning curve's 10,000), same batch and schedule."""
+    flops = {m: step_flops(args, flags, vocab_size) for m, (_, flags) in {**RUNS, DEEPER[0]: DEEPER[1:]}.items()}
+    plan = {m: (prefix, flags, length, flops[m]) for m, (prefix, flags) in RUNS.items()}
+    for m in EBTS:
+        steps = int(float(f"{length * flops[m] / flops['Transformer++']:.3g}"))
+        plan[f"Transformer++ = {m} FLOPs"] = (*RUNS["Transformer++"], steps, flops["Transformer++"])
+    plan[DEEPER[0]] = (*DEEPER[1:], length, flops[DEEPER[0]])
+    return plan
+
+
+def family(plan, m):  # plot_flops draws a line per model, whatever its steps: the first label of its directories
+    return next(label for label, (prefix, *_) in plan.items() if prefix == plan[m][0])
 
 
 def curves(path, windows, device):
@@ -152,12 +186,12 @@ def verifier_gains(c, split, n=max(CANDIDATES)):
 
 # Tables (markdown) -------------------------------------------------------------
 
-def learning_table(runs, lengths, seeds):
-    """Validation CE at the trained steps per model and length, and the EBTs' gap."""
-    head, rows = ["optimizer steps", *RUNS, *(f"{m} gap" for m in EBTS)], []
+def learning_table(runs, lengths, seeds, models):
+    """Validation CE at the trained steps per model and length (the EBTs'), and the EBTs' gap."""
+    head, rows = ["optimizer steps", *models, *(f"{m} gap" for m in EBTS)], []
     for n in lengths:
-        ce = {m: [at_trained(runs[m, n, s]) for s in seeds] for m in RUNS}
-        cells = [" / ".join(f"{v:.3f}" for v in ce[m]) for m in RUNS]
+        ce = {m: [at_trained(runs[m, n, s]) for s in seeds] for m in models}
+        cells = [" / ".join(f"{v:.3f}" for v in ce[m]) for m in models]
         cells += [" / ".join(f"{100 * (e / t - 1):+.1f}%" for e, t in zip(ce[m], ce["Transformer++"])) for m in EBTS]
         rows.append([str(n), *cells])
     return measure.markdown_table(head, rows)
@@ -184,6 +218,14 @@ def gains_table(runs, lengths, seeds, model):
     rows = [[str(n), *(" / ".join(f"{gains(runs[model, n, s], split)[k]:+.1f}%" for s in seeds)
                        for split in ("val", "ood") for k in kinds)] for n in lengths]
     return measure.markdown_table(head, rows)
+
+
+def flops_table(plan):
+    """Each model's FLOPs a training step (bench.flops_per_step) against the Transformer++'s, and its steps."""
+    base = plan["Transformer++"][3]
+    return measure.markdown_table(["model", "FLOPs a step", "x Transformer++", "optimizer steps", "training FLOPs"],
+                                  [[m, f"{f:.3g}", f"{f / base:.2f}", str(n), f"{n * f:.3g}"]
+                                   for m, (_, _, n, f) in plan.items()])
 
 
 VERIFIER_COLUMNS = ["Spearman(final energy, CE)", "Spearman(final energy, entropy)",
@@ -250,6 +292,22 @@ def plot_gap(runs, lengths, seeds, path):
         ax.set(xscale="log", xlabel="optimizer steps (same batch)")
         plots.grid_at(ax, lengths)
         ax.legend(fontsize=8)
+    fig.savefig(path, dpi=90)
+
+
+def plot_flops(runs, loss, ylabel, title, path):
+    """Loss against training FLOPs for every model, the mean over seeds: runs {key: scores with "family" and
+    "flops" (trained)}, loss(scores). Every Transformer++ of a size (equal steps, equal FLOPs, learning curve): one line."""
+    fig = plots.figure(figsize=(6.4, 4), layout="constrained")
+    ax = fig.subplots()
+    for i, name in enumerate(dict.fromkeys(c["family"] for c in runs.values() if "flops" in c)):
+        at = {}
+        for c in runs.values():
+            if c.get("family") == name:
+                at.setdefault(c["flops"], []).append(loss(c))
+        ax.plot(sorted(at), [mean(at[x]) for x in sorted(at)], marker="o", color=f"C{i}", label=name)
+    ax.set(xscale="log", xlabel="training FLOPs (bench.py's count)", ylabel=ylabel, title=title)
+    ax.legend(fontsize=8)
     fig.savefig(path, dpi=90)
 
 
@@ -326,19 +384,24 @@ def plot_verifier(runs, lengths, length, seeds, path):
 
 # The addition task: does thinking pay where the answer is certain? -----------------------------
 
-TASK_DATA = Path(__file__).resolve().parent / "data" / "addition"  # python data/addition.py writes it
-TASK_LENGTH = 2000  # optimizer steps: the Transformer++ answers about half the digits in distribution there
+TASK_DATA = Path(__file__).resolve().parent / "data"  # data/addition.py writes each task's folder there
+TASKS = {  # --part: (section title, folder, data/addition.py's options, the Transformer++'s learning curve)
+    "task": ("The addition task", "addition", {"digits": 5}, ()),
+    "ordinary": ("Sums in the ordinary order", "addition-ordinary", {"digits": 3, "ordinary": True},
+                 (500, 1000, 2000, 4000, 10_000)),
+}
+TASK_LENGTH = 2000  # optimizer steps: the Transformer++ answers about half the digits (reversed, 5 digits) there
 TASK_PROBLEMS = 512  # evaluated per text
 TOLERANCES = (1e-2, 1e-3)  # adaptive stopping
 
 
-def task_problems(text, tokenizer, T, count):
-    """The first `count` problems of a text that have T characters before their answer's end, as what each
-    measure reads: teacher-forcing windows x, y (count, T) whose targets end with the answer; `answer`
-    (count, T), True at the answer's targets (its digits and newline); `carry` (count, T), at each answer
-    digit whether a carry comes into it (the newline: False); and for generation the prompts (count, T - 10)
-    that end with "=", with the answers as text."""
-    x, y, answer, carry, prompts, answers = [], [], [], [], [], []
+def task_problems(text, tokenizer, T, count, ordinary=False):
+    """The first `count` problems of a text (sums reversed, or in the ordinary order) that have T characters
+    before their answer's end, as what each measure reads: teacher-forcing windows x, y (count, T) whose targets
+    end with the answer; `answer` (count, T), True at the answer's targets (its digits and newline); `chain`
+    (count, T), at each answer digit how far the carry into it has come (addition.carry_chains; 0: none, and at
+    the newline); and for generation the prompts (count, T - 10) that end with "=", with the answers as text."""
+    x, y, answer, chain, prompts, answers = [], [], [], [], [], []
     for start, end in addition.answer_spans(text):
         if len(x) == count:
             break
@@ -347,13 +410,14 @@ def task_problems(text, tokenizer, T, count):
         ids = torch.tensor(tokenizer.encode(text[end - 1 - T:end]))
         x.append(ids[:-1]), y.append(ids[1:])
         a, b = map(int, text[text.rfind("\n", 0, start) + 1:start - 1].split("+"))
-        into = [(a % 10**i + b % 10**i) >= 10**i for i in range(end - start - 1)] + [False]  # digit i, least first
+        chains = addition.carry_chains(a, b)  # least significant digit first
+        into = (chains[::-1] if ordinary else chains) + [0]
         answer.append(torch.arange(T) >= T - (end - start))
-        carry.append(torch.tensor([False] * (T - len(into)) + into))
+        chain.append(torch.tensor([0] * (T - len(into)) + into))
         prompts.append(torch.tensor(tokenizer.encode(text[start - (T - 10):start])))
         answers.append(text[start:end])
     stack = torch.stack
-    return dict(x=stack(x), y=stack(y), answer=stack(answer), carry=stack(carry), prompts=stack(prompts),
+    return dict(x=stack(x), y=stack(y), answer=stack(answer), chain=stack(chain), prompts=stack(prompts),
                 answers=answers)
 
 
@@ -371,8 +435,8 @@ def task_scores(model, problems, tokenizer, steps, candidates=max(CANDIDATES), c
     g = torch.Generator().manual_seed(0)
     parts = []
     for i in range(0, len(problems["x"]), chunk):
-        x, y, answer, carry = (problems[k][i:i + chunk].to(device) for k in ("x", "y", "answer", "carry"))
-        part = {"answer_carry": carry[answer]}
+        x, y, answer, chain = (problems[k][i:i + chunk].to(device) for k in ("x", "y", "answer", "chain"))
+        part = {"answer_chain": chain[answer]}
         parts.append(part)
         if not thinks:
             part["per_step"] = [model.logits(x)[0][answer]] * len(steps)
@@ -412,13 +476,13 @@ def task_scores(model, problems, tokenizer, steps, candidates=max(CANDIDATES), c
     out["spearman entropy"] = measure.spearman(energy, entropy).mean().item()
     argmax = torch.cat([p["argmax"] for p in parts], dim=1)
     out["argmax changed"] = {k: (argmax[k] != argmax[k - 1]).double().mean().item() for k in range(1, len(argmax))}
-    carry = torch.cat([p["answer_carry"] for p in parts])
+    chain = torch.cat([p["answer_chain"] for p in parts])
     digit = targets != tokenizer.encode("\n")[0]
+    digits = {"carry": digit & (chain > 0), "no carry": digit & (chain == 0), "long carry": digit & (chain > 1)}
     out["adaptive"] = {}
     for tol in TOLERANCES:
         used = torch.cat([p["steps_used"][tol] for p in parts]).double()
-        out["adaptive"][tol] = {"all": used.mean().item(), "carry": used[carry & digit].mean().item(),
-                                "no carry": used[~carry & digit].mean().item()}
+        out["adaptive"][tol] = {"all": used.mean().item(), **{k: used[d].mean().item() for k, d in digits.items()}}
     return out
 
 
@@ -436,37 +500,56 @@ def exact_match(model, problems, tokenizer, steps, chunk):
     return right / len(problems["prompts"])
 
 
-def task_runs(args, out, device):
-    """Train what is missing of the task's runs (every model, each seed, TASK_LENGTH steps on train.txt)
-    and measure each on TASK_PROBLEMS problems of val.txt (in distribution) and of ood.txt (more digits)."""
-    if not all((TASK_DATA / f"{split}.txt").exists() for split in ("train", "val", "ood")):
-        addition.write(TASK_DATA)
-    dirs = {(m, s): out / f"task-{prefix}-{TASK_LENGTH}-seed{s}" for m, (prefix, _) in RUNS.items() for s in args.seeds}
+def task_runs(args, out, device, part):
+    """Train what is missing of a task's runs (every model of comparison() at TASK_LENGTH steps, each seed, then
+    the Transformer++'s learning curve) and measure each on TASK_PROBLEMS problems of val.txt (in distribution)
+    and of ood.txt (more digits). Returns the scores per (label, seed), the plan (comparison's and curve's), the
+    curve's labels."""
+    _, folder, options, curve = TASKS[part]
+    data = TASK_DATA / folder
+    if not all((data / f"{split}.txt").exists() for split in ("train", "val", "ood")):
+        addition.write(data, **options)
+    plan = comparison(args, TASK_LENGTH, len(set((data / "train.txt").read_text())))  # the characters: the vocabulary
+    base = plan["Transformer++"]
+    curve_plan = {f"Transformer++, {n} steps": (*base[:2], n, base[3]) for n in curve}
+    name = "task" if part == "task" else "sums"
+    dirs = {(m, s): out / f"{name}-{prefix}-{steps}-seed{s}"
+            for p in (plan, curve_plan) for s in args.seeds for m, (prefix, _, steps, _) in p.items()}
+    plan.update(curve_plan)
     for (m, s), d in dirs.items():
-        ensure_text_run(args, [*RUNS[m][1], "--data", str(TASK_DATA / "train.txt")], d, TASK_LENGTH, s)
-    runs = {}
+        ensure_text_run(args, [*plan[m][1], "--data", str(data / "train.txt")], d, plan[m][2], s)
+    scores, runs = {}, {}
     for (m, s), d in dirs.items():
-        print(f"evaluating {d.name}", flush=True)
-        model, tokenizer = rundir.load_text_model(d / "ckpt.pt", device)
-        K = model.trained_steps() if isinstance(model, ebt.Thinker) else 1
-        steps = sorted({1, K, 2 * K, 4 * K}) if isinstance(model, ebt.Thinker) else [1]  # the Transformer++: once
-        runs[m, s] = {"trained": K, **{split: task_scores(model, task_problems(
-            (TASK_DATA / f"{split}.txt").read_text(), tokenizer, model.config.block_size, TASK_PROBLEMS),
-            tokenizer, steps) for split in ("val", "ood")}}
-    return runs
+        if d not in scores:  # the curve's run at TASK_LENGTH steps is the Transformer++'s
+            scores[d] = task_run_scores(d, data, device, options.get("ordinary", False))
+        runs[m, s] = {**scores[d], "family": family(plan, m), "flops": plan[m][2] * plan[m][3]}
+    return runs, plan, list(curve_plan)
 
 
-def task_tables(runs, seeds):
-    """The task's tables (markdown): each cell one value per seed, "a / b"."""
+def task_run_scores(run_dir, data, device, ordinary):
+    """task_scores of a trained run on val.txt and ood.txt: an EBT at 1, its trained, 2x and 4x steps."""
+    print(f"evaluating {run_dir.name}", flush=True)
+    model, tokenizer = rundir.load_text_model(run_dir / "ckpt.pt", device)
+    K = model.trained_steps() if isinstance(model, ebt.Thinker) else 1
+    steps = sorted({1, K, 2 * K, 4 * K}) if isinstance(model, ebt.Thinker) else [1]  # the Transformer++: once
+    return {"trained": K, **{split: task_scores(model, task_problems((data / f"{split}.txt").read_text(), tokenizer,
+                                                                     model.config.block_size, TASK_PROBLEMS, ordinary),
+                                                tokenizer, steps) for split in ("val", "ood")}}
+
+
+def task_tables(runs, seeds, models, curve):
+    """The task's tables (markdown): each cell one value per seed, "a / b"; T1 of `models`, of the `curve`."""
     splits = (("val", "in"), ("ood", "OOD"))
     cell = lambda m, get, fmt="{:.1%}": " / ".join("-" if get(runs[m, s]) is None else fmt.format(get(runs[m, s]))
                                                    for s in seeds)
     at = lambda c, split, times, what: c[split][what][max(1, times * c["trained"])]
-    learning = measure.markdown_table(
-        ["model", "accuracy in", "accuracy OOD", "CE in", "CE OOD", "exact match in", "exact match OOD"],
-        [[m, *(cell(m, lambda c, sp=sp: at(c, sp, 1, "steps")["acc"]) for sp, _ in splits),
+    base = runs["Transformer++", seeds[0]]["flops"]
+    learning = lambda labels: measure.markdown_table(
+        ["model", "training FLOPs", "accuracy in", "accuracy OOD", "CE in", "CE OOD", "exact match in", "exact match OOD"],
+        [[m, f"{runs[m, seeds[0]]['flops'] / base:.2f}x", *(cell(m, lambda c, sp=sp: at(c, sp, 1, "steps")["acc"])
+                                                              for sp, _ in splits),
           *(cell(m, lambda c, sp=sp: at(c, sp, 1, "steps")["ce"], "{:.3f}") for sp, _ in splits),
-          *(cell(m, lambda c, sp=sp: at(c, sp, 1, "exact")) for sp, _ in splits)] for m in RUNS])
+          *(cell(m, lambda c, sp=sp: at(c, sp, 1, "exact")) for sp, _ in splits)] for m in labels])
     thinking = measure.markdown_table(
         ["model", "thinking steps", "accuracy in", "accuracy OOD", "exact match in", "exact match OOD"],
         [[m, label, *(cell(m, lambda c, sp=sp, t=t: at(c, sp, t, "steps")["acc"]) for sp, _ in splits),
@@ -483,12 +566,13 @@ def task_tables(runs, seeds):
         ["model, text", *(f"step {k}" for k in range(1, most + 1))],
         [[f"{m} {name}", *(cell(m, lambda c, sp=sp, k=k: c[sp]["argmax changed"].get(k), "{:.0%}")
                           for k in range(1, most + 1))] for m in EBTS for sp, name in splits])
+    digits = {"all": "answer tokens", "carry": "digits carried into", "no carry": "digits not carried into",
+              "long carry": "digits a carry came 2+ places to"}
     adaptive = measure.markdown_table(
-        ["model, tolerance", *(f"{what}, {name}" for _, name in splits for what in ("answer tokens", "digits carried into",
-                                                                                     "digits not carried into"))],
+        ["model, tolerance", *(f"{what}, {name}" for _, name in splits for what in digits.values())],
         [[f"{m}, {tol:g}", *(cell(m, lambda c, sp=sp, w=w, tol=tol: c[sp]["adaptive"][tol][w], "{:.2f}")
-                             for sp, _ in splits for w in ("all", "carry", "no carry"))] for m in EBTS for tol in TOLERANCES])
-    return learning, thinking, verify, changes, adaptive
+                             for sp, _ in splits for w in digits)] for m in EBTS for tol in TOLERANCES])
+    return learning(models), thinking, verify, changes, adaptive, curve and learning([*curve, *EBTS])
 
 
 def plot_task(runs, seeds, path):
@@ -534,8 +618,9 @@ def main(argv=None):
     device = cli.pick_device(args.device)
     if args.part in ("all", "text"):
         text_part(args, out, report_dir, device)
-    if args.part in ("all", "task"):
-        task_part(args, out, report_dir, device)
+    for part in TASKS:
+        if args.part in ("all", part):
+            task_part(args, out, report_dir, device, part)
     if args.part in ("all", "images"):
         images_part(args, out, report_dir)
 
@@ -551,18 +636,24 @@ def write_section(path, title, body):
         head + "\n\n" + "\n\n".join(f"## {t}\n\n{b}" for t, b in kept.items()) + "\n"))
 
 
-def task_part(args, out, report_dir, device):
-    runs, seeds = task_runs(args, out, device), args.seeds
-    plot_task(runs, seeds, report_dir / "task.png")
-    learning, thinking, verify, changes, adaptive = task_tables(runs, seeds)
+def task_part(args, out, report_dir, device, part):
+    title, _, options, _ = TASKS[part]
+    (runs, plan, curve), seeds, digits = task_runs(args, out, device, part), args.seeds, options["digits"]
+    models = [m for m in plan if m not in curve]
+    plot_task(runs, seeds, report_dir / f"{part}.png")
+    plot_flops(runs, lambda c: at_trained(c)["ce"], "answer-token CE in distribution (nats)", title,
+               report_dir / f"{part}_flops.png")
+    learning, thinking, verify, changes, adaptive, curve_table = task_tables(runs, seeds, models, curve)
     report = "\n\n".join([
-        f"`python results.py --part task`: multi-digit addition (`data/addition.py`: operands of 1 to 5 digits, the "
-        f"sum written least significant digit first; OOD: 6 to 7 digits), `--preset {args.preset}`, {TASK_LENGTH} "
-        f"optimizer steps, every model at equal batch, seeds {' / '.join(map(str, seeds))} (each cell gives both). "
-        f"Answer tokens only (the sum's digits and the newline that ends it), {TASK_PROBLEMS} problems per text, "
-        "each read with the problems before it as context.",
+        f"`python results.py --part {part}`: multi-digit addition (`data/addition.py`: operands of 1 to {digits} digits, "
+        f"the sum written {'most' if options.get('ordinary') else 'least'} significant digit first; OOD: {digits + 1} "
+        f"to {digits + 2} digits), `--preset {args.preset}`, {TASK_LENGTH} optimizer steps, every model at equal batch, "
+        f"seeds {' / '.join(map(str, seeds))} (each cell gives both). Answer tokens only (the sum's digits and the "
+        f"newline that ends it), {TASK_PROBLEMS} problems per text, each read with the problems before it as context.",
         "T1. Teacher forcing at the trained steps (accuracy of the argmax, cross-entropy in nats), and exact match "
-        "of whole answers generated greedily (temperature 0) thinking the trained steps\n\n" + learning,
+        "of whole answers generated greedily (temperature 0) thinking the trained steps; beside the EBTs a "
+        "Transformer++ trained on each one's FLOPs and one of 8 layers at equal steps (training FLOPs: against the "
+        f"Transformer++'s {TASK_LENGTH} steps)\n\n" + learning,
         "T2. Thinking longer: the same after 1, the trained, 2x and 4x the trained steps (one candidate, no noise)"
         "\n\n" + thinking,
         "T3. Does the energy verify: across 16 candidates per answer token (trained steps, Langevin noise 1, the "
@@ -572,31 +663,40 @@ def task_part(args, out, report_dir, device):
         "T4. What each thinking step does: the share of answer tokens whose most likely value the step changes"
         "\n\n" + changes,
         "T5. Adaptive stopping (`--tolerance`, at most 4x the trained steps): mean steps a token thinks before "
-        "a step lowers its energy by less than the tolerance; harder tokens are the digits a carry comes into, "
-        "and the longer OOD sums\n\n" + adaptive])
-    write_section(report_dir / "results.md", "The addition task", report)
-    rundir.write_atomically(out / "task.json", lambda tmp: tmp.write_text(
+        "a step lowers its energy by less than the tolerance; harder tokens are the digits a carry comes into "
+        "(the more, the farther it came: `addition.carry_chains`), and the longer OOD sums\n\n" + adaptive,
+        *([f"T6. Data against FLOPs: the Transformer++'s learning curve (as T1) beside the EBTs at {TASK_LENGTH} "
+           "steps: how many steps reach their accuracy, and the FLOPs each side spent\n\n" + curve_table]
+          if curve else [])])
+    write_section(report_dir / "results.md", title, report)
+    rundir.write_atomically(out / f"{part}.json", lambda tmp: tmp.write_text(
         json.dumps({f"{m}|{s}": c for (m, s), c in runs.items()}, indent=1) + "\n"))
     print(report)
-    print(f"wrote {report_dir / 'results.md'} (its addition task section), {report_dir / 'task.png'}, {out / 'task.json'}")
+    print(f"wrote {report_dir / 'results.md'} (its section {title}), {report_dir / part}.png, "
+          f"{report_dir / part}_flops.png, {out / part}.json")
 
 
 def text_part(args, out, report_dir, device):
     lengths, seeds = sorted(args.lengths), args.seeds
-    dirs = {(m, n, s): out / f"{prefix}-{n}-seed{s}" for m, (prefix, _) in RUNS.items() for n in lengths for s in seeds}
+    plans = {n: comparison(args, n, prepare.corpus().tokenizer.vocab_size) for n in lengths}
+    dirs = {(m, n, s): out / f"{prefix}-{steps}-seed{s}" for n in lengths for m, (prefix, _, steps, _) in plans[n].items()
+            for s in seeds}
     # the main comparison (the shortest length of 1500 steps or more) first: it matters most
     main_length = min((n for n in lengths if n >= 1500), default=max(lengths))
     for m, n, s in sorted(dirs, key=lambda key: (key[1] != main_length, key[1], key[2])):
-        ensure_text_run(args, RUNS[m][1], dirs[m, n, s], n, s)
+        ensure_text_run(args, plans[n][m][1], dirs[m, n, s], plans[n][m][2], s)
     label, prefix, flags = EXPERIMENT  # at the main length, first seed
     dirs[label, main_length, seeds[0]] = out / f"{prefix}-{main_length}-seed{seeds[0]}"
     ensure_text_run(args, flags, dirs[label, main_length, seeds[0]], main_length, seeds[0])
 
-    runs = {}
-    for key, d in dirs.items():
+    runs, models = {}, list(plans[main_length])
+    for (m, n, s), d in dirs.items():
         print(f"evaluating {d}", flush=True)
-        runs[key] = curves(d / "ckpt.pt", args.windows, device)
+        runs[m, n, s] = curves(d / "ckpt.pt", args.windows, device)
+        if m in plans[n]:
+            runs[m, n, s].update(family=family(plans[n], m), flops=plans[n][m][2] * plans[n][m][3])
     plot_gap(runs, lengths, seeds, report_dir / "gap.png")
+    plot_flops(runs, at_trained, "validation CE (nats/char)", "Tiny Shakespeare", report_dir / "flops.png")
     plot_curves(runs, main_length, seeds, "steps", report_dir / "thinking_steps.png")
     plot_curves(runs, main_length, seeds, "candidates", report_dir / "candidates.png")
     plot_gains(runs, lengths, seeds, report_dir / "gains.png")
@@ -606,7 +706,9 @@ def text_part(args, out, report_dir, device):
         f"split of Tiny Shakespeare and of the OOD text (pydoc_data.topics), `--preset {args.preset}`. "
         f"Per-seed values are given as {' / '.join(map(str, seeds))}; curves are means over the seeds.",
         "1. Learning: validation CE at the trained steps (S1 2, S2 3) and the EBTs' gap to the Transformer++, "
-        "at equal optimizer steps and batch\n\n" + learning_table(runs, lengths, seeds),
+        "at equal optimizer steps and batch; beside them a Transformer++ trained on each EBT's FLOPs (its steps "
+        "scaled by the ratio of FLOPs a step, same batch) and one of 8 layers at equal steps (FLOPs: 10)\n\n"
+        + learning_table(runs, lengths, seeds, models),
         f"2. CE against thinking steps (1 candidate, no noise), {main_length} optimizer steps\n\n"
         + curve_table(runs, main_length, seeds, "steps"),
         f"3. CE against self-verification candidates (trained steps; N > 1 with Langevin noise 1, lowest final "
@@ -627,6 +729,8 @@ def text_part(args, out, report_dir, device):
         f"9. Beyond the paper: {label} (`train_text.py {' '.join(flags)}`), {main_length} optimizer steps, "
         f"seed {seeds[0]}, beside the paper's S2 (2-3 steps): CE at the trained steps, and as in 6\n\n"
         + experiment_table(runs, label, main_length, seeds[0]),
+        f"10. FLOPs a training step (`bench.flops_per_step`: model FLOPs, matmuls only), {main_length} optimizer "
+        "steps; at the other lengths the same ratios\n\n" + flops_table(plans[main_length]),
     ])
     write_section(report_dir / "results.md", "Tiny Shakespeare", report)
     numbers = json.dumps({f"{m}|{n}|{s}": c for (m, n, s), c in runs.items()}, indent=1) + "\n"

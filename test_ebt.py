@@ -1998,7 +1998,34 @@ def test_bench_flop_count_is_a_counted_forward_times_three():
     matmuls = counter.get_total_flops()
     attention = 2 * 2 * B * cfg.n_layer * cfg.n_embd * S * (S + 1) // 2  # QK^T and AV, 2 FLOPs a multiply-add
     assert matmuls > 0 and attention > 0.1 * matmuls
-    assert bench.flops_per_step(cfg, B, S, 0) == pytest.approx(3 * (matmuls + attention), rel=0.01)
+    assert bench.flops_per_step(cfg, B, S) == pytest.approx(3 * (matmuls + attention), rel=0.01)
+
+
+@pytest.mark.parametrize("recipe", ["s1", "s2"])
+def test_bench_flop_count_of_an_ebt_step_is_what_learn_multiplies(recipe):
+    """An EBT's training step (TextEBT.learn) of each recipe, its matrix products counted as torch runs them:
+    bench's model FLOPs plus the context stream's forward it runs again (attention, which the count leaves out, is
+    ~2% at 4 positions). S2 trains its last step alone; its replay and random extra step are off: fixed counts."""
+    import bench
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+    counted = [0]
+
+    class Count(TorchDispatchMode):  # FlopCounterMode's hooks refuse the autograd.grad inside learn
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func._overloadpacket in flop_registry:
+                counted[0] += flop_registry[func._overloadpacket](*args, **(kwargs or {}), out_val=out)
+            return out
+    B, S = 3, 4
+    values = ebt.derive_thinking({**ebt.RECIPES[recipe], "vocab_size": 13, "random_steps": 0, "replay_size": 0})
+    cfg = config(block_size=S, **{k: v for k, v in values.items() if k in ebt.ModelConfig.__dataclass_fields__})
+    model, idx = ebt.build_model(cfg), torch.randint(13, (B, S))
+    with Count():
+        model.learn(idx, idx, 1.0)
+    recompute = 2 * B * S * cfg.n_layer * (4 * cfg.n_embd ** 2 + 3 * cfg.n_embd * cfg.mlp_hidden)
+    assert counted[0] == pytest.approx(bench.flops_per_step(cfg, B, S) + recompute, rel=0.05)
+    assert bench.flops_per_step(dataclasses.replace(cfg, replay_size=8), B, S) == 1.5 * bench.flops_per_step(cfg, B, S)
 
 
 @pytest.mark.parametrize("one, s2", [("transformer:0", False), ("ebt:2", False), ("ebt:3", True), ("image_ebt:1", False),
@@ -2038,31 +2065,39 @@ def test_results_trains_what_is_missing_then_reports_from_checkpoints(tmp_path, 
                   "4", "--report_steps", "2", "--passes", "1", "2", "--dataset", "grace_hopper"]
     monkeypatch.setattr(results, "IMAGE_RUNS", {k: v + tiny_image for k, v in results.IMAGE_RUNS.items()})
     monkeypatch.setattr(train_image, "DIT_PASSES", (1, 2))
-    monkeypatch.setattr(results, "TASK_DATA", tmp_path / "addition")
+    monkeypatch.setattr(results, "TASK_DATA", tmp_path)
     monkeypatch.setattr(results, "TASK_LENGTH", 2)
     monkeypatch.setattr(results, "TASK_PROBLEMS", 8)
+    monkeypatch.setitem(results.TASKS, "ordinary", (*results.TASKS["ordinary"][:3], (1, 2)))  # 2: the Transformer++'s
     write = results.addition.write
-    monkeypatch.setattr(results.addition, "write", lambda out_dir: write(out_dir, digits=2, n_train=3000, n_eval=100))
+    monkeypatch.setattr(results.addition, "write", lambda out_dir, **task: write(
+        out_dir, **{**task, "digits": 2}, n_train=3000, n_eval=100))
     argv = ["--seeds", "1", "2", "--lengths", "3", "--out_dir", str(tmp_path), "--report_dir", str(tmp_path),
             "--windows", "2", "--device", "cpu"]
     results.main(argv)
-    # every model at both seeds, the experiment at the first, the same on the task, the image runs
-    assert capsys.readouterr().out.count("$ python ") == len(results.RUNS) * 2 * 2 + 1 + len(results.IMAGE_RUNS)
+    # every model and baseline at both seeds, the experiment at the first, the same on each task and the ordinary
+    # sums' learning curve (1 step new), the image runs
+    assert capsys.readouterr().out.count("$ python ") == (len(results.RUNS) + 3) * 2 * 3 + 1 + 2 + len(results.IMAGE_RUNS)
     report = (tmp_path / "results.md").read_text()
-    assert report.index("## Tiny Shakespeare") < report.index("## The addition task")
+    assert report.index("## Tiny Shakespeare") < report.index("## The addition task") < report.index("## Sums in the")
     for section in ("T1. Teacher forcing", "T2. Thinking longer", "T3. Does the energy verify", "T4. What each",
-                    "T5. Adaptive stopping"):
-        assert section in report
+                    "T5. Adaptive stopping", "| Transformer++ = S2 FLOPs | ", "| Transformer++, 8 layers | "):
+        assert all(section in task for task in report.split("## The addition task")[1].split("## Sums in the")), section
+    assert "T6. Data against FLOPs" in report.split("## Sums in the")[1] and "| Transformer++, 1 steps | 0.50x |" in report
+    sums = json.loads((tmp_path / "ordinary.json").read_text())
+    assert sums["Transformer++, 2 steps|1"] == sums["Transformer++|1"] and sums["S1|1"]["flops"] > 4.9 * sums["Transformer++|1"]["flops"]
+    assert "long carry" in sums["S2|2"]["val"]["adaptive"]["0.01"]
     task = json.loads((tmp_path / "task.json").read_text())
     assert sorted(task["S2|1"]["ood"]["steps"]) == ["1", "12", "3", "6"] and list(task["Transformer++|2"]["val"]["steps"]) == ["1"]
     assert 0 <= task["S1|2"]["val"]["best of"]["oracle"]["16"]["acc"] <= 1 and (tmp_path / "task.png").stat().st_size > 0
     for section in ("1. Learning", "2. CE against thinking steps", "3. CE against self-verification",
                     "4. S2: what thinking changes", "5. S1, the same", "6. Does the energy rank",
-                    "7. The same at every training length", "8. What each thinking step does", "9. Beyond the paper"):
+                    "7. The same at every training length", "8. What each thinking step does", "9. Beyond the paper",
+                    "10. FLOPs a training step"):
         assert section in report
     assert "| 12 | " in report and "| S2, 6 steps OOD | 7 | " in report
     for f in ("gap.png", "thinking_steps.png", "candidates.png", "gains.png", "verifier.png", "image/psnr.png",
-              "image/psnr.md"):
+              "image/psnr.md", "flops.png", "task_flops.png", "ordinary.png", "ordinary_flops.png"):
         assert (tmp_path / f).stat().st_size > 0
     curves = json.loads((tmp_path / "results.json").read_text())
     assert curves["S2|3|1"]["trained"] == 3 and curves["S1|3|1"]["trained"] == 2
@@ -2078,19 +2113,31 @@ def test_results_trains_what_is_missing_then_reports_from_checkpoints(tmp_path, 
 
 
 def test_addition_problems_read_their_answers_and_carries_as_by_hand():
-    """95 + 17 = 112, written 211: no carry into the units, one into the tens (5 + 7) and the hundreds (95 + 17)."""
+    """95 + 17 = 112, written 211: no carry into the units, one into the tens (5 + 7) and the hundreds (95 + 17);
+    in the ordinary order the same carries, read the other way."""
     import results
-    from data import addition
-    text = "1+1=2\n" * 20 + "95+17=211\n"
     tok = CharTokenizer.fit("0123456789+=\n")
-    p = results.task_problems(text, tok, 16, 100)
-    last = {k: v[-1] for k, v in p.items()}
-    assert p["answers"][-1] == "211\n" and tok.decode(last["y"][last["answer"]].tolist()) == "211\n"
-    assert last["carry"][last["answer"]].tolist() == [False, True, True, False]
-    assert tok.decode(last["prompts"].tolist()).endswith("95+17=") and len(last["prompts"]) == 6
-    assert tok.decode(last["x"].tolist()) + "\n" == text[-17:] and not last["carry"][~last["answer"]].any()
-    generated = addition.problems(500, 0, (1, 3))
-    assert all(int(line.split("=")[1][::-1]) == eval(line.split("=")[0]) for line in generated.splitlines())
+    for ordinary, written, chain in ((False, "211", [0, 1, 1, 0]), (True, "112", [1, 1, 0, 0])):
+        text = "1+1=2\n" * 20 + f"95+17={written}\n"
+        p = results.task_problems(text, tok, 16, 100, ordinary)
+        last = {k: v[-1] for k, v in p.items()}
+        assert p["answers"][-1] == written + "\n" and tok.decode(last["y"][last["answer"]].tolist()) == written + "\n"
+        assert last["chain"][last["answer"]].tolist() == chain
+        assert tok.decode(last["prompts"].tolist()).endswith("95+17=") and len(last["prompts"]) == 6
+        assert tok.decode(last["x"].tolist()) + "\n" == text[-17:] and not last["chain"][~last["answer"]].any()
+
+
+def test_addition_writes_sums_either_way_from_a_seed_and_measures_carry_chains():
+    from data import addition
+    assert addition.problems(4, 0, (1, 3)) == "63+4=76\n597+48=546\n55+323=873\n242+27=962\n"  # reversed, as before
+    for ordinary, order in ((False, -1), (True, 1)):
+        generated = addition.problems(500, 0, (1, 3), ordinary)
+        assert generated == addition.problems(500, 0, (1, 3), ordinary) != addition.problems(500, 1, (1, 3), ordinary)
+        assert all(line.split("=")[1][::order] == str(eval(line.split("=")[0])) for line in generated.splitlines())
+    assert addition.problems(3, 0, (1, 3), True).splitlines()[1] == "597+48=645"
+    # 95 + 5 = 100: the units make a carry, the tens (9 + 0) pass it on: it comes 2 places to the hundreds
+    assert addition.carry_chains(95, 5) == [0, 1, 2] and addition.carry_chains(55, 55) == [0, 1, 1]
+    assert addition.carry_chains(45, 54) == [0, 0] and addition.carry_chains(999, 1) == [0, 1, 2, 3]
 
 
 def test_ci_runs_the_test_command_the_readme_gives():

@@ -1,21 +1,24 @@
 """
 Multi-digit addition as characters: a task with one right answer, for the character tokenizer.
 
-One problem a line, the sum written least significant digit first:
+One problem a line, the sum written least significant digit first (--ordinary: as usual):
 
     123+45=861        (123 + 45 = 168, reversed)
     7+8=51            (15)
 
 Why reversed: a causal model writes the answer left to right, and carries travel from the low
-digits up. Written in the ordinary order, the first answer digit already depends on every carry;
-reversed, each digit depends on the two operand digits at its place and the carry just written
-(measured, Transformer++ at --preset cpu, 2000 steps, operands of 1 to 3 digits: 99.9% of answer
-tokens and 99.5% of answers right reversed, 92.8% and 76.5% in the ordinary order).
+digits up. Written in the ordinary order, the first answer digit already depends on every carry
+(one forward pass must resolve the whole chain); reversed, each digit depends on the two operand
+digits at its place and the carry just written (measured, Transformer++ at --preset cpu, 2000 steps,
+operands of 1 to 3 digits: 99.9% of answer tokens and 99.5% of answers right reversed, 92.8% and
+76.5% in the ordinary order). The ordinary order is the harder task on purpose: results.py --part
+ordinary trains on it with --digits 3 (OOD: 4 to 5 digits).
 Every answer character (the digits after '=' and the newline that ends them) has exactly one
 correct value given what precedes it; the operands are random. Each operand's digit count is
 drawn uniformly from a range, then the number uniformly among those with that many digits.
 
     python data/addition.py                 # data/addition/{train,val,ood}.txt
+    python data/addition.py --ordinary --digits 3 --out_dir data/addition-ordinary
     python train_text.py --data data/addition/train.txt
 
 train.txt and val.txt: operands of 1 to DIGITS digits (different seeds; short problems repeat,
@@ -29,14 +32,15 @@ import os
 import random
 
 
-def problems(n, seed, digits):
-    """n problems (a string, one a line) with operands of digits = (lo, hi) digits, from a seed."""
+def problems(n, seed, digits, ordinary=False):
+    """n problems (a string, one a line) with operands of digits = (lo, hi) digits, from a seed; the sum
+    reversed, or most significant digit first (ordinary)."""
     rng = random.Random(seed)
     number = lambda d: rng.randrange(10 ** (d - 1) if d > 1 else 0, 10 ** d)
     lines = []
     for _ in range(n):
         a, b = number(rng.randint(*digits)), number(rng.randint(*digits))
-        lines.append(f"{a}+{b}={str(a + b)[::-1]}\n")
+        lines.append(f"{a}+{b}={str(a + b)[::1 if ordinary else -1]}\n")
     return "".join(lines)
 
 
@@ -53,7 +57,18 @@ def answer_spans(text):
     return spans
 
 
-def write(out_dir, digits=5, n_train=200_000, n_eval=2_000, seed=0):
+def carry_chains(a, b):
+    """Per digit of a + b, least significant first, how far the carry into it has come: 0, none; 1, made at
+    the place below; k, made k places below and passed on by the k - 1 places between, whose digits sum to 9."""
+    chains, run = [], 0
+    for i in range(len(str(a + b))):
+        chains.append(run)
+        place = a // 10**i % 10 + b // 10**i % 10
+        run = 1 if place >= 10 else run + 1 if place == 9 and run else 0
+    return chains
+
+
+def write(out_dir, digits=5, n_train=200_000, n_eval=2_000, seed=0, ordinary=False):
     """train.txt and val.txt (operands of 1 to `digits` digits), ood.txt (digits + 1 to digits + 2)."""
     os.makedirs(out_dir, exist_ok=True)
     splits = {"train": (n_train, seed, (1, digits)), "val": (n_eval, seed + 1, (1, digits)),
@@ -61,7 +76,7 @@ def write(out_dir, digits=5, n_train=200_000, n_eval=2_000, seed=0):
     for name, (n, split_seed, operand_digits) in splits.items():
         path = os.path.join(out_dir, f"{name}.txt")
         with open(path + ".tmp", "w") as f:  # renamed when whole: an interrupted write leaves no split
-            f.write(problems(n, split_seed, operand_digits))
+            f.write(problems(n, split_seed, operand_digits, ordinary))
         os.replace(path + ".tmp", path)
         print(f"{path}: {n} problems, operands of {operand_digits[0]} to {operand_digits[1]} digits")
 
@@ -73,5 +88,6 @@ if __name__ == "__main__":
     parser.add_argument("--n_train", type=int, default=200_000)
     parser.add_argument("--n_eval", type=int, default=2_000, help="problems in val.txt and in ood.txt")
     parser.add_argument("--seed", type=int, default=0, help="train uses seed, val seed + 1, ood seed + 2")
+    parser.add_argument("--ordinary", action="store_true", help="write each sum most significant digit first")
     args = parser.parse_args()
-    write(args.out_dir, args.digits, args.n_train, args.n_eval, args.seed)
+    write(args.out_dir, args.digits, args.n_train, args.n_eval, args.seed, args.ordinary)
