@@ -362,8 +362,9 @@ class RunLog:
         line += f" | psnr {r['psnr']:.2f}" if "psnr" in r else ""
         line += f" | peak {r['peak_mem_mb'] / 1024:.1f} GB" if "peak_mem_mb" in r else ""
         eta = duration(elapsed / (r["step"] - first["step"]) * (first["max_steps"] - r["step"]))
-        eta = f"ETA {eta}" if r["step"] > 1 else f"first step {elapsed:.1f}s, start-up included"  # compiling too
-        self.say(line + f" | {r['tokens_per_s'] / 1e3:.1f}k tok/s | {eta}")
+        pace = f"{r['tokens_per_s'] / 1e3:.1f}k tok/s | ETA {eta}" if r["step"] > 1 else (
+            f"first step {elapsed:.1f}s, start-up included")  # compiling too: no pace to read yet
+        self.say(f"{line} | {pace}")
         if r.get("step_size", 1) <= 1.001 * ebt.MIN_STEP_SIZE and not self.warned:
             self.warned = True
             self.say(f"warning: alpha sits at its floor, {ebt.MIN_STEP_SIZE:g}: thinking hardly moves the candidate; "
