@@ -88,11 +88,8 @@ def explain(e):
                                                                        "Connection reset")):
         silent = rundir.silent_ranks()
         who = f"rank {', '.join(map(str, silent))}" if silent else "a peer rank"
-        ended = [r for r in silent or () if rundir.end_if_stopped(r)]
         return (f"{who} stopped answering: no reply within {rundir.dist_timeout():g} s (stopped, crashed or far too slow; "
-                "NANOEBT_DIST_TIMEOUT sets the wait); the last checkpoint is kept" + (
-                    f"; rank {', '.join(map(str, ended))}, stopped (SIGSTOP) on this machine, is ended now"
-                    if ended else ""))
+                "NANOEBT_DIST_TIMEOUT sets the wait); the last checkpoint is kept")
     return None
 
 

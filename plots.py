@@ -90,27 +90,6 @@ def plot_generation(model, generation, row=0):
     return plot_energy_trajectories(model, energies, title, "generated token number"), energies
 
 
-def plot_energy_heatmap(model, tokenizer, text, steps=None, seed=0):
-    """Per-token energy over thinking steps, tokens labelled: hard tokens stay high.
-    Returns (Figure, energies (T, K+1))."""
-    thought = measure.think_on_text(model, tokenizer, text, steps, seed)
-    energies = thought.energies()
-    per_row, T = 32, len(energies)  # a long text wraps into rows of readable labels
-    rows = (T + per_row - 1) // per_row
-    fig = figure(figsize=(0.26 * min(T, per_row) + 2.2, 1.9 * rows + 0.5), layout="constrained")
-    axes = fig.subplots(rows, 1, squeeze=False)[:, 0]
-    for r, ax in enumerate(axes):
-        part = slice(r * per_row, min(T, (r + 1) * per_row))
-        image = ax.imshow(energies[part].T.numpy(), aspect="auto", cmap="magma", interpolation="nearest",
-                          vmin=energies.min().item(), vmax=energies.max().item())
-        ax.set_xticks(range(part.stop - part.start), thought.labels[part], fontsize=10, family="monospace")
-        ax.set(ylabel="thinking step")
-    axes[-1].set(xlabel="predicted token")
-    axes[0].set_title("energy per token and step (bright = high = unsure)")
-    fig.colorbar(image, ax=list(axes), label="energy")
-    return fig, energies
-
-
 def which_prediction(tokenizer, thought, p):
     """The prediction a figure shows, as a reader finds it: the text it follows and its place."""
     return f"after {tokenizer.decode(thought.ids[max(0, p - 11):p + 1].tolist())!r} (token {p + 1} of {len(thought.labels)})"

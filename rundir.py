@@ -9,8 +9,6 @@ import fcntl
 import json
 import math
 import os
-import signal
-import socket
 import sys
 import time
 from dataclasses import asdict
@@ -75,17 +73,6 @@ def silent_ranks(wait=2.0):
         return None
 
 
-def end_if_stopped(rank):
-    """Kill a rank that is stopped (SIGSTOP) on this machine, and say whether it was: it can act on no signal but
-    SIGKILL, which torchrun sends only after 30 s. Its host and pid are in the store since it joined."""
-    with contextlib.suppress(Exception):  # another machine's rank, or one already gone: left as it is
-        host, pid = torch.distributed.distributed_c10d._get_default_store().get(f"nanoebt/pid/{rank}").decode().split()
-        if host == socket.gethostname() and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T":
-            os.kill(int(pid), signal.SIGKILL)
-            return True
-    return False
-
-
 def join_process_group(device):
     """Under torchrun (RANK set) join the process group, with a timeout so that a rank that stops answering
     is named (failure) instead of waited for for 30 minutes: gloo for CPU tensors (the flags every rank
@@ -96,8 +83,6 @@ def join_process_group(device):
     if not dist.is_initialized():
         dist.init_process_group("cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo",
                                 timeout=datetime.timedelta(seconds=dist_timeout()))
-        store = dist.distributed_c10d._get_default_store()  # where end_if_stopped finds this rank
-        store.set(f"nanoebt/pid/{dist.get_rank()}", f"{socket.gethostname()} {os.getpid()}")
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)

@@ -5,7 +5,7 @@ are plots.py's, the measurements measure.py's.
     python sample.py --out_dir out-text --prompt "ROMEO:" --num_tokens 300
     python sample.py --steps 8 --candidates 4 --top_k 10    # think longer, keep the lowest-energy candidate
     python sample.py --steps 16 --tolerance 1e-3            # adaptive: stop a token once a step hardly lowers its energy
-    python sample.py --plots plots/                         # 5 PNGs of the thinking behind the text
+    python sample.py --plots plots/                         # 4 PNGs of the thinking behind the text
     python sample.py --eval --plots plots/                  # perplexity vs steps and candidates, val and OOD
 """
 import cli  # first: a Ctrl-C while torch loads exits quietly
@@ -22,8 +22,8 @@ import plots
 import rundir
 from data.text import read_text
 
-PLOTS = {"energy_per_step": plots.plot_energy_per_step, "energy_heatmap": plots.plot_energy_heatmap,
-         "energy_landscape": plots.plot_energy_landscape, "distribution_sharpening": plots.plot_distribution_sharpening}
+PLOTS = {"energy_per_step": plots.plot_energy_per_step, "energy_landscape": plots.plot_energy_landscape,
+         "distribution_sharpening": plots.plot_distribution_sharpening}
 
 
 def parse_args(argv=None):

@@ -729,7 +729,7 @@ def test_sampling_follows_the_distribution_top_k_and_temperature():
 
 
 @pytest.mark.parametrize("plot, numbers_shape", [
-    (plots.plot_energy_per_step, (10, 4)), (plots.plot_energy_heatmap, (10, 4)),
+    (plots.plot_energy_per_step, (10, 4)),
     (plots.plot_energy_landscape, (9, 9)), (plots.plot_distribution_sharpening, (4, 17))])
 def test_plot_functions_return_a_figure_and_write_a_png(plot, numbers_shape, tmp_path):
     tokenizer = CharTokenizer.fit(synthetic_text())
@@ -742,18 +742,6 @@ def test_plot_functions_return_a_figure_and_write_a_png(plot, numbers_shape, tmp
     fig.savefig(tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "plot.png").stat().st_size > 1000
     assert fig._repr_png_()[:4] == b"\x89PNG"  # Jupyter shows it by itself, with no %matplotlib inline
-
-
-def test_a_long_heatmap_wraps_into_rows_of_readable_labels():
-    tokenizer = CharTokenizer.fit(synthetic_text())
-    model = tiny(vocab_size=tokenizer.vocab_size, block_size=48).eval()
-    text = "the cat sat on the mat and the dog sat on the log"[:45]
-    fig, energies = plots.plot_energy_heatmap(model, tokenizer, text, steps=2)
-    rows = fig.axes[:-1]  # and the colour bar
-    assert len(energies) == 44 and len(rows) == 2
-    assert [len(ax.get_xticklabels()) for ax in rows] == [32, 12]
-    assert all(label.get_fontsize() >= 9 for ax in rows for label in ax.get_xticklabels())
-    assert "".join(t.get_text() for ax in rows for t in ax.get_xticklabels()) == text[1:].replace(" ", "␣")
 
 
 def test_plots_default_to_thinking_longer_than_trained_with_integer_ticks():
@@ -1029,7 +1017,7 @@ def test_sample_generates_and_saves_plots(checkpoints, tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("the cat") and len(r.stdout.rstrip("\n")) >= len("the cat") + 12
     assert "steps used" in r.stderr
-    for name in ("energy_per_step", "energy_heatmap", "energy_landscape", "distribution_sharpening", "generation"):
+    for name in ("energy_per_step", "energy_landscape", "distribution_sharpening", "generation"):
         assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 1000
 
 
@@ -2860,9 +2848,9 @@ def test_a_stalled_rank_is_named_within_the_stated_time(tmp_path, text_file):
                         tmp_path, env={"NANOEBT_DIST_TIMEOUT": "2"})
     wait_for_step(procs, tmp_path / "o" / "metrics.jsonl", 3)
     procs[1].send_signal(signal.SIGSTOP)
-    try:  # rank 0 gives up, names rank 1 and ends it: stopped, it could act on no other signal (nor torchrun's)
-        assert procs[0].wait(timeout=120) == 2 and procs[1].wait(timeout=120) == -signal.SIGKILL
+    try:  # rank 0 gives up and names rank 1 (torchrun would end it)
+        assert procs[0].wait(timeout=120) == 2
     finally:
         procs[1].kill()
     err = (tmp_path / "rank0.log").read_text().splitlines()[-1]
-    assert err.startswith("error: rank 1 stopped answering: no reply within 2 s") and "is ended now" in err, err
+    assert err.startswith("error: rank 1 stopped answering: no reply within 2 s"), err

@@ -6,26 +6,18 @@ One problem a line, the sum written least significant digit first (--ordinary: a
     123+45=861        (123 + 45 = 168, reversed)
     7+8=51            (15)
 
-Why reversed: a causal model writes the answer left to right, and carries travel from the low
-digits up. Written in the ordinary order, the first answer digit already depends on every carry
-(one forward pass must resolve the whole chain); reversed, each digit depends on the two operand
-digits at its place and the carry just written (measured, Transformer++ at --preset cpu, 2000 steps,
-operands of 1 to 3 digits: 99.9% of answer tokens and 99.5% of answers right reversed, 92.8% and
-76.5% in the ordinary order). The ordinary order is the harder task on purpose: results.py --part
-ordinary trains on it with --digits 3 (OOD: 4 to 5 digits).
-Every answer character (the digits after '=' and the newline that ends them) has exactly one
-correct value given what precedes it; the operands are random. Each operand's digit count is
-drawn uniformly from a range, then the number uniformly among those with that many digits.
+Reversed, each answer digit depends on the two operand digits at its place and the carry just written; in
+the ordinary order the first answer digit already depends on every carry, so one forward pass must resolve
+the whole chain (the harder task, on purpose: results.py --part ordinary). Every answer character (the
+digits after '=' and the newline) has one correct value given what precedes it; each operand's digit count
+is drawn uniformly from a range, then the number uniformly among those with that many digits.
 
     python data/addition.py                 # data/addition/{train,val,ood}.txt
     python data/addition.py --ordinary --digits 3 --out_dir data/addition-ordinary
     python train_text.py --data data/addition/train.txt
 
-train.txt and val.txt: operands of 1 to DIGITS digits (different seeds; short problems repeat,
-there are only 100 one-digit pairs); ood.txt: operands of DIGITS+1 to DIGITS+2 digits, more than any
-training problem, in the same 13 characters. DIGITS 5 (the default) was calibrated on the
-Transformer++ baseline at --preset cpu, 2000 steps: about 60% of answer tokens right in
-distribution (3 digits: 99.9%, 6: 47%), 19% out of distribution.
+train.txt and val.txt: operands of 1 to DIGITS digits (different seeds); ood.txt: DIGITS+1 to DIGITS+2
+digits, in the same 13 characters. How DIGITS 5 was calibrated: data/README.md.
 """
 import argparse
 import os
