@@ -1,18 +1,12 @@
 """
-Training throughput and memory: the EBT with 1, 2 and 3 thinking steps against the
-Transformer++ on the same backbone and batch. Then generation speed of the EBT: with the
-KV cache, recomputing the context stream per token, and recomputing everything per token.
+Training throughput and memory: the EBT with 1, 2 and 3 thinking steps against the Transformer++ on the same
+backbone and batch. Then the EBT's generation speed: KV-cached, and recomputed per token (context, or everything).
 
     python bench.py                      # CPU preset size (4 layers, width 128, batch 16 x 64)
     python bench.py --device cuda --n_layer 6 --n_embd 384 --n_head 6 --block_size 256 --batch_size 64
-    python bench.py --only transformer:0 ebt:2 --no_generation --profile   # where a step's time goes
+    python bench.py --only transformer:0 ebt:2 --no_generation       # two configurations, training only
 
-Each configuration runs in its own process. Peak memory on CUDA is
-torch.cuda.max_memory_allocated. On CPU it is a process's peak resident set size minus its
-size before the first training step (torch itself and the model are the same for all): the
-memory column from a second process in which glibc returns every freed block, so that it
-follows what is allocated, as on CUDA (allocated_memory_env); the resident-set column from
-the timing process, which also counts what glibc keeps after it is freed.
+How each column is measured, and why (memory on CPU from a second process): assets/speed.md.
 """
 import cli  # first: a Ctrl-C while torch loads exits quietly
 import argparse
@@ -21,12 +15,10 @@ import copy
 import json
 import os
 import resource
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -37,26 +29,21 @@ import ebt
 import image_models  # noqa: F401  (the image kinds)
 import rundir
 import train_text
-from data import prepare
-from data.text import SHAKESPEARE, TextData
 from measure import markdown_table
 
 HERE = Path(__file__).resolve().parent
 
 
 def flops_per_step(cfg, B, S):
-    """Model FLOPs of one training step (matmuls only), the one count results.py compares models by. Elementwise
-    work is left out: at the CPU preset it is about half of a Transformer++ step's time and more of an EBT step's
-    (it is differentiated twice), so measured time ratios sit above these FLOP ratios at small widths.
+    """Model FLOPs of one training step, matrix products only: what MFU counts and results.py compares models by.
+    Elementwise work is left out: at the CPU preset about half of a Transformer++ step's time, more of an EBT's
+    (differentiated twice), so measured time ratios sit above these FLOP ratios at small widths.
 
-    One forward of one stream over B x S tokens costs F = 2 * B * S * (weights a token meets) + attention. A
-    Transformer++ step is forward + backward = 3F. An EBT step is 3F for the context stream (forward and backward
-    once, reused at every thinking step), then per thinking step the prediction stream forward (F) and the gradient
-    with respect to the logits (F: input gradients only); a trained step adds the backward of both through the loss
-    (weight and input gradients of each: 4F). So S1 (2 steps, both trained) ~ (3 + 12) F against 3F, 5x; S2 (2 or 3
-    steps, the last trained, half a batch more replayed) ~ 1.5 (3 + 9) F, 6x. These are model FLOPs (what MFU
-    counts): nanoEBT's training step runs the context stream's forward once more, trading F of recomputation for
-    the memory of its activations (TextEBT.learn).
+    One forward of one stream over B x S tokens costs F. A Transformer++ step is 3F. An EBT step is 3F for the
+    context stream (reused at every thinking step), then per thinking step the prediction stream's forward and its
+    gradient with respect to the logits (2F); a trained step adds the backward of both through the loss (4F). So S1
+    (2 steps, both trained) ~ (3 + 12) F, 5x; S2 (the last step trained, half a batch more replayed) ~ 1.5 (3 + 9) F,
+    6x. Not counted: the context stream's second forward (TextEBT.learn trades F of time for its activations' memory).
     """
     D, L, V, hidden = cfg.n_embd, cfg.n_layer, cfg.vocab_size, cfg.mlp_hidden
     per_token = L * (3 * D * D + D * D + 3 * D * hidden)  # qkv, proj, SwiGLU weights
@@ -112,17 +99,10 @@ def measure(kind, steps, args, rounds=(None,), ready=lambda: None):
         rss_before = peak_rss()
     ready()
     flops = flops_per_step(cfg, args.batch_size, args.block_size)
-    for i, _ in enumerate(rounds):
+    for _ in rounds:
         times = sorted(timed(step, device) for _ in range(args.iters))
         dt = times[len(times) // 2]  # the median step: this shared machine has noisy neighbours
-        # on CPU what training added to the process: peak RSS minus the RSS with the model built
         peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else peak_rss() - rss_before
-        if args.profile and i == 0:  # where a step's time goes, to stderr (main passes it on)
-            with torch.profiler.profile() as prof:
-                timed(step, device)
-            sort = "self_device_time_total" if device.startswith("cuda") else "self_cpu_time_total"
-            print(f"{kind}, {steps} thinking steps: one training step\n"
-                  + prof.key_averages().table(sort_by=sort, row_limit=15), file=sys.stderr)
         yield {"model": kind, "steps": steps, "step_s": dt, "tokens_per_s": args.batch_size * args.block_size / dt,
                "peak_mb": peak / 2**20, "estimate_mb": rundir.training_memory(cfg, args.batch_size, args.compile) / 2**20,
                "tflops": flops / dt / 1e12, "device": device, "compile_s": compile_s}
@@ -138,33 +118,25 @@ def timed(fn, device):
     return time.perf_counter() - t
 
 
-def high_water_mark(pid="self"):
-    """A process's peak resident set in bytes from /proc (Linux: VmHWM, which clear_refs resets); None where /proc
-    has none (another system, a process gone or ended)."""
+def peak_rss():
+    """This process's peak resident set in bytes: VmHWM on Linux (which clear_refs resets), else ru_maxrss."""
     with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM"):
                 return int(line.split()[1]) * 1024
-    return None
-
-
-def peak_rss():
-    """This process's peak resident set in bytes: its high-water mark, else ru_maxrss (in bytes on macOS)."""
-    return high_water_mark() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (
-        1 if sys.platform == "darwin" else 1024)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def allocated_memory_env():
     """glibc's malloc keeps freed blocks for reuse; mapped on its own, each block of 64 kB or more is returned when
-    freed, and the peak resident set follows what is allocated (see the top). Slower: no timing is taken from it."""
+    freed, and the peak resident set follows what is allocated, as on CUDA. Slower: no timing is taken from it."""
     return {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
-def measure_alternating(ones, argv, rounds, env=None, echo_stderr=False):
-    """measure() of each "kind:steps" in a process of its own (each peak its own), built and warmed up (compiled)
-    one at a time, then timed in rounds that alternate between them, the order turned each round: a neighbour's
-    load on this shared machine falls on every configuration of a round alike. Returns, per configuration, its
-    last measurement with step_s and tokens_per_s from its median round, and rounds_s, its step time each round."""
+def measure_alternating(ones, argv, rounds, env=None):
+    """measure() of each "kind:steps" in a process of its own (each peak its own), built and warmed up one at a time,
+    then timed in rounds alternating between them, the order turned each round: a neighbour's load falls on each of
+    a round alike. Per configuration: its last measurement, step_s and tokens_per_s from its median round, rounds_s."""
     workers = []
 
     def answer(proc, err, one):  # a line of the worker's, or its one-line error as ours (exit code 2)
@@ -195,9 +167,6 @@ def measure_alternating(ones, argv, rounds, env=None, echo_stderr=False):
             with contextlib.suppress(OSError):
                 proc.stdin.close()  # the end of its rounds
             proc.wait()
-            if echo_stderr:
-                err.seek(0)
-                sys.stderr.write(err.read())
             err.close()
     rows = []
     for i in range(len(ones)):
@@ -209,13 +178,9 @@ def measure_alternating(ones, argv, rounds, env=None, echo_stderr=False):
 
 
 def time_generation(args, contexts=(64, 128, 256), new_tokens=16):
-    """Tokens/s of EBT generation (2 thinking steps, 1 candidate) for a window growing to
-    each context length C (prompt of C - new_tokens random tokens):
-    - cached: generate() with the KV cache of the context stream;
-    - context recompute: generate(use_cache=False), the context stream re-run per token;
-    - the reference's way: per token, each thinking step runs both streams over the whole
-      window again (the paper's code re-runs all 2C tokens at every step), read off the last
-      prediction; like the cached path it scores the final state."""
+    """Tokens/s of EBT generation (2 thinking steps, 1 candidate) for a window growing to each context length C:
+    cached, the context stream recomputed, and the reference's way (the paper's code re-runs all 2C tokens at
+    every thinking step); each scores the final state."""
     device = cli.pick_device(args.device)
     torch.manual_seed(0)
     cfg = ebt.ModelConfig(vocab_size=args.vocab_size, block_size=max(contexts), n_layer=args.n_layer,
@@ -287,9 +252,8 @@ def summarise_run(records, max_steps):
 
 
 def gpu_check(out, args):
-    """Issue 23's GPU measurements, most telling first, each written to OUT/gpu_check.json as soon as it is
-    made (a run cut short keeps what it measured): this benchmark at the size given (the GPU preset:
-    --n_layer 6 --n_head 6 --n_embd 384 --block_size 256 --batch_size 64), then the default text run."""
+    """The GPU measurements of assets/speed.md ("Ready for the next GPU"), most telling first, each written to
+    OUT/gpu_check.json as soon as it is made: a run cut short keeps what it measured."""
     runs = Path(tempfile.mkdtemp())  # checkpoints stay out of OUT: only the summary and logs go there
     cuda = torch.cuda.is_available()
     result = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__}
@@ -319,77 +283,6 @@ def gpu_check(out, args):
     keep("cuda tests", (r.stdout.strip().splitlines() or [f"pytest printed nothing: {r.stderr[-500:]}"])[-1])
 
 
-def run_measured(argv, until=None, env=None):
-    """Run a command to its end: (seconds until a line of its output holds `until`, else to its end; its peak
-    resident set in MB; its output). The peak is the command's own high-water mark (Linux: VmHWM, read every
-    10 ms): the rusage a parent reads also holds the parent's own peak, which a spawned child inherits."""
-    start, first, lines, peak = time.time(), None, [], [0.0]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE,
-                            env={**os.environ, **(env or {})})
-
-    def watch():
-        while not ended.is_set():
-            peak[0] = max(peak[0], (high_water_mark(proc.pid) or 0) / 2**20)
-            time.sleep(0.01)
-    ended, watcher = threading.Event(), threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    for line in proc.stdout:
-        lines.append(line)
-        if first is None and until and until in line:
-            first = time.time() - start
-    _, status, usage = os.wait4(proc.pid, 0)
-    ended.set()
-    watcher.join()
-    if status:
-        raise ebt.UsageError(f"{' '.join(map(str, argv[:3]))} ... failed: {''.join(lines[-3:]).strip()}")
-    return first or time.time() - start, peak[0] or usage.ru_maxrss / 1024, "".join(lines)
-
-
-BPE_OFFLINE = ("import sys, tiktoken, test_ebt; enc = test_ebt.small_bpe(); tiktoken.get_encoding = lambda name: enc; "
-               "from data import prepare; prepare.main(sys.argv[1:])")  # the tests' BPE: GPT-2's files need a network
-
-
-def corpus_check(sizes_mb, old=None):
-    """Your own corpus, measured: Tiny Shakespeare repeated to each size (in a temporary folder), prepared
-    (characters; BPE with the tests' offline encoding) and trained from (a prepared folder; the plain file, first
-    into its cache, then from it). old: a checkout of an earlier nanoEBT, whose train_text.py reads the file whole."""
-    rows = []
-    train = [sys.executable, "train_text.py", "--preset", "cpu", "--max_steps", "1", "--log_interval", "1",
-             "--eval_batches", "1", "--device", "cpu"]
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp, text = Path(tmp), "".join(prepare.chunks(SHAKESPEARE))
-        for mb in sizes_mb:
-            corpus = tmp / f"corpus-{mb}mb.txt"
-            with open(corpus, "w") as f:
-                for _ in range(max(1, round(mb * 1e6 / len(text)))):
-                    f.write(text)
-            size, row = corpus.stat().st_size / 1e6, {"MB": mb}
-            for kind, argv in (("char", [sys.executable, "data/prepare.py"]), ("bpe", [sys.executable, "-c", BPE_OFFLINE])):
-                seconds, rss, _ = run_measured([*argv, str(corpus), "--out_dir", str(tmp / kind), "--tokenizer",
-                                                "char" if kind == "char" else "gpt2", "--overwrite"])
-                row[f"prepare {kind}"] = {"MB/s": size / seconds, "peak MB": rss}
-            cache = {"NANOEBT_CACHE": str(tmp / "cache")}
-            trains = [("train, prepared", train, tmp / "char", None), ("train, file (prepares)", train, corpus, cache),
-                      ("train, file (cached)", train, corpus, cache)]
-            if old and mb <= 100:  # it holds 19 bytes a character: 1 GB would not fit this machine's 24 GB
-                before = [sys.executable, str(Path(old) / "train_text.py"), *train[2:]]
-                trains.append(("train, file (before)", before, corpus, None))
-            for name, command, data, env in trains:
-                seconds, rss, _ = run_measured([*command, "--data", str(data), "--out_dir", str(tmp / "run"),
-                                                "--eval_interval", "1000"], until="step 1/1", env=env)
-                shutil.rmtree(tmp / "run")
-                row[name] = {"first step s": seconds, "peak MB": rss}
-            batch = TextData(*(lambda c: (c.train, c.val))(prepare.Corpus(tmp / "char")), 64)
-            g, start = torch.Generator().manual_seed(0), time.perf_counter()
-            for _ in range(100):
-                batch.batch("train", 16, g)
-            row["batch ms"] = (time.perf_counter() - start) * 10
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            corpus.unlink()
-    return rows
-
-
 def main(argv=None):
     cpu = train_text.PRESETS["cpu"]  # the default size: train_text.py's CPU preset
     p = cli.ArgumentParser(description=__doc__)
@@ -411,24 +304,18 @@ def main(argv=None):
                    help="backpropagate an EBT's loss at once, not one thinking step at a time (for comparison)")
     p.add_argument("--only", nargs="+", help="configurations to measure, e.g. transformer:0 ebt:2 (default: all)")
     p.add_argument("--no_generation", action="store_true", help="training only")
-    p.add_argument("--profile", action="store_true", help="also print the torch profiler's operators of one training "
-                   "step of each configuration, by self time (to stderr)")
     p.add_argument("--gpu_check", metavar="OUT", help="the README's 'On one GPU' measurements, JSON in OUT")
     p.add_argument("--seconds", type=float, default=90, help="--gpu_check: wall time of each default text run")
-    p.add_argument("--corpus_check", type=float, nargs="+", metavar="MB", help="preparing and training from generated "
-                   "corpora of these sizes (MB): speed, memory, time to the first step")
-    p.add_argument("--old", help="--corpus_check: also time an earlier checkout's train_text.py (its folder)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one "kind:steps" and print JSON
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     limits = {"iters": (int, 1, 10_000), "rounds": (int, 1, 1000), "warmup": (int, 0, 10_000),
               "n_layer": (int, 1, 10_000), "n_head": (int, 1, 10_000), "n_embd": (int, 1, 10**5),
               "block_size": (int, 1, 10**5), "batch_size": (int, 1, 10**5), "vocab_size": (int, 1, 10**7),
-              "corpus_check": (float, 0.01, 100_000), "peak_tflops": (float, 1e-3, 1e6), "seconds": (float, 1, 10**6)}
+              "peak_tflops": (float, 1e-3, 1e6), "seconds": (float, 1, 10**6)}
     cli.check_flags({name: getattr(args, name) for name in limits}, limits)
-    for flag, mode in (("seconds", "gpu_check"), ("old", "corpus_check")):  # an impossible value would pass unseen
-        if any(a.split("=")[0] == f"--{flag}" for a in argv) and not getattr(args, mode):
-            print(f"warning: --{flag} is read only with --{mode}: ignored", file=sys.stderr)
+    if any(a.split("=")[0] == "--seconds" for a in argv) and not args.gpu_check:  # else a wrong value passes unseen
+        print("warning: --seconds is read only with --gpu_check: ignored", file=sys.stderr)
     if args.gpu_check:
         rundir.check_out_dir(args.gpu_check, "--gpu_check")
         if not cli.pick_device(args.device).startswith("cuda") and "--device" not in argv:
@@ -440,8 +327,6 @@ def main(argv=None):
                 or (kind in ebt.EBT_KINDS and steps.isdigit() and int(steps) > 0)):
             raise ebt.UsageError(f"--only {one}: each configuration is transformer:0, image_dit:0, image_regressor:0, "
                                  "or ebt:K or image_ebt:K with K >= 1 thinking steps")
-    if args.corpus_check:
-        return corpus_check(args.corpus_check, args.old)
     if args.gpu_check:
         return gpu_check(Path(args.gpu_check), args)
     if args.one:  # a worker of measure_alternating: "ready", then a measurement for each line it is sent
@@ -451,11 +336,11 @@ def main(argv=None):
         return
     cuda = cli.pick_device(args.device).startswith("cuda")
     ones = args.only or ("transformer:0", "ebt:1", "ebt:2", "ebt:3")
-    rows = measure_alternating(ones, argv, args.rounds, echo_stderr=args.profile)
+    rows = measure_alternating(ones, argv, args.rounds)
     for one, row in zip(ones, rows):
         if not cuda:  # memory again, with glibc returning every freed block (see allocated_memory_env)
-            allocated, = measure_alternating([one], [a for a in argv if a != "--profile"] + ["--iters", "1", "--warmup",
-                                             "2"], 1, env=allocated_memory_env())
+            allocated, = measure_alternating([one], [*argv, "--iters", "1", "--warmup", "2"], 1,
+                                             env=allocated_memory_env())
             row["resident_mb"], row["peak_mb"] = row["peak_mb"], allocated["peak_mb"]
     base = rows[0]  # the first configuration is the reference of the ratios
     print(f"device {base['device']}, torch {torch.__version__}, {torch.get_num_threads()} threads, "

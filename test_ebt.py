@@ -1565,8 +1565,8 @@ def test_flags_read_only_with_eval_warn_without_it(checkpoints):
                            "--data", "nan", "--ood", "-1", "--windows", "3")
     assert code == 0 and "warning: --data, --ood, --windows are read only with --eval: ignored" in err, err
     import bench
-    code, _, err = run_cli(bench.main, "--seconds=5", "--old", "x", "--only", "no:1")  # refused after the warnings
-    assert code == 2 and "warning: --seconds is read only with --gpu_check" in err and "--old is read only" in err, err
+    code, _, err = run_cli(bench.main, "--seconds=5", "--only", "no:1")  # refused after the warning
+    assert code == 2 and "warning: --seconds is read only with --gpu_check" in err, err
 
 
 def test_ctrl_c_in_sample_is_one_line(checkpoints, monkeypatch):
@@ -2022,7 +2022,7 @@ def test_bench_measures_a_training_step_of_each_configuration(one, s2):
     import argparse
     import bench
     args = argparse.Namespace(device="cpu", vocab_size=13, block_size=16, n_layer=1, n_head=2, n_embd=16,
-                              batch_size=2, iters=1, warmup=1, compile=False, s2=s2, one_backward=False, profile=False)
+                              batch_size=2, iters=1, warmup=1, compile=False, s2=s2, one_backward=False)
     kind, steps = one.split(":")
     row, again = bench.measure(kind, int(steps), args, rounds=range(2))
     assert again["step_s"] > 0 and row["model"] == kind and row["steps"] == int(steps) and row["step_s"] > 0 and row["tflops"] > 0
