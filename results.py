@@ -1,39 +1,14 @@
 """
-Re-create results.md and the plots of the README's "Results": the paper's claims tested at
-small scale, on character-level Tiny Shakespeare with the CPU preset of train_text.py, and on
-photographs (train_image.py: four to train on, two unseen to test on) with its defaults.
+Re-create assets/results.md and the plots of the README's "Results": the paper's claims tested at small
+scale on character-level Tiny Shakespeare (train_text.py's CPU preset), on addition problems and on
+photographs (train_image.py). Every run is an ordinary driver command, printed before it starts; an
+interrupted run is resumed. What each run and table is, and how long they took: assets/results.md.
 
     python results.py                    # train what is missing in out-results/, then report
     python results.py --seeds 1337       # one seed instead of two: the report goes to out-results/report
     python results.py --lengths 2000     # one training length (the 1500+ step comparison)
     python results.py --part task        # only the addition task: its section of results.md
     python results.py --part ordinary    # only the sums in the ordinary order (the first digit needs every carry)
-
-Runs: the Transformer++ and the EBT with the paper's recipes S1 and S2, each trained for every
-length in --lengths (optimizer steps; the learning-rate schedule follows each length) and seed,
-at equal batch, and beside them a Transformer++ on each EBT's FLOPs and one of 8 layers (comparison()).
-Every run is an ordinary train_text.py command, printed before it starts, so
-runs can also be launched by hand (in parallel) into the same directories; an interrupted run
-is resumed. From scratch, Tiny Shakespeare took 3 to 4 hours on 2 CPU cores before the baselines, which add
-an estimated 3; each addition task an estimated 4 (from the step times of the ordinary sums on one thread).
-
-Evaluation: cross-entropy on --windows random windows of the validation split and of an
-out-of-distribution text (Python's pydoc_data.topics), after 1 to 12 thinking steps (STEPS; one
-candidate, no noise) and with the best of N = 1 to 16 candidates (CANDIDATES; at the trained steps,
-the lowest final energy kept; N > 1 with the paper's inference Langevin noise, std 1). Does the
-energy verify: Spearman's correlation of final energy and cross-entropy across the 16 candidates of
-a position, and the best of N picked by energy, at random and by the truth; what each step changes.
-One run beyond the paper (EXPERIMENT) asks whether more thinking steps in training make the energy rank.
-
-The addition tasks (--part task: the sum reversed; --part ordinary: most significant digit first, and the
-Transformer++'s learning curve): the same models trained 2000 steps on data/addition.py's problems (one right
-answer per answer token), each seed, and measured on answer tokens in distribution and with more digits
-(task_scores).
-
-Writes results.md (every table, a section per part) and the plots gap.png, thinking_steps.png,
-candidates.png, gains.png, verifier.png, flops.png and PART.png, PART_flops.png per task to assets/
-(--report_dir), the image report (train_image.py --compare of the EBT S1 and S2, the DiT and the regressor,
-first seed) to assets/image/, and results.json and PART.json (every number, per run) to out-results/.
 """
 import cli  # first: a Ctrl-C while torch loads exits quietly
 import json
@@ -58,8 +33,6 @@ EBTS = ("S1", "S2")
 DEEPER = ("Transformer++, 8 layers", "transformer-8layers", ["--model", "transformer", "--n_layer", "8"])
 IMAGE_RUNS = {"ebt-s1": ["--model", "ebt"], "ebt-s2": ["--model", "ebt", "--recipe", "s2"],  # train_image.py flags
               "dit": ["--model", "dit"], "regressor": ["--model", "regressor"]}
-# beyond the paper, toward an energy that ranks its candidates: S2 trained to think 6-7 steps, not 2-3
-EXPERIMENT = ("S2, 6 steps", "s2-think6", ["--recipe", "s2", "--think_steps", "6"])
 STEPS = (1, 2, 3, 4, 6, 8, 12)
 CANDIDATES = (1, 2, 4, 8, 16)
 
@@ -92,9 +65,8 @@ def parse_args(argv=None):
 
 
 def ensure_trained(main, argv, out_dir, expect=None):
-    """Train (or finish training) the run in out_dir with a driver's main() unless its checkpoint is
-    complete: the same command, resumed. expect: config values an existing run must have (an earlier
-    results.py with another --preset left its runs in the same directories)."""
+    """Train the run in out_dir with a driver's main(), or resume it, unless its checkpoint is complete. expect:
+    config values an existing run must have (an earlier results.py with another --preset left its runs there)."""
     path = Path(out_dir) / "ckpt.pt"
     if path.exists():
         ckpt = rundir.load_checkpoint(path)
@@ -110,16 +82,13 @@ def ensure_trained(main, argv, out_dir, expect=None):
 
 
 def ensure_text_run(args, flags, out_dir, steps, seed):
-    """ensure_trained() of a train_text.py run of the --preset, for `steps` optimizer steps."""
     argv = ["--preset", args.preset, *flags, "--max_steps", str(steps), "--seed", str(seed), "--out_dir", str(out_dir),
             "--device", args.device]
     preset = {k: v for k, v in train_text.PRESETS[args.preset].items() if f"--{k}" not in flags}  # a flag overrides
-    expect = {**preset, "max_steps": steps, "seed": seed}
-    ensure_trained(train_text.main, argv, out_dir, expect)
+    ensure_trained(train_text.main, argv, out_dir, {**preset, "max_steps": steps, "seed": seed})
 
 
 def step_flops(args, flags, vocab_size):
-    """bench.flops_per_step of a train_text.py run of the --preset with these flags, configured as the driver does."""
     run = train_text.parse_args(flags)
     model = run.model or "ebt"
     recipe = ebt.RECIPES[run.recipe or "s1"] if model in ebt.EBT_KINDS else {}
@@ -169,25 +138,15 @@ def at_trained(c, split="val"):
 
 def gains(c, split):
     """What thinking does to one run on one text: thinking 2x and 4x the trained steps, and the
-    best of 4 and of 16 candidates against 1 (at the trained steps), as perplexity changes."""
+    best of N candidates against 1 (at the trained steps), as perplexity changes."""
     steps, cands, K = c[split]["steps"], c[split]["candidates"], c["trained"]
-    return {"2x steps": measure.ppl_change(steps[K], steps[2 * K]) if 2 * K in steps else float("nan"),
-            "4x steps": measure.ppl_change(steps[K], steps[4 * K]) if 4 * K in steps else float("nan"),
-            "best of 4": measure.ppl_change(cands[1], cands[4]),
-            "best of 16": measure.ppl_change(cands[1], cands[16])}
-
-
-def verifier_gains(c, split, n=max(CANDIDATES)):
-    """What the best of n candidates gains over a random one (perplexity change) when picked by energy,
-    and when picked by the truth (a perfect verifier)."""
-    best = c[split]["verifier"]["best of"]
-    return {pick: measure.ppl_change(best["random"][n], best[pick][n]) for pick in ("energy", "oracle")}
+    out = {f"{t}x steps": measure.ppl_change(steps[K], steps[t * K]) if t * K in steps else math.nan for t in (2, 4)}
+    return {**out, **{f"best of {n}": measure.ppl_change(cands[1], cands[n]) for n in CANDIDATES[1:]}}
 
 
 # Tables (markdown) -------------------------------------------------------------
 
 def learning_table(runs, lengths, seeds, models):
-    """Validation CE at the trained steps per model and length (the EBTs'), and the EBTs' gap."""
     head, rows = ["optimizer steps", *models, *(f"{m} gap" for m in EBTS)], []
     for n in lengths:
         ce = {m: [at_trained(runs[m, n, s]) for s in seeds] for m in models}
@@ -197,94 +156,70 @@ def learning_table(runs, lengths, seeds, models):
     return measure.markdown_table(head, rows)
 
 
-def curve_table(runs, length, seeds, kind):
-    """The EBTs' CE (mean over seeds) against thinking steps or candidates (kind), on each text."""
-    first = "thinking steps" if kind == "steps" else "candidates N"
-    head, rows = [first, *(f"{m} {split}" for split in ("val", "OOD") for m in EBTS)], []
-    for k in STEPS if kind == "steps" else CANDIDATES:
+def steps_table(runs, length, seeds):
+    """The CE after step k is the steps curve's after step 1 plus the verifier's changes of steps 2 to k: the same
+    descent, measured at every step (the curve only at STEPS)."""
+    columns = [(m, split) for split in ("val", "ood") for m in EBTS]
+    head, rows = ["thinking step", *(f"{m} {'val' if split == 'val' else 'OOD'}" for m, split in columns)], []
+    for k in range(1, max(STEPS) + 1):
         cells = [str(k)]
-        for split in ("val", "ood"):
-            for m in EBTS:
-                v = mean([runs[m, length, s][split][kind][k] for s in seeds])
-                trained = kind == "steps" and k == runs[m, length, seeds[0]]["trained"]
-                cells.append(f"{v:.3f}" + (" (trained)" if trained else ""))
+        for m, split in columns:
+            cs = [runs[m, length, s][split] for s in seeds]
+            ce = mean([c["steps"][1] + sum(c["verifier"]["CE change"][j] for j in range(2, k + 1)) for c in cs])
+            changed = mean([c["verifier"]["argmax changed"][k] for c in cs])
+            mark = " (trained)" if k == runs[m, length, seeds[0]]["trained"] else ""
+            cells.append(f"{ce:.3f} / {changed:.1%}{mark}")
         rows.append(cells)
     return measure.markdown_table(head, rows)
 
 
-def gains_table(runs, lengths, seeds, model):
-    kinds = ("2x steps", "4x steps", "best of 4", "best of 16")
-    head = ["optimizer steps", *(f"{k} {split}" for split in ("val", "OOD") for k in kinds)]
-    rows = [[str(n), *(" / ".join(f"{gains(runs[model, n, s], split)[k]:+.1f}%" for s in seeds)
-                       for split in ("val", "ood") for k in kinds)] for n in lengths]
+def gains_table(runs, lengths, seeds):
+    kinds = list(gains(runs["S2", lengths[0], seeds[0]], "val"))
+    head = ["model", "optimizer steps", *(f"{k} {split}" for split in ("val", "OOD") for k in kinds)]
+    rows = [[m, str(n), *(" / ".join(f"{gains(runs[m, n, s], split)[k]:+.1f}%" for s in seeds)
+                          for split in ("val", "ood") for k in kinds)] for m in ("S2", "S1") for n in lengths]
     return measure.markdown_table(head, rows)
 
 
 def flops_table(plan):
-    """Each model's FLOPs a training step (bench.flops_per_step) against the Transformer++'s, and its steps."""
     base = plan["Transformer++"][3]
     return measure.markdown_table(["model", "FLOPs a step", "x Transformer++", "optimizer steps", "training FLOPs"],
                                   [[m, f"{f:.3g}", f"{f / base:.2f}", str(n), f"{n * f:.3g}"]
                                    for m, (_, _, n, f) in plan.items()])
 
 
-VERIFIER_COLUMNS = ["Spearman(final energy, CE)", "Spearman(final energy, entropy)",
-                    f"best of {max(CANDIDATES)} by energy", f"best of {max(CANDIDATES)} by CE (oracle)"]
-
-
-def verifier_cells(cs, split):
-    """Does the energy rank its candidates (VERIFIER_COLUMNS, verifier_gains), one value per run of cs: "a / b"."""
-    return [*(" / ".join(f"{c[split]['verifier'][k]:+.2f}" for c in cs) for k in ("correlation", "entropy correlation")),
-            *(" / ".join(f"{verifier_gains(c, split)[pick]:+.1f}%" for c in cs) for pick in ("energy", "oracle"))]
-
-
 def verifier_table(runs, lengths, seeds):
-    """verifier_cells per model, text and training length."""
-    rows = [[str(length), f"{m} {'val' if split == 'val' else 'OOD'}",
-             *verifier_cells([runs[m, length, s] for s in seeds], split)]
-            for length in lengths for m in EBTS for split in ("val", "ood")]
-    return measure.markdown_table(["optimizer steps", "model, text", *VERIFIER_COLUMNS], rows)
-
-
-def step_effect_table(runs, length, seeds):
-    """Does a thinking step do anything: the share of positions whose most likely token it changes, and
-    its change of the cross-entropy (one noiseless candidate, means over seeds)."""
-    columns = [(m, split) for m in EBTS for split in ("val", "ood")]
-    head, rows = ["thinking step", *(f"{m} {'val' if split == 'val' else 'OOD'}" for m, split in columns)], []
-    for k in range(1, max(STEPS) + 1):
-        cells = [str(k)]
-        for m, split in columns:
-            v = [runs[m, length, s][split]["verifier"] for s in seeds]
-            mark = " (trained)" if k == runs[m, length, seeds[0]]["trained"] else ""
-            cells.append(f"{100 * mean([x['argmax changed'][k] for x in v]):.1f}% / "
-                         f"{mean([x['CE change'][k] for x in v]):+.4f}{mark}")
-        rows.append(cells)
-    return measure.markdown_table(head, rows)
-
-
-def experiment_table(runs, label, length, seed):
-    rows = []
-    for m in ("S2", label):
-        c = runs[m, length, seed]
-        for split in ("val", "ood"):
-            rows.append([f"{m} {'val' if split == 'val' else 'OOD'}", str(c["trained"]), f"{at_trained(c, split):.3f}",
-                         *verifier_cells([c], split)])
-    return measure.markdown_table(["model, text", "trained steps", "CE at the trained steps", *VERIFIER_COLUMNS], rows)
+    n, rows = max(CANDIDATES), []
+    gain = lambda x, pick: measure.ppl_change(x["best of"]["random"][n], x["best of"][pick][n])  # against a random pick
+    for length in lengths:
+        for m in EBTS:
+            for split in ("val", "ood"):
+                v = [runs[m, length, s][split]["verifier"] for s in seeds]
+                rows.append([str(length), f"{m} {'val' if split == 'val' else 'OOD'}",
+                             *(" / ".join(f"{x[k]:+.2f}" for x in v) for k in ("correlation", "entropy correlation")),
+                             *(" / ".join(f"{gain(x, pick):+.1f}%" for x in v) for pick in ("energy", "oracle"))])
+    return measure.markdown_table(["optimizer steps", "model, text", "Spearman(final energy, CE)",
+                                   "Spearman(final energy, entropy)", f"best of {n} by energy",
+                                   f"best of {n} by CE (oracle)"], rows)
 
 
 # Plots -------------------------------------------------------------------------
 
+def draw_seeds(ax, xs, ys, **style):
+    """The mean over seeds at each x, their range shaded: ys[j] holds every seed's value at xs[j]."""
+    ax.plot(xs, [mean(y) for y in ys], **{"marker": "o", **style})
+    ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=style["color"], alpha=0.15)
+
+
 def plot_gap(runs, lengths, seeds, path):
     fig = plots.figure(figsize=(9, 3.6), layout="constrained")
     ce_ax, gap_ax = fig.subplots(1, 2)
+    ce = lambda m, n: [at_trained(runs[m, n, s]) for s in seeds]
     for i, m in enumerate(RUNS):
-        ce_ax.plot(lengths, [mean([at_trained(runs[m, n, s]) for s in seeds]) for n in lengths], marker="o",
-                   color=f"C{i}", label=m)
+        draw_seeds(ce_ax, lengths, [ce(m, n) for n in lengths], color=f"C{i}", label=m)
     for i, m in enumerate(EBTS, 1):
-        gap = [[100 * (at_trained(runs[m, n, s]) / at_trained(runs["Transformer++", n, s]) - 1) for s in seeds]
-               for n in lengths]
-        gap_ax.plot(lengths, [mean(g) for g in gap], marker="o", color=f"C{i}", label=m)
-        gap_ax.fill_between(lengths, [min(g) for g in gap], [max(g) for g in gap], color=f"C{i}", alpha=0.15)
+        gap = [[100 * (e / t - 1) for e, t in zip(ce(m, n), ce("Transformer++", n))] for n in lengths]
+        draw_seeds(gap_ax, lengths, gap, color=f"C{i}", label=m)
     gap_ax.axhline(5, color="gray", ls=":", label="5% target")
     ce_ax.set(ylabel="validation CE (nats/char)", title="learning: CE at the trained steps")
     gap_ax.set(ylabel="EBT CE / Transformer++ CE - 1 (%)", title="the EBTs' gap to the Transformer++")
@@ -296,24 +231,21 @@ def plot_gap(runs, lengths, seeds, path):
 
 
 def plot_flops(runs, loss, ylabel, title, path):
-    """Loss against training FLOPs for every model, the mean over seeds: runs {key: scores with "family" and
-    "flops" (trained)}, loss(scores). Every Transformer++ of a size (equal steps, equal FLOPs, learning curve): one line."""
+    """Loss against training FLOPs, a line per model family: every Transformer++ of a size (equal steps, equal
+    FLOPs, learning curve) is one line. runs: {key: scores with "family" and "flops"}, loss(scores)."""
     fig = plots.figure(figsize=(6.4, 4), layout="constrained")
     ax = fig.subplots()
-    for i, name in enumerate(dict.fromkeys(c["family"] for c in runs.values() if "flops" in c)):
-        at = {}
-        for c in runs.values():
-            if c.get("family") == name:
-                at.setdefault(c["flops"], []).append(loss(c))
-        ax.plot(sorted(at), [mean(at[x]) for x in sorted(at)], marker="o", color=f"C{i}", label=name)
+    families = {}
+    for c in runs.values():
+        families.setdefault(c["family"], {}).setdefault(c["flops"], []).append(loss(c))
+    for i, (name, at) in enumerate(families.items()):
+        draw_seeds(ax, sorted(at), [at[x] for x in sorted(at)], color=f"C{i}", label=name)
     ax.set(xscale="log", xlabel="training FLOPs (bench.py's count)", ylabel=ylabel, title=title)
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=90)
 
 
 def plot_curves(runs, length, seeds, kind, path):
-    """CE against thinking steps or candidates (kind), one panel per text: each model's mean CE over seeds,
-    the range shaded; the Transformer++ (which does not think) dashed."""
     steps = kind == "steps"
     xlabel = "thinking steps (1 candidate)" if steps else "candidates N (trained steps, lowest energy kept)"
     fig = plots.figure(figsize=(9, 3.6), layout="constrained")
@@ -321,13 +253,9 @@ def plot_curves(runs, length, seeds, kind, path):
                                                        ("ood", "OOD (pydoc_data.topics)"))):
         for i, m in enumerate(RUNS):
             per_seed = [runs[m, length, s][split][kind] for s in seeds]
-            xs = list(per_seed[0])
-            ys = [[c[x] for c in per_seed] for x in xs]
-            flat = m == "Transformer++"
-            ax.plot(xs, [mean(y) for y in ys], marker=None if flat else "o", ls="--" if flat else "-",
-                    color=f"C{i}", label=m)
-            if len(seeds) > 1:
-                ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=f"C{i}", alpha=0.15)
+            xs, flat = list(per_seed[0]), m == "Transformer++"
+            draw_seeds(ax, xs, [[c[x] for c in per_seed] for x in xs], marker=None if flat else "o",
+                       ls="--" if flat else "-", color=f"C{i}", label=m)
             if steps and not flat:
                 ax.axvline(runs[m, length, seeds[0]]["trained"], color=f"C{i}", ls=":", lw=1,
                            label=f"{m}: trained steps")
@@ -342,12 +270,11 @@ def plot_curves(runs, length, seeds, kind, path):
 
 
 def plot_gains(runs, lengths, seeds, path):
-    """S2's thinking gains (perplexity change) against training length, val and OOD."""
     fig = plots.figure(figsize=(10, 3.8), layout="constrained")
     for ax, (split, name) in zip(fig.subplots(1, 2), (("val", "validation"), ("ood", "OOD"))):
         for i, kind in enumerate(("2x steps", "4x steps", "best of 4", "best of 16")):
             values = [[gains(runs["S2", n, s], split)[kind] for s in seeds] for n in lengths]
-            ax.plot(lengths, [mean(v) for v in values], marker="o", color=f"C{i}", label=kind)
+            draw_seeds(ax, lengths, values, color=f"C{i}", label=kind)
         ax.axhline(0, color="black", lw=0.8)
         ax.set(xscale="log", title=f"S2, {name}", xlabel="optimizer steps trained", ylabel="perplexity change (%)")
         plots.grid_at(ax, lengths)
@@ -357,8 +284,6 @@ def plot_gains(runs, lengths, seeds, path):
 
 
 def plot_verifier(runs, lengths, length, seeds, path):
-    """Does the energy rank its candidates: each EBT's candidates at a few validation positions (first
-    seed), the best of n by energy and by the truth against a random pick, and Spearman against training."""
     fig = plots.figure(figsize=(10, 7.6), layout="constrained")
     (s1_ax, s2_ax), (best_ax, length_ax) = fig.subplots(2, 2)
     for ax, m in ((s1_ax, "S1"), (s2_ax, "S2")):
@@ -369,13 +294,13 @@ def plot_verifier(runs, lengths, length, seeds, path):
             plots.draw_best_of(best_ax, runs[m, length, seeds[0]][split]["verifier"], f"{m} {name}",
                                f"C{i}" if split == "val" else f"C{i + 2}")
             spearman = [[runs[m, n, s][split]["verifier"]["correlation"] for s in seeds] for n in lengths]
-            length_ax.plot(lengths, [mean(r) for r in spearman], marker="o", ls="-" if split == "val" else "--",
-                           color=f"C{i}", label=f"{m} {name}")
+            draw_seeds(length_ax, lengths, spearman, ls="-" if split == "val" else "--", color=f"C{i}",
+                       label=f"{m} {name}")
     best_ax.set_title(f"best of n, {length} optimizer steps, seed {seeds[0]}", fontsize=10)
     best_ax.legend(fontsize=7, ncols=2, loc="lower left")
     length_ax.axhline(0, color="gray", lw=0.8)
-    length_ax.set(xscale="log", xlabel="optimizer steps trained", ylabel="Spearman(final energy, CE), seed mean")
-    length_ax.set_title("does ranking grow with training?", fontsize=10)
+    length_ax.set(xscale="log", xlabel="optimizer steps trained", ylabel="Spearman(final energy, CE), seed mean",
+                  title="does ranking grow with training?")
     plots.grid_at(length_ax, lengths)
     length_ax.legend(fontsize=8)
     fig.suptitle("does the energy rank its candidates? (16 candidates per position)")
@@ -396,11 +321,9 @@ TOLERANCES = (1e-2, 1e-3)  # adaptive stopping
 
 
 def task_problems(text, tokenizer, T, count, ordinary=False):
-    """The first `count` problems of a text (sums reversed, or in the ordinary order) that have T characters
-    before their answer's end, as what each measure reads: teacher-forcing windows x, y (count, T) whose targets
-    end with the answer; `answer` (count, T), True at the answer's targets (its digits and newline); `chain`
-    (count, T), at each answer digit how far the carry into it has come (addition.carry_chains; 0: none, and at
-    the newline); and for generation the prompts (count, T - 10) that end with "=", with the answers as text."""
+    """The first `count` problems of a text with T characters before their answer's end: windows x, y (count, T)
+    whose targets end with the answer; `answer`, True at its targets (digits and newline); `chain`, how far the
+    carry into each answer digit came (addition.carry_chains); prompts (count, T - 10) ending "=", answers as text."""
     x, y, answer, chain, prompts, answers = [], [], [], [], [], []
     for start, end in addition.answer_spans(text):
         if len(x) == count:
@@ -428,9 +351,7 @@ def at_answers(t, answer):
 
 @torch.no_grad()
 def task_scores(model, problems, tokenizer, steps, candidates=max(CANDIDATES), chunk=64):
-    """Every measure of issue 30 (task_part's tables T1 to T5) on one text's problems, answer tokens only:
-    per thinking steps, teacher-forced accuracy and CE and greedy exact match; the best of n noisy candidates;
-    Spearman's of the final energy; the argmaxes each step changes; adaptive stopping's steps per digit."""
+    """The measures of task_part's tables T1 to T5 on one text's problems, answer tokens only."""
     device, thinks = next(model.parameters()).device, isinstance(model, ebt.TextEBT)
     g = torch.Generator().manual_seed(0)
     parts = []
@@ -501,10 +422,8 @@ def exact_match(model, problems, tokenizer, steps, chunk):
 
 
 def task_runs(args, out, device, part):
-    """Train what is missing of a task's runs (every model of comparison() at TASK_LENGTH steps, each seed, then
-    the Transformer++'s learning curve) and measure each on TASK_PROBLEMS problems of val.txt (in distribution)
-    and of ood.txt (more digits). Returns the scores per (label, seed), the plan (comparison's and curve's), the
-    curve's labels."""
+    """Train what is missing of a task's runs (comparison()'s, then the Transformer++'s learning curve), measure
+    each. Returns the scores per (label, seed), and the labels, each run folder once."""
     _, folder, options, curve = TASKS[part]
     data = TASK_DATA / folder
     if not all((data / f"{split}.txt").exists() for split in ("train", "val", "ood")):
@@ -518,16 +437,16 @@ def task_runs(args, out, device, part):
     plan.update(curve_plan)
     for (m, s), d in dirs.items():
         ensure_text_run(args, [*plan[m][1], "--data", str(data / "train.txt")], d, plan[m][2], s)
-    scores, runs = {}, {}
+    scores, runs, labels = {}, {}, []
     for (m, s), d in dirs.items():
-        if d not in scores:  # the curve's run at TASK_LENGTH steps is the Transformer++'s
+        if d not in scores:  # a step count of the curve that comparison() has (TASK_LENGTH, S1's FLOPs): its run
             scores[d] = task_run_scores(d, data, device, options.get("ordinary", False))
+            labels.append(m)
         runs[m, s] = {**scores[d], "family": family(plan, m), "flops": plan[m][2] * plan[m][3]}
-    return runs, plan, list(curve_plan)
+    return runs, list(dict.fromkeys(labels))
 
 
 def task_run_scores(run_dir, data, device, ordinary):
-    """task_scores of a trained run on val.txt and ood.txt: an EBT at 1, its trained, 2x and 4x steps."""
     print(f"evaluating {run_dir.name}", flush=True)
     model, tokenizer = rundir.load_text_model(run_dir / "ckpt.pt", device)
     K = model.trained_steps() if isinstance(model, ebt.Thinker) else 1
@@ -537,14 +456,14 @@ def task_run_scores(run_dir, data, device, ordinary):
                                                 tokenizer, steps) for split in ("val", "ood")}}
 
 
-def task_tables(runs, seeds, models, curve):
-    """The task's tables (markdown): each cell one value per seed, "a / b"; T1 of `models`, of the `curve`."""
+def task_tables(runs, seeds, labels):
+    """The task's tables (markdown): each cell one value per seed, "a / b"; T1 a row per label."""
     splits = (("val", "in"), ("ood", "OOD"))
     cell = lambda m, get, fmt="{:.1%}": " / ".join("-" if get(runs[m, s]) is None else fmt.format(get(runs[m, s]))
                                                    for s in seeds)
     at = lambda c, split, times, what: c[split][what][max(1, times * c["trained"])]
     base = runs["Transformer++", seeds[0]]["flops"]
-    learning = lambda labels: measure.markdown_table(
+    learning = measure.markdown_table(
         ["model", "training FLOPs", "accuracy in", "accuracy OOD", "CE in", "CE OOD", "exact match in", "exact match OOD"],
         [[m, f"{runs[m, seeds[0]]['flops'] / base:.2f}x", *(cell(m, lambda c, sp=sp: at(c, sp, 1, "steps")["acc"])
                                                               for sp, _ in splits),
@@ -572,24 +491,22 @@ def task_tables(runs, seeds, models, curve):
         ["model, tolerance", *(f"{what}, {name}" for _, name in splits for what in digits.values())],
         [[f"{m}, {tol:g}", *(cell(m, lambda c, sp=sp, w=w, tol=tol: c[sp]["adaptive"][tol][w], "{:.2f}")
                              for sp, _ in splits for w in digits)] for m in EBTS for tol in TOLERANCES])
-    return learning(models), thinking, verify, changes, adaptive, curve and learning([*curve, *EBTS])
+    return learning, thinking, verify, changes, adaptive
 
 
 def plot_task(runs, seeds, path):
-    """Answer accuracy against thinking steps, and the best of n candidates picked by energy, at random and
-    by the truth (means over the seeds)."""
     fig = plots.figure(figsize=(10, 3.8), layout="constrained")
     steps_ax, best_ax = fig.subplots(1, 2)
     for i, m in enumerate(RUNS):
         for split, style in (("val", "-"), ("ood", "--")):
             per_seed = [runs[m, s][split]["steps"] for s in seeds]
             ks = sorted(per_seed[0])
-            acc = [mean([p[k]["acc"] for p in per_seed]) for k in ks]
+            acc = [[p[k]["acc"] for p in per_seed] for k in ks]
             label = f"{m} {'in distribution' if split == 'val' else 'OOD'}"
             if m in EBTS:
-                steps_ax.plot(ks, acc, style, marker="o", color=f"C{i}", label=label)
+                draw_seeds(steps_ax, ks, acc, ls=style, color=f"C{i}", label=label)
             else:  # one answer, whatever the steps
-                steps_ax.axhline(acc[0], ls=style, color=f"C{i}", lw=1, label=label)
+                steps_ax.axhline(mean(acc[0]), ls=style, color=f"C{i}", lw=1, label=label)
     steps_ax.set(xscale="log", xlabel="thinking steps (1 candidate)", ylabel="answer-token accuracy",
                  title="thinking longer")
     ticks = sorted({k for m in EBTS for k in runs[m, seeds[0]]["val"]["steps"]})
@@ -598,8 +515,8 @@ def plot_task(runs, seeds, path):
         best = [runs[m, s]["val"]["best of"] for s in seeds]
         ns = sorted(best[0]["energy"])
         for pick, style, how in (("energy", "-", "by energy"), ("random", "--", "at random"), ("oracle", ":", "by the truth")):
-            best_ax.plot(ns, [mean([b[pick][n]["acc"] for b in best]) for n in ns], style, marker="o", ms=3,
-                         color=f"C{i}", label=f"{m}: {how}")
+            draw_seeds(best_ax, ns, [[b[pick][n]["acc"] for b in best] for n in ns], ls=style, ms=3, color=f"C{i}",
+                       label=f"{m}: {how}")
     best_ax.set(xscale="log", xlabel="candidates n (trained steps)", ylabel="answer-token accuracy, in distribution",
                 title="self-verification: the best of n")
     plots.grid_at(best_ax, ns)
@@ -637,13 +554,12 @@ def write_section(path, title, body):
 
 
 def task_part(args, out, report_dir, device, part):
-    title, _, options, _ = TASKS[part]
-    (runs, plan, curve), seeds, digits = task_runs(args, out, device, part), args.seeds, options["digits"]
-    models = [m for m in plan if m not in curve]
+    title, _, options, curve = TASKS[part]
+    (runs, labels), seeds, digits = task_runs(args, out, device, part), args.seeds, options["digits"]
     plot_task(runs, seeds, report_dir / f"{part}.png")
     plot_flops(runs, lambda c: at_trained(c)["ce"], "answer-token CE in distribution (nats)", title,
                report_dir / f"{part}_flops.png")
-    learning, thinking, verify, changes, adaptive, curve_table = task_tables(runs, seeds, models, curve)
+    learning, thinking, verify, changes, adaptive = task_tables(runs, seeds, labels)
     report = "\n\n".join([
         f"`python results.py --part {part}`: multi-digit addition (`data/addition.py`: operands of 1 to {digits} digits, "
         f"the sum written {'most' if options.get('ordinary') else 'least'} significant digit first; OOD: {digits + 1} "
@@ -652,22 +568,19 @@ def task_part(args, out, report_dir, device, part):
         f"newline that ends it), {TASK_PROBLEMS} problems per text, each read with the problems before it as context.",
         "T1. Teacher forcing at the trained steps (accuracy of the argmax, cross-entropy in nats), and exact match "
         "of whole answers generated greedily (temperature 0) thinking the trained steps; beside the EBTs a "
-        "Transformer++ trained on each one's FLOPs and one of 8 layers at equal steps (training FLOPs: against the "
-        f"Transformer++'s {TASK_LENGTH} steps)\n\n" + learning,
+        "Transformer++ trained on each one's FLOPs and one of 8 layers at equal steps"
+        + (", and the Transformer++'s learning curve: how many steps reach the EBTs' accuracy" if curve else "")
+        + f" (training FLOPs: against the Transformer++'s {TASK_LENGTH} steps)\n\n" + learning,
         "T2. Thinking longer: the same after 1, the trained, 2x and 4x the trained steps (one candidate, no noise)"
         "\n\n" + thinking,
-        "T3. Does the energy verify: across 16 candidates per answer token (trained steps, Langevin noise 1, the "
-        "paper's), Spearman's correlation of the final energy with each candidate's cross-entropy and with its "
-        "entropy, and the accuracy of the best of n picked by lowest energy, at random, and by the truth (oracle)"
-        "\n\n" + verify,
+        "T3. Does the energy verify: across 16 candidates per answer token (trained steps, Langevin noise 1), "
+        "Spearman's correlation of the final energy with each candidate's cross-entropy and with its entropy, and "
+        "the accuracy of the best of n picked by lowest energy, at random, and by the truth (oracle)\n\n" + verify,
         "T4. What each thinking step does: the share of answer tokens whose most likely value the step changes"
         "\n\n" + changes,
         "T5. Adaptive stopping (`--tolerance`, at most 4x the trained steps): mean steps a token thinks before "
         "a step lowers its energy by less than the tolerance; harder tokens are the digits a carry comes into "
-        "(the more, the farther it came: `addition.carry_chains`), and the longer OOD sums\n\n" + adaptive,
-        *([f"T6. Data against FLOPs: the Transformer++'s learning curve (as T1) beside the EBTs at {TASK_LENGTH} "
-           "steps: how many steps reach their accuracy, and the FLOPs each side spent\n\n" + curve_table]
-          if curve else [])])
+        "(the more, the farther it came: `addition.carry_chains`), and the longer OOD sums\n\n" + adaptive])
     write_section(report_dir / "results.md", title, report)
     rundir.write_atomically(out / f"{part}.json", lambda tmp: tmp.write_text(
         json.dumps({f"{m}|{s}": c for (m, s), c in runs.items()}, indent=1) + "\n"))
@@ -685,16 +598,12 @@ def text_part(args, out, report_dir, device):
     main_length = min((n for n in lengths if n >= 1500), default=max(lengths))
     for m, n, s in sorted(dirs, key=lambda key: (key[1] != main_length, key[1], key[2])):
         ensure_text_run(args, plans[n][m][1], dirs[m, n, s], plans[n][m][2], s)
-    label, prefix, flags = EXPERIMENT  # at the main length, first seed
-    dirs[label, main_length, seeds[0]] = out / f"{prefix}-{main_length}-seed{seeds[0]}"
-    ensure_text_run(args, flags, dirs[label, main_length, seeds[0]], main_length, seeds[0])
 
     runs, models = {}, list(plans[main_length])
     for (m, n, s), d in dirs.items():
         print(f"evaluating {d}", flush=True)
         runs[m, n, s] = curves(d / "ckpt.pt", args.windows, device)
-        if m in plans[n]:
-            runs[m, n, s].update(family=family(plans[n], m), flops=plans[n][m][2] * plans[n][m][3])
+        runs[m, n, s].update(family=family(plans[n], m), flops=plans[n][m][2] * plans[n][m][3])
     plot_gap(runs, lengths, seeds, report_dir / "gap.png")
     plot_flops(runs, at_trained, "validation CE (nats/char)", "Tiny Shakespeare", report_dir / "flops.png")
     plot_curves(runs, main_length, seeds, "steps", report_dir / "thinking_steps.png")
@@ -707,29 +616,19 @@ def text_part(args, out, report_dir, device):
         f"Per-seed values are given as {' / '.join(map(str, seeds))}; curves are means over the seeds.",
         "1. Learning: validation CE at the trained steps (S1 2, S2 3) and the EBTs' gap to the Transformer++, "
         "at equal optimizer steps and batch; beside them a Transformer++ trained on each EBT's FLOPs (its steps "
-        "scaled by the ratio of FLOPs a step, same batch) and one of 8 layers at equal steps (FLOPs: 10)\n\n"
+        "scaled by the ratio of FLOPs a step, same batch) and one of 8 layers at equal steps (FLOPs: 5)\n\n"
         + learning_table(runs, lengths, seeds, models),
-        f"2. CE against thinking steps (1 candidate, no noise), {main_length} optimizer steps\n\n"
-        + curve_table(runs, main_length, seeds, "steps"),
-        f"3. CE against self-verification candidates (trained steps; N > 1 with Langevin noise 1, lowest final "
-        f"energy kept; N = 1 without noise), {main_length} optimizer steps\n\n"
-        + curve_table(runs, main_length, seeds, "candidates"),
-        "4. S2: what thinking changes, as a perplexity change against its trained steps and one candidate, "
-        "at each training length (negative: thinking helps)\n\n" + gains_table(runs, lengths, seeds, "S2"),
-        "5. S1, the same\n\n" + gains_table(runs, lengths, seeds, "S1"),
-        "6. Does the energy rank its candidates? Across the 16 candidates of each position (N > 1 as in 3), "
-        "at the main length: Spearman's correlation between final energy and cross-entropy, averaged over "
-        "positions; the same with the candidate's entropy (how much the energy measures confidence); and the "
-        "best of 16 picked by energy and by the true cross-entropy (a perfect verifier), as a perplexity "
-        "change against a candidate picked at random\n\n" + verifier_table(runs, [main_length], seeds),
-        "7. The same at every training length\n\n" + verifier_table(runs, lengths, seeds),
-        f"8. What each thinking step does ({main_length} optimizer steps, 1 candidate, no noise, means over seeds): "
-        "the share of positions whose most likely token the step changes / its change of the CE (nats)\n\n"
-        + step_effect_table(runs, main_length, seeds),
-        f"9. Beyond the paper: {label} (`train_text.py {' '.join(flags)}`), {main_length} optimizer steps, "
-        f"seed {seeds[0]}, beside the paper's S2 (2-3 steps): CE at the trained steps, and as in 6\n\n"
-        + experiment_table(runs, label, main_length, seeds[0]),
-        f"10. FLOPs a training step (`bench.flops_per_step`: model FLOPs, matmuls only), {main_length} optimizer "
+        f"2. Thinking longer ({main_length} optimizer steps, 1 candidate, no noise): CE after each step / the share "
+        "of positions whose most likely token that step changes\n\n" + steps_table(runs, main_length, seeds),
+        "3. What thinking more changes, as a perplexity change against the trained steps and one candidate, at "
+        "each training length (negative: thinking helps): thinking 2x and 4x the trained steps, and the best of N "
+        "candidates (trained steps, Langevin noise 1, the lowest final energy kept)\n\n"
+        + gains_table(runs, lengths, seeds),
+        "4. Does the energy rank its candidates? Across the 16 candidates of a position (as in 3), averaged over "
+        "positions: Spearman's correlation of the final energy with the cross-entropy, and with the candidate's "
+        "entropy (does it measure confidence); the best of 16 picked by energy and by the true cross-entropy (a "
+        "perfect verifier), as a perplexity change against a random pick\n\n" + verifier_table(runs, lengths, seeds),
+        f"5. FLOPs a training step (`bench.flops_per_step`: model FLOPs, matmuls only), {main_length} optimizer "
         "steps; at the other lengths the same ratios\n\n" + flops_table(plans[main_length]),
     ])
     write_section(report_dir / "results.md", "Tiny Shakespeare", report)
