@@ -774,7 +774,7 @@ def test_every_figure_sample_writes_names_its_checkpoint_and_step(checkpoints, t
     figures = collect_figures(monkeypatch)
     sample.main(["--ckpt", str(checkpoints["ebt"]), "--num_tokens", "3", "--device", "cpu", "--plots", str(tmp_path)])
     step = torch.load(checkpoints["ebt"], weights_only=True)["step"]
-    assert len(figures) == 5 and {f._supxlabel.get_text() for f in figures} == {f"{checkpoints['ebt']}, step {step}"}
+    assert len(figures) == 4 and {f._supxlabel.get_text() for f in figures} == {f"{checkpoints['ebt']}, step {step}"}
 
 
 def test_plot_generation_takes_what_generate_returns():
