@@ -793,13 +793,15 @@ def test_plot_generation_takes_what_generate_returns():
 def test_the_notebook_runs_from_a_fresh_clone_after_the_readmes_quick_run(tmp_path, monkeypatch):
     """notebooks/thinking.ipynb, read with the standard library, its code cells executed in order the way
     Jupyter would (from notebooks/), in a copy of the repository holding no run, no environment variable
-    set: after the quick text run (here tiny), its image section trains what it needs (here tiny)."""
+    set: after the quick text run (here tiny), its sums and image sections train what they need (here tiny)."""
     clone = tmp_path / "clone"
     shutil.copytree(HERE, clone, ignore=shutil.ignore_patterns(".git", "out*", "cache", "addition", "plots", "*.pt",
                                                                "__pycache__", ".pytest_cache"))
     train_text.main([*TINY, "--out_dir", str(clone / "out-text-quick")], log=quiet)
     real = train_image.main
     monkeypatch.setattr(train_image, "main", lambda argv: real([*argv, *TINY_IMAGE]))  # the notebook's flags, tiny
+    real_text = train_text.main
+    monkeypatch.setattr(train_text, "main", lambda argv: real_text([*argv, *TINY], log=quiet))  # the sums EBT, tiny
     monkeypatch.setattr(sys, "path", list(sys.path))  # the notebook adds the repository to it
     monkeypatch.chdir(clone / "notebooks")
     notebook = json.loads((clone / "notebooks" / "thinking.ipynb").read_text())
@@ -813,10 +815,12 @@ def test_the_notebook_runs_from_a_fresh_clone_after_the_readmes_quick_run(tmp_pa
             exec(compile(source, "notebook", "exec"), scope)
         if not last.startswith((" ", "print(")) and "=" not in last:  # a cell's last expression is what it shows
             shown.append(eval(last, scope))
-    assert len(shown) == 7 and all(fig._repr_png_()[:4] == b"\x89PNG" for fig in shown)
+    assert len(shown) == 8 and all(fig._repr_png_()[:4] == b"\x89PNG" for fig in shown)
     labels = [fig._supxlabel.get_text() for fig in shown]  # each names the checkpoint and step it shows
     step = torch.load(clone / "out-text-quick" / "best.pt", weights_only=True)["step"]
-    assert labels == [f"../out-text-quick/best.pt, step {step}"] * 5 + ["out-image-notebook/ckpt.pt, step 4"] * 2
+    sums_step = torch.load(clone / "notebooks" / "out-sums-notebook" / "best.pt", weights_only=True)["step"]
+    assert labels == ([f"../out-text-quick/best.pt, step {step}"] * 5 + [f"out-sums-notebook/best.pt, step {sums_step}"]
+                      + ["out-image-notebook/ckpt.pt, step 4"] * 2)
     assert all(any(o.get("output_type") in ("display_data", "execute_result") or o.get("name") == "stdout"
                    for o in c["outputs"]) for c in cells), "the shipped notebook is executed"
 
