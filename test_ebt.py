@@ -110,8 +110,10 @@ def unigram_entropy(text):
 
 
 def words_data(block_size=16):
-    tok = CharTokenizer.fit(synthetic_text())
-    return tok, TextData(*prepare.split(tok.encode(synthetic_text())), block_size)
+    tok = CharTokenizer(sorted(set(synthetic_text())))
+    ids = np.array(tok.encode(synthetic_text()))
+    n_val = len(ids) // 10  # the last tenth validates, as data/prepare.py splits
+    return tok, TextData(ids[:len(ids) - n_val], ids[len(ids) - n_val:], block_size)
 
 
 def train_config(tmp_path, **kw):
@@ -732,7 +734,7 @@ def test_sampling_follows_the_distribution_top_k_and_temperature():
     (plots.plot_energy_per_step, (10, 4)),
     (plots.plot_energy_landscape, (9, 9)), (plots.plot_distribution_sharpening, (4, 17))])
 def test_plot_functions_return_a_figure_and_write_a_png(plot, numbers_shape, tmp_path):
-    tokenizer = CharTokenizer.fit(synthetic_text())
+    tokenizer = CharTokenizer(sorted(set(synthetic_text())))
     model = tiny(vocab_size=tokenizer.vocab_size).eval()
     fig, numbers = plot(model, tokenizer, "the cat sat", steps=3, **({"grid": 9} if "landscape" in plot.__name__ else {}))
     assert fig.axes[0].get_title() and fig.axes[-2].get_xlabel()
@@ -745,7 +747,7 @@ def test_plot_functions_return_a_figure_and_write_a_png(plot, numbers_shape, tmp
 
 
 def test_plots_default_to_thinking_longer_than_trained_with_integer_ticks():
-    tokenizer = CharTokenizer.fit(synthetic_text())
+    tokenizer = CharTokenizer(sorted(set(synthetic_text())))
     model = tiny(vocab_size=tokenizer.vocab_size).eval()
     fig, energies = plots.plot_energy_per_step(model, tokenizer, "the cat sat")
     assert energies.shape[1] == ebt.THINK_LONGER * model.trained_steps() + 1
@@ -755,7 +757,7 @@ def test_plots_default_to_thinking_longer_than_trained_with_integer_ticks():
 
 
 def test_the_landscape_names_its_prediction_and_landscape_and_numbers_its_steps():
-    tokenizer = CharTokenizer.fit(synthetic_text())
+    tokenizer = CharTokenizer(sorted(set(synthetic_text())))
     model = tiny(vocab_size=tokenizer.vocab_size).eval()
     fig, _ = plots.plot_energy_landscape(model, tokenizer, "the cat sat", steps=3, grid=5)
     ax = fig.axes[0]
@@ -829,7 +831,7 @@ def test_thinking_curves_are_the_perplexity_of_each_step_count_on_the_seeded_win
     """What every Results table reads: exp(CE) of the logits after k steps, on windows and starts drawn from
     the seed's generator (windows first, then the starts), the same on every call; N = 1 candidate is
     thinking as trained; the table and the plot show them."""
-    tokenizer = CharTokenizer.fit(synthetic_text())
+    tokenizer = CharTokenizer(sorted(set(synthetic_text())))
     ids = torch.tensor(tokenizer.encode(synthetic_text(300)))
     model = tiny(vocab_size=tokenizer.vocab_size, step_size=0.5).eval()
     curves = measure.thinking_curves(model, ids, steps=(1, 3), candidates=(1, 4), windows=3, seed=4)
@@ -915,7 +917,7 @@ def test_verifier_diagnostics_on_energies_whose_answer_is_known():
 def test_thinking_curves_verify_as_their_candidates_curve_does():
     """The verifier's pick by energy is the candidates curve (two computations: keep_lowest then one
     cross-entropy, and per-candidate cross-entropies then best_of); the table and plot show it."""
-    tokenizer = CharTokenizer.fit(synthetic_text())
+    tokenizer = CharTokenizer(sorted(set(synthetic_text())))
     ids = torch.tensor(tokenizer.encode(synthetic_text(300)))
     model = tiny(vocab_size=tokenizer.vocab_size, step_size=0.5).eval()
     curves = measure.thinking_curves(model, ids, steps=(1, 3), candidates=(1, 2, 4), windows=3, seed=4)
@@ -930,7 +932,7 @@ def test_thinking_curves_verify_as_their_candidates_curve_does():
     assert len(fig.axes) == 3 and fig.axes[-1].get_ylabel() == "perplexity change vs a random pick (%)"
 
 def test_ood_text_is_filtered_to_the_vocabulary():
-    tokenizer = CharTokenizer.fit(synthetic_text())
+    tokenizer = CharTokenizer(sorted(set(synthetic_text())))
     text, dropped = measure.in_vocabulary(measure.pydoc_topics_text()[:2000], tokenizer)
     assert dropped > 0 and len(text) + dropped == 2000
     tokenizer.encode(text)  # no error: every remaining character is known
@@ -1002,7 +1004,7 @@ def checkpoints(tmp_path_factory):
 
 
 def test_sample_eval_reads_the_text_the_checkpoint_was_trained_on(tmp_path, text_file, capsys):
-    tok = CharTokenizer.fit(text_file.read_text())
+    tok = CharTokenizer(sorted(set(text_file.read_text())))
     cfg = config(vocab_size=tok.vocab_size)
     ckpt = tmp_path / "ckpt.pt"
     torch.save({"model": ebt.build_model(cfg).state_dict(), "model_config": dataclasses.asdict(cfg), "tokenizer": tok.state(),
@@ -1624,7 +1626,7 @@ def test_offline_download_names_the_data_flag(tmp_path, monkeypatch):
 
 
 def test_character_arrays_encode_as_encode_does_on_both_paths():
-    tok = CharTokenizer.fit("abc ä\n")
+    tok = CharTokenizer(sorted(set("abc ä\n")))
     for text in ("ab c\na", "ä bc\n"):  # ASCII (translated as bytes) and not (a table of code points)
         assert tok.encode_array(text).tolist() == tok.encode(text)
     for text in ("abz", "äz"):
@@ -1678,7 +1680,7 @@ def test_prepare_streams_characters_and_bpe_into_token_files_as_the_whole_text_e
         (tmp_path / "src").mkdir(exist_ok=True)
         (tmp_path / "src" / f"{i}.txt").write_text(text)
     whole = "".join(texts)
-    for kind, expected in (("char", CharTokenizer.fit(whole).encode(whole)), ("gpt2", None)):
+    for kind, expected in (("char", CharTokenizer(sorted(set(whole))).encode(whole)), ("gpt2", None)):
         expected = expected or offline_bpe.encode_ordinary(texts[0]) + offline_bpe.encode_ordinary(texts[1])
         code, out, err = run_cli(prepare.main, str(tmp_path / "src"), "--out_dir", str(tmp_path / kind), "--tokenizer", kind)
         assert code == 0 and "MB/s" in out and not err, err
@@ -2110,7 +2112,7 @@ def test_addition_problems_read_their_answers_and_carries_as_by_hand():
     """95 + 17 = 112, written 211: no carry into the units, one into the tens (5 + 7) and the hundreds (95 + 17);
     in the ordinary order the same carries, read the other way."""
     import results
-    tok = CharTokenizer.fit("0123456789+=\n")
+    tok = CharTokenizer(sorted(set("0123456789+=\n")))
     for ordinary, written, chain in ((False, "211", [0, 1, 1, 0]), (True, "112", [1, 1, 0, 0])):
         text = "1+1=2\n" * 20 + f"95+17={written}\n"
         p = results.task_problems(text, tok, 16, 100, ordinary)

@@ -17,16 +17,16 @@ import rundir
 from checks import UsageError
 
 CACHE_DIR = Path(os.environ.get("NANOEBT_CACHE", Path.home() / ".cache" / "nanoebt"))
+MNIST_URL = "https://storage.googleapis.com/cvdf-datasets/mnist/"
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
 
 class ImageData:
-    """Random square crops: batch -> (clean crops in [-1, 1], Gaussian noise of the same shape);
-    each model noises the crops itself (the EBT and the regressor at t = noise_t, the DiT at a
-    random t up to it)."""
+    """Random square crops: batch -> (clean crops in [-1, 1], Gaussian noise of the same shape); each model noises
+    the crops itself (the EBT and the regressor at t = noise_t, the DiT at a random t up to it)."""
 
-    def __init__(self, train, val, crop, source="images", about=""):
-        """train, val: sequences of (C, H, W) images (a list, or one (N, C, H, W) tensor). about: what the
-        images are, for the report."""
+    def __init__(self, train, val, crop, source, about):
+        """train, val: (C, H, W) images (a list, or one (N, C, H, W) tensor). about: what they are, for the report."""
         for split, images in (("train", train), ("val", val)):
             if len(images) == 0:
                 raise UsageError(f"{source}: no {split} images")
@@ -74,10 +74,7 @@ def image_folder(path):
     return [(f.name, read_image(f)) for f in files]
 
 
-# Colour photographs that ship with matplotlib (grace_hopper) and in scikit-image's wheel (skimage.data, no
-# download), whole, in two disjoint sets: the test photographs are never seen in training, and show what
-# none of the training ones does (an animal's fur, a close-up cup). Left out: motorcycle_left's stereo twin,
-# the grey photographs, and hubble_deep_field, retina, immunohistochemistry (scientific, mostly flat background).
+# Colour photographs, none downloaded, in two disjoint sets: why these, assets/images.md ("The data")
 PHOTOS = {"train": ("astronaut", "grace_hopper", "motorcycle_left", "rocket"), "test": ("chelsea", "coffee")}
 
 
@@ -96,8 +93,7 @@ def photograph(name):
 
 
 def held_out_strips(named_images, crop):
-    """Hold out the bottom fifth (at least one crop high) of every image for validation.
-    Returns lists of train and val images."""
+    """Lists of train and val images: the bottom fifth (at least one crop high) of every image held out."""
     train, val = [], []
     for name, img in named_images:
         H, W = img.shape[-2:]
@@ -124,15 +120,10 @@ def download(url, path):
     return path
 
 
-MNIST_URL = "https://storage.googleapis.com/cvdf-datasets/mnist/"
-CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-
-
 def read_idx(path):
     """A gzipped IDX file (the MNIST format): big-endian magic (0, 0, dtype code, ndim),
     ndim big-endian int32 sizes, then the raw uint8 array."""
-    with gzip.open(path, "rb") as f:
-        data = f.read()
+    data = gzip.decompress(path.read_bytes())
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
         raise UsageError(f"{path} is not a gzipped uint8 IDX file")
     ndim = data[3]
@@ -141,9 +132,8 @@ def read_idx(path):
 
 
 def read_cifar10(path):
-    """CIFAR-10's python tarball: five pickled training batches and one test batch, each a
-    dict whose b"data" is (10000, 3072) uint8, channel-major 32x32 images.
-    Returns (train, test) uint8 arrays (N, 3, 32, 32)."""
+    """CIFAR-10's python tarball (five pickled training batches and one test batch, each a dict whose b"data" is
+    (10000, 3072) uint8, channel-major 32x32 images) as (train, test) uint8 arrays (N, 3, 32, 32)."""
     train, test = [], []
     with tarfile.open(path, "r:gz") as tar:
         for member in sorted(tar.getmembers(), key=lambda m: m.name):
@@ -165,14 +155,11 @@ def download_dataset(name):
             raise UsageError(f"{path} is corrupt or truncated ({type(e).__name__}); delete it to download it "
                              "again") from None
     if name == "mnist":
-        split = []
-        for f in ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz"):
-            path = download(MNIST_URL + f, CACHE_DIR / "mnist" / f)
-            split.append(torch.from_numpy(read(read_idx, path).copy())[:, None])  # (N, 1, 28, 28)
-        return tuple(split)
-    path = CACHE_DIR / "cifar-10-python.tar.gz"
-    train, test = read(read_cifar10, download(CIFAR10_URL, path))
-    return torch.from_numpy(train), torch.from_numpy(test)
+        files = ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz")
+        paths = [download(MNIST_URL + f, CACHE_DIR / "mnist" / f) for f in files]
+        return tuple(torch.from_numpy(read(read_idx, path).copy())[:, None] for path in paths)  # (N, 1, 28, 28)
+    path = download(CIFAR10_URL, CACHE_DIR / "cifar-10-python.tar.gz")
+    return tuple(torch.from_numpy(split) for split in read(read_cifar10, path))
 
 
 def data_spec(ckpt):

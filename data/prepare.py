@@ -1,18 +1,11 @@
 """
-Prepare a text corpus once: flat files of token ids that training reads as random windows of a numpy
-memmap (nanoGPT's way), so a corpus of any size trains in the same memory and starts at once.
+Prepare a text corpus once into train.bin, val.bin (the last tenth) and meta.json: token ids that training reads
+as random windows of a numpy memmap (nanoGPT's way), so any size trains in the same memory and starts at once.
+What a prepared folder holds and promises, and the cache of `train_text.py --data FILE.txt`: assets/corpus.md.
 
     python data/prepare.py my.txt --out_dir data/my               # a file, a folder (subfolders too), or a glob
     python data/prepare.py "books/**/*.txt" --out_dir data/books --tokenizer gpt2
     python train_text.py --data data/my
-
-out_dir gets train.bin and val.bin (the last tenth of the tokens), uint16 ids while the vocabulary fits
-(else uint32), and meta.json: the tokenizer and its state, the vocabulary size, the token counts, the
-split, each source's size and checksum, and an id naming this preparation, which checkpoints record.
-It streams (characters: read once for the vocabulary, once to encode; BPE: tiktoken's batch encoder on every
-core), so memory stays flat whatever the corpus size. The corpus is written into a hidden sibling folder and
-swapped in by renames: a prepare that fails leaves the folder as it was. The rules, and the cache of
-`train_text.py --data FILE.txt`: assets/corpus.md.
 """
 import contextlib
 import errno
@@ -43,8 +36,7 @@ OURS = ("train.bin", "val.bin", "meta.json", LOCK)  # what preparing writes into
 
 
 def sources_of(spec, say=print):
-    """The text files a --data or prepare argument names: a file; or, sorted, a folder's files (subfolders too) or a
-    glob's ("**" recurses), without hidden ones and skipping, with a count, those that are empty or not text."""
+    """The text files a --data or prepare argument names (assets/corpus.md, "Which files"), saying how many it skips."""
     path = Path(spec)
     if path.is_file():
         return [path]
@@ -128,7 +120,7 @@ def char_tokenizer(files, total, keep_rare, say):
 
 
 def last_safe_cut(text):
-    """The last place where BPE may cut text (safe_cut), 0 if none."""
+    """The last place where BPE may cut text (SAFE_CUT in data/text.py), 0 if none."""
     at = text.rfind("\n", 0, len(text) - 1)
     while at != -1 and text[at + 1].isspace():
         at = text.rfind("\n", 0, at)
@@ -136,8 +128,7 @@ def last_safe_cut(text):
 
 
 def prepare(spec, out_dir, tokenizer="char", overwrite=False, keep_rare=False, say=print):
-    """Tokenize the files spec names into out_dir (see the module's docstring); while another process prepares it,
-    refuse. Returns the folder's meta."""
+    """Tokenize the files spec names into out_dir, refusing while another process prepares it. Returns its meta."""
     out, files = Path(out_dir), sources_of(spec, say)
     inside = lambda a, b: Path(a).resolve().is_relative_to(Path(b).resolve())
     if any(inside(f, out) for f in files) or (Path(spec).is_dir() and inside(out, spec)):
@@ -156,8 +147,7 @@ def prepare(spec, out_dir, tokenizer="char", overwrite=False, keep_rare=False, s
 @contextlib.contextmanager
 def locked(out, wait, flag="--out_dir"):
     """An OS lock (flock) on a file in the folder out, made if need be, while preparing it: another process refuses in
-    one line, or waits (wait=True: the cache, which runs and torchrun's ranks share); it ends with its process, kill
-    -9 included. A process that waited on a lock file since removed (or swapped away) locks afresh."""
+    one line, or waits (wait=True: the cache, which runs and torchrun's ranks share); kill -9 ends it too."""
     while True:  # until the lock is in the folder at out now, not in one that another prepare swapped away meanwhile
         rundir.check_out_dir(out, flag)
         fd = os.open(out / LOCK, os.O_WRONLY | os.O_CREAT, 0o644)
@@ -203,9 +193,8 @@ def build(files, out, tokenizer, keep_rare, say, record=None):
             os.rename(old, out)
     seconds = time.time() - start
     say(f"prepared {out} from {len(files):,} file{'s' * (len(files) > 1)}, {total / 1e6:,.1f} MB in {seconds:.2f} s "
-        f"({total / 1e6 / max(seconds, 1e-9):,.1f} MB/s): "
-        f"{meta['tokens']['train']:,} training and {meta['tokens']['val']:,} validation tokens ({meta['dtype']}), "
-        f"vocabulary {meta['vocab_size']:,}")
+        f"({total / 1e6 / max(seconds, 1e-9):,.1f} MB/s): {meta['tokens']['train']:,} training and "
+        f"{meta['tokens']['val']:,} validation tokens ({meta['dtype']}), vocabulary {meta['vocab_size']:,}")
     return meta
 
 
@@ -241,17 +230,9 @@ def write_corpus(files, total, out, tokenizer, keep_rare, say, record):
     return meta
 
 
-def split(ids):
-    """A token array held in memory, split as prepare() splits its files: (train, val), the last tenth validating."""
-    ids = np.asarray(ids)
-    n_val = int(len(ids) * VAL_FRACTION)
-    return ids[:len(ids) - n_val], ids[len(ids) - n_val:]
-
-
 class Corpus:
-    """A prepared folder: meta (its record), train and val (numpy memmaps of token ids), the tokenizer. meta.json is
-    checked before the first batch: each field of its type and range, the token files of the sizes it gives, and on
-    64 blocks of each the largest id below the vocabulary; a fault is one line naming the file."""
+    """A prepared folder: meta (its record), train and val (numpy memmaps of token ids), the tokenizer; meta.json
+    checked against the files before the first batch (assets/corpus.md), a fault one line naming the file."""
 
     def __init__(self, folder):
         self.folder = folder = Path(folder)
@@ -301,15 +282,6 @@ class Corpus:
                              f"another text or tokenizer); {hint}")
 
 
-def cache_dir():
-    """Where train_text.py --data FILE prepares: $NANOEBT_CACHE, else data/cache/."""
-    value = os.environ.get("NANOEBT_CACHE")
-    if value == "":
-        raise UsageError("NANOEBT_CACHE is set but empty; set it to a folder for the prepared texts, or unset it "
-                         "(data/cache/)")
-    return Path(value) if value else Path(__file__).resolve().parent / "cache"
-
-
 def source_key(path, tokenizer):
     """What tells that a text file is the one prepared: its size, times (ctime cannot be set back), inode, a hash of
     its first, middle and last MB (a rewrite of the same size), and the tokenizer."""
@@ -323,9 +295,8 @@ def source_key(path, tokenizer):
 
 
 def corpus(data=None, tokenizer=None, say=print):
-    """The corpus of train_text.py --data: a prepared folder (its own tokenizer); a text file, prepared with
-    tokenizer (default char) into the cache on first use and whenever it changes (source_key); None, Tiny
-    Shakespeare (shipped) likewise."""
+    """The corpus of train_text.py --data: a prepared folder (its own tokenizer); or a text file (None: Tiny
+    Shakespeare), prepared with tokenizer (default char) into the cache once, and again whenever it changes."""
     path = Path(data) if data else SHAKESPEARE
     if data and path.is_dir():
         prepared = Corpus(path)
@@ -336,8 +307,12 @@ def corpus(data=None, tokenizer=None, say=print):
     tokenizer = tokenizer or "char"
     if not path.is_file():
         raise UsageError(f"--data {data} does not exist; pass a text file or a folder prepared by data/prepare.py")
+    cache = os.environ.get("NANOEBT_CACHE", Path(__file__).resolve().parent / "cache")  # data/cache/ by default
+    if cache == "":
+        raise UsageError("NANOEBT_CACHE is set but empty; set it to a folder for the prepared texts, or unset it "
+                         "(data/cache/)")
     key, named = source_key(path, tokenizer), f"{path.resolve()}|{tokenizer}"
-    folder = cache_dir() / f"{path.name}-{hashlib.sha256(named.encode()).hexdigest()[:16]}"
+    folder = Path(cache) / f"{path.name}-{hashlib.sha256(named.encode()).hexdigest()[:16]}"
     with locked(folder, wait=True, flag="the cache (NANOEBT_CACHE)"):  # one process prepares; the others wait
         with contextlib.suppress(OSError, ValueError, AttributeError):
             recorded = None

@@ -13,14 +13,14 @@ from checks import UsageError
 
 SHAKESPEARE = Path(__file__).resolve().parent / "tinyshakespeare.txt.gz"  # ships with nanoEBT; data/prepare.py reads it
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+SAFE_CUT = re.compile(r"\n(?=\S)")  # GPT-2's pre-tokenizer ends a piece here: BPE may cut a text here, its ids the same
 
 
-def read_text(path, flag="--data"):
+def read_text(path, flag):
     path = Path(path)
-    if path.is_dir():
-        raise UsageError(f"{flag} {path} is a directory; pass a text file with {flag}")
     if not path.is_file():
-        raise UsageError(f"{flag} {path} does not exist; pass an existing text file with {flag}")
+        raise UsageError(f"{flag} {path} " + ("is a directory" if path.is_dir() else "does not exist")
+                         + f"; pass a text file with {flag}")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -43,25 +43,18 @@ class CharTokenizer:
         self.table[points] = np.arange(len(points))
         self.ascii_ids = bytes(self.index.get(chr(b), none % 256) if self.vocab_size < 255 else 255 for b in range(256))
 
-    @classmethod
-    def fit(cls, text):
-        return cls(sorted(set(text)))
-
     def encode(self, text):
-        missing = sorted(set(text) - set(self.index)) if self.unknown is None else []
-        if missing:
-            raise UsageError(f"characters not in the vocabulary: {''.join(missing)!r}")
-        return [self.index.get(c, self.index.get(self.unknown)) for c in text]
+        return self.encode_array(text).tolist()
 
     def encode_array(self, text):
-        """encode() of a long text as an array, at numpy's speed: each code point looked up in a table; ASCII text
-        and a vocabulary under 255, the common case, at bytes' speed (bytes.translate, 255 for none)."""
+        """The ids of a text as an array, at numpy's speed: each code point looked up in a table; ASCII text and a
+        vocabulary under 255, the common case, at bytes' speed (bytes.translate, 255 for none)."""
         if text.isascii() and self.vocab_size < 255:
             ids = np.frombuffer(text.encode("ascii").translate(self.ascii_ids), np.uint8)
         else:
             ids = self.table[np.minimum(np.frombuffer(text.encode("utf-32-le"), np.uint32), len(self.table) - 1)]
         if (ids == (255 if ids.dtype == np.uint8 else -1)).any():
-            self.encode(text)  # names the missing characters
+            raise UsageError(f"characters not in the vocabulary: {''.join(sorted(set(text) - set(self.index)))!r}")
         return ids
 
     def decode(self, ids):  # an id past the characters (a padded --vocab_size) reads as U+FFFD
@@ -86,10 +79,11 @@ class GPT2Tokenizer:
 
     def encode_array(self, text, piece=1 << 16):
         """encode() of a long text as an array, on every core: cut into pieces of about `piece` characters where
-        GPT-2's pre-tokenizer cuts too (after a newline that a non-space follows), so the ids are the whole's."""
+        GPT-2's pre-tokenizer cuts too (SAFE_CUT), so the ids are the whole's."""
         pieces, start = [], 0
         while start < len(text):
-            end = safe_cut(text, start + piece)
+            cut = SAFE_CUT.search(text, start + piece - 1)
+            end = cut.end() if cut else len(text)
             pieces.append(text[start:end])
             start = end
         batches = self.enc.encode_ordinary_batch(pieces, num_threads=os.cpu_count() or 1)
@@ -100,13 +94,6 @@ class GPT2Tokenizer:
 
     def state(self):
         return {"kind": "gpt2"}
-
-
-def safe_cut(text, start=0):
-    """The first place at or after start where BPE may cut text without changing its tokens: just after a
-    newline that a non-space follows (GPT-2's pre-tokenizer ends a piece there); len(text) if none."""
-    match = re.compile(r"\n(?=\S)").search(text, max(start - 1, 0))
-    return match.end() if match else len(text)
 
 
 def tokenizer_from_state(state, where="the checkpoint"):
@@ -129,8 +116,7 @@ def random_windows(ids, length, count, generator):
 
 
 class TextData:
-    """Token ids split into train and validation (1-D arrays, or numpy memmaps of data/prepare.py's token
-    files); batches are random windows of block_size tokens and their targets."""
+    """Train and validation token ids (1-D arrays or memmaps); a batch is random windows and their targets."""
 
     def __init__(self, train, val, block_size, source="text"):
         if min(len(train), len(val)) < block_size + 1:
