@@ -313,7 +313,7 @@ def main(argv=None):
               "n_layer": (int, 1, 10_000), "n_head": (int, 1, 10_000), "n_embd": (int, 1, 10**5),
               "block_size": (int, 1, 10**5), "batch_size": (int, 1, 10**5), "vocab_size": (int, 1, 10**7),
               "peak_tflops": (float, 1e-3, 1e6), "seconds": (float, 1, 10**6)}
-    cli.check_flags({name: getattr(args, name) for name in limits}, limits)
+    cli.check_flags(args, limits)
     if any(a.split("=")[0] == "--seconds" for a in argv) and not args.gpu_check:  # else a wrong value passes unseen
         print("warning: --seconds is read only with --gpu_check: ignored", file=sys.stderr)
     if args.gpu_check:

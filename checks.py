@@ -34,8 +34,7 @@ def check_values(where, values, limits):
 
 
 def check_fields(config):
-    """Each field of a config of its type and within its option's limits (then __post_init__ checks what relates
-    fields, with check)."""
+    """Each field of a config of its type and within its option's limits (its definition's option())."""
     check_values(config, {f.name: getattr(config, f.name) for f in fields(config)},
                  {f.name: (f.type, *f.metadata["limits"]) for f in fields(config)})
 

@@ -1,9 +1,9 @@
 """
-The drivers' command line, which a reader of EBTs need not read: flags made from the config dataclasses and
-their layering (preset, recipe, checkpoint, flags given), devices, and invoke(main): errors as one line with
-exit code 2, Ctrl-C and SIGTERM as an orderly stop. A run's folder and processes: rundir.py.
+The drivers' command line, which a reader of EBTs need not read: flags made from the config dataclasses and their
+layering, devices, and invoke(main): errors as one line, signals as an orderly stop. A run's folder: rundir.py.
 """
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 import ebt  # noqa: E402
 import rundir  # noqa: E402
-from checks import SAMPLING_LIMITS, ConfigError, UsageError, check_values  # noqa: E402
+from checks import ConfigError, UsageError, check_values  # noqa: E402
 
 for s, handler in outer.items():
     signal.signal(s, handler)
@@ -45,15 +45,14 @@ def invoke(main):
     try:
         main()
         finished = True
-    except UsageError as e:
-        exit_error(e)
     except KeyboardInterrupt as e:  # stop's carries its signal: SIGTERM before training listens exits 143
         quiet_interrupt(e.args[0] if e.args else signal.SIGINT, None)
-    except (RuntimeError, OSError) as e:  # a file that cannot be written, a full disk: one line too
-        message = explain(e)
+    except (UsageError, RuntimeError, OSError) as e:  # a file that cannot be written, a full disk: one line too
+        message = str(e) if isinstance(e, UsageError) else explain(e)
         if message is None and not isinstance(e, OSError):
             raise
-        exit_error(message or e)
+        print(f"error: {message or e}", file=sys.stderr)
+        sys.exit(2)
     finally:
         try:  # every rank ends together after a finished run or a stop signal; after a failure one may be gone
             rundir.leave_process_group(meet=finished or rundir.stop_requested)
@@ -64,17 +63,14 @@ def invoke(main):
                 signal.signal(s, handler)
 
 
-def exit_error(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def stop(signum, frame):
     """Ctrl-C or SIGTERM. While training listens: ask it to save and end after this step, every rank
     alike (a second Ctrl-C stops at once); otherwise stop at once."""
     if not rundir.stop_listening or (rundir.stop_requested and signum == signal.SIGINT):
         raise KeyboardInterrupt(signum)
-    rundir.request_stop()
+    if not rundir.stop_requested and rundir.rank() == 0:  # said at once (a step may take minutes); os.write: safe here
+        os.write(2, b"stopping after this step, saving (a second Ctrl-C stops at once)\n")
+    rundir.stop_requested = True
 
 
 def explain(e):
@@ -129,19 +125,17 @@ def given(args, names):
     return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
 
 
-def configs(args, layers, ckpt=None, derive=None, log=print):
-    """The ModelConfig and TrainConfig of a run, by one rule for every driver. A new run: the fields'
-    defaults, then the layers in order (a preset, a recipe, the data's sizes), then the flags given,
-    then derive(values) for what is still None. A resumed run: the checkpoint's own; a model flag
-    given must agree with it, a training flag given overrides it (with a notice), and a flag of
-    ckpt["started"] (preset, recipe, data) must agree with what the run started from."""
+def configs(args, layers, ckpt=None, log=print):
+    """The ModelConfig and TrainConfig of a run, by one rule for every driver. A new run: the fields' defaults, then
+    the layers in order (a preset, a recipe, the data's sizes), the flags given, and ebt.derive_thinking for what is
+    still None. A resumed run: the checkpoint's own; a model flag or one of ckpt["started"] (preset, recipe, data)
+    given must agree with it, a training flag given overrides it (with a notice)."""
     model_names = [f.name for f in fields(ebt.ModelConfig)]
     train_names = [f.name for f in fields(ebt.TrainConfig) if f.name not in ("out_dir", "device")]  # the driver's
+    flags = given(args, model_names + train_names)
     if ckpt is None:
-        values = {k: v for layer in layers for k, v in layer.items()}
-        values.update(given(args, model_names + train_names))
-        if derive:
-            derive(values)
+        values = {k: v for layer in [*layers, flags] for k, v in layer.items()}  # each over the ones before
+        ebt.derive_thinking(values)
         model = {k: v for k, v in values.items() if k in model_names}
         train = {k: v for k, v in values.items() if k in train_names}
     else:
@@ -163,7 +157,7 @@ def configs(args, layers, ckpt=None, derive=None, log=print):
     try:
         cfg, tc = ebt.ModelConfig(**model), ebt.TrainConfig(**train)
     except ConfigError as e:
-        if ckpt is None or e.name in given(args, model_names + train_names):
+        if ckpt is None or e.name in flags:
             raise UsageError(f"--{e.name} {e.value}: {e.why}") from None
         raise UsageError(f"{args.out_dir}/ckpt.pt records {e.name}={e.value!r}, which {e.why.replace('must', 'should')}: "
                          "no nanoEBT run writes it; start a new run in another --out_dir") from None
@@ -173,19 +167,15 @@ def configs(args, layers, ckpt=None, derive=None, log=print):
     if cfg.replay_size and round(cfg.replay_batch * tc.batch_size) > cfg.replay_size:
         raise UsageError(f"--replay_batch {cfg.replay_batch}: {round(cfg.replay_batch * tc.batch_size)} replayed "
                          f"sequences a batch, more than the buffer's {cfg.replay_size} (--replay_size)")
-    warn_unlikely(cfg, tc, given(args, model_names + train_names), log)
-    return cfg, tc
-
-
-def warn_unlikely(cfg, tc, given, log):
-    """One warning line for each value that is legal but almost surely a mistake."""
+    # a warning line for each value that is legal but almost surely a mistake
     if tc.warmup_steps >= tc.max_steps:
         log(f"warning: --warmup_steps {tc.warmup_steps:g} is not below --max_steps {tc.max_steps}: the learning "
             "rate never reaches --lr")
-    if "replay_batch" in given and not cfg.replay_size:
+    if "replay_batch" in flags and not cfg.replay_size:
         log("warning: --replay_batch does nothing without a replay buffer (--replay_size 0)")
-    if "step_size_lr_mult" in given and not cfg.learn_step_size:
+    if "step_size_lr_mult" in flags and not cfg.learn_step_size:
         log("warning: --step_size_lr_mult does nothing: alpha is not learned (--no-learn_step_size)")
+    return cfg, tc
 
 
 def refuse_thinking(args, model, names=THINKING_FLAGS + ("eval_steps", "recipe")):
@@ -194,16 +184,11 @@ def refuse_thinking(args, model, names=THINKING_FLAGS + ("eval_steps", "recipe")
         raise UsageError(f"--{next(iter(given(args, names)))} is an EBT option; the {model} model does not think")
 
 
-def check_sampling(args):
-    """sample.py's values: those for ebt.generate within its limits (SAMPLING_LIMITS), and its own."""
-    limits = {**SAMPLING_LIMITS, "windows": (int, 1, 10**6), "seed": (int, 0, ebt.MAX_SEED - 1)}
-    check_flags({name: getattr(args, name) for name in limits}, limits)
-
-
-def check_flags(values, limits):
-    """One-line UsageError for the first flag value (name -> a value, a list of them, or None: not given) not of
-    its type or outside its limits (name -> (type, least, most), as check_values reads them)."""
-    for name, value in values.items():
+def check_flags(args, limits):
+    """One-line UsageError for the first flag in limits whose value (one, a list of them, or None: not given) is not
+    of its type or outside its limits (name -> (type, least, most), as check_values reads them)."""
+    for name in limits:
+        value = getattr(args, name)
         for v in value if isinstance(value, list) else [] if value is None else [value]:
             try:
                 check_values("--", {name: v}, limits)
@@ -216,7 +201,7 @@ def add_device_flag(parser):
                         "(default: %(default)s)")
 
 
-def pick_device(name="auto"):
+def pick_device(name):
     """The --device named, checked to exist here (ebt.best_device resolves auto)."""
     if name == "auto":
         return ebt.best_device()

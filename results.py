@@ -55,8 +55,7 @@ def parse_args(argv=None):
     for name in ("seeds", "lengths"):
         if len(set(getattr(args, name))) != len(getattr(args, name)):
             raise ebt.UsageError(f"--{name} has repeated values")
-    cli.check_flags({"seeds": args.seeds, "lengths": args.lengths, "windows": args.windows},
-                    {"seeds": (int, 0, ebt.MAX_SEED - 1), "lengths": (int, 1, math.inf), "windows": (int, 1, math.inf)})
+    cli.check_flags(args, {"seeds": (int, 0, ebt.MAX_SEED - 1), "lengths": (int, 1, math.inf), "windows": (int, 1, math.inf)})
     default = all(getattr(args, k) == p.get_default(k) for k in ("seeds", "lengths", "out_dir", "windows", "preset"))
     args.report_dir = args.report_dir or ("assets" if default else str(Path(args.out_dir) / "report"))
     rundir.check_out_dir(args.out_dir)
@@ -92,8 +91,7 @@ def step_flops(args, flags, vocab_size):
     run = train_text.parse_args(flags)
     model = run.model or "ebt"
     recipe = ebt.RECIPES[run.recipe or "s1"] if model in ebt.EBT_KINDS else {}
-    cfg, tc = cli.configs(run, [train_text.PRESETS[args.preset], recipe, {"model": model, "vocab_size": vocab_size}],
-                          derive=ebt.derive_thinking)
+    cfg, tc = cli.configs(run, [train_text.PRESETS[args.preset], recipe, {"model": model, "vocab_size": vocab_size}])
     return bench.flops_per_step(cfg, tc.batch_size, cfg.block_size)
 
 

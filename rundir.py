@@ -1,7 +1,6 @@
 """
-A training run's folder and processes, for the drivers (a reader of EBTs need not open this): out_dir and its
-lock, checkpoints written atomically and read back with one-line errors, the log (progress lines,
-metrics.jsonl, loss.png), the processes of a data-parallel run (torchrun) and stopping on a signal.
+A training run's folder and processes, for the drivers (a reader of EBTs need not open this): out_dir and its lock,
+checkpoints, the log, torchrun's processes and stopping on a signal; the rules they keep: assets/design.md.
 """
 import contextlib
 import datetime
@@ -26,14 +25,6 @@ from data.text import tokenizer_from_state
 stop_listening = stop_requested = False
 
 
-def request_stop():
-    """cli.stop's while training listens: said at once (a step may take minutes), by os.write: safe in a handler."""
-    global stop_requested
-    if not stop_requested and rank() == 0:
-        os.write(2, b"stopping after this step, saving (a second Ctrl-C stops at once)\n")
-    stop_requested = True
-
-
 def print_flushed(*args):
     print(*args, flush=True)  # flushed: progress shows in files and under nohup
 
@@ -41,13 +32,10 @@ def print_flushed(*args):
 def dist_timeout():
     """Seconds a rank waits for another: NANOEBT_DIST_TIMEOUT, default 300."""
     value = os.environ.get("NANOEBT_DIST_TIMEOUT", "300")
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = math.nan
-    if not 0 < seconds < 10**7:
-        raise UsageError(f"NANOEBT_DIST_TIMEOUT={value!r}: must be a number of seconds in 0..10^7 (default 300)")
-    return seconds
+    with contextlib.suppress(ValueError):
+        if 0 < float(value) < 10**7:  # NaN fails the comparison
+            return float(value)
+    raise UsageError(f"NANOEBT_DIST_TIMEOUT={value!r}: must be a number of seconds in 0..10^7 (default 300)")
 
 
 def leave_process_group(meet=True):
@@ -74,11 +62,10 @@ def silent_ranks(wait=2.0):
 
 
 def join_process_group(device):
-    """Under torchrun (RANK set) join the process group, with a timeout so that a rank that stops answering
-    is named (failure) instead of waited for for 30 minutes: gloo for CPU tensors (the flags every rank
-    agrees on, Run.any) and, on GPUs, nccl for CUDA tensors. Returns (rank, world size, device)."""
+    """Under torchrun (RANK set) join the process group (gloo; nccl too for CUDA tensors), with a timeout so that a
+    rank that stops answering is named instead of waited for for 30 minutes. Returns the device this rank takes."""
     if "RANK" not in os.environ:
-        return 0, 1, device
+        return device
     dist = torch.distributed
     if not dist.is_initialized():
         dist.init_process_group("cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo",
@@ -86,7 +73,7 @@ def join_process_group(device):
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
+    return device
 
 
 def rank():
@@ -110,47 +97,36 @@ def check_out_dir(out, flag="--out_dir"):
 
 @contextlib.contextmanager
 def lock_out_dir(out_dir, resume=True):
-    """While a run runs, it owns its folder: another training process into it (a new run or --resume) refuses
-    in one line, touching nothing. The claim is an OS lock (flock) on out_dir/.lock, so it ends with the process
-    that holds it, kill -9 included; under torchrun rank 0 holds it for every rank of the run. A new run
-    (resume False) never overwrites an earlier run's checkpoint (a run killed before its first one left only
-    its log, which a new start replaces). What a crash during a save left behind is removed."""
+    """A run owns its folder while it runs (assets/design.md): an OS lock (flock) on out_dir/.lock, held by rank 0
+    for every rank. A new run (resume False) never overwrites an earlier run's checkpoint (a run killed before its
+    first one left only its log, which a new start replaces); what a crash during a save left behind is removed."""
     out = Path(out_dir)
     check_out_dir(out)
     lock = open(out / ".lock", "a+") if rank() == 0 else None
-    busy = False
-    if lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # another process holds it
-            busy = True
-    if Run(out).any(busy):  # every rank decides with rank 0
-        holder = ""
+    with lock or contextlib.nullcontext():  # rank 0's lock, released as the file closes: at the end or on an error
+        busy = False
         if lock:
-            lock.seek(0)
-            holder = lock.read().strip()  # the pid the owner wrote
-            lock.close()
-        raise UsageError(f"{out} is in use by another run{f' (process {holder})' if holder else ''}; wait for it to end, "
-                         "or pass another --out_dir")
-    if lock:
-        lock.truncate(0)
-        lock.write(str(os.getpid()))
-        lock.flush()
-    if not resume and (out / "ckpt.pt").exists():
-        raise UsageError(f"{out} already holds a run; continue it with --resume, or pass another --out_dir")
-    for stale in out.glob("*.tmp"):
-        stale.unlink()
-    try:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # another process holds it
+                busy = True
+        if Run(out).any(busy):  # every rank decides with rank 0
+            holder = (out / ".lock").read_text().strip() if lock else ""  # the pid the owner wrote
+            raise UsageError(f"{out} is in use by another run{f' (process {holder})' if holder else ''}; wait for it "
+                             "to end, or pass another --out_dir")
+        if lock:
+            lock.truncate(0)
+            lock.write(str(os.getpid()))
+            lock.flush()
+        if not resume and (out / "ckpt.pt").exists():
+            raise UsageError(f"{out} already holds a run; continue it with --resume, or pass another --out_dir")
+        for stale in out.glob("*.tmp"):
+            stale.unlink()
         yield
-    finally:
-        if lock:
-            lock.close()
 
 
-# What a training step keeps for its backward, in float32 values per token, calibrated against bench.py's peaks
-# (assets/speed.md, "Memory estimate"): per layer, a multiple of the block's width (2 n_embd + mlp_hidden: the
-# stream's vectors and the MLP's hidden ones) and, where attention is explicit (a thinking step differentiated twice),
-# of the keys each head scores; and a multiple of the vocabulary (the logits, their softmax and gradients)
+# What a training step keeps for its backward, in float32 values per token and layer, fitted to bench.py's peaks
+# (assets/speed.md, "Memory estimate", says what each term counts)
 KEPT = {"backward": {"per width": 5.7, "per key and head": 0, "per vocabulary entry": 3.1},
         "thinking step": {"per width": 16.2, "per key and head": 5, "per vocabulary entry": 7.9},
         "compiled backward": {"per width": 4.0, "per key and head": 0, "per vocabulary entry": 1.9},
@@ -161,10 +137,7 @@ CPU_RESIDENT = {"torch": 2**29, "per byte allocated": 1.7}
 
 
 def training_memory(cfg, batch_size, compiled=False):
-    """The peak memory (bytes) of a training step, estimated term by term: the weights, their gradients and AdamW's
-    two moments; what the blocks and the logits keep for the backward, for every thinking step whose graph is alive
-    at once (eager: one, where steps are detached or only the last is trained; compiled: all, the step one graph);
-    an EBT's replay buffer, and the sequences it adds to the batch."""
+    """The peak memory (bytes) of a training step, estimated term by term (assets/speed.md, "Memory estimate")."""
     text, thinks, D = cfg.model in ebt.TEXT_KINDS, cfg.model in ebt.EBT_KINDS, cfg.n_embd
     blocks = cfg.n_layer * (4 * D * D + 3 * D * cfg.mlp_hidden + (0 if text else 6 * D * D))  # attention, MLP, adaLN
     params = blocks + 2 * D * (cfg.vocab_size if text else cfg.channels * cfg.patch_size ** 2)  # in and out
@@ -199,15 +172,13 @@ def check_fits(cfg, batch_size, device, compiled=False):
 
 
 class Run(ebt.Run):
-    """Where a driver's ebt.train() runs: this process's part in a data-parallel run (under torchrun, after
-    join_process_group; alone, rank 0 of 1), and the run's folder: out_dir/ckpt.pt and best.pt, each other
-    rank's replay buffer, and the log (RunLog). meta: what the checkpoint also records (tokenizer, data)."""
+    """Where a driver's ebt.train() runs: this process's part in a torchrun run (alone, rank 0 of 1), and the run's
+    folder: ckpt.pt, best.pt, each rank's replay buffer, the log (RunLog). meta: what the checkpoint also records."""
 
     def __init__(self, out_dir, meta=None, resume=False, say=print_flushed):
         super().__init__()
         dist = torch.distributed
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        self.group = dist.group.WORLD if self.world > 1 else None  # its CPU side (gloo) carries any()
         self.out, self.meta, self.resume, self.logbook = Path(out_dir), meta or {}, resume, RunLog(say)
         self.checkpoint = self.out / "ckpt.pt"
 
@@ -228,12 +199,11 @@ class Run(ebt.Run):
         return self.any(stop_requested)
 
     def any(self, flag):
-        """Whether flag (a bool or a tensor) holds on any rank: one small all-reduce, on the CPU, so that every
-        rank takes the same decision."""
-        if self.group is None:
+        """Whether flag (a bool or a tensor) holds on any rank, so that every rank takes the same decision."""
+        if self.world == 1:
             return bool(flag)
-        flag = torch.tensor([float(flag)])
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        flag = torch.tensor([float(flag)])  # a CPU tensor: gloo carries it, also beside nccl
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag)
 
     def own_part(self, batch):
@@ -378,9 +348,8 @@ def duration(seconds):
 
 
 class Progress:
-    """For work that may run long (generating, thinking, evaluating): from `after` seconds on, a line on stderr every
-    `every` seconds with how far it is and about how long it has left at its pace so far; the work calls advance()
-    often (thinking: every step). Work that ends sooner says nothing."""
+    """For work that may run long: from `after` seconds on, a line on stderr every `every` seconds with how far it
+    is and about how long it has left at its pace so far (work that ends sooner says nothing); call advance() often."""
 
     def __init__(self, what, total, after=5.0, every=15.0):
         self.what, self.total, self.done, self.every = what, total, 0, every
@@ -399,9 +368,8 @@ def is_record(record):
     """A metrics.jsonl record as the log and its plots read it: a kind, a step, and a train or eval record's
     loss (an eval's loss after each thinking step, if it has them) as numbers."""
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-    return (isinstance(record, dict) and isinstance(record.get("kind"), str) and isinstance(record.get("step"), int)
-            and not isinstance(record["step"], bool) and record["step"] >= 0
-            and (record["kind"] not in ("train", "eval") or number(record.get("loss")))
+    return (isinstance(record, dict) and isinstance(record.get("kind"), str) and type(record.get("step")) is int
+            and record["step"] >= 0 and (record["kind"] not in ("train", "eval") or number(record.get("loss")))
             and (record["kind"] != "eval" or "loss_per_step" not in record or (
                 isinstance(record["loss_per_step"], list) and len(record["loss_per_step"]) > 0
                 and all(map(number, record["loss_per_step"])))))
@@ -447,12 +415,9 @@ def load_checkpoint(path, device="cpu", needs=("model", "model_config")):
     return ckpt
 
 
-RESUMABLE = ("model", "model_config", "optimizer", "train_config", "step")
-
-
 def checkpoint_to_resume(out_dir, kinds):
     """out_dir/ckpt.pt, checked to be resumable and to hold a model of one of kinds (the driver's)."""
-    ckpt = load_checkpoint(Path(out_dir) / "ckpt.pt", needs=RESUMABLE)
+    ckpt = load_checkpoint(Path(out_dir) / "ckpt.pt", needs=("model", "model_config", "optimizer", "train_config", "step"))
     kind = ckpt["model_config"].get("model")
     if kind not in kinds:
         driver = "train_image.py" if kind in ebt.IMAGE_KINDS else "train_text.py"

@@ -20,6 +20,7 @@ import ebt
 import measure
 import plots
 import rundir
+from checks import SAMPLING_LIMITS
 from data.text import read_text
 
 PLOTS = {"energy_per_step": plots.plot_energy_per_step, "energy_landscape": plots.plot_energy_landscape,
@@ -57,7 +58,7 @@ def parse_args(argv=None):
     m.add_argument("--ood", help="--eval: out-of-distribution text file (default: Python's pydoc_data.topics)")
     m.add_argument("--windows", type=int, help="--eval: random windows of block_size tokens per text (default: 64)")
     args = p.parse_args(argv)
-    cli.check_sampling(args)
+    cli.check_flags(args, {**SAMPLING_LIMITS, "windows": (int, 1, 10**6), "seed": (int, 0, ebt.MAX_SEED - 1)})
     if args.plots:
         rundir.check_out_dir(args.plots, "--plots")
     unread = [f"--{name}" for name in ("data", "ood", "windows") if getattr(args, name) is not None and not args.eval]

@@ -80,12 +80,12 @@ def parse_args(argv=None):
     limits = {"report_steps": (int, 1, 1000), "eval_t": (int, 1, ebt.DDPM_STEPS), "passes": (int, 1, ebt.DDPM_STEPS),
               "n_layer": (int, 1, 1000), "n_embd": (int, 1, 10**5), "batch_size": (int, 1, 10**6),
               "warmup_steps": (int, 0, 10**9)}  # past these sizes no image run can fit, nor end
-    cli.check_flags({name: getattr(args, name) for name in limits}, limits)
+    cli.check_flags(args, limits)
     return args
 
 
 def train_models(args, device):
-    device = rundir.join_process_group(device)[2]  # under torchrun the ranks own out_dir as one
+    device = rundir.join_process_group(device)  # under torchrun the ranks own out_dir as one
     with rundir.lock_out_dir(args.out_dir, args.resume):  # a second run into out_dir refuses while this one runs
         ckpt = rundir.checkpoint_to_resume(args.out_dir, ebt.IMAGE_KINDS) if args.resume else None
         kind = ckpt["model_config"]["model"] if ckpt else args.model or "image_ebt"
@@ -96,7 +96,7 @@ def train_models(args, device):
             "photos": images.PHOTOS if dataset == "photos" else None}
         layers = [DEFAULTS, ebt.IMAGE_RECIPES[started["recipe"]] if kind in ebt.EBT_KINDS else {},
                   {"model": kind, "channels": 1 if dataset == "mnist" else 3, "image_size": 28 if dataset == "mnist" else 32}]
-        cfg, tc = cli.configs(args, layers, ckpt, ebt.derive_thinking)
+        cfg, tc = cli.configs(args, layers, ckpt)
         rundir.check_fits(cfg, tc.batch_size, device)
         tc.out_dir, tc.device = args.out_dir, device
         data = images.load_data({**started, "image_size": cfg.image_size})

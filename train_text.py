@@ -64,7 +64,7 @@ def parse_args(argv=None):
 
 def main(argv=None, log=rundir.print_flushed):
     args = parse_args(argv)
-    _, _, device = rundir.join_process_group(cli.pick_device(args.device))  # under torchrun the ranks own out_dir as one
+    device = rundir.join_process_group(cli.pick_device(args.device))  # under torchrun the ranks own out_dir as one
     with rundir.lock_out_dir(args.out_dir, args.resume):  # a second run into out_dir refuses while this one runs
         run_training(args, device, log)
 
@@ -96,7 +96,7 @@ def run_training(args, device, log):
 
     layers = [] if ckpt else [PRESETS[started["preset"]], ebt.RECIPES[started["recipe"]] if model in ebt.EBT_KINDS else {},
                               {"model": model, "vocab_size": tokenizer.vocab_size}]
-    cfg, tc = cli.configs(args, layers, ckpt, ebt.derive_thinking, log)
+    cfg, tc = cli.configs(args, layers, ckpt, log)
     rundir.check_fits(cfg, tc.batch_size, device, tc.compile)
     tc.out_dir, tc.device = args.out_dir, device
     data = TextData(corpus.train, corpus.val, cfg.block_size, source=path or "Tiny Shakespeare")
