@@ -90,7 +90,6 @@ class ImageEBT(Thinker, nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        assert cfg.model == "image_ebt"
         self.config = cfg
         self.body = PatchTransformer(cfg)
         self.step_emb = nn.Embedding(cfg.landscapes, cfg.n_embd)
@@ -162,10 +161,9 @@ class ImageDiT(nn.Module):
         return loss, {"loss": loss.detach()}
 
     @torch.no_grad()
-    def denoise(self, noisy, t, passes):
-        """Deterministic DDIM from step t down to 0 in `passes` evaluations of the model."""
+    def denoise(self, x, t, passes):
+        """Deterministic DDIM from the noisy x at step t down to 0 in `passes` evaluations of the model."""
         times = torch.linspace(t, 0, passes + 1).round().long().tolist()
-        x = noisy
         for now, later in zip(times, times[1:]):
             a_now, a_later = signal_variance(now).item(), signal_variance(later).item()
             noise = self.predicted_noise(x, torch.full((len(x),), now, device=x.device))

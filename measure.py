@@ -23,9 +23,6 @@ class TextThinking:
     traj: ebt.Trajectory    # ys: K+1 tensors (1, T, V); energies: K+1 tensors (1, T)
     context: list       # per-layer (k, v) of ids[:-1], each (1, H, T, Dh)
 
-    def energies(self):
-        return torch.stack(self.traj.energies)[:, 0].T.float().cpu()  # (T, K+1)
-
 
 def token_label(tokenizer, i):
     return tokenizer.decode([i]).replace("\n", "\\n").replace(" ", "␣")
@@ -33,8 +30,7 @@ def token_label(tokenizer, i):
 
 @torch.no_grad()
 def think_on_text(model, tokenizer, text, steps=None, seed=0):
-    """Think about every next token of a text (its last block_size + 1 tokens) from fixed random
-    starts, for `steps` steps (default longer_steps(): where thinking longer goes)."""
+    """Think about every next token of the text's last block_size + 1 tokens, from seeded random starts, at once."""
     rundir.require_ebt(model, "plotting the energy")
     ids = torch.tensor(tokenizer.encode(text)[-(model.config.block_size + 1):])
     if len(ids) < 2:
@@ -53,12 +49,9 @@ def progress(model, what, total, by_energies=True):
     EBT's energy head, so that it moves within a long thinking too (not in a compiled graph: by_energies False)."""
     shown = rundir.Progress(what, total)
     count = lambda module, inputs, energies: shown.advance(energies.numel())
-    hook = model.energy_head.register_forward_hook(count) if by_energies and isinstance(model, ebt.TextEBT) else None
-    try:
+    counting = by_energies and isinstance(model, ebt.TextEBT)
+    with model.energy_head.register_forward_hook(count) if counting else contextlib.nullcontext():  # removed on leaving
         yield shown
-    finally:
-        if hook is not None:
-            hook.remove()
 
 
 def energies_scored(positions, steps, candidates=1, tolerance=None):
@@ -68,13 +61,12 @@ def energies_scored(positions, steps, candidates=1, tolerance=None):
 
 
 @torch.no_grad()
-def thinking_curves(model, ids, steps=(1, 2, 4, 8), candidates=(1, 2, 4, 8), windows=16, seed=0, examples=4):
-    """Perplexity on fixed windows of a 1-D token tensor after each number of thinking steps (one
-    candidate), and with each number N of candidates at the trained steps, keeping the lowest final
-    energy. N = 1 is thinking as trained, without noise (the steps curve at the trained count): what
-    self-verification is measured against; N > 1: the first N of max(candidates), each with the paper's
-    inference noise. Flat for the Transformer++. Repeatable: seed fixes windows, starts and noise.
-    An EBT's result also holds "verifier": does the energy rank its candidates (see verifier())?"""
+def thinking_curves(model, ids, steps=(1, 2, 4, 8), candidates=(1, 2, 4, 8), windows=16, seed=0):
+    """Perplexity on fixed windows of a 1-D token tensor after each number of thinking steps (one candidate),
+    and with each number N of candidates at the trained steps, keeping the lowest final energy. N = 1 is thinking
+    as trained, without noise: what self-verification is measured against; N > 1: the first N of max(candidates),
+    each with the paper's inference noise. Flat for the Transformer++. Repeatable: seed fixes windows, starts and
+    noise. An EBT's result also holds "verifier": does the energy rank its candidates (see verifier())?"""
     if len(ids) <= model.config.block_size:
         raise ebt.UsageError(f"{len(ids)} tokens are too few to evaluate on: need more than "
                              f"block_size={model.config.block_size}")
@@ -96,7 +88,7 @@ def thinking_curves(model, ids, steps=(1, 2, 4, 8), candidates=(1, 2, 4, 8), win
     by_candidates = {n: single if n == 1 else ppl(ebt.keep_lowest(many.ys[-1][:, :n], final[:, :n]))
                      for n in candidates}
     return {"steps": by_steps, "candidates": by_candidates,
-            "verifier": verifier([y_[:, 0] for y_ in one.ys], many.ys[-1], final, y, candidates, examples)}
+            "verifier": verifier([y_[:, 0] for y_ in one.ys], many.ys[-1], final, y, candidates)}
 
 
 def verifier(ys, candidates_ys, final_energy, targets, counts, examples=4):
@@ -180,33 +172,22 @@ def markdown_table(head, rows):
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def pydoc_topics_text():
-    """The English documentation Python ships (pydoc_data.topics): out-of-distribution text
-    for a model trained on Shakespeare, on every machine, no download."""
-    from pydoc_data.topics import topics
-    return "\n\n".join(topics[k] for k in sorted(topics))
-
-
-def in_vocabulary(text, tokenizer):
-    """The text without the characters a char tokenizer lacks (GPT-2 BPE covers everything),
-    and how many were dropped."""
-    if tokenizer.state()["kind"] != "char":
-        return text, 0
-    kept = "".join(c for c in text if c in tokenizer.index)
-    return kept, len(text) - len(kept)
-
-
 def validation_and_ood(tokenizer, corpus, ood_text=None):
     """Token ids to evaluate thinking on: the validation split of the training corpus (data/prepare.py), and an
-    out-of-distribution text (default: pydoc_data.topics) cut to the vocabulary.
-    Returns (val ids, OOD ids, characters dropped from the OOD text)."""
-    ood, dropped = in_vocabulary(pydoc_topics_text() if ood_text is None else ood_text, tokenizer)
-    return corpus.val, torch.tensor(tokenizer.encode(ood)), dropped
+    out-of-distribution text less the characters a char tokenizer lacks (GPT-2 BPE lacks none). By default that
+    text is the English documentation Python ships (pydoc_data.topics): out of distribution for a model trained on
+    Shakespeare, on every machine, no download. Returns (val ids, OOD ids, characters dropped from the OOD text)."""
+    if ood_text is None:
+        from pydoc_data.topics import topics
+        ood_text = "\n\n".join(topics[k] for k in sorted(topics))
+    kept = ood_text
+    if tokenizer.state()["kind"] == "char":
+        kept = "".join(c for c in ood_text if c in tokenizer.index)
+    return corpus.val, torch.tensor(tokenizer.encode(kept)), len(ood_text) - len(kept)
 
 
 def training_corpus(ckpt_path, data=None):
-    """The corpus a checkpoint was trained on: data if given, else the one it recorded (None: Tiny
-    Shakespeare), checked to be the same (data/prepare.py)."""
+    """The corpus a checkpoint was trained on: data, checked to be it, else the one it recorded (None: Shakespeare)."""
     from data import prepare
     ckpt = rundir.load_checkpoint(ckpt_path)
     corpus = prepare.corpus(data or (ckpt.get("data") or {}).get("path"), ckpt["tokenizer"]["kind"],

@@ -43,14 +43,6 @@ def grid_at(ax, ticks):
 
 # Thinking on one text, or on what generate() returned --------------------------
 
-def step_axis_label(model):
-    """Which landscape each plotted energy is on: step k's candidate is scored on step k's."""
-    L = model.config.landscapes
-    if L == 1:
-        return "thinking step (one landscape)"
-    return f"thinking step (each on its own landscape; steps >= {L - 1} share the last)"
-
-
 def plot_energy_trajectories(model, energies, title, position_label):
     """Energy (T, K+1) against thinking step, one faint line per token coloured by its position, and their mean."""
     from matplotlib import cm, colors
@@ -61,7 +53,9 @@ def plot_energy_trajectories(model, energies, title, position_label):
         ax.plot(e.numpy(), color=by_position.to_rgba(i), alpha=0.35, lw=1)
     ax.plot(energies.nanmean(0).numpy(), color="black", lw=2, label="mean over tokens")
     fig.colorbar(by_position, ax=ax, label=position_label)
-    ax.set(xlabel=step_axis_label(model), ylabel="energy", title=title)
+    L = model.config.landscapes  # which landscape each energy is on: step k's candidate is scored on step k's
+    landscapes = "one landscape" if L == 1 else f"each on its own landscape; steps >= {L - 1} share the last"
+    ax.set(xlabel=f"thinking step ({landscapes})", ylabel="energy", title=title)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend()
     ax.grid(alpha=0.3)
@@ -70,22 +64,20 @@ def plot_energy_trajectories(model, energies, title, position_label):
 
 def plot_energy_per_step(model, tokenizer, text, steps=None, seed=0):
     """Energy against thinking step, one line per token of the text. Returns (Figure, energies (T, K+1))."""
-    energies = measure.think_on_text(model, tokenizer, text, steps, seed).energies()
+    traj = measure.think_on_text(model, tokenizer, text, steps, seed).traj
+    energies = torch.stack(traj.energies)[:, 0].T.float().cpu()  # (T, K+1)
     title = f"energy while thinking, {len(energies)} tokens"
     return plot_energy_trajectories(model, energies, title, "position in the text"), energies
 
 
-def plot_generation(model, generation, row=0):
-    """The energy trajectories of generated tokens: what generate() returned (one row of its
-    batch). Positions that stopped early (adaptive stopping) end early. Returns (Figure,
-    energies (n, K+1), NaN after a stop)."""
+def plot_generation(model, generation):
+    """The energy trajectories of the tokens generate() returned (its batch's first row); a token that stopped
+    early (adaptive stopping) ends early. Returns (Figure, energies (n, K+1), NaN after a stop)."""
     rundir.require_ebt(model, "plotting a generation's energies")
     if not generation.trajectory:
         raise ebt.UsageError("the generation has no thinking trajectories (no new tokens, or not an EBT)")
-    K = max(t.shape[-1] for t in generation.trajectory)
-    energies = torch.full((len(generation.trajectory), K), float("nan"))
-    for i, t in enumerate(generation.trajectory):
-        energies[i, :t.shape[-1]] = t[row].float().cpu()
+    rows = [t[0].float().cpu() for t in generation.trajectory]  # each token's, in the batch's first row
+    energies = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=float("nan"))
     title = f"energy while generating, {len(energies)} tokens"
     return plot_energy_trajectories(model, energies, title, "generated token number"), energies
 
@@ -114,19 +106,18 @@ def plot_energy_landscape(model, tokenizer, text, position=-1, steps=None, seed=
     a, b = (torch.linspace(lo[i] - pad, hi[i] + pad, grid) for i in (0, 1))
     A, Bv = torch.meshgrid(a, b, indexing="xy")  # (grid, grid): rows follow b, columns a
     points = origin + A.reshape(-1, 1).to(path) * u + Bv.reshape(-1, 1).to(path) * v  # (grid^2, V)
-    T = len(thought.labels)
-    p = position % T
+    p = position % len(thought.labels)
+    K, landscape = len(path) - 1, min(len(path) - 2, model.config.landscapes - 1)
     context = [(k[..., :p + 1, :], w[..., :p + 1, :]) for k, w in thought.context]  # what position p sees
     with torch.no_grad():
         energies = torch.cat([
             model.energy(chunk[:, None].softmax(-1), [(k.expand(len(chunk), -1, -1, -1), w.expand(len(chunk), -1, -1, -1))
-                                          for k, w in context], min(len(path) - 2, model.config.landscapes - 1))[:, 0]
+                                          for k, w in context], landscape)[:, 0]
             for chunk in points.split(64)]).reshape(grid, grid).float().cpu()
     fig = figure(figsize=(5, 4), layout="constrained")
     ax = fig.subplots()
     filled = ax.contourf(a.numpy(), b.numpy(), energies.numpy(), levels=20, cmap="viridis")
     fig.colorbar(filled, ax=ax, label="energy")
-    K, landscape = len(path) - 1, min(len(path) - 2, model.config.landscapes - 1)
     ax.plot(path_xy[:, 0].numpy(), path_xy[:, 1].numpy(), "w.-", lw=1.5, ms=8, label=f"descent: start, then {K} steps")
     ax.plot(*path_xy[0].numpy(), "wo", ms=9, mfc="none", label="start (random logits)")
     ax.plot(*path_xy[-1].numpy(), "r*", ms=12, label=f"after step {K}")
@@ -170,9 +161,8 @@ def plot_distribution_sharpening(model, tokenizer, text, position=-1, steps=None
 
 # Thinking measured on windows: {source name: measure.thinking_curves(...)} -----
 
-def plot_thinking_curves(curves, trained_steps, title="perplexity vs thinking"):
-    """curves -> a Figure: perplexity against steps and candidates, a row per source (each its own scale:
-    their perplexities lie far apart)."""
+def plot_thinking_curves(curves, trained_steps):
+    """Perplexity against steps and candidates, a row per source, each its own scale (their perplexities lie apart)."""
     fig = figure(figsize=(8, 0.4 + 2.6 * len(curves)), layout="constrained")
     rows = fig.subplots(len(curves), 2, squeeze=False)
     for i, ((label, r), (by_steps, by_candidates)) in enumerate(zip(curves.items(), rows)):
@@ -187,7 +177,7 @@ def plot_thinking_curves(curves, trained_steps, title="perplexity vs thinking"):
     by_steps.set(xlabel="thinking steps (1 candidate)")
     by_candidates.set(xlabel=f"candidates N ({trained_steps} steps, lowest energy kept)")
     fig.axes[0].legend(fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle("perplexity vs thinking")
     return fig
 
 
@@ -215,9 +205,8 @@ def draw_best_of(ax, diagnostics, label, color):
     grid_at(ax, n)
 
 
-def plot_verifier(curves, title="does the energy rank its candidates?"):
-    """curves of an EBT -> a Figure: each source's candidates at a few positions, and the best of n picked
-    by energy, at random and by the truth."""
+def plot_verifier(curves):
+    """An EBT's curves: each source's candidates at a few positions; the best of n by energy, at random, by truth."""
     fig = figure(figsize=(4.2 * (len(curves) + 1), 3.8), layout="constrained")
     axes = fig.subplots(1, len(curves) + 1)
     for ax, (name, r) in zip(axes, curves.items()):
@@ -226,15 +215,14 @@ def plot_verifier(curves, title="does the energy rank its candidates?"):
         draw_best_of(axes[-1], r["verifier"], name, color)
     axes[0].legend(fontsize=8)
     axes[-1].legend(fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle("does the energy rank its candidates?")
     return fig
 
 
 # Image denoising: train_image.py's report -------------------------------------
 
 def short(name):
-    """A model's name in the plots: its directory's, without the out-/image- prefixes every run shares."""
-    return name.removeprefix("out-").removeprefix("image-")
+    return name.removeprefix("out-").removeprefix("image-")  # the prefixes every run's directory shares
 
 
 def plot_grid(columns, title):
@@ -292,17 +280,16 @@ def plot_energy(curves, trained_t):
 
 # Training ----------------------------------------------------------------------
 
-def plot_metrics(records, path, smooth_from=10):
-    """Loss curve PNG from the metrics log, none before its first record: the training loss (smoothed from
-    smooth_from points on, raw faint), and the validation loss (an EBT's after 1, the trained and the most
-    evaluated thinking steps)."""
+def plot_metrics(records, path):
+    """Loss curve PNG from the metrics log, none before its first record: the training loss (smoothed from 10
+    points on, raw faint), and the validation loss (an EBT's after 1, the trained and the most evaluated steps)."""
     train, val = ([r for r in records if r["kind"] == kind] for kind in ("train", "eval"))
     if not train and not val:
         return
     fig = figure(figsize=(7, 4), layout="constrained")
     ax = fig.subplots()
     if train:  # a few points are drawn raw: a smoothed line would only lag them
-        steps, losses, smooth = [r["step"] for r in train], [r["loss"] for r in train], len(train) >= smooth_from
+        steps, losses, smooth = [r["step"] for r in train], [r["loss"] for r in train], len(train) >= 10
         ax.plot(steps, losses, color="C0", **(dict(alpha=0.25, lw=0.8) if smooth else dict(marker="o", label="train loss")))
         if smooth:
             ax.plot(steps, list(itertools.accumulate(losses, lambda avg, loss: 0.9 * avg + 0.1 * loss)), color="C0",

@@ -25,6 +25,7 @@ from data.text import read_text
 
 PLOTS = {"energy_per_step": plots.plot_energy_per_step, "energy_landscape": plots.plot_energy_landscape,
          "distribution_sharpening": plots.plot_distribution_sharpening}
+THINKING = ("steps", "step_size", "candidates", "langevin_std", "tolerance")  # ebt.generate's thinking options
 
 
 def parse_args(argv=None):
@@ -40,9 +41,8 @@ def parse_args(argv=None):
     cli.add_device_flag(p)
     s("--plots", help="save the thinking plots (or, with --eval, the evaluation plot) as PNGs in this directory; "
       "they think with --steps, the other thinking options apply to the sampled text")
-    s("--compile", action="store_true", help="torch.compile an EBT's tokens (context, thinking and choice in one "
-      "graph): 3.6x the tokens/s on a CPU once compiled, but compiling takes 30-90 s, so it pays from a few "
-      "thousand tokens")
+    s("--compile", action="store_true", help="torch.compile an EBT's tokens (context, thinking, choice: one graph): "
+      "3.6x the tokens/s on a CPU once compiled, but compiling takes 30-90 s, so it pays from a few thousand tokens")
     g = p.add_argument_group("thinking (EBT)")
     g.add_argument("--steps", type=int, help="thinking steps per token, may exceed training (default: as trained)")
     g.add_argument("--step_size", type=float, help="override the learned step size alpha")
@@ -61,15 +61,14 @@ def parse_args(argv=None):
     cli.check_flags(args, {**SAMPLING_LIMITS, "windows": (int, 1, 10**6), "seed": (int, 0, ebt.MAX_SEED - 1)})
     if args.plots:
         rundir.check_out_dir(args.plots, "--plots")
-    unread = [f"--{name}" for name in ("data", "ood", "windows") if getattr(args, name) is not None and not args.eval]
+    unread = [] if args.eval else [f"--{name}" for name in cli.given(args, ("data", "ood", "windows"))]
     if unread:  # an impossible value there would pass unseen
         print(f"warning: {', '.join(unread)} {'is' if len(unread) == 1 else 'are'} read only with --eval: ignored",
               file=sys.stderr)
-    if args.eval:
-        for name in ("steps", "step_size", "candidates", "langevin_std", "tolerance", "top_k"):
-            if getattr(args, name) is not None:
-                raise ebt.UsageError(f"--{name} applies to sampling; --eval sweeps thinking steps and candidates "
-                                     "itself, as trained")
+    sampling = cli.given(args, (*THINKING, "top_k"))
+    if args.eval and sampling:
+        raise ebt.UsageError(f"--{next(iter(sampling))} applies to sampling; --eval sweeps thinking steps and "
+                             "candidates itself, as trained")
     return args
 
 
@@ -102,8 +101,7 @@ def evaluate_thinking(model, tokenizer, corpus, args, ckpt):
 
 
 def generate_streamed(model, tokenizer, args, thinking):
-    """generate(), printing each token's text as it comes (a token that ends inside a character waits for the
-    rest of it), with progress on stderr when it runs long."""
+    """generate(), printing each token's text as it comes; a token ending inside a character waits for the rest."""
     idx = torch.tensor([tokenizer.encode(args.prompt)], device=next(model.parameters()).device)
     print(tokenizer.decode(idx[0].tolist()), end="", flush=True)
     per_token = 1  # the Transformer++'s progress counts tokens
@@ -131,10 +129,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     best = Path(args.out_dir) / "best.pt"  # the run at its lowest validation loss, else its last checkpoint
     ckpt = args.ckpt or (best if best.exists() else Path(args.out_dir) / "ckpt.pt")
-    thinking = {k: getattr(args, k) for k in ("steps", "step_size", "candidates", "langevin_std", "tolerance")
-                if getattr(args, k) is not None}
-    overrides = {} if args.init_std is None else {"init_std": args.init_std}
-    model, tokenizer = rundir.load_text_model(ckpt, device, **overrides)
+    model, tokenizer = rundir.load_text_model(ckpt, device, **cli.given(args, ("init_std",)))
     if args.compile:
         compiled.compile_model(model)
         print("compiling: the first tokens take 30-90 s", file=sys.stderr, flush=True)
@@ -143,7 +138,7 @@ def main(argv=None):
     if args.plots:
         rundir.require_ebt(model, "--plots")
     t0 = time.time()
-    out = generate_streamed(model, tokenizer, args, thinking)
+    out = generate_streamed(model, tokenizer, args, cli.given(args, THINKING))
     text = tokenizer.decode(out.idx[0].tolist())
     summary = f"{args.num_tokens} tokens in {time.time() - t0:.1f}s from {ckpt}"
     if out.energy is not None and args.num_tokens:

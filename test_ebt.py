@@ -24,6 +24,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import types
 import weakref
 from pathlib import Path
 
@@ -931,11 +932,13 @@ def test_thinking_curves_verify_as_their_candidates_curve_does():
     fig = plots.plot_verifier(results)
     assert len(fig.axes) == 3 and fig.axes[-1].get_ylabel() == "perplexity change vs a random pick (%)"
 
+
 def test_ood_text_is_filtered_to_the_vocabulary():
     tokenizer = CharTokenizer(sorted(set(synthetic_text())))
-    text, dropped = measure.in_vocabulary(measure.pydoc_topics_text()[:2000], tokenizer)
-    assert dropped > 0 and len(text) + dropped == 2000
-    tokenizer.encode(text)  # no error: every remaining character is known
+    from pydoc_data.topics import topics  # the default OOD text: Python's documentation
+    text = "\n\n".join(topics[k] for k in sorted(topics))[:2000]
+    _, ids, dropped = measure.validation_and_ood(tokenizer, types.SimpleNamespace(val=None), text)
+    assert dropped > 0 and len(ids) + dropped == 2000  # encoded with no error: every remaining character is known
 
 
 def test_progress_says_how_far_and_how_long_is_left_while_the_work_runs(capsys):

@@ -10,15 +10,7 @@ Train an image denoising EBT, or one of its baselines on the same transformer, a
     python train_image.py --dataset mnist              # or cifar10: downloaded once and cached
     python train_image.py --data my_photos/            # a folder of PNG / JPEG files
 
-The default data (--dataset photos) are whole colour photographs, no download: four to train on
-and two others, never seen in training, for every reported number (PHOTOS in data/images.py). All
-but grace_hopper ship in scikit-image's wheel, optional for this driver only (pip install scikit-image).
-The noise is the DDPM forward process of the paper's image runs (linear betas over 1000 steps,
-images in [-1, 1]): training at step t = 99 (the DiT: t in 1..99), the report at t = 99 (in
-distribution), 199 and 299 (out of distribution). Training ends with a report in out_dir (also
-what --compare writes, for several checkpoints): psnr.md, PSNR against forward passes of every
-model at every noise level; psnr.png, the same as a plot; grid.png, a few denoised validation
-crops; energy.png (an EBT's), the mean energy along the thinking steps.
+The data, the noise and the report it writes: assets/images.md.
 """
 import cli  # first: a Ctrl-C while torch loads exits quietly
 from pathlib import Path
@@ -27,6 +19,7 @@ import torch
 
 import ebt
 import image_models
+import measure
 import plots
 import rundir
 from checks import UsageError
@@ -144,17 +137,15 @@ def report(models, data, args, device):
     trained_t = next(iter(models.values())).config.noise_t
     levels = args.eval_t or [t for t in (k * (trained_t + 1) - 1 for k in (1, 2, 3)) if t <= ebt.DDPM_STEPS]
     g = torch.Generator().manual_seed((ebt.TrainConfig.seed if args.seed is None else args.seed) + 2)
-    clean, _ = data.batch("val", REPORT_CROPS, generator=g)
-    clean = clean.to(device)
+    clean = data.batch("val", REPORT_CROPS, generator=g)[0].to(device)
     detailed = clean.flatten(1).std(1).topk(GRID_CROPS).indices
-    table, curves, grid = {}, {}, None
+    table, curves, grid = {}, {}, {}
     for t in levels:
         noisy = image_models.ddpm_noise(clean, t, torch.randn(clean.shape, generator=g).to(device))
         preds, curves[t] = denoise_all(models, noisy, t, args.passes, args.report_steps)
         for key, y in preds.items():
             table.setdefault(key, {})[t] = image_models.psnr(y, clean).mean().item()
-        if grid is None:  # the first level, the trained one; an EBT after its trained steps, a DiT's up to 10 passes
-            grid = {}
+        if not grid:  # the first level, the trained one; an EBT after its trained steps, a DiT's up to 10 passes
             most = {name: model.trained_steps() if isinstance(model, ebt.Thinker) else 10 for name, model in models.items()}
             for name in dict.fromkeys(n for n, _ in preds):
                 p = max((p for (n, p) in preds if n == name and p <= most.get(name, 0)),
@@ -162,14 +153,12 @@ def report(models, data, args, device):
                 grid[f"{plots.short(name)}\n{p} pass{'es' * (p > 1)}" if p else name] = preds[name, p][detailed]
             grid["clean"] = clean[detailed]
     seen = lambda t: "trained" if t == trained_t else "unseen"
-    lines = ["| model | forward passes | " + " | ".join(f"t = {t} ({seen(t)})" for t in levels) + " |",
-             "|---|---|" + "---|" * len(levels)]
-    lines += [f"| {name} | {p} | " + " | ".join(f"{row[t]:.2f}" for t in levels) + " |"
-              for (name, p), row in table.items()]
+    head = ["model", "forward passes", *(f"t = {t} ({seen(t)})" for t in levels)]
+    rows = [[name, str(p), *(f"{row[t]:.2f}" for t in levels)] for (name, p), row in table.items()]
     text = (f"Data: {data.about}.\n\n"
             f"PSNR (dB, images in [-1, 1]) on {REPORT_CROPS} held-out {data.crop}x{data.crop} crops, DDPM noise at step "
             "t; an EBT's forward passes are its thinking steps (each also a backward pass), a DiT's its DDIM "
-            "steps.\n\n" + "\n".join(lines) + "\n")
+            "steps.\n\n" + measure.markdown_table(head, rows) + "\n")
     rundir.write_atomically(out / "psnr.md", lambda tmp: tmp.write_text(text))
     print(text)
     grid_title = (f"{GRID_CROPS} held-out crops noised to t = {levels[0]} ({seen(levels[0])} noise);\neach model's "
